@@ -1,0 +1,1511 @@
+//! The protocol: elections (pre-vote, check-quorum, leader lease), replication (immediate, batched,
+//! pipelined), commit, membership through the log, leadership transfer, ReadIndex and snapshots.
+//!
+//! Everything here is driven by the caller: no clock, no I/O. Each entry point takes `now_ms`; output is
+//! collected and handed out by [`RaftNode::take_ready`].
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::config::{RaftConfig, RaftConfigError};
+use super::error::RaftError;
+use super::membership::{Membership, MembershipChange};
+use super::message::{Message, MessageBody};
+use super::progress::{Progress, ProgressState};
+use super::raft_log::RaftLog;
+use super::read_only::ReadOnly;
+use super::ready::{ReadState, Ready, SoftState};
+use super::rng::SeededRng;
+use super::snapshot::{ChunkOutcome, SnapshotReceiver, SnapshotSender};
+use super::types::{
+    Entry, EntryPayload, HardState, LogIndex, PeerId, PersistedState, Role, Snapshot, SnapshotMeta,
+    Term,
+};
+use super::votes::{VoteResult, VoteTally};
+
+/// Planted bugs that prove the simulation catches unsafe engines. Compiled only into this crate's own
+/// unit tests: unreachable from the public API.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Faults {
+    /// The leader commits its last entry without waiting for a majority.
+    pub commit_without_quorum: bool,
+    /// Votes (and pre-votes) are granted without the up-to-date log check.
+    pub vote_without_log_check: bool,
+}
+
+/// A snapshot of a peer's observable state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This peer.
+    pub id: PeerId,
+    /// Its role.
+    pub role: Role,
+    /// Its term.
+    pub term: Term,
+    /// The leader it knows of.
+    pub leader: Option<PeerId>,
+    /// Highest index known committed.
+    pub commit_index: LogIndex,
+    /// Highest index handed out for applying.
+    pub applied_index: LogIndex,
+    /// Last index in the log.
+    pub last_index: LogIndex,
+    /// Last index covered by the snapshot.
+    pub snapshot_index: LogIndex,
+    /// The committed configuration (the one in force).
+    pub membership: Membership,
+}
+
+/// One Raft peer: a deterministic state machine over messages, time and proposals.
+///
+/// See the [module documentation](super) for the contract and an example.
+pub struct RaftNode {
+    id: PeerId,
+    config: RaftConfig,
+    rng: SeededRng,
+    now_ms: u64,
+
+    // Persistent state (mirrored; the driver persists it from `Ready`).
+    term: Term,
+    voted_for: Option<PeerId>,
+    log: RaftLog,
+    /// The latest snapshot, kept to send to peers that are too far behind.
+    snapshot: Snapshot,
+
+    // Configuration: every configuration in the log, oldest first; the first is the snapshot's.
+    // The committed one (in force) is the last at or below the commit index.
+    configs: Vec<(LogIndex, Membership)>,
+    committed_config: usize,
+
+    // Volatile state.
+    role: Role,
+    leader: Option<PeerId>,
+    election_deadline_ms: u64,
+    last_leader_contact_ms: Option<u64>,
+    votes: VoteTally,
+    incoming_snapshot: Option<SnapshotReceiver>,
+
+    // Leader state.
+    progress: BTreeMap<PeerId, Progress>,
+    heartbeat_deadline_ms: u64,
+    check_quorum_deadline_ms: u64,
+    transfer: Option<(PeerId, u64)>,
+    read_only: ReadOnly,
+    commit_changed: bool,
+
+    // Output, drained by `take_ready`.
+    messages: Vec<Message>,
+    read_states: Vec<ReadState>,
+    snapshot_to_restore: Option<Snapshot>,
+    hard_state_dirty: bool,
+    reported_soft_state: SoftState,
+    needs_flush: bool,
+
+    #[cfg(test)]
+    faults: Faults,
+}
+
+impl RaftNode {
+    /// Creates a peer from its persisted state: [`PersistedState::genesis`] for the founding members of a
+    /// new cluster, an empty `PersistedState::default()` for a peer that will be added by a leader, or
+    /// what the log store recovered after a restart. The peer starts as a follower.
+    pub fn new(
+        id: PeerId,
+        config: RaftConfig,
+        seed: u64,
+        now_ms: u64,
+        state: PersistedState,
+    ) -> Result<RaftNode, RaftConfigError> {
+        config.validate()?;
+        let meta = &state.snapshot.meta;
+        let log = RaftLog::new(meta.last_index, meta.last_term, state.entries);
+        let mut configs = vec![(meta.last_index, meta.membership.clone())];
+        for i in log.first_index()..=log.last_index() {
+            if let Some(Entry {
+                payload: EntryPayload::Membership(m),
+                ..
+            }) = log.entry(i)
+            {
+                configs.push((i, m.clone()));
+            }
+        }
+        let mut node = RaftNode {
+            id,
+            rng: SeededRng::new(seed),
+            now_ms,
+            term: state.hard_state.term,
+            voted_for: state.hard_state.voted_for,
+            log,
+            snapshot: state.snapshot,
+            configs,
+            committed_config: 0,
+            role: Role::Follower,
+            leader: None,
+            election_deadline_ms: now_ms,
+            last_leader_contact_ms: None,
+            votes: VoteTally::default(),
+            incoming_snapshot: None,
+            progress: BTreeMap::new(),
+            heartbeat_deadline_ms: now_ms,
+            check_quorum_deadline_ms: now_ms,
+            transfer: None,
+            read_only: ReadOnly::default(),
+            commit_changed: false,
+            messages: Vec::new(),
+            read_states: Vec::new(),
+            snapshot_to_restore: None,
+            hard_state_dirty: false,
+            reported_soft_state: SoftState {
+                role: Role::Follower,
+                term: state.hard_state.term,
+                leader: None,
+            },
+            needs_flush: false,
+            config,
+            #[cfg(test)]
+            faults: Faults::default(),
+        };
+        node.refresh_committed_config();
+        node.reset_election_deadline();
+        Ok(node)
+    }
+
+    /// Turns on planted bugs (this crate's unit tests only).
+    #[cfg(test)]
+    pub(crate) fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Inputs
+
+    /// Lets time pass: election timeouts, heartbeats, check-quorum, retransmission, transfer timeouts.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.advance_clock(now_ms);
+        if self.role == Role::Leader {
+            self.tick_leader();
+        } else if self.now_ms >= self.election_deadline_ms {
+            if self.is_promotable() {
+                self.start_pre_vote();
+            } else {
+                self.reset_election_deadline();
+            }
+        }
+    }
+
+    /// Handles a message from a peer. Messages addressed to another peer are ignored.
+    pub fn step(&mut self, now_ms: u64, msg: Message) {
+        self.advance_clock(now_ms);
+        if msg.to != self.id || msg.from == self.id {
+            return;
+        }
+        if msg.term > self.term {
+            match msg.body {
+                MessageBody::RequestVote { transfer, .. } if !transfer && self.in_lease() => {
+                    // Leader lease (check-quorum): we heard from a live leader recently, so this
+                    // candidate is partitioned or flapping. Ignore it without adopting its term.
+                    return;
+                }
+                MessageBody::RequestVote { pre_vote: true, .. } => {}
+                MessageBody::VoteResponse {
+                    pre_vote: true,
+                    granted: true,
+                } => {}
+                MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. }
+                | MessageBody::TimeoutNow => self.become_follower(msg.term, Some(msg.from.clone())),
+                _ => self.become_follower(msg.term, None),
+            }
+        } else if msg.term < self.term {
+            match msg.body {
+                MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. } => {
+                    // A deposed leader: our term in the answer makes it step down.
+                    self.send(
+                        msg.from,
+                        MessageBody::AppendResponse {
+                            success: false,
+                            index: 0,
+                            hint_index: 0,
+                            hint_term: 0,
+                        },
+                    );
+                }
+                MessageBody::RequestVote { pre_vote: true, .. } => {
+                    self.send(
+                        msg.from,
+                        MessageBody::VoteResponse {
+                            pre_vote: true,
+                            granted: false,
+                        },
+                    );
+                }
+                MessageBody::ReadIndexRequest { ctx } => {
+                    self.send(msg.from, MessageBody::ReadIndexResponse { ctx, index: None });
+                }
+                _ => {}
+            }
+            return;
+        }
+
+        if self.role == Role::Leader && msg.term == self.term {
+            if let Some(pr) = self.progress.get_mut(&msg.from) {
+                pr.recent_active = true;
+            }
+        }
+
+        let from = msg.from;
+        let term = msg.term;
+        match msg.body {
+            MessageBody::RequestVote {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+                ..
+            } => self.handle_request_vote(from, term, pre_vote, last_log_index, last_log_term),
+            MessageBody::VoteResponse { pre_vote, granted } => {
+                self.handle_vote_response(from, term, pre_vote, granted)
+            }
+            MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+            } => self.handle_append(from, prev_log_index, prev_log_term, entries, leader_commit),
+            MessageBody::AppendResponse {
+                success,
+                index,
+                hint_index,
+                hint_term,
+            } => self.handle_append_response(from, success, index, hint_index, hint_term),
+            MessageBody::Heartbeat { commit, read_seq } => {
+                self.handle_heartbeat(from, commit, read_seq)
+            }
+            MessageBody::HeartbeatResponse { read_seq } => {
+                self.handle_heartbeat_response(from, read_seq)
+            }
+            MessageBody::InstallSnapshot {
+                meta,
+                offset,
+                data,
+                done,
+            } => self.handle_install_snapshot(from, meta, offset, data, done),
+            MessageBody::SnapshotResponse {
+                last_index,
+                last_term,
+                next_offset,
+                done,
+            } => self.handle_snapshot_response(from, last_index, last_term, next_offset, done),
+            MessageBody::TimeoutNow => self.handle_timeout_now(from),
+            MessageBody::ReadIndexRequest { ctx } => self.handle_read_index_request(from, ctx),
+            MessageBody::ReadIndexResponse { ctx, index } => {
+                self.read_states.push(ReadState { ctx, index });
+            }
+        }
+    }
+
+    /// Appends a command to the leader's log; it is sent to followers with the next `take_ready`.
+    /// Returns the (index, term) it will commit at, if it commits.
+    pub fn propose(&mut self, now_ms: u64, data: Bytes) -> Result<(LogIndex, Term), RaftError> {
+        self.advance_clock(now_ms);
+        self.check_can_propose()?;
+        if data.len() > self.config.max_command_bytes {
+            return Err(RaftError::CommandTooLarge {
+                size: data.len(),
+                limit: self.config.max_command_bytes,
+            });
+        }
+        if self.log.uncommitted_bytes() + data.len() > self.config.max_uncommitted_bytes {
+            return Err(RaftError::Busy);
+        }
+        Ok(self.append_own(EntryPayload::Command(data)))
+    }
+
+    /// Proposes a single-server configuration change. Refused while another change is uncommitted, and
+    /// until this leader has committed an entry of its own term (the single-server-change fix).
+    pub fn propose_membership(
+        &mut self,
+        now_ms: u64,
+        change: MembershipChange,
+    ) -> Result<(LogIndex, Term), RaftError> {
+        self.advance_clock(now_ms);
+        self.check_can_propose()?;
+        let latest_index = self.configs.last().map_or(0, |(i, _)| *i);
+        if latest_index > self.log.commit_index() || !self.committed_in_term() {
+            return Err(RaftError::MembershipChangePending);
+        }
+        let next = self.latest_membership().apply_change(&change)?;
+        if let MembershipChange::Promote(id) = &change {
+            let caught_up = self
+                .progress
+                .get(id)
+                .is_some_and(|pr| pr.match_index >= self.log.commit_index());
+            if !caught_up {
+                return Err(RaftError::LearnerBehind(id.clone()));
+            }
+        }
+        Ok(self.append_own(EntryPayload::Membership(next)))
+    }
+
+    /// Starts a linearizable read identified by `ctx`. Its outcome comes as a [`ReadState`] in a later
+    /// `Ready`: serve the read once the applied index reaches `index`.
+    /// On a follower the request is forwarded to the leader.
+    pub fn read_index(&mut self, now_ms: u64, ctx: u64) -> Result<(), RaftError> {
+        self.advance_clock(now_ms);
+        match self.role {
+            Role::Leader => self.leader_read(ctx, None),
+            _ => match self.leader.clone() {
+                Some(leader) => {
+                    self.send(leader, MessageBody::ReadIndexRequest { ctx });
+                    Ok(())
+                }
+                None => Err(RaftError::NotLeader { leader: None }),
+            },
+        }
+    }
+
+    /// Hands leadership to `target`: catches it up, then tells it to campaign at once. Proposals are
+    /// refused until the transfer ends (success, or an election timeout).
+    pub fn transfer_leadership(&mut self, now_ms: u64, target: PeerId) -> Result<(), RaftError> {
+        self.advance_clock(now_ms);
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader.clone(),
+            });
+        }
+        if target == self.id
+            || !self.membership().is_voter(&target)
+            || !self.latest_membership().is_voter(&target)
+        {
+            return Err(RaftError::InvalidTransferTarget(target));
+        }
+        self.transfer = Some((target.clone(), self.now_ms + self.config.election_timeout_ms));
+        self.maybe_send_timeout_now(&target);
+        self.needs_flush = true;
+        Ok(())
+    }
+
+    /// Replaces the log up to `index` (which must be applied) with a snapshot whose state-machine bytes
+    /// are `data`. The engine keeps the snapshot to send to peers that fall behind it.
+    pub fn compact(&mut self, index: LogIndex, data: Bytes) -> Result<(), RaftError> {
+        if index > self.log.applied_index() || index <= self.log.snapshot_index() {
+            return Err(RaftError::InvalidCompaction {
+                index,
+                applied: self.log.applied_index(),
+                snapshot: self.log.snapshot_index(),
+            });
+        }
+        let term = self.log.term(index).expect("applied entries above the snapshot are held");
+        let membership = self.membership_at(index).clone();
+        self.log.compact_to(index);
+        // Keep the configuration in force at `index` as the new base, and every later one.
+        let base = self.configs.iter().rposition(|(i, _)| *i <= index).unwrap_or(0);
+        self.configs.drain(..base);
+        self.configs[0] = (index, membership.clone());
+        self.refresh_committed_config();
+        self.snapshot = Snapshot {
+            meta: SnapshotMeta {
+                last_index: index,
+                last_term: term,
+                membership,
+            },
+            data,
+        };
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Output
+
+    /// Whether [`RaftNode::take_ready`] has anything to hand out.
+    pub fn has_ready(&self) -> bool {
+        self.needs_flush
+            || !self.messages.is_empty()
+            || !self.read_states.is_empty()
+            || self.hard_state_dirty
+            || self.snapshot_to_restore.is_some()
+            || self.log.has_unpersisted()
+            || self.log.has_next_committed()
+            || self.soft_state() != self.reported_soft_state
+    }
+
+    /// Collects everything to persist, send, apply and answer. See [`Ready`] for the order to follow.
+    pub fn take_ready(&mut self) -> Ready {
+        self.flush();
+        let soft = self.soft_state();
+        let soft_state = (soft != self.reported_soft_state).then(|| {
+            self.reported_soft_state = soft.clone();
+            soft
+        });
+        let hard_state = std::mem::take(&mut self.hard_state_dirty).then(|| HardState {
+            term: self.term,
+            voted_for: self.voted_for.clone(),
+        });
+        let (entries_from, entries) = match self.log.take_unpersisted() {
+            Some((from, entries)) => (Some(from), entries),
+            None => (None, Vec::new()),
+        };
+        let committed = self.log.next_committed(self.config.max_apply_batch);
+        self.check_invariants();
+        Ready {
+            soft_state,
+            hard_state,
+            snapshot: self.snapshot_to_restore.take(),
+            entries_from,
+            entries,
+            messages: std::mem::take(&mut self.messages),
+            committed,
+            read_states: std::mem::take(&mut self.read_states),
+        }
+    }
+
+    /// The next time [`RaftNode::tick`] has something to do.
+    pub fn next_deadline_ms(&self) -> u64 {
+        if self.role == Role::Leader {
+            let mut next = self.heartbeat_deadline_ms.min(self.check_quorum_deadline_ms);
+            if let Some((_, deadline)) = &self.transfer {
+                next = next.min(*deadline);
+            }
+            next
+        } else {
+            self.election_deadline_ms
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Observers
+
+    /// This peer's id.
+    pub fn id(&self) -> &PeerId {
+        &self.id
+    }
+
+    /// Its role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Its term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// The leader it follows (itself when leading), if known.
+    pub fn leader_id(&self) -> Option<&PeerId> {
+        self.leader.as_ref()
+    }
+
+    /// Highest index known committed.
+    pub fn commit_index(&self) -> LogIndex {
+        self.log.commit_index()
+    }
+
+    /// Highest index handed out for applying.
+    pub fn applied_index(&self) -> LogIndex {
+        self.log.applied_index()
+    }
+
+    /// Last index in the log.
+    pub fn last_index(&self) -> LogIndex {
+        self.log.last_index()
+    }
+
+    /// Last index covered by the snapshot.
+    pub fn snapshot_index(&self) -> LogIndex {
+        self.log.snapshot_index()
+    }
+
+    /// The committed configuration: the one in force for elections and commit.
+    pub fn membership(&self) -> &Membership {
+        &self.configs[self.committed_config].1
+    }
+
+    /// The latest configuration in the log, committed or not.
+    pub fn latest_membership(&self) -> &Membership {
+        &self.configs.last().expect("configs is never empty").1
+    }
+
+    /// The leader's view of `peer`'s match index (`None` when not leader or not a member).
+    pub fn match_index(&self, peer: &PeerId) -> Option<LogIndex> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        if *peer == self.id {
+            return Some(self.log.last_index());
+        }
+        self.progress.get(peer).map(|pr| pr.match_index)
+    }
+
+    /// The term of the entry at `index`, if held (or the snapshot's last index).
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index)
+    }
+
+    /// Everything observable at once.
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.id.clone(),
+            role: self.role,
+            term: self.term,
+            leader: self.leader.clone(),
+            commit_index: self.log.commit_index(),
+            applied_index: self.log.applied_index(),
+            last_index: self.log.last_index(),
+            snapshot_index: self.log.snapshot_index(),
+            membership: self.membership().clone(),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Elections
+
+    fn advance_clock(&mut self, now_ms: u64) {
+        // A clock that steps back is ignored rather than trusted: time only moves forward here.
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let base = self.config.election_timeout_ms;
+        self.election_deadline_ms = self.now_ms + self.rng.range(base, 2 * base);
+    }
+
+    /// Only voters of the configuration in force campaign (learners and removed peers never do).
+    fn is_promotable(&self) -> bool {
+        self.membership().is_voter(&self.id)
+    }
+
+    /// Whether we heard from a live leader within the election timeout (or are the leader).
+    fn in_lease(&self) -> bool {
+        match self.role {
+            Role::Leader => true,
+            _ => {
+                self.leader.is_some()
+                    && self
+                        .last_leader_contact_ms
+                        .is_some_and(|t| self.now_ms < t + self.config.election_timeout_ms)
+            }
+        }
+    }
+
+    fn soft_state(&self) -> SoftState {
+        SoftState {
+            role: self.role,
+            term: self.term,
+            leader: self.leader.clone(),
+        }
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<PeerId>) {
+        debug_assert!(term >= self.term);
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.hard_state_dirty = true;
+        }
+        if self.role == Role::Leader {
+            self.abandon_reads();
+            self.progress.clear();
+            self.transfer = None;
+        }
+        self.role = Role::Follower;
+        if leader.is_some() {
+            self.last_leader_contact_ms = Some(self.now_ms);
+        }
+        self.leader = leader;
+        self.reset_election_deadline();
+    }
+
+    fn start_pre_vote(&mut self) {
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.votes = VoteTally::default();
+        self.reset_election_deadline();
+        self.votes.record(self.id.clone(), true);
+        if self.votes.result(self.membership()) == VoteResult::Won {
+            self.campaign(false);
+            return;
+        }
+        self.request_votes(self.term + 1, true, false);
+    }
+
+    fn campaign(&mut self, transfer: bool) {
+        self.role = Role::Candidate;
+        self.term += 1;
+        self.voted_for = Some(self.id.clone());
+        self.hard_state_dirty = true;
+        self.leader = None;
+        self.votes = VoteTally::default();
+        self.reset_election_deadline();
+        self.votes.record(self.id.clone(), true);
+        if self.votes.result(self.membership()) == VoteResult::Won {
+            self.become_leader();
+            return;
+        }
+        self.request_votes(self.term, false, transfer);
+    }
+
+    fn request_votes(&mut self, term: Term, pre_vote: bool, transfer: bool) {
+        let voters: Vec<PeerId> = self
+            .membership()
+            .voters
+            .iter()
+            .filter(|v| **v != self.id)
+            .cloned()
+            .collect();
+        for to in voters {
+            self.messages.push(Message {
+                from: self.id.clone(),
+                to,
+                term,
+                body: MessageBody::RequestVote {
+                    pre_vote,
+                    transfer,
+                    last_log_index: self.log.last_index(),
+                    last_log_term: self.log.last_term(),
+                },
+            });
+        }
+    }
+
+    fn handle_request_vote(
+        &mut self,
+        from: PeerId,
+        term: Term,
+        pre_vote: bool,
+        last_log_index: LogIndex,
+        last_log_term: Term,
+    ) {
+        let can_vote = self.voted_for.as_ref() == Some(&from)
+            || (self.voted_for.is_none() && self.leader.is_none())
+            || (pre_vote && term > self.term);
+        #[allow(unused_mut)]
+        let mut up_to_date = self.log.is_up_to_date(last_log_index, last_log_term);
+        #[cfg(test)]
+        if self.faults.vote_without_log_check {
+            up_to_date = true;
+        }
+        let granted = can_vote && up_to_date;
+        if granted && !pre_vote {
+            self.voted_for = Some(from.clone());
+            self.hard_state_dirty = true;
+            self.reset_election_deadline();
+        }
+        // A granted pre-vote answers in the candidate's prospective term; anything else in ours.
+        let reply_term = if pre_vote && granted { term } else { self.term };
+        self.messages.push(Message {
+            from: self.id.clone(),
+            to: from,
+            term: reply_term,
+            body: MessageBody::VoteResponse { pre_vote, granted },
+        });
+    }
+
+    fn handle_vote_response(&mut self, from: PeerId, term: Term, pre_vote: bool, granted: bool) {
+        let expected = match self.role {
+            Role::PreCandidate if pre_vote => term == self.term + 1 || term == self.term,
+            Role::Candidate if !pre_vote => term == self.term,
+            _ => false,
+        };
+        if !expected {
+            return;
+        }
+        self.votes.record(from, granted);
+        match self.votes.result(self.membership()) {
+            VoteResult::Won if self.role == Role::PreCandidate => self.campaign(false),
+            VoteResult::Won => self.become_leader(),
+            VoteResult::Lost => self.become_follower(self.term, None),
+            VoteResult::Pending => {}
+        }
+    }
+
+    fn handle_timeout_now(&mut self, from: PeerId) {
+        if self.leader.as_ref() != Some(&from) || !self.is_promotable() {
+            return;
+        }
+        self.campaign(true);
+    }
+
+    fn become_leader(&mut self) {
+        debug_assert_eq!(self.role, Role::Candidate);
+        debug_assert_eq!(self.voted_for.as_ref(), Some(&self.id));
+        self.role = Role::Leader;
+        self.leader = Some(self.id.clone());
+        self.transfer = None;
+        debug_assert!(self.read_only.is_empty(), "only a leader queues reads");
+        self.progress.clear();
+        self.rebuild_progress();
+        for pr in self.progress.values_mut() {
+            pr.recent_active = true; // they just voted for us; judge them from the next period
+        }
+        self.heartbeat_deadline_ms = self.now_ms + self.config.heartbeat_interval_ms;
+        self.check_quorum_deadline_ms = self.now_ms + self.config.election_timeout_ms;
+        // A no-op of our term lets us commit everything before it (§5.4.2) and unlocks reads and
+        // configuration changes.
+        self.append_own(EntryPayload::Noop);
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Leader: proposals, replication, commit
+
+    fn check_can_propose(&self) -> Result<(), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader.clone(),
+            });
+        }
+        if self.transfer.is_some() {
+            return Err(RaftError::TransferInProgress);
+        }
+        let uncommitted = self.log.last_index() - self.log.commit_index();
+        if uncommitted >= self.config.max_uncommitted_entries as u64 {
+            return Err(RaftError::Busy);
+        }
+        Ok(())
+    }
+
+    fn append_own(&mut self, payload: EntryPayload) -> (LogIndex, Term) {
+        let index = self.log.last_index() + 1;
+        let is_config = matches!(payload, EntryPayload::Membership(_));
+        if let EntryPayload::Membership(m) = &payload {
+            self.configs.push((index, m.clone()));
+        }
+        self.log.append(Entry {
+            term: self.term,
+            index,
+            payload,
+        });
+        if is_config {
+            self.rebuild_progress();
+        }
+        self.needs_flush = true;
+        self.maybe_commit();
+        (index, self.term)
+    }
+
+    /// Progress is kept for every member of the committed and the latest configuration.
+    fn rebuild_progress(&mut self) {
+        let next = self.log.last_index() + 1;
+        let members: Vec<PeerId> = self
+            .membership()
+            .members()
+            .chain(self.latest_membership().members())
+            .filter(|p| **p != self.id)
+            .cloned()
+            .collect();
+        self.progress.retain(|id, _| members.contains(id));
+        for id in members {
+            self.progress.entry(id).or_insert_with(|| Progress::new(next));
+        }
+    }
+
+    fn committed_in_term(&self) -> bool {
+        self.log.term(self.log.commit_index()) == Some(self.term)
+    }
+
+    fn maybe_commit(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        #[allow(unused_mut)]
+        let mut index = self.membership().quorum_index(|id| {
+            if *id == self.id {
+                last
+            } else {
+                self.progress.get(id).map_or(0, |pr| pr.match_index)
+            }
+        });
+        #[cfg(test)]
+        if self.faults.commit_without_quorum {
+            index = last;
+        }
+        // Only an entry of the current term is committed by counting replicas (§5.4.2).
+        if index > self.log.commit_index() && self.log.term(index) == Some(self.term) {
+            self.commit_to(index);
+        }
+    }
+
+    fn commit_to(&mut self, index: LogIndex) {
+        let was_in_term = self.role == Role::Leader && self.committed_in_term();
+        if !self.log.commit_to(index) {
+            return;
+        }
+        self.commit_changed = true;
+        let before = self.committed_config;
+        self.refresh_committed_config();
+        if self.role != Role::Leader {
+            return;
+        }
+        self.needs_flush = true;
+        if self.committed_config != before {
+            self.rebuild_progress();
+        }
+        if !was_in_term && self.committed_in_term() {
+            let commit = self.log.commit_index();
+            for read in self.read_only.take_waiting() {
+                self.register_read(read.ctx, read.from, commit);
+            }
+        }
+    }
+
+    fn refresh_committed_config(&mut self) {
+        let commit = self.log.commit_index();
+        self.committed_config = self
+            .configs
+            .iter()
+            .rposition(|(i, _)| *i <= commit)
+            .unwrap_or(0);
+    }
+
+    fn membership_at(&self, index: LogIndex) -> &Membership {
+        let pos = self.configs.iter().rposition(|(i, _)| *i <= index).unwrap_or(0);
+        &self.configs[pos].1
+    }
+
+    fn handle_append_response(
+        &mut self,
+        from: PeerId,
+        success: bool,
+        index: LogIndex,
+        hint_index: LogIndex,
+        hint_term: Term,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        if success {
+            if index > last_index {
+                return; // cannot acknowledge what we never sent: a forged or corrupt answer
+            }
+            let advanced = pr.maybe_update(index);
+            match pr.state {
+                ProgressState::Probe => pr.become_replicate(),
+                ProgressState::Snapshot if pr.match_index + 1 >= self.log.first_index() => {
+                    pr.become_replicate()
+                }
+                _ => {}
+            }
+            self.needs_flush = true;
+            if advanced {
+                self.maybe_commit();
+            }
+            if self.transfer.as_ref().is_some_and(|(t, _)| *t == from) {
+                self.maybe_send_timeout_now(&from);
+            }
+            return;
+        }
+        // Rejected: back up, skipping a whole conflicting term at a time.
+        let stale = match pr.state {
+            ProgressState::Replicate => index <= pr.match_index,
+            ProgressState::Probe => index + 1 != pr.next_index,
+            ProgressState::Snapshot => true,
+        };
+        if stale || index == 0 {
+            return;
+        }
+        let probe_at = if hint_term > 0 {
+            self.log.find_conflict_by_term(hint_index, hint_term)
+        } else {
+            hint_index
+        };
+        let pr = self.progress.get_mut(&from).expect("checked above");
+        pr.become_probe();
+        pr.next_index = (probe_at + 1).min(index).max(pr.match_index + 1);
+        self.needs_flush = true;
+    }
+
+    fn maybe_send_timeout_now(&mut self, target: &PeerId) {
+        let caught_up = self
+            .progress
+            .get(target)
+            .is_some_and(|pr| pr.match_index == self.log.last_index());
+        if caught_up {
+            self.send(target.clone(), MessageBody::TimeoutNow);
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        if let Some((_, deadline)) = &self.transfer {
+            if self.now_ms >= *deadline {
+                self.transfer = None; // the target did not take over in time: keep leading
+            }
+        }
+        if self.now_ms >= self.check_quorum_deadline_ms {
+            self.check_quorum_deadline_ms = self.now_ms + self.config.election_timeout_ms;
+            let active: Vec<PeerId> = self
+                .progress
+                .iter()
+                .filter(|(_, pr)| pr.recent_active)
+                .map(|(id, _)| id.clone())
+                .chain(std::iter::once(self.id.clone()))
+                .collect();
+            if !self.membership().has_quorum(active.iter()) {
+                // Check-quorum: a leader cut off from a majority stops serving.
+                self.become_follower(self.term, None);
+                return;
+            }
+            for pr in self.progress.values_mut() {
+                pr.recent_active = false;
+            }
+        }
+        if self.now_ms >= self.heartbeat_deadline_ms {
+            self.heartbeat_deadline_ms = self.now_ms + self.config.heartbeat_interval_ms;
+            self.retransmit_lost();
+            self.broadcast_heartbeats(self.read_only.current_seq());
+        }
+    }
+
+    /// Appends or chunks unanswered for two heartbeat intervals are presumed lost: resend from the
+    /// last confirmed point.
+    fn retransmit_lost(&mut self) {
+        let timeout = 2 * self.config.heartbeat_interval_ms;
+        let now = self.now_ms;
+        for pr in self.progress.values_mut() {
+            match pr.state {
+                ProgressState::Probe => {
+                    if pr.paused && now >= pr.probe_sent_ms + timeout {
+                        pr.paused = false;
+                        self.needs_flush = true;
+                    }
+                }
+                ProgressState::Replicate => {
+                    if pr.oldest_inflight_ms().is_some_and(|t| now >= t + timeout) {
+                        pr.become_probe();
+                        self.needs_flush = true;
+                    }
+                }
+                ProgressState::Snapshot => {
+                    if let Some(sender) = pr.snapshot.as_mut() {
+                        if now >= sender.last_ack_ms + timeout {
+                            sender.rewind(now);
+                            self.needs_flush = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn broadcast_heartbeats(&mut self, read_seq: u64) {
+        let commit = self.log.commit_index();
+        let targets: Vec<(PeerId, LogIndex)> = self
+            .progress
+            .iter()
+            .map(|(id, pr)| (id.clone(), commit.min(pr.match_index)))
+            .collect();
+        for (to, commit) in targets {
+            self.send(to, MessageBody::Heartbeat { commit, read_seq });
+        }
+    }
+
+    /// Sends what each follower is missing, within its window, then commit notices and read rounds.
+    fn flush(&mut self) {
+        if !std::mem::take(&mut self.needs_flush) || self.role != Role::Leader {
+            return;
+        }
+        let peers: Vec<PeerId> = self.progress.keys().cloned().collect();
+        let mut sent_to = Vec::new();
+        for peer in &peers {
+            if self.send_appends(peer) {
+                sent_to.push(peer.clone());
+            }
+        }
+        // Followers that got no append this round learn a new commit index from a heartbeat, so they
+        // apply (and answer their clients) without waiting for the next tick.
+        let read_round = self.read_only.take_broadcast();
+        if read_round.is_some() || std::mem::take(&mut self.commit_changed) {
+            let seq = read_round.unwrap_or(self.read_only.current_seq());
+            let commit = self.log.commit_index();
+            for peer in &peers {
+                if read_round.is_none() && sent_to.contains(peer) {
+                    continue;
+                }
+                let pr_commit = commit.min(self.progress[peer].match_index);
+                self.send(
+                    peer.clone(),
+                    MessageBody::Heartbeat {
+                        commit: pr_commit,
+                        read_seq: seq,
+                    },
+                );
+            }
+            if read_round.is_some() {
+                self.confirm_reads(); // a cluster of one confirms at once
+            }
+        }
+        self.maybe_step_down_removed();
+    }
+
+    /// Sends appends (or snapshot chunks) to `peer` while its window allows. Returns whether anything
+    /// was sent.
+    fn send_appends(&mut self, peer: &PeerId) -> bool {
+        let mut sent = false;
+        // Bounded: each pass either sends within the window (bounded) or breaks.
+        loop {
+            let last_index = self.log.last_index();
+            let pr = self.progress.get_mut(peer).expect("peer has progress");
+            if pr.state == ProgressState::Snapshot {
+                return self.send_snapshot_chunks(peer) || sent;
+            }
+            if !pr.can_send(self.config.max_inflight_appends) {
+                return sent;
+            }
+            let wanted = match pr.state {
+                ProgressState::Probe => {
+                    pr.next_index <= last_index || pr.match_index + 1 < pr.next_index
+                }
+                _ => pr.next_index <= last_index,
+            };
+            if !wanted {
+                return sent;
+            }
+            let prev_index = pr.next_index - 1;
+            let Some(prev_term) = self.log.term(prev_index) else {
+                // The entries it needs are compacted away: send the snapshot instead.
+                let sender = SnapshotSender::new(
+                    self.snapshot.meta.last_index,
+                    self.snapshot.meta.last_term,
+                    self.now_ms,
+                );
+                pr.become_snapshot(sender);
+                return self.send_snapshot_chunks(peer) || sent;
+            };
+            let entries = self.log.slice(
+                pr.next_index,
+                self.config.max_entries_per_append,
+                self.config.max_bytes_per_append,
+            );
+            let last_sent = prev_index + entries.len() as u64;
+            pr.on_sent(last_sent, self.now_ms);
+            let probing = pr.state == ProgressState::Probe;
+            let leader_commit = self.log.commit_index();
+            self.send(
+                peer.clone(),
+                MessageBody::AppendEntries {
+                    prev_log_index: prev_index,
+                    prev_log_term: prev_term,
+                    entries,
+                    leader_commit,
+                },
+            );
+            sent = true;
+            if probing {
+                return sent;
+            }
+        }
+    }
+
+    fn send_snapshot_chunks(&mut self, peer: &PeerId) -> bool {
+        let meta = self.snapshot.meta.clone();
+        let data = self.snapshot.data.clone();
+        let pr = self.progress.get_mut(peer).expect("peer has progress");
+        let sender = pr
+            .snapshot
+            .get_or_insert_with(|| SnapshotSender::new(meta.last_index, meta.last_term, 0));
+        if !sender.is_for(&meta) {
+            // We compacted again since the transfer began: send the newer snapshot from the start.
+            *sender = SnapshotSender::new(meta.last_index, meta.last_term, self.now_ms);
+        }
+        let mut chunks = Vec::new();
+        while let Some(chunk) = sender.next_chunk(
+            &data,
+            self.config.snapshot_chunk_bytes,
+            self.config.max_inflight_snapshot_chunks,
+        ) {
+            chunks.push(chunk);
+        }
+        let sent = !chunks.is_empty();
+        for (offset, data, done) in chunks {
+            self.send(
+                peer.clone(),
+                MessageBody::InstallSnapshot {
+                    meta: meta.clone(),
+                    offset,
+                    data,
+                    done,
+                },
+            );
+        }
+        sent
+    }
+
+    fn handle_snapshot_response(
+        &mut self,
+        from: PeerId,
+        last_index: LogIndex,
+        last_term: Term,
+        next_offset: u64,
+        done: bool,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let now = self.now_ms;
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        if pr.state != ProgressState::Snapshot {
+            return;
+        }
+        let current = pr
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.last_index == last_index && s.last_term == last_term);
+        if !current {
+            return; // an answer about an older transfer
+        }
+        if done {
+            pr.maybe_update(last_index);
+            pr.become_probe();
+            self.maybe_commit();
+        } else if let Some(sender) = pr.snapshot.as_mut() {
+            sender.on_response(next_offset, now);
+            if next_offset < sender.sent_offset && sender.inflight_chunks == 0 {
+                sender.rewind(now); // the follower lost or refused chunks: resend from what it holds
+            }
+        }
+        self.needs_flush = true;
+    }
+
+    /// A leader whose own removal committed hands over to the most up-to-date voter and steps down.
+    fn maybe_step_down_removed(&mut self) {
+        if self.role != Role::Leader || self.membership().is_voter(&self.id) {
+            return;
+        }
+        let last = self.log.last_index();
+        let successor = self
+            .membership()
+            .voters
+            .iter()
+            .filter(|v| self.progress.get(*v).is_some_and(|pr| pr.match_index == last))
+            .min()
+            .cloned();
+        if let Some(to) = successor {
+            self.send(to, MessageBody::TimeoutNow);
+        }
+        self.become_follower(self.term, None);
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Follower: appends, heartbeats, snapshots
+
+    /// A message from the leader of our term: follow it and restart the election timer.
+    fn accept_leader(&mut self, from: &PeerId) {
+        if self.role != Role::Follower || self.leader.as_ref() != Some(from) {
+            debug_assert!(
+                self.role != Role::Leader,
+                "two leaders in term {}: {} and {}",
+                self.term,
+                self.id,
+                from
+            );
+            if self.role == Role::Leader {
+                return;
+            }
+            self.become_follower(self.term, Some(from.clone()));
+        }
+        self.last_leader_contact_ms = Some(self.now_ms);
+        self.reset_election_deadline();
+    }
+
+    fn handle_append(
+        &mut self,
+        from: PeerId,
+        prev_log_index: LogIndex,
+        prev_log_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: LogIndex,
+    ) {
+        if self.role == Role::Leader {
+            return;
+        }
+        self.accept_leader(&from);
+        let commit = self.log.commit_index();
+        if prev_log_index < commit {
+            // Everything up to our commit index matches the leader already.
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    success: true,
+                    index: commit,
+                    hint_index: 0,
+                    hint_term: 0,
+                },
+            );
+            return;
+        }
+        if self.log.matches(prev_log_index, prev_log_term) {
+            let contiguous = entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.index == prev_log_index + 1 + i as u64);
+            if !contiguous {
+                return; // malformed: drop rather than corrupt the log
+            }
+            let mut new_configs = Vec::new();
+            for e in &entries {
+                if let EntryPayload::Membership(m) = &e.payload {
+                    new_configs.push((e.index, m.clone()));
+                }
+            }
+            let Some((last_new, changed)) = self.log.append_after_match(prev_log_index, entries)
+            else {
+                return; // would rewrite committed entries: forged or corrupt, drop it
+            };
+            if changed {
+                self.sync_configs_after_append(new_configs);
+            }
+            self.follower_commit_to(leader_commit.min(last_new));
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    success: true,
+                    index: last_new,
+                    hint_index: 0,
+                    hint_term: 0,
+                },
+            );
+        } else {
+            let hint_index = self
+                .log
+                .find_conflict_by_term(prev_log_index.min(self.log.last_index()), prev_log_term);
+            let hint_term = self.log.term(hint_index).unwrap_or(0);
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    success: false,
+                    index: prev_log_index,
+                    hint_index,
+                    hint_term,
+                },
+            );
+        }
+    }
+
+    /// After the log changed on a follower: drop configurations of truncated entries, add new ones.
+    fn sync_configs_after_append(&mut self, new_configs: Vec<(LogIndex, Membership)>) {
+        let last = self.log.last_index();
+        // Configurations above the last index, or whose entry was replaced, are gone.
+        let log = &self.log;
+        let snapshot_index = log.snapshot_index();
+        self.configs.retain(|(i, _)| {
+            *i <= snapshot_index
+                || (*i <= last
+                    && matches!(log.entry(*i), Some(Entry { payload: EntryPayload::Membership(_), .. })))
+        });
+        for (index, membership) in new_configs {
+            let present = self.configs.iter().any(|(i, _)| *i == index);
+            if !present && index > snapshot_index {
+                let pos = self.configs.partition_point(|(i, _)| *i < index);
+                self.configs.insert(pos, (index, membership));
+            }
+        }
+        // An entry replaced by one of the same index: make sure the stored membership is the log's.
+        for (i, m) in self.configs.iter_mut() {
+            if let Some(Entry {
+                payload: EntryPayload::Membership(actual),
+                ..
+            }) = log.entry(*i)
+            {
+                if actual != m {
+                    *m = actual.clone();
+                }
+            }
+        }
+        self.refresh_committed_config();
+    }
+
+    fn follower_commit_to(&mut self, index: LogIndex) {
+        if index > self.log.commit_index() {
+            self.commit_to(index);
+        }
+    }
+
+    fn handle_heartbeat(&mut self, from: PeerId, commit: LogIndex, read_seq: u64) {
+        if self.role == Role::Leader {
+            return;
+        }
+        self.accept_leader(&from);
+        self.follower_commit_to(commit.min(self.log.last_index()));
+        self.send(from, MessageBody::HeartbeatResponse { read_seq });
+    }
+
+    fn handle_heartbeat_response(&mut self, from: PeerId, read_seq: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        if read_seq > self.read_only.current_seq() {
+            return; // never sent: a forged or corrupt answer
+        }
+        pr.read_acked_seq = pr.read_acked_seq.max(read_seq);
+        if pr.state == ProgressState::Probe && pr.paused {
+            // It is alive: probe again rather than wait for the retransmit timer.
+            pr.paused = false;
+            self.needs_flush = true;
+        }
+        self.confirm_reads();
+    }
+
+    fn handle_install_snapshot(
+        &mut self,
+        from: PeerId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Bytes,
+        done: bool,
+    ) {
+        if self.role == Role::Leader {
+            return;
+        }
+        self.accept_leader(&from);
+        let (last_index, last_term) = (meta.last_index, meta.last_term);
+        let respond = |node: &mut Self, next_offset: u64, done: bool| {
+            node.send(
+                from.clone(),
+                MessageBody::SnapshotResponse {
+                    last_index,
+                    last_term,
+                    next_offset,
+                    done,
+                },
+            );
+        };
+        if last_index <= self.log.commit_index() {
+            // We already hold everything it covers.
+            self.incoming_snapshot = None;
+            respond(self, 0, true);
+            return;
+        }
+        let outcome = SnapshotReceiver::accept(
+            &mut self.incoming_snapshot,
+            meta,
+            offset,
+            &data,
+            done,
+            self.config.max_snapshot_bytes,
+        );
+        match outcome {
+            ChunkOutcome::Partial(held) => respond(self, held, false),
+            ChunkOutcome::TooLarge => respond(self, 0, false),
+            ChunkOutcome::Complete(snapshot) => {
+                self.install_snapshot(snapshot);
+                respond(self, 0, true);
+            }
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) {
+        let meta = &snapshot.meta;
+        debug_assert!(meta.last_index > self.log.commit_index());
+        self.log.restore(meta.last_index, meta.last_term);
+        let keep: Vec<(LogIndex, Membership)> = self
+            .configs
+            .iter()
+            .filter(|(i, _)| *i > meta.last_index && *i <= self.log.last_index())
+            .cloned()
+            .collect();
+        self.configs = vec![(meta.last_index, meta.membership.clone())];
+        self.configs.extend(keep);
+        self.refresh_committed_config();
+        self.snapshot = snapshot.clone();
+        self.snapshot_to_restore = Some(snapshot);
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Reads
+
+    fn leader_read(&mut self, ctx: u64, from: Option<PeerId>) -> Result<(), RaftError> {
+        if self.read_only.len() >= self.config.max_pending_reads {
+            return Err(RaftError::Busy);
+        }
+        if !self.committed_in_term() {
+            // Our commit index may lag the previous leader's: wait for our no-op to commit.
+            self.read_only.add_waiting(ctx, from);
+            return Ok(());
+        }
+        let commit = self.log.commit_index();
+        self.register_read(ctx, from, commit);
+        Ok(())
+    }
+
+    fn register_read(&mut self, ctx: u64, from: Option<PeerId>, index: LogIndex) {
+        self.read_only.add_pending(ctx, from, index);
+        self.needs_flush = true;
+    }
+
+    /// Releases the reads whose round a majority of voters has acknowledged.
+    fn confirm_reads(&mut self) {
+        let current = self.read_only.current_seq();
+        let confirmed = self.membership().quorum_index(|id| {
+            if *id == self.id {
+                current
+            } else {
+                self.progress.get(id).map_or(0, |pr| pr.read_acked_seq)
+            }
+        });
+        for read in self.read_only.release(confirmed) {
+            self.answer_read(read.ctx, read.from, Some(read.index));
+        }
+    }
+
+    fn answer_read(&mut self, ctx: u64, from: Option<PeerId>, index: Option<LogIndex>) {
+        match from {
+            None => self.read_states.push(ReadState { ctx, index }),
+            Some(peer) => self.send(peer, MessageBody::ReadIndexResponse { ctx, index }),
+        }
+    }
+
+    fn handle_read_index_request(&mut self, from: PeerId, ctx: u64) {
+        if self.role != Role::Leader || self.leader_read(ctx, Some(from.clone())).is_err() {
+            self.send(from, MessageBody::ReadIndexResponse { ctx, index: None });
+        }
+    }
+
+    fn abandon_reads(&mut self) {
+        for (ctx, from) in self.read_only.abandon_all() {
+            self.answer_read(ctx, from, None);
+        }
+        for pr in self.progress.values_mut() {
+            pr.read_acked_seq = 0;
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Plumbing
+
+    fn send(&mut self, to: PeerId, body: MessageBody) {
+        self.messages.push(Message {
+            from: self.id.clone(),
+            to,
+            term: self.term,
+            body,
+        });
+    }
+
+    fn check_invariants(&self) {
+        debug_assert!(self.log.snapshot_index() <= self.log.applied_index());
+        debug_assert!(self.log.applied_index() <= self.log.commit_index());
+        debug_assert!(self.log.commit_index() <= self.log.last_index());
+        debug_assert!(!self.configs.is_empty());
+        debug_assert!(self.configs.windows(2).all(|w| w[0].0 < w[1].0));
+        debug_assert!(
+            self.role != Role::Leader || self.leader.as_ref() == Some(&self.id),
+            "a leader follows itself"
+        );
+        debug_assert!(
+            self.role != Role::Leader || self.voted_for.as_ref() == Some(&self.id),
+            "a leader voted for itself in its term"
+        );
+    }
+}

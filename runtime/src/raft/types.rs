@@ -1,0 +1,177 @@
+//! The vocabulary of the engine: peer ids, terms, indices, log entries, persisted state.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::membership::Membership;
+
+/// A Raft term. Term 0 exists only before the first election.
+pub type Term = u64;
+
+/// A position in the replicated log. Index 0 is the empty prefix (genesis); real entries start at 1.
+pub type LogIndex = u64;
+
+/// The identity of one peer. Cheap to clone (a shared string), ordered, and serialized as a plain string.
+///
+/// ```
+/// use hamok_runtime::raft::PeerId;
+/// let a = PeerId::from("peer-a");
+/// assert_eq!(a.as_str(), "peer-a");
+/// assert!(PeerId::from("a") < PeerId::from("b"));
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerId(Arc<str>);
+
+impl PeerId {
+    /// Wraps a string as a peer id.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        PeerId(id.into())
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for PeerId {
+    fn from(s: &str) -> Self {
+        PeerId(Arc::from(s))
+    }
+}
+
+impl From<String> for PeerId {
+    fn from(s: String) -> Self {
+        PeerId(Arc::from(s))
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a log entry carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryPayload {
+    /// Appended by every new leader so it can commit an entry of its own term at once.
+    Noop,
+    /// An opaque command for the state machines above the engine.
+    Command(Bytes),
+    /// A new cluster configuration (the whole membership, not a delta). Takes effect once committed.
+    Membership(Membership),
+}
+
+impl EntryPayload {
+    /// Approximate size in bytes, used to bound batches and the uncommitted tail.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            EntryPayload::Noop => 0,
+            EntryPayload::Command(b) => b.len(),
+            EntryPayload::Membership(m) => m.size_bytes(),
+        }
+    }
+}
+
+/// One entry of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The term of the leader that created the entry.
+    pub term: Term,
+    /// The entry's position in the log.
+    pub index: LogIndex,
+    /// What the entry carries.
+    pub payload: EntryPayload,
+}
+
+/// Bytes of framing counted per entry on top of its payload when sizing batches.
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 24;
+
+impl Entry {
+    /// Approximate encoded size in bytes.
+    pub fn size_bytes(&self) -> usize {
+        ENTRY_OVERHEAD_BYTES + self.payload.size_bytes()
+    }
+}
+
+/// The state that must be durable before any message of the same [`Ready`](super::Ready) is sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardState {
+    /// The latest term this peer has seen.
+    pub term: Term,
+    /// The candidate this peer voted for in `term`, if any.
+    pub voted_for: Option<PeerId>,
+}
+
+/// Describes a snapshot: the log prefix it replaces and the configuration in force at its end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The last log index the snapshot covers.
+    pub last_index: LogIndex,
+    /// The term of the entry at `last_index`.
+    pub last_term: Term,
+    /// The committed membership as of `last_index`.
+    pub membership: Membership,
+}
+
+/// A snapshot: its metadata and the state machines' bytes, opaque to the engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// What the snapshot covers.
+    pub meta: SnapshotMeta,
+    /// The state machines' serialized state at `meta.last_index`.
+    pub data: Bytes,
+}
+
+/// Everything a restarted peer needs from durable storage to resume without violating safety.
+#[derive(Clone, Debug, Default)]
+pub struct PersistedState {
+    /// Term and vote.
+    pub hard_state: HardState,
+    /// The latest snapshot (genesis membership at index 0 for a bootstrapped cluster).
+    pub snapshot: Snapshot,
+    /// Log entries after `snapshot.meta.last_index`, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+/// The role a peer plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Follows a leader (or waits for one). Learners are followers that are not voters.
+    Follower,
+    /// Asks for pre-votes without changing its term, so a partitioned peer cannot disrupt the cluster.
+    PreCandidate,
+    /// Asks for votes in a new term.
+    Candidate,
+    /// Accepts proposals and replicates the log.
+    Leader,
+}
+
+impl PersistedState {
+    /// The state of a brand-new cluster whose first configuration is `membership` (at index 0, term 0).
+    pub fn genesis(membership: Membership) -> PersistedState {
+        PersistedState {
+            hard_state: HardState::default(),
+            snapshot: Snapshot {
+                meta: SnapshotMeta {
+                    last_index: 0,
+                    last_term: 0,
+                    membership,
+                },
+                data: Bytes::new(),
+            },
+            entries: Vec::new(),
+        }
+    }
+}
