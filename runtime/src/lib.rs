@@ -1,8 +1,27 @@
-//! hamok runtime: the pure Raft engine ([`raft`]) that the node actors, the wire codec, the transports and
-//! the `Hamok` handle are built on.
+//! hamok runtime: the pure Raft engine ([`raft`]), and the runtime that turns it into a library a
+//! service embeds: the [`Hamok`] handle driven by supervised ractor actors, the wire codec ([`wire`]),
+//! the [`transport`] trait with the in-process and hand-wired transports, configuration ([`config`]),
+//! the log store ([`store`]), the state-machine layer ([`state_machine`]), events and stats.
 //!
 //! The layers and their rules are in `ARCHITECTURE.md` at the repository root.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod actors;
+pub mod config;
+mod error;
+mod events;
+mod hamok;
 pub mod raft;
+pub mod state_machine;
+mod stats;
+pub mod store;
+pub mod transport;
+pub mod wire;
+
+pub use actors::node::JoinState;
+pub use config::HamokConfig;
+pub use error::HamokError;
+pub use events::HamokEvent;
+pub use hamok::{Hamok, HamokBuilder, JoinOptions};
+pub use stats::HamokStats;

@@ -92,7 +92,10 @@ impl RaftConfig {
             ("max_uncommitted_bytes", self.max_uncommitted_bytes),
             ("max_apply_batch", self.max_apply_batch),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
-            ("max_inflight_snapshot_chunks", self.max_inflight_snapshot_chunks),
+            (
+                "max_inflight_snapshot_chunks",
+                self.max_inflight_snapshot_chunks,
+            ),
             ("max_pending_reads", self.max_pending_reads),
             ("max_command_bytes", self.max_command_bytes),
         ];
@@ -105,10 +108,7 @@ impl RaftConfig {
             return fail("max_snapshot_bytes", "must be at least 1");
         }
         if self.max_command_bytes > self.max_uncommitted_bytes {
-            return fail(
-                "max_command_bytes",
-                "must not exceed max_uncommitted_bytes",
-            );
+            return fail("max_command_bytes", "must not exceed max_uncommitted_bytes");
         }
         Ok(())
     }

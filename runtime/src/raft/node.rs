@@ -245,7 +245,10 @@ impl RaftNode {
                     );
                 }
                 MessageBody::ReadIndexRequest { ctx } => {
-                    self.send(msg.from, MessageBody::ReadIndexResponse { ctx, index: None });
+                    self.send(
+                        msg.from,
+                        MessageBody::ReadIndexResponse { ctx, index: None },
+                    );
                 }
                 _ => {}
             }
@@ -383,10 +386,23 @@ impl RaftNode {
         {
             return Err(RaftError::InvalidTransferTarget(target));
         }
-        self.transfer = Some((target.clone(), self.now_ms + self.config.election_timeout_ms));
+        self.transfer = Some((
+            target.clone(),
+            self.now_ms + self.config.election_timeout_ms,
+        ));
         self.maybe_send_timeout_now(&target);
         self.needs_flush = true;
         Ok(())
+    }
+
+    /// Starts an election now (with pre-vote) instead of waiting for the election timeout. Used when a
+    /// lone peer bootstraps a cluster of one, or to speed up a known-leaderless start. Ignored on a leader
+    /// and on peers that are not voters.
+    pub fn campaign_now(&mut self, now_ms: u64) {
+        self.advance_clock(now_ms);
+        if self.role != Role::Leader && self.is_promotable() {
+            self.start_pre_vote();
+        }
     }
 
     /// Replaces the log up to `index` (which must be applied) with a snapshot whose state-machine bytes
@@ -399,11 +415,18 @@ impl RaftNode {
                 snapshot: self.log.snapshot_index(),
             });
         }
-        let term = self.log.term(index).expect("applied entries above the snapshot are held");
+        let term = self
+            .log
+            .term(index)
+            .expect("applied entries above the snapshot are held");
         let membership = self.membership_at(index).clone();
         self.log.compact_to(index);
         // Keep the configuration in force at `index` as the new base, and every later one.
-        let base = self.configs.iter().rposition(|(i, _)| *i <= index).unwrap_or(0);
+        let base = self
+            .configs
+            .iter()
+            .rposition(|(i, _)| *i <= index)
+            .unwrap_or(0);
         self.configs.drain(..base);
         self.configs[0] = (index, membership.clone());
         self.refresh_committed_config();
@@ -466,7 +489,9 @@ impl RaftNode {
     /// The next time [`RaftNode::tick`] has something to do.
     pub fn next_deadline_ms(&self) -> u64 {
         if self.role == Role::Leader {
-            let mut next = self.heartbeat_deadline_ms.min(self.check_quorum_deadline_ms);
+            let mut next = self
+                .heartbeat_deadline_ms
+                .min(self.check_quorum_deadline_ms);
             if let Some((_, deadline)) = &self.transfer {
                 next = next.min(*deadline);
             }
@@ -527,6 +552,16 @@ impl RaftNode {
     /// The latest configuration in the log, committed or not.
     pub fn latest_membership(&self) -> &Membership {
         &self.configs.last().expect("configs is never empty").1
+    }
+
+    /// The latest snapshot (what a peer too far behind is sent).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Whether a leadership transfer is under way.
+    pub fn transfer_in_progress(&self) -> bool {
+        self.transfer.is_some()
     }
 
     /// The leader's view of `peer`'s match index (`None` when not leader or not a member).
@@ -798,7 +833,9 @@ impl RaftNode {
             .collect();
         self.progress.retain(|id, _| members.contains(id));
         for id in members {
-            self.progress.entry(id).or_insert_with(|| Progress::new(next));
+            self.progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(next));
         }
     }
 
@@ -842,7 +879,27 @@ impl RaftNode {
         }
         self.needs_flush = true;
         if self.committed_config != before {
+            let old: Vec<(PeerId, LogIndex)> = self
+                .progress
+                .iter()
+                .map(|(id, pr)| (id.clone(), pr.match_index))
+                .collect();
             self.rebuild_progress();
+            // Peers dropped from the configuration get one last heartbeat carrying the commit index, so
+            // they learn of their removal (the leader sends them nothing after this).
+            let commit = self.log.commit_index();
+            let seq = self.read_only.current_seq();
+            for (peer, matched) in old {
+                if !self.progress.contains_key(&peer) {
+                    self.send(
+                        peer,
+                        MessageBody::Heartbeat {
+                            commit: commit.min(matched),
+                            read_seq: seq,
+                        },
+                    );
+                }
+            }
         }
         if !was_in_term && self.committed_in_term() {
             let commit = self.log.commit_index();
@@ -862,7 +919,11 @@ impl RaftNode {
     }
 
     fn membership_at(&self, index: LogIndex) -> &Membership {
-        let pos = self.configs.iter().rposition(|(i, _)| *i <= index).unwrap_or(0);
+        let pos = self
+            .configs
+            .iter()
+            .rposition(|(i, _)| *i <= index)
+            .unwrap_or(0);
         &self.configs[pos].1
     }
 
@@ -1185,7 +1246,11 @@ impl RaftNode {
             .membership()
             .voters
             .iter()
-            .filter(|v| self.progress.get(*v).is_some_and(|pr| pr.match_index == last))
+            .filter(|v| {
+                self.progress
+                    .get(*v)
+                    .is_some_and(|pr| pr.match_index == last)
+            })
             .min()
             .cloned();
         if let Some(to) = successor {
@@ -1299,7 +1364,13 @@ impl RaftNode {
         self.configs.retain(|(i, _)| {
             *i <= snapshot_index
                 || (*i <= last
-                    && matches!(log.entry(*i), Some(Entry { payload: EntryPayload::Membership(_), .. })))
+                    && matches!(
+                        log.entry(*i),
+                        Some(Entry {
+                            payload: EntryPayload::Membership(_),
+                            ..
+                        })
+                    ))
         });
         for (index, membership) in new_configs {
             let present = self.configs.iter().any(|(i, _)| *i == index);

@@ -66,7 +66,11 @@ impl Progress {
         if self.next_index < index + 1 {
             self.next_index = index + 1;
         }
-        while self.inflight.front().is_some_and(|&(last, _)| last <= index) {
+        while self
+            .inflight
+            .front()
+            .is_some_and(|&(last, _)| last <= index)
+        {
             self.inflight.pop_front();
         }
         updated

@@ -32,7 +32,11 @@ impl RaftLog {
             unpersisted_from: None,
         };
         for entry in entries {
-            assert_eq!(entry.index, log.last_index() + 1, "persisted log is not contiguous");
+            assert_eq!(
+                entry.index,
+                log.last_index() + 1,
+                "persisted log is not contiguous"
+            );
             log.uncommitted_bytes += entry.size_bytes();
             log.entries.push_back(entry);
         }
@@ -103,7 +107,8 @@ impl RaftLog {
 
     /// The voting rule of the paper (§5.4.1): a candidate's log is at least as up to date as ours.
     pub fn is_up_to_date(&self, last_index: LogIndex, last_term: Term) -> bool {
-        last_term > self.last_term() || (last_term == self.last_term() && last_index >= self.last_index())
+        last_term > self.last_term()
+            || (last_term == self.last_term() && last_index >= self.last_index())
     }
 
     /// The largest index `<= index` whose term is `<= term`, or the snapshot index if there is none above
@@ -130,8 +135,15 @@ impl RaftLog {
 
     /// Appends entries that continue the log (the leader's own proposals).
     pub fn append(&mut self, entry: Entry) {
-        debug_assert_eq!(entry.index, self.last_index() + 1, "append must continue the log");
-        debug_assert!(entry.term >= self.last_term(), "terms never decrease along the log");
+        debug_assert_eq!(
+            entry.index,
+            self.last_index() + 1,
+            "append must continue the log"
+        );
+        debug_assert!(
+            entry.term >= self.last_term(),
+            "terms never decrease along the log"
+        );
         self.mark_unpersisted(entry.index);
         self.uncommitted_bytes += entry.size_bytes();
         self.entries.push_back(entry);

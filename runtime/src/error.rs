@@ -1,0 +1,99 @@
+//! The one error type of the public API.
+
+use crate::raft::{PeerId, RaftConfigError, RaftError};
+
+/// Why a call on a [`Hamok`](crate::Hamok) handle (or a collection built on it) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HamokError {
+    /// The operation did not complete within its timeout. A write that timed out may still be applied
+    /// later; retrying it through the same handle is safe (requests are deduplicated).
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    /// The peer has not joined a cluster yet (call `join` first).
+    #[error("not joined to a cluster")]
+    NotJoined,
+    /// The peer was closed.
+    #[error("closed")]
+    Closed,
+    /// No leader is reachable (no quorum, or an election is under way).
+    #[error("no leader or no quorum")]
+    NoQuorum,
+    /// This operation needs the leader, and this peer is not it.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<PeerId>,
+    },
+    /// Too much pending work: back off and retry.
+    #[error("busy: {0}")]
+    Busy(&'static str),
+    /// A value could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The configuration is invalid; names the key.
+    #[error("invalid config `{key}`: {reason}")]
+    Config {
+        /// The offending key, as in the TOML file and (upper-cased, `HAMOK_` prefixed) the environment.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A value or command exceeds a configured limit.
+    #[error("too large: {size} bytes, limit {limit}")]
+    TooLarge {
+        /// Size of the refused value.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A storage id is used for another kind of collection.
+    #[error("storage `{id}` exists with another kind ({existing})")]
+    KindMismatch {
+        /// The storage id.
+        id: String,
+        /// The kind it already has.
+        existing: String,
+    },
+    /// The state machine rejected the command (its own typed reason, as text).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The Raft engine refused the request.
+    #[error("raft: {0}")]
+    Raft(RaftError),
+}
+
+impl From<RaftError> for HamokError {
+    fn from(e: RaftError) -> Self {
+        match e {
+            RaftError::NotLeader { leader } => HamokError::NotLeader { leader },
+            RaftError::Busy => HamokError::Busy("too many uncommitted entries"),
+            RaftError::CommandTooLarge { size, limit } => HamokError::TooLarge { size, limit },
+            other => HamokError::Raft(other),
+        }
+    }
+}
+
+impl From<RaftConfigError> for HamokError {
+    fn from(e: RaftConfigError) -> Self {
+        HamokError::Config {
+            key: e.field.to_string(),
+            reason: e.reason.to_string(),
+        }
+    }
+}
+
+impl From<rmp_serde::encode::Error> for HamokError {
+    fn from(e: rmp_serde::encode::Error) -> Self {
+        HamokError::Codec(e.to_string())
+    }
+}
+
+impl From<rmp_serde::decode::Error> for HamokError {
+    fn from(e: rmp_serde::decode::Error) -> Self {
+        HamokError::Codec(e.to_string())
+    }
+}

@@ -1,0 +1,639 @@
+//! The `Hamok` handle: what a service embeds. One handle is one peer of one cluster.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use figment::providers::Serialized;
+use figment::Figment;
+use ractor::{Actor, ActorRef};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::actors::node::{JoinState, NodeArgs, NodeMsg, View};
+use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
+use crate::config::HamokConfig;
+use crate::error::HamokError;
+use crate::events::HamokEvent;
+use crate::raft::{LogIndex, PeerId, Role};
+use crate::state_machine::{Op, StateMachine, StateMachineFactory};
+use crate::stats::{Counters, HamokStats};
+use crate::store::{LogStore, MemoryLogStore};
+use crate::transport::memory::InProcessHub;
+use crate::transport::{Inbound, Transport};
+
+/// Most events buffered per subscriber; a subscriber that falls further behind loses the oldest.
+const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+/// The hub every peer built without an explicit transport shares: several `Hamok`s in one process
+/// find each other with no broker at all.
+fn default_hub() -> InProcessHub {
+    static HUB: OnceLock<InProcessHub> = OnceLock::new();
+    HUB.get_or_init(InProcessHub::new).clone()
+}
+
+/// How long `join` waits and how often it starts over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinOptions {
+    /// How long one attempt waits to be admitted.
+    pub timeout: Duration,
+    /// Further attempts after the first times out.
+    pub max_retry: u32,
+}
+
+/// Builds a [`Hamok`] peer.
+///
+/// Configuration precedence: defaults < the TOML file of [`HamokBuilder::config_file`] < `HAMOK_*`
+/// environment variables < values set here in code.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use hamok_runtime::Hamok;
+/// let hamok = Hamok::builder().cluster_id("doc-builder").election_timeout_ms(200).build().await?;
+/// hamok.join().await?; // alone: founds a cluster of one and leads it
+/// assert!(hamok.is_leader());
+/// hamok.close().await;
+/// # Ok::<(), hamok_runtime::HamokError>(()) }).unwrap();
+/// ```
+pub struct HamokBuilder {
+    overrides: Vec<(String, figment::value::Value)>,
+    config_file: Option<PathBuf>,
+    transport: Option<Arc<dyn Transport>>,
+    store: Option<Box<dyn LogStore>>,
+    kinds: BTreeMap<String, StateMachineFactory>,
+    error: Option<HamokError>,
+}
+
+impl Default for HamokBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HamokBuilder {
+    /// A builder with every setting at its default.
+    pub fn new() -> Self {
+        HamokBuilder {
+            overrides: Vec::new(),
+            config_file: None,
+            transport: None,
+            store: None,
+            kinds: BTreeMap::new(),
+            error: None,
+        }
+    }
+
+    /// Reads settings from a TOML file (keys as in [`HamokConfig`]).
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// Sets any configuration key (dotted for nested keys, e.g. `raft.max_inflight_appends`).
+    pub fn set<V: Serialize>(mut self, key: &str, value: V) -> Self {
+        match figment::value::Value::serialize(value) {
+            Ok(v) => self.overrides.push((key.to_string(), v)),
+            Err(e) => {
+                self.error = Some(HamokError::Config {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        self
+    }
+
+    /// This peer's id (default: a random uuid).
+    pub fn peer_id(self, id: impl Into<String>) -> Self {
+        self.set("peer_id", id.into())
+    }
+
+    /// The cluster to join (frames of other clusters on the same bus are ignored).
+    pub fn cluster_id(self, id: impl Into<String>) -> Self {
+        self.set("cluster_id", id.into())
+    }
+
+    /// See [`HamokConfig::election_timeout_ms`].
+    pub fn election_timeout_ms(self, ms: u64) -> Self {
+        self.set("election_timeout_ms", ms)
+    }
+
+    /// See [`HamokConfig::heartbeat_interval_ms`].
+    pub fn heartbeat_interval_ms(self, ms: u64) -> Self {
+        self.set("heartbeat_interval_ms", ms)
+    }
+
+    /// See [`HamokConfig::peer_max_idle_ms`].
+    pub fn peer_max_idle_ms(self, ms: u64) -> Self {
+        self.set("peer_max_idle_ms", ms)
+    }
+
+    /// See [`HamokConfig::request_timeout_ms`].
+    pub fn request_timeout_ms(self, ms: u64) -> Self {
+        self.set("request_timeout_ms", ms)
+    }
+
+    /// See [`HamokConfig::only_follower`].
+    pub fn only_follower(self, yes: bool) -> Self {
+        self.set("only_follower", yes)
+    }
+
+    /// See [`HamokConfig::auto_stop_on_no_remote_peers`].
+    pub fn auto_stop_on_no_remote_peers(self, yes: bool) -> Self {
+        self.set("auto_stop_on_no_remote_peers", yes)
+    }
+
+    /// See [`HamokConfig::snapshot_after_entries`].
+    pub fn snapshot_after_entries(self, entries: u64) -> Self {
+        self.set("snapshot_after_entries", entries)
+    }
+
+    /// How peers reach each other (default: a process-wide in-process hub).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// Where term, vote, snapshot and log are kept (default: in memory).
+    pub fn log_store(mut self, store: impl LogStore) -> Self {
+        self.store = Some(Box::new(store));
+        self
+    }
+
+    /// Registers a kind of state machine (collections register theirs).
+    pub fn register_kind(
+        mut self,
+        kind: &str,
+        factory: impl Fn() -> Box<dyn StateMachine> + Send + Sync + 'static,
+    ) -> Self {
+        self.kinds.insert(kind.to_string(), Arc::new(factory));
+        self
+    }
+
+    /// The configuration this builder would use.
+    pub fn resolve_config(&self) -> Result<HamokConfig, HamokError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let mut figment: Figment = HamokConfig::figment(self.config_file.as_deref());
+        for (key, value) in &self.overrides {
+            figment = figment.merge(Serialized::default(key, value.clone()));
+        }
+        HamokConfig::from_figment(figment)
+    }
+
+    /// Starts the peer's actors. The peer does not take part in any cluster until [`Hamok::join`].
+    pub async fn build(self) -> Result<Hamok, HamokError> {
+        let config = self.resolve_config()?;
+        let peer_id = PeerId::from(
+            config
+                .peer_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        );
+        let transport = self
+            .transport
+            .unwrap_or_else(|| Arc::new(default_hub()) as Arc<dyn Transport>);
+        let store = self
+            .store
+            .unwrap_or_else(|| Box::new(MemoryLogStore::new()));
+        let (view_tx, view_rx) = watch::channel(View::initial());
+        let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        let counters = Arc::new(Counters::default());
+
+        // Frames reach the node actor straight from the transport, bounded by `max_inbound_frames`.
+        let node_slot: Arc<OnceLock<ActorRef<NodeMsg>>> = Arc::new(OnceLock::new());
+        let slot = node_slot.clone();
+        let inbound = Inbound::new(config.max_inbound_frames, move |frame| {
+            if let Some(node) = slot.get() {
+                let _ = node.send_message(NodeMsg::Inbound(frame));
+            }
+        });
+        let random = uuid::Uuid::new_v4().as_u128();
+        let node_args = NodeArgs {
+            peer_id: peer_id.clone(),
+            config: config.clone(),
+            store,
+            kinds: self.kinds,
+            inbound: inbound.clone(),
+            view: view_tx,
+            events: events.clone(),
+            counters: counters.clone(),
+            nonce: random as u64,
+            seed: (random >> 64) as u64,
+        };
+        let (node_tx, node_rx) = oneshot::channel();
+        let (supervisor, _) = Actor::spawn(
+            None,
+            SupervisorActor,
+            SupervisorArgs {
+                node: node_args,
+                transport,
+                cluster: config.cluster_id.clone(),
+                peer: peer_id.clone(),
+                inbound: inbound.clone(),
+                node_ref: node_tx,
+            },
+        )
+        .await
+        .map_err(|e| HamokError::Transport(format!("cannot start peer: {e}")))?;
+        let node = node_rx.await.map_err(|_| HamokError::Closed)?;
+        let _ = node_slot.set(node.clone());
+        Ok(Hamok {
+            inner: Arc::new(Inner {
+                peer_id,
+                config,
+                node,
+                supervisor,
+                view: view_rx,
+                events,
+                counters,
+                inbound,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    peer_id: PeerId,
+    config: HamokConfig,
+    node: ActorRef<NodeMsg>,
+    supervisor: ActorRef<SupervisorMsg>,
+    view: watch::Receiver<View>,
+    events: broadcast::Sender<HamokEvent>,
+    counters: Arc<Counters>,
+    inbound: Inbound,
+}
+
+/// One peer of a hamok cluster. Cheap to clone; every clone is the same peer.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use hamok_runtime::Hamok;
+/// use hamok_runtime::transport::memory::InProcessHub;
+///
+/// let hub = InProcessHub::new();
+/// let a = Hamok::builder().peer_id("a").transport(hub.clone()).build().await?;
+/// let b = Hamok::builder().peer_id("b").transport(hub.clone()).build().await?;
+/// let (ja, jb) = tokio::join!(a.join(), b.join());
+/// ja?;
+/// jb?;
+/// let leader = a.wait_until_leader(std::time::Duration::from_secs(5)).await?;
+/// assert_eq!(b.leader_id(), Some(leader));
+/// # a.close().await; b.close().await;
+/// # Ok::<(), hamok_runtime::HamokError>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Hamok {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hamok {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hamok")
+            .field("peer_id", &self.inner.peer_id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Hamok {
+    /// Starts building a peer.
+    pub fn builder() -> HamokBuilder {
+        HamokBuilder::new()
+    }
+
+    fn send(&self, msg: NodeMsg) -> Result<(), HamokError> {
+        self.inner
+            .node
+            .send_message(msg)
+            .map_err(|_| HamokError::Closed)
+    }
+
+    fn view(&self) -> View {
+        self.inner.view.borrow().clone()
+    }
+
+    /// Waits until `pred` holds on the peer's view, or `timeout`.
+    async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&View) -> bool,
+    ) -> Result<View, HamokError> {
+        let mut rx = self.inner.view.clone();
+        let wait = async {
+            loop {
+                {
+                    let v = rx.borrow_and_update();
+                    if pred(&v) {
+                        return Ok(v.clone());
+                    }
+                    if v.closed {
+                        return Err(HamokError::Closed);
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(HamokError::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| HamokError::Timeout(timeout.as_millis() as u64))?
+    }
+
+    /// Joins a cluster with the configured timeout and retries (see [`Hamok::join_with`]).
+    pub async fn join(&self) -> Result<(), HamokError> {
+        self.join_with(JoinOptions {
+            timeout: Duration::from_millis(self.inner.config.join_timeout_ms),
+            max_retry: self.inner.config.join_max_retry,
+        })
+        .await
+    }
+
+    /// Finds the cluster over the transport and joins it: as a learner first, then as a voter once caught
+    /// up (a learner for good when `only_follower`). When no cluster answers within the discovery window,
+    /// the lowest-id peer among those starting together founds one and the others join it. Each attempt
+    /// waits `timeout`; after `max_retry` further attempts it fails with [`HamokError::Timeout`].
+    pub async fn join_with(&self, options: JoinOptions) -> Result<(), HamokError> {
+        let mut last = HamokError::Timeout(options.timeout.as_millis() as u64);
+        for _ in 0..=options.max_retry {
+            self.send(NodeMsg::Join)?;
+            match self
+                .wait_for(options.timeout, |v| v.join_state == JoinState::Joined)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(HamokError::Closed) => return Err(HamokError::Closed),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Leaves the cluster: hands leadership over first when leading, removes itself through the log and
+    /// tells the others. The peer stays usable: `join` again starts afresh.
+    pub async fn leave(&self) -> Result<(), HamokError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NodeMsg::Leave(tx))?;
+        rx.await.map_err(|_| HamokError::Closed)?
+    }
+
+    /// Stops the peer's actors. Pending requests fail with [`HamokError::Closed`]. Does not leave the
+    /// cluster first (call [`Hamok::leave`] for that); the others remove it once it is silent.
+    pub async fn close(&self) {
+        let _ = self.inner.supervisor.stop_and_wait(None, None).await;
+        // Wait for the node to finish publishing that it is closed.
+        let _ = self.wait_for(Duration::from_secs(5), |v| v.closed).await;
+    }
+
+    /// Whether the peer is closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.view.borrow().closed
+    }
+
+    /// Waits until a leader is known and returns it.
+    pub async fn wait_until_leader(&self, timeout: Duration) -> Result<PeerId, HamokError> {
+        let v = self
+            .wait_for(timeout, |v| {
+                v.leader.is_some() && matches!(v.join_state, JoinState::Joined | JoinState::Leaving)
+            })
+            .await?;
+        Ok(v.leader.expect("checked"))
+    }
+
+    /// Waits until this peer has applied everything it knows to be committed.
+    pub async fn wait_until_commit_head(&self, timeout: Duration) -> Result<LogIndex, HamokError> {
+        let target = self.view().commit_index;
+        let v = self
+            .wait_for(timeout, |v| v.applied_index >= target)
+            .await?;
+        Ok(v.applied_index)
+    }
+
+    /// Waits until this peer has applied everything the leader had committed when the call was made
+    /// (a ReadIndex round): after it, local reads see every write acknowledged before the call.
+    pub async fn wait_until_linearizable(&self, timeout: Duration) -> Result<LogIndex, HamokError> {
+        let (tx, rx) = oneshot::channel();
+        self.query_raw("", true, timeout, move |_| {
+            let _ = tx.send(());
+        })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(self.view().applied_index),
+            Ok(Err(_)) => Err(HamokError::Closed),
+            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Whether this peer leads its cluster.
+    pub fn is_leader(&self) -> bool {
+        let v = self.inner.view.borrow();
+        v.role == Role::Leader && v.leader.as_ref() == Some(&self.inner.peer_id)
+    }
+
+    /// The leader this peer knows of.
+    pub fn leader_id(&self) -> Option<PeerId> {
+        self.inner.view.borrow().leader.clone()
+    }
+
+    /// This peer's role.
+    pub fn state(&self) -> Role {
+        self.inner.view.borrow().role
+    }
+
+    /// Whether this peer is part of a cluster.
+    pub fn is_joined(&self) -> bool {
+        self.inner.view.borrow().join_state == JoinState::Joined
+    }
+
+    /// This peer's id.
+    pub fn local_peer_id(&self) -> &PeerId {
+        &self.inner.peer_id
+    }
+
+    /// The other members of the cluster (voters and learners), as of the committed configuration.
+    pub fn remote_peer_ids(&self) -> Vec<PeerId> {
+        self.inner
+            .view
+            .borrow()
+            .membership
+            .members()
+            .filter(|p| **p != self.inner.peer_id)
+            .cloned()
+            .collect()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &HamokConfig {
+        &self.inner.config
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> HamokStats {
+        let v = self.view();
+        let c = &self.inner.counters;
+        HamokStats {
+            peer_id: self.inner.peer_id.clone(),
+            role: v.role,
+            term: v.term,
+            leader: v.leader.clone(),
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
+            last_index: v.last_index,
+            snapshot_index: v.snapshot_index,
+            log_entries: v.log_entries,
+            log_bytes: v.log_bytes,
+            remote_peers: v
+                .membership
+                .members()
+                .filter(|p| **p != self.inner.peer_id)
+                .count(),
+            pending_requests: v.pending_requests,
+            frames_in: Counters::get(&c.frames_in),
+            frames_out: Counters::get(&c.frames_out),
+            dropped_malformed: Counters::get(&c.dropped_malformed),
+            dropped_foreign_cluster: Counters::get(&c.dropped_foreign_cluster),
+            dropped_version: Counters::get(&c.dropped_version),
+            dropped_inbound_full: self.inner.inbound.dropped(),
+            dropped_outbound: Counters::get(&c.dropped_outbound),
+            snapshots_taken: Counters::get(&c.snapshots_taken),
+            snapshots_installed: Counters::get(&c.snapshots_installed),
+            requests_retried: Counters::get(&c.requests_retried),
+            duplicates_skipped: Counters::get(&c.duplicates_skipped),
+            transport_connects: Counters::get(&c.transport_connects),
+        }
+    }
+
+    /// Subscribes to this peer's events.
+    pub fn events(&self) -> broadcast::Receiver<HamokEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Submits an operation through the log; resolves with the state machine's response once this peer
+    /// has applied it (read-your-writes). Retried across leader changes and applied at most once.
+    pub async fn submit_op(&self, op: Op) -> Result<Bytes, HamokError> {
+        let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
+        self.submit_op_with_timeout(op, timeout).await
+    }
+
+    /// [`Hamok::submit_op`] with an explicit timeout.
+    pub async fn submit_op_with_timeout(
+        &self,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<Bytes, HamokError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NodeMsg::Submit {
+            op,
+            timeout,
+            reply: tx,
+        })?;
+        // The node answers at the deadline at the latest; the outer timeout only guards a stuck actor.
+        match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(HamokError::Closed),
+            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Submits an opaque command to the state machine of `storage`.
+    pub async fn submit(
+        &self,
+        storage: &str,
+        command: impl Into<Vec<u8>>,
+    ) -> Result<Bytes, HamokError> {
+        self.submit_op(Op::Apply {
+            storage: storage.to_string(),
+            payload: command.into(),
+        })
+        .await
+    }
+
+    /// Creates storage `id` of `kind` through the log (a no-op if it exists with that kind; an error if it
+    /// exists with another).
+    pub async fn create_storage(&self, id: &str, kind: &str) -> Result<(), HamokError> {
+        self.submit_op(Op::Create {
+            storage: id.to_string(),
+            kind: kind.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn query_raw(
+        &self,
+        storage: &str,
+        linearizable: bool,
+        timeout: Duration,
+        f: impl FnOnce(Result<Option<&dyn StateMachine>, HamokError>) + Send + 'static,
+    ) -> Result<(), HamokError> {
+        self.send(NodeMsg::Query {
+            storage: storage.to_string(),
+            linearizable,
+            timeout,
+            f: Box::new(f),
+        })
+    }
+
+    /// Runs `f` on the state machine of `storage` inside the node and returns its result. With
+    /// `linearizable`, `f` runs only after a ReadIndex round, so it sees every write acknowledged before
+    /// the call; otherwise it sees this peer's applied state (fast, possibly stale).
+    pub async fn query<R: Send + 'static>(
+        &self,
+        storage: &str,
+        linearizable: bool,
+        f: impl FnOnce(Option<&dyn StateMachine>) -> R + Send + 'static,
+    ) -> Result<R, HamokError> {
+        let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
+        let (tx, rx) = oneshot::channel();
+        self.query_raw(storage, linearizable, timeout, move |r| {
+            let _ = tx.send(r.map(f));
+        })?;
+        match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(HamokError::Closed),
+            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Runs `hook` on the state machine of `storage` now (if it exists) and whenever it is recreated
+    /// (created through the log, or restored from a snapshot). Collections attach local observers so.
+    pub fn attach(
+        &self,
+        storage: &str,
+        hook: impl Fn(&mut dyn StateMachine) + Send + Sync + 'static,
+    ) -> Result<(), HamokError> {
+        self.send(NodeMsg::Attach {
+            storage: storage.to_string(),
+            hook: Arc::new(hook),
+        })
+    }
+
+    /// Handles direct (not replicated, not ordered) messages of `channel` from other peers.
+    pub fn on_direct(
+        &self,
+        channel: &str,
+        handler: impl Fn(PeerId, Bytes) + Send + Sync + 'static,
+    ) -> Result<(), HamokError> {
+        self.send(NodeMsg::OnDirect {
+            channel: channel.to_string(),
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// Sends a direct message of `channel` to one peer, or to all with `None`. Best effort.
+    pub fn send_direct(
+        &self,
+        to: Option<PeerId>,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(), HamokError> {
+        self.send(NodeMsg::SendDirect {
+            to,
+            channel: channel.to_string(),
+            payload,
+        })
+    }
+}

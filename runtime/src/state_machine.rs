@@ -1,0 +1,421 @@
+//! The state-machine layer: replicated state machines registered under storage ids, the command
+//! envelope every log command travels in, and at-most-once application of client requests.
+//!
+//! Every peer applies every committed command, whether or not it made a local handle for the storage,
+//! so a snapshot of this layer ([`Storages::snapshot`]) is the whole replicated state.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::HamokError;
+use crate::raft::{LogIndex, PeerId, Term};
+
+/// What a state machine knows about the command it applies.
+#[derive(Clone, Debug)]
+pub struct ApplyContext {
+    /// The log index of the command.
+    pub index: LogIndex,
+    /// The term of the command.
+    pub term: Term,
+    /// The peer that submitted it.
+    pub client: PeerId,
+    /// Whether it was submitted on this peer.
+    pub local: bool,
+}
+
+/// A deterministic replicated state machine. `apply` must give the same result and the same new state on
+/// every peer for the same sequence of commands: no clock, no randomness, no I/O that can differ.
+pub trait StateMachine: Send + 'static {
+    /// The kind of collection (e.g. `"map"`), checked when a storage id is reused.
+    fn kind(&self) -> &str;
+    /// Applies one command and returns the response for the caller. An `Err` is a deterministic
+    /// rejection (the same on every peer) returned to the caller; the state must be unchanged by it.
+    fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError>;
+    /// Serializes the whole state.
+    fn snapshot(&self) -> Result<Bytes, HamokError>;
+    /// Replaces the whole state with a snapshot.
+    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError>;
+    /// For local reads by typed handles.
+    fn as_any(&self) -> &dyn Any;
+    /// For typed handles that attach local observers (event senders) to their state machine.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Builds an empty state machine of one kind. Registered on the builder for every kind a cluster uses,
+/// so a peer can rebuild storages it learns of from the log or from a snapshot.
+pub type StateMachineFactory = Arc<dyn Fn() -> Box<dyn StateMachine> + Send + Sync>;
+
+/// A client: one peer during one run of its process (the nonce tells runs apart, so a restarted peer's
+/// sequence numbers never collide with those of its previous run).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId {
+    /// The peer.
+    pub peer: PeerId,
+    /// Random per process start.
+    pub nonce: u64,
+}
+
+/// The envelope of every command in the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCommand {
+    /// Who submitted it.
+    pub client: ClientId,
+    /// The client's sequence number for this request (from 1).
+    pub seq: u64,
+    /// Every request of this client below `floor` has been answered; its dedup state may go.
+    pub floor: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+/// A runtime-level operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Creates storage `storage` of `kind` if absent. Fails if it exists with another kind.
+    Create {
+        /// The storage id.
+        storage: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// Applies `payload` to storage `storage`.
+    Apply {
+        /// The storage id.
+        storage: String,
+        /// The collection's command.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// A command with no effect (used to measure and to barrier).
+    Noop,
+}
+
+/// Most clients whose dedup state is kept; beyond it the least recently active is forgotten
+/// (deterministically, by log index). A forgotten client's late retry could apply twice, so the bound is
+/// far above any realistic count of peer runs between snapshots.
+pub const MAX_CLIENT_SESSIONS: usize = 16_384;
+
+/// Most request numbers remembered per client above its floor (a client never has more in flight than
+/// `max_pending_requests`, so this is never reached by a well-behaved client).
+pub const MAX_SEQS_PER_SESSION: usize = 65_536;
+
+/// Dedup state of one client.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    floor: u64,
+    applied: BTreeSet<u64>,
+    last_active: LogIndex,
+}
+
+/// What applying a log command produced.
+#[derive(Debug)]
+pub enum Applied {
+    /// Applied: the response (or the deterministic rejection).
+    Done(Result<Bytes, HamokError>),
+    /// A retry of a request already applied: skipped.
+    Duplicate,
+}
+
+/// All storages of a peer, and the client sessions that make requests at-most-once.
+pub struct Storages {
+    kinds: BTreeMap<String, StateMachineFactory>,
+    machines: BTreeMap<String, Box<dyn StateMachine>>,
+    sessions: BTreeMap<ClientId, Session>,
+}
+
+/// The serialized form of [`Storages`]: the runtime's part of every Raft snapshot.
+#[derive(Serialize, Deserialize)]
+struct StoragesSnapshot {
+    sessions: Vec<(ClientId, Session)>,
+    machines: Vec<(String, String, Bytes)>,
+}
+
+impl Storages {
+    /// No storages; `kinds` tells how to build each kind.
+    pub fn new(kinds: BTreeMap<String, StateMachineFactory>) -> Self {
+        Storages {
+            kinds,
+            machines: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+        }
+    }
+
+    /// The state machine of `storage`, if it exists.
+    pub fn get(&self, storage: &str) -> Option<&dyn StateMachine> {
+        self.machines.get(storage).map(|m| m.as_ref())
+    }
+
+    /// The state machine of `storage`, mutably (to attach local observers).
+    pub fn get_mut(&mut self, storage: &str) -> Option<&mut (dyn StateMachine + 'static)> {
+        self.machines.get_mut(storage).map(|m| m.as_mut())
+    }
+
+    /// Storage ids and kinds.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.machines
+            .iter()
+            .map(|(id, m)| (id.clone(), m.kind().to_string()))
+            .collect()
+    }
+
+    /// Applies one command with at-most-once semantics per (client, seq).
+    pub fn apply(&mut self, index: LogIndex, term: Term, cmd: LogCommand, local: bool) -> Applied {
+        let session = self.sessions.entry(cmd.client.clone()).or_default();
+        session.last_active = index;
+        if cmd.floor > session.floor {
+            session.floor = cmd.floor;
+            let keep = session.applied.split_off(&cmd.floor);
+            session.applied = keep;
+        }
+        if cmd.seq < session.floor || session.applied.contains(&cmd.seq) {
+            return Applied::Duplicate;
+        }
+        session.applied.insert(cmd.seq);
+        while session.applied.len() > MAX_SEQS_PER_SESSION {
+            // A client that never advances its floor: forget its oldest numbers.
+            let oldest = *session.applied.iter().next().expect("non-empty");
+            session.applied.remove(&oldest);
+            session.floor = oldest + 1;
+        }
+        if self.sessions.len() > MAX_CLIENT_SESSIONS {
+            let stalest = self
+                .sessions
+                .iter()
+                .min_by_key(|(id, s)| (s.last_active, (*id).clone()))
+                .map(|(id, _)| id.clone());
+            if let Some(id) = stalest {
+                self.sessions.remove(&id);
+            }
+        }
+        let ctx = ApplyContext {
+            index,
+            term,
+            client: cmd.client.peer.clone(),
+            local,
+        };
+        Applied::Done(self.apply_op(&ctx, cmd.op))
+    }
+
+    fn apply_op(&mut self, ctx: &ApplyContext, op: Op) -> Result<Bytes, HamokError> {
+        match op {
+            Op::Noop => Ok(Bytes::new()),
+            Op::Create { storage, kind } => {
+                if let Some(existing) = self.machines.get(&storage) {
+                    if existing.kind() != kind {
+                        return Err(HamokError::KindMismatch {
+                            id: storage,
+                            existing: existing.kind().to_string(),
+                        });
+                    }
+                    return Ok(Bytes::new());
+                }
+                let factory = self.kinds.get(&kind).ok_or_else(|| {
+                    HamokError::Rejected(format!("unknown storage kind `{kind}`"))
+                })?;
+                self.machines.insert(storage, factory());
+                Ok(Bytes::new())
+            }
+            Op::Apply { storage, payload } => match self.machines.get_mut(&storage) {
+                Some(machine) => machine.apply(ctx, &payload),
+                None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
+            },
+        }
+    }
+
+    /// Forgets the sessions of a peer removed from the cluster (deterministic: done at apply time).
+    pub fn forget_peer(&mut self, peer: &PeerId) {
+        self.sessions.retain(|id, _| &id.peer != peer);
+    }
+
+    /// Serializes every storage and every session.
+    pub fn snapshot(&self) -> Result<Bytes, HamokError> {
+        let mut machines = Vec::with_capacity(self.machines.len());
+        for (id, m) in &self.machines {
+            machines.push((id.clone(), m.kind().to_string(), m.snapshot()?));
+        }
+        let snap = StoragesSnapshot {
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            machines,
+        };
+        Ok(Bytes::from(rmp_serde::to_vec(&snap)?))
+    }
+
+    /// Replaces everything with a snapshot. Storages of kinds not registered here are an error.
+    /// Local observers attached to existing machines are carried over by `reattach`.
+    pub fn restore(
+        &mut self,
+        data: &[u8],
+        mut reattach: impl FnMut(&str, &mut dyn StateMachine),
+    ) -> Result<(), HamokError> {
+        if data.is_empty() {
+            // The genesis snapshot: nothing yet.
+            self.machines.clear();
+            self.sessions.clear();
+            return Ok(());
+        }
+        let snap: StoragesSnapshot = rmp_serde::from_slice(data)?;
+        let mut machines: BTreeMap<String, Box<dyn StateMachine>> = BTreeMap::new();
+        for (id, kind, bytes) in snap.machines {
+            let factory = self.kinds.get(&kind).ok_or_else(|| {
+                HamokError::Rejected(format!(
+                    "snapshot has storage `{id}` of unknown kind `{kind}`"
+                ))
+            })?;
+            let mut machine = factory();
+            machine.restore(&bytes)?;
+            reattach(&id, machine.as_mut());
+            machines.insert(id, machine);
+        }
+        self.machines = machines;
+        self.sessions = snap.sessions.into_iter().collect();
+        Ok(())
+    }
+
+    /// Registers (or replaces) the factory of a kind.
+    pub fn register_kind(&mut self, kind: &str, factory: StateMachineFactory) {
+        self.kinds.insert(kind.to_string(), factory);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A counter: the command is a little-endian i64 to add; the response is the new total.
+    struct Counter(i64);
+    impl StateMachine for Counter {
+        fn kind(&self) -> &str {
+            "counter"
+        }
+        fn apply(&mut self, _: &ApplyContext, cmd: &[u8]) -> Result<Bytes, HamokError> {
+            let add = i64::from_le_bytes(
+                cmd.try_into()
+                    .map_err(|_| HamokError::Codec("len".into()))?,
+            );
+            self.0 += add;
+            Ok(Bytes::copy_from_slice(&self.0.to_le_bytes()))
+        }
+        fn snapshot(&self) -> Result<Bytes, HamokError> {
+            Ok(Bytes::copy_from_slice(&self.0.to_le_bytes()))
+        }
+        fn restore(&mut self, d: &[u8]) -> Result<(), HamokError> {
+            self.0 = i64::from_le_bytes(d.try_into().map_err(|_| HamokError::Codec("len".into()))?);
+            Ok(())
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    fn storages() -> Storages {
+        let mut kinds: BTreeMap<String, StateMachineFactory> = BTreeMap::new();
+        kinds.insert("counter".into(), Arc::new(|| Box::new(Counter(0))));
+        Storages::new(kinds)
+    }
+
+    fn cmd(seq: u64, floor: u64, op: Op) -> LogCommand {
+        LogCommand {
+            client: ClientId {
+                peer: PeerId::from("a"),
+                nonce: 1,
+            },
+            seq,
+            floor,
+            op,
+        }
+    }
+
+    fn add(n: i64) -> Op {
+        Op::Apply {
+            storage: "c".into(),
+            payload: n.to_le_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn retried_request_applies_once_even_out_of_order() {
+        let mut s = storages();
+        let create = Op::Create {
+            storage: "c".into(),
+            kind: "counter".into(),
+        };
+        assert!(matches!(
+            s.apply(1, 1, cmd(1, 1, create), true),
+            Applied::Done(Ok(_))
+        ));
+        // seq 3 lands before seq 2 (a retry across a leader change), then both are retried.
+        assert!(matches!(
+            s.apply(2, 1, cmd(3, 1, add(10)), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(3, 1, cmd(2, 1, add(5)), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(4, 2, cmd(3, 1, add(10)), true),
+            Applied::Duplicate
+        ));
+        assert!(matches!(
+            s.apply(5, 2, cmd(2, 4, add(5)), true),
+            Applied::Duplicate
+        ));
+        let total = s
+            .get("c")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Counter>()
+            .unwrap()
+            .0;
+        assert_eq!(total, 15);
+    }
+
+    #[test]
+    fn kind_mismatch_is_an_error_and_snapshot_round_trips() {
+        let mut s = storages();
+        let create = |kind: &str| Op::Create {
+            storage: "c".into(),
+            kind: kind.into(),
+        };
+        assert!(matches!(
+            s.apply(1, 1, cmd(1, 1, create("counter")), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(2, 1, cmd(2, 1, create("map")), true),
+            Applied::Done(Err(HamokError::KindMismatch { .. }))
+        ));
+        assert!(matches!(
+            s.apply(3, 1, cmd(3, 1, add(7)), true),
+            Applied::Done(Ok(_))
+        ));
+        let snap = s.snapshot().unwrap();
+        let mut t = storages();
+        t.restore(&snap, |_, _| {}).unwrap();
+        assert_eq!(
+            t.get("c")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Counter>()
+                .unwrap()
+                .0,
+            7
+        );
+        // Dedup state travels with the snapshot.
+        assert!(matches!(
+            t.apply(4, 2, cmd(3, 1, add(7)), true),
+            Applied::Duplicate
+        ));
+    }
+}

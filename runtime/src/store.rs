@@ -1,0 +1,157 @@
+//! Where a peer keeps its term, vote, snapshot and log: the [`LogStore`] trait, and the in-memory store
+//! that is the embedded default.
+//!
+//! The node actor writes what each [`Ready`](crate::raft::Ready) asks for, in order, before it sends
+//! that Ready's messages; a durable store must have made the writes durable when `sync` returns.
+
+use std::collections::VecDeque;
+
+use crate::error::HamokError;
+use crate::raft::{Entry, HardState, LogIndex, PersistedState, Snapshot};
+
+/// Durable (or not) storage of one peer's Raft state.
+pub trait LogStore: Send + 'static {
+    /// Everything stored, to rebuild the engine after a restart.
+    fn load(&mut self) -> Result<PersistedState, HamokError>;
+    /// Records the term and vote.
+    fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError>;
+    /// Records a snapshot; entries up to its last index are dropped.
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError>;
+    /// Drops the entry at `from` and everything after it, then appends `entries` (contiguous from `from`).
+    fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError>;
+    /// Makes every write so far durable (a no-op for the in-memory store).
+    fn sync(&mut self) -> Result<(), HamokError>;
+    /// Number of entries and their approximate bytes currently stored.
+    fn size(&self) -> (u64, u64);
+}
+
+/// The embedded default: everything in memory, nothing survives the process. Memory stays bounded
+/// because the node snapshots and compacts by log size.
+#[derive(Debug, Default)]
+pub struct MemoryLogStore {
+    hard_state: HardState,
+    snapshot: Snapshot,
+    entries: VecDeque<Entry>,
+    bytes: u64,
+}
+
+impl MemoryLogStore {
+    /// An empty store (a peer that has never been part of a cluster).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn first_index(&self) -> LogIndex {
+        self.snapshot.meta.last_index + 1
+    }
+}
+
+impl LogStore for MemoryLogStore {
+    fn load(&mut self) -> Result<PersistedState, HamokError> {
+        Ok(PersistedState {
+            hard_state: self.hard_state.clone(),
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.iter().cloned().collect(),
+        })
+    }
+
+    fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError> {
+        self.hard_state = state.clone();
+        Ok(())
+    }
+
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
+        let last = snapshot.meta.last_index;
+        let matches = self
+            .entries
+            .iter()
+            .find(|e| e.index == last)
+            .is_some_and(|e| e.term == snapshot.meta.last_term);
+        if matches {
+            while self.entries.front().is_some_and(|e| e.index <= last) {
+                let e = self.entries.pop_front().expect("front exists");
+                self.bytes -= e.size_bytes() as u64;
+            }
+        } else {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.snapshot = snapshot.clone();
+        Ok(())
+    }
+
+    fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
+        let from = from.max(self.first_index());
+        let keep = (from - self.first_index()) as usize;
+        if keep > self.entries.len() {
+            return Err(HamokError::Codec(format!(
+                "log write at {from} leaves a gap after {}",
+                self.first_index() + self.entries.len() as u64 - 1
+            )));
+        }
+        for e in self.entries.drain(keep..) {
+            self.bytes -= e.size_bytes() as u64;
+        }
+        for e in entries.iter().filter(|e| e.index >= from) {
+            self.bytes += e.size_bytes() as u64;
+            self.entries.push_back(e.clone());
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), HamokError> {
+        Ok(())
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.entries.len() as u64, self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{EntryPayload, SnapshotMeta};
+
+    fn e(index: LogIndex, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: EntryPayload::Noop,
+        }
+    }
+
+    #[test]
+    fn write_truncate_snapshot_load() {
+        let mut s = MemoryLogStore::new();
+        s.write_entries(1, &[e(1, 1), e(2, 1), e(3, 1)]).unwrap();
+        s.write_entries(3, &[e(3, 2), e(4, 2)]).unwrap();
+        assert_eq!(s.size().0, 4);
+        let snap = Snapshot {
+            meta: SnapshotMeta {
+                last_index: 2,
+                last_term: 1,
+                membership: Default::default(),
+            },
+            data: bytes::Bytes::from_static(b"state"),
+        };
+        s.save_snapshot(&snap).unwrap();
+        s.save_hard_state(&HardState {
+            term: 2,
+            voted_for: None,
+        })
+        .unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.snapshot, snap);
+        assert_eq!(
+            loaded
+                .entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            vec![(3, 2), (4, 2)]
+        );
+        assert_eq!(loaded.hard_state.term, 2);
+        assert!(s.write_entries(9, &[e(9, 2)]).is_err(), "gaps are refused");
+    }
+}

@@ -1,0 +1,302 @@
+//! The wire format: every frame is a [`Frame`] encoded with MessagePack (rmp-serde), byte payloads as
+//! MessagePack `bin` (serde_bytes / `Bytes`). Every frame carries the protocol version and the cluster id,
+//! so frames of another cluster or an incompatible version sharing the bus are recognised and dropped.
+
+use bytes::Bytes;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{self, PeerId, Term};
+
+/// The version of the wire protocol this build speaks. Frames of any other version are dropped.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One frame on the bus.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// The cluster the frame belongs to.
+    pub cluster: String,
+    /// The sending peer.
+    pub from: PeerId,
+    /// The receiving peer; `None` for a broadcast.
+    pub to: Option<PeerId>,
+    /// What the frame says.
+    pub body: HamokMessage,
+}
+
+/// What peers say to each other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HamokMessage {
+    /// A Raft protocol message.
+    Raft(raft::Message),
+    /// Discovery: a peer announces itself (broadcast) or answers an announcement (unicast).
+    Hello(Hello),
+    /// Asks the leader to add the sender to the cluster (as a learner, then a voter).
+    JoinRequest {
+        /// The sender never campaigns and stays a non-voting learner.
+        only_follower: bool,
+    },
+    /// Asks the leader to remove the sender from the cluster.
+    LeaveRequest,
+    /// The sender has left the cluster and stops (broadcast).
+    Goodbye,
+    /// A write forwarded by the peer that received it to the leader. The sender is the client.
+    Submit {
+        /// The client's sequence number of this request.
+        seq: u64,
+        /// Every request of this client below `floor` is answered: its dedup state can be dropped.
+        floor: u64,
+        /// The encoded command.
+        #[serde(with = "serde_bytes")]
+        command: Vec<u8>,
+    },
+    /// The receiver of a `Submit` is not the leader; retry at `leader`.
+    SubmitRedirect {
+        /// The refused request.
+        seq: u64,
+        /// The leader, if known.
+        leader: Option<PeerId>,
+    },
+    /// An application-level message between peers (used by collections, e.g. the emitter), not ordered by
+    /// the log.
+    Direct {
+        /// The collection or feature it is for.
+        channel: String,
+        /// Its payload.
+        payload: Bytes,
+    },
+}
+
+/// A discovery announcement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender is a voter or learner of a cluster.
+    pub member: bool,
+    /// The leader the sender knows of.
+    pub leader: Option<PeerId>,
+    /// The sender's term.
+    pub term: Term,
+    /// The sender is looking for a cluster to join.
+    pub joining: bool,
+    /// The answer expected: a broadcast hello asks every member to reply.
+    pub reply: bool,
+    /// The sender may lead (it is not `only_follower`): only such peers may found a cluster.
+    pub can_lead: bool,
+}
+
+/// Why a received frame was dropped.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a frame at all (garbage, truncated, wrong types).
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// Larger than the configured limit.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// A frame of another protocol version.
+    #[error("protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// A frame of another cluster.
+    #[error("frame of cluster `{0}`")]
+    ForeignCluster(String),
+    /// A unicast frame for another peer (a misrouting transport).
+    #[error("frame addressed to another peer")]
+    NotForUs,
+}
+
+/// The header of a frame, decoded without its body: classifies frames whose body does not decode.
+#[derive(Deserialize)]
+struct FrameHeader {
+    version: u16,
+    cluster: String,
+    #[allow(dead_code)]
+    from: IgnoredAny,
+    #[allow(dead_code)]
+    to: IgnoredAny,
+    #[allow(dead_code)]
+    body: IgnoredAny,
+}
+
+/// Encodes a frame.
+pub fn encode(frame: &Frame) -> Result<Bytes, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(frame).map(Bytes::from)
+}
+
+/// Decodes a frame and checks it is for `cluster`, this version and (if unicast) `local`.
+/// Never panics, whatever the bytes.
+pub fn decode(
+    bytes: &[u8],
+    cluster: &str,
+    local: &PeerId,
+    max_frame_bytes: usize,
+) -> Result<Frame, DecodeError> {
+    if bytes.len() > max_frame_bytes {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let frame: Frame = match rmp_serde::from_slice(bytes) {
+        Ok(frame) => frame,
+        Err(e) => {
+            // Tell a frame of another version or cluster (whose body we may not understand) from garbage.
+            return Err(match rmp_serde::from_slice::<FrameHeader>(bytes) {
+                Ok(h) if h.version != PROTOCOL_VERSION => DecodeError::Version(h.version),
+                Ok(h) if h.cluster != cluster => DecodeError::ForeignCluster(h.cluster),
+                _ => DecodeError::Malformed(e.to_string()),
+            });
+        }
+    };
+    if frame.version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(frame.version));
+    }
+    if frame.cluster != cluster {
+        return Err(DecodeError::ForeignCluster(frame.cluster));
+    }
+    if frame.to.as_ref().is_some_and(|to| to != local) {
+        return Err(DecodeError::NotForUs);
+    }
+    if let HamokMessage::Raft(m) = &frame.body {
+        // The envelope and the Raft message must agree on who is talking to whom.
+        if m.from != frame.from || &m.to != local {
+            return Err(DecodeError::Malformed(
+                "raft message sender or receiver mismatch".into(),
+            ));
+        }
+    }
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{Entry, EntryPayload, Message, MessageBody};
+
+    fn frame(body: HamokMessage) -> Frame {
+        Frame {
+            version: PROTOCOL_VERSION,
+            cluster: "c1".into(),
+            from: PeerId::from("a"),
+            to: Some(PeerId::from("b")),
+            body,
+        }
+    }
+
+    fn append() -> HamokMessage {
+        HamokMessage::Raft(Message {
+            from: PeerId::from("a"),
+            to: PeerId::from("b"),
+            term: 3,
+            body: MessageBody::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: 1,
+                entries: vec![Entry {
+                    term: 3,
+                    index: 2,
+                    payload: EntryPayload::Command(Bytes::from_static(b"hello")),
+                }],
+                leader_commit: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = frame(append());
+        let bytes = encode(&f).unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20).unwrap(),
+            f
+        );
+    }
+
+    #[test]
+    fn payload_bytes_are_msgpack_bin() {
+        // serde_bytes / Bytes encode as `bin` (0xc4..), not as an array of integers.
+        let f = frame(HamokMessage::Direct {
+            channel: "x".into(),
+            payload: Bytes::from(vec![7u8; 100]),
+        });
+        let bytes = encode(&f).unwrap();
+        assert!(bytes.len() < 140, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn foreign_cluster_and_version_are_classified() {
+        let mut f = frame(append());
+        f.cluster = "other".into();
+        let bytes = encode(&f).unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
+            Err(DecodeError::ForeignCluster("other".into()))
+        );
+        let mut f = frame(append());
+        f.version = 99;
+        let bytes = encode(&f).unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
+            Err(DecodeError::Version(99))
+        );
+    }
+
+    #[test]
+    fn future_version_with_unknown_body_is_a_version_drop() {
+        #[derive(Serialize)]
+        enum FutureBody {
+            Quantum { qubits: u32 },
+        }
+        #[derive(Serialize)]
+        struct FutureFrame {
+            version: u16,
+            cluster: String,
+            from: PeerId,
+            to: Option<PeerId>,
+            body: FutureBody,
+        }
+        let bytes = rmp_serde::to_vec(&FutureFrame {
+            version: 2,
+            cluster: "c1".into(),
+            from: PeerId::from("a"),
+            to: None,
+            body: FutureBody::Quantum { qubits: 5 },
+        })
+        .unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
+            Err(DecodeError::Version(2))
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = crate::raft::SeededRng::new(42);
+        let good = encode(&frame(append())).unwrap();
+        for i in 0..20_000 {
+            let bytes: Vec<u8> = if i % 2 == 0 {
+                let len = rng.range(0, 64) as usize;
+                (0..len).map(|_| rng.next_u64() as u8).collect()
+            } else {
+                // Truncated or bit-flipped valid frames.
+                let mut b = good.to_vec();
+                let cut = rng.range(0, b.len() as u64) as usize;
+                b.truncate(cut.max(1));
+                let flip = rng.range(0, b.len() as u64) as usize;
+                b[flip] ^= 1 << rng.range(0, 8);
+                b
+            };
+            let _ = decode(&bytes, "c1", &PeerId::from("b"), 1 << 20);
+        }
+    }
+
+    #[test]
+    fn oversized_and_misaddressed_frames_are_dropped() {
+        let bytes = encode(&frame(append())).unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 8),
+            Err(DecodeError::TooLarge(bytes.len()))
+        );
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("z"), 1 << 20),
+            Err(DecodeError::NotForUs)
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! # hamok
+//!
+//! Replicated, strongly consistent state for the replicas of one service, over the message bus they
+//! already run (NATS or RabbitMQ). Each replica embeds a Raft peer; the peers replicate a log over the bus
+//! and apply it to typed collections (maps, records, queues, emitters), so every replica sees the same
+//! state in the same order without running etcd, Consul or ZooKeeper next to the service.
+//!
+//! This crate is a thin facade: it re-exports the workspace crates under one name.
+//!
+//! - [`runtime`] (`hamok-runtime`): the Raft engine ([`raft`]), and — being built — the node actors, the
+//!   wire codec, the transport trait and the `Hamok` handle.
+//! - [`collections`] (`hamok-collections`): the replicated collections (not implemented yet).
+//! - [`transports`] (`hamok-transports`): the NATS and RabbitMQ adapters, behind the `nats` and `rabbitmq`
+//!   features (not implemented yet).
+//!
+//! What exists today and what is planned is listed in `README.md`; the layers and their rules are in
+//! `ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub use hamok_runtime as runtime;
+pub use hamok_runtime::raft;
+
+pub use hamok_collections as collections;
+pub use hamok_transports as transports;
