@@ -75,7 +75,7 @@ pub const MAX_ID_BYTES: usize = 128;
 
 /// Keys whose environment values are taken verbatim as strings rather than parsed (a numeric-looking
 /// `HAMOK_PEER_ID=007` must stay `"007"`).
-const ENV_STRING_KEYS: &[&str] = &["cluster_id", "peer_id"];
+const ENV_STRING_KEYS: &[&str] = &["cluster_id", "peer_id", "cluster_key"];
 
 /// Free-form string maps: any `<name>.<entry>` key is accepted from the environment, verbatim.
 const ENV_STRING_MAPS: &[&str] = &["app_data"];
@@ -106,6 +106,15 @@ pub struct HamokConfig {
     /// set a distinct one per replicated group that shares a broker. At most 128 bytes of `[A-Za-z0-9_-]`:
     /// it becomes part of broker subjects, where `.`, spaces and wildcards have a meaning.
     pub cluster_id: String,
+
+    /// Optional shared secret that authenticates every frame (HMAC-SHA256). When set, frames without a
+    /// valid tag (a peer without the key, a forger, another cluster's key) are dropped and counted in
+    /// `dropped_unauthenticated`: such a peer cannot join, vote or write. At least 16 bytes.
+    ///
+    /// Why `None`: a private bus needs none and it costs a hash per frame; turn it on with one line
+    /// (`cluster_key = "..."`, or `HAMOK_CLUSTER_KEY`) where the bus is shared with untrusted clients.
+    /// It authenticates, it does not encrypt.
+    pub cluster_key: Option<String>,
 
     /// A follower that hears no leader for a random time in `[election_timeout_ms, 2 * election_timeout_ms)`
     /// starts an election, and a leader that has not heard from a majority for that long steps down.
@@ -238,6 +247,7 @@ impl Default for HamokConfig {
     fn default() -> Self {
         HamokConfig {
             peer_id: None,
+            cluster_key: None,
             cluster_id: "hamok".to_owned(),
             election_timeout_ms: 300,
             heartbeat_interval_ms: 50,
@@ -489,6 +499,11 @@ impl HamokConfig {
         }
         if let Err(reason) = check_id(&self.cluster_id) {
             return fail("cluster_id", reason);
+        }
+        if let Some(key) = &self.cluster_key {
+            if key.len() < 16 {
+                return fail("cluster_key", "must be at least 16 bytes");
+            }
         }
         if let Some(peer_id) = &self.peer_id {
             if let Err(reason) = check_id(peer_id) {

@@ -145,6 +145,11 @@ impl HamokBuilder {
         self.set("auto_stop_on_no_remote_peers", yes)
     }
 
+    /// Turns on frame authentication with a shared secret (see [`HamokConfig::cluster_key`]).
+    pub fn cluster_key(self, secret: impl Into<String>) -> Self {
+        self.set("cluster_key", secret.into())
+    }
+
     /// See [`HamokConfig::snapshot_after_entries`].
     pub fn snapshot_after_entries(self, entries: u64) -> Self {
         self.set("snapshot_after_entries", entries)
@@ -496,6 +501,7 @@ impl Hamok {
             dropped_malformed: Counters::get(&c.dropped_malformed),
             dropped_foreign_cluster: Counters::get(&c.dropped_foreign_cluster),
             dropped_version: Counters::get(&c.dropped_version),
+            dropped_unauthenticated: Counters::get(&c.dropped_unauthenticated),
             dropped_inbound_full: self.inner.inbound.dropped(),
             dropped_outbound: Counters::get(&c.dropped_outbound),
             snapshots_taken: Counters::get(&c.snapshots_taken),

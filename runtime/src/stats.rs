@@ -41,6 +41,8 @@ pub struct HamokStats {
     pub dropped_foreign_cluster: u64,
     /// Frames dropped: another protocol version.
     pub dropped_version: u64,
+    /// Frames dropped: authentication is on and the frame had no valid tag.
+    pub dropped_unauthenticated: u64,
     /// Frames dropped: this peer was saturated (inbound bound reached).
     pub dropped_inbound_full: u64,
     /// Frames the transport could not take (link down or outbound queue full).
@@ -65,6 +67,7 @@ pub(crate) struct Counters {
     pub dropped_malformed: AtomicU64,
     pub dropped_foreign_cluster: AtomicU64,
     pub dropped_version: AtomicU64,
+    pub dropped_unauthenticated: AtomicU64,
     pub dropped_outbound: AtomicU64,
     pub snapshots_taken: AtomicU64,
     pub snapshots_installed: AtomicU64,

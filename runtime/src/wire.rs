@@ -2,9 +2,11 @@
 //! MessagePack `bin` (serde_bytes / `Bytes`). Every frame carries the protocol version and the cluster id,
 //! so frames of another cluster or an incompatible version sharing the bus are recognised and dropped.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use crate::raft::{self, PeerId, Term};
 
@@ -86,6 +88,48 @@ pub struct Hello {
     pub can_lead: bool,
 }
 
+/// First byte of an authenticated frame. `0xC1` is never valid MessagePack, so a peer without a key
+/// drops authenticated frames as malformed instead of half-understanding them.
+pub const AUTH_MARKER: u8 = 0xC1;
+
+/// Length of the authentication tag (HMAC-SHA256).
+pub const AUTH_TAG_BYTES: usize = 32;
+
+/// A cluster's shared frame key. An authenticated frame is `AUTH_MARKER || tag || msgpack frame`, the tag
+/// being HMAC-SHA256 of the msgpack bytes under the key.
+#[derive(Clone)]
+pub struct FrameKey {
+    mac: Hmac<Sha256>,
+}
+
+impl FrameKey {
+    /// A key from a shared secret.
+    pub fn new(secret: &[u8]) -> Self {
+        FrameKey {
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(secret)
+                .expect("HMAC takes keys of any length"),
+        }
+    }
+
+    fn tag(&self, body: &[u8]) -> [u8; AUTH_TAG_BYTES] {
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, body: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        mac.verify_slice(tag).is_ok() // constant time
+    }
+}
+
+impl std::fmt::Debug for FrameKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameKey(..)")
+    }
+}
+
 /// Why a received frame was dropped.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -104,6 +148,9 @@ pub enum DecodeError {
     /// A unicast frame for another peer (a misrouting transport).
     #[error("frame addressed to another peer")]
     NotForUs,
+    /// Authentication is on and the frame has no valid tag.
+    #[error("frame not authenticated by the cluster key")]
+    Unauthenticated,
 }
 
 /// The header of a frame, decoded without its body: classifies frames whose body does not decode.
@@ -119,9 +166,49 @@ struct FrameHeader {
     body: IgnoredAny,
 }
 
-/// Encodes a frame.
+/// Encodes a frame (unauthenticated).
 pub fn encode(frame: &Frame) -> Result<Bytes, rmp_serde::encode::Error> {
     rmp_serde::to_vec(frame).map(Bytes::from)
+}
+
+/// Encodes a frame, authenticated when `key` is given.
+pub fn encode_with(
+    frame: &Frame,
+    key: Option<&FrameKey>,
+) -> Result<Bytes, rmp_serde::encode::Error> {
+    let Some(key) = key else {
+        return encode(frame);
+    };
+    let body = rmp_serde::to_vec(frame)?;
+    let mut out = BytesMut::with_capacity(1 + AUTH_TAG_BYTES + body.len());
+    out.put_u8(AUTH_MARKER);
+    out.put_slice(&key.tag(&body));
+    out.put_slice(&body);
+    Ok(out.freeze())
+}
+
+/// [`decode`], requiring a valid tag under `key` when one is given.
+pub fn decode_with(
+    bytes: &[u8],
+    cluster: &str,
+    local: &PeerId,
+    max_frame_bytes: usize,
+    key: Option<&FrameKey>,
+) -> Result<Frame, DecodeError> {
+    let Some(key) = key else {
+        return decode(bytes, cluster, local, max_frame_bytes);
+    };
+    if bytes.len() > max_frame_bytes {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    if bytes.len() < 1 + AUTH_TAG_BYTES || bytes[0] != AUTH_MARKER {
+        return Err(DecodeError::Unauthenticated);
+    }
+    let (tag, body) = bytes[1..].split_at(AUTH_TAG_BYTES);
+    if !key.verify(body, tag) {
+        return Err(DecodeError::Unauthenticated);
+    }
+    decode(body, cluster, local, max_frame_bytes)
 }
 
 /// Decodes a frame and checks it is for `cluster`, this version and (if unicast) `local`.
@@ -285,6 +372,40 @@ mod tests {
             };
             let _ = decode(&bytes, "c1", &PeerId::from("b"), 1 << 20);
         }
+    }
+
+    #[test]
+    fn authenticated_frames_need_the_key() {
+        let f = frame(append());
+        let key = FrameKey::new(b"sixteen-byte-key!");
+        let other = FrameKey::new(b"another-key-entirely");
+        let b = PeerId::from("b");
+        let signed = encode_with(&f, Some(&key)).unwrap();
+        assert_eq!(
+            decode_with(&signed, "c1", &b, 1 << 20, Some(&key)).unwrap(),
+            f
+        );
+        // Wrong key, no key on a keyed peer, tampering, and a keyless peer reading a keyed frame.
+        assert_eq!(
+            decode_with(&signed, "c1", &b, 1 << 20, Some(&other)),
+            Err(DecodeError::Unauthenticated)
+        );
+        let plain = encode(&f).unwrap();
+        assert_eq!(
+            decode_with(&plain, "c1", &b, 1 << 20, Some(&key)),
+            Err(DecodeError::Unauthenticated)
+        );
+        let mut tampered = signed.to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(
+            decode_with(&tampered, "c1", &b, 1 << 20, Some(&key)),
+            Err(DecodeError::Unauthenticated)
+        );
+        assert!(matches!(
+            decode_with(&signed, "c1", &b, 1 << 20, None),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::state_machine::{
 use crate::stats::Counters;
 use crate::store::LogStore;
 use crate::transport::{Inbound, Link};
-use crate::wire::{self, DecodeError, Frame, HamokMessage, Hello, PROTOCOL_VERSION};
+use crate::wire::{self, DecodeError, Frame, FrameKey, HamokMessage, Hello, PROTOCOL_VERSION};
 
 /// A closure run against a storage's state machine inside the node actor.
 pub(crate) type QueryFn = Box<dyn FnOnce(Result<Option<&dyn StateMachine>, HamokError>) + Send>;
@@ -174,6 +174,7 @@ pub(crate) struct NodeState {
     events: broadcast::Sender<HamokEvent>,
     counters: Arc<Counters>,
     seed: u64,
+    frame_key: Option<FrameKey>,
 
     // Client side of requests.
     client: ClientId,
@@ -251,6 +252,11 @@ impl Actor for NodeActor {
             events: args.events,
             counters: args.counters,
             seed: args.seed,
+            frame_key: args
+                .config
+                .cluster_key
+                .as_ref()
+                .map(|k| FrameKey::new(k.as_bytes())),
             client: ClientId {
                 peer: args.peer_id,
                 nonce: args.nonce,
@@ -395,7 +401,7 @@ impl NodeState {
             to: to.clone(),
             body,
         };
-        let bytes = match wire::encode(&frame) {
+        let bytes = match wire::encode_with(&frame, self.frame_key.as_ref()) {
             Ok(b) => b,
             Err(e) => {
                 self.emit(HamokEvent::Error(format!("encode: {e}")));
@@ -414,17 +420,19 @@ impl NodeState {
 
     fn on_frame(&mut self, bytes: &[u8]) {
         Counters::bump(&self.counters.frames_in);
-        let frame = match wire::decode(
+        let frame = match wire::decode_with(
             bytes,
             &self.config.cluster_id,
             &self.id,
             self.config.max_frame_bytes,
+            self.frame_key.as_ref(),
         ) {
             Ok(f) => f,
             Err(e) => {
                 let counter = match &e {
                     DecodeError::ForeignCluster(_) => &self.counters.dropped_foreign_cluster,
                     DecodeError::Version(_) => &self.counters.dropped_version,
+                    DecodeError::Unauthenticated => &self.counters.dropped_unauthenticated,
                     _ => &self.counters.dropped_malformed,
                 };
                 Counters::bump(counter);
