@@ -1,1 +1,81 @@
-// fault tests pending
+//! Fault-switch proof: the deterministic simulation (`tests/sim`, shared with the `simulation` integration
+//! test) must notice when the engine is made unsafe on purpose. Each test plants one bug in every peer
+//! through [`Faults`] and runs the default seeds until one fails; it asserts that one does, and reports
+//! how many seeds it took and what caught the bug (a checker invariant or an engine assertion).
+
+#[path = "../../tests/sim/mod.rs"]
+mod sim;
+
+use super::node::Faults;
+use super::RaftNode;
+
+fn commit_without_quorum(node: &mut RaftNode) {
+    node.set_faults(Faults {
+        commit_without_quorum: true,
+        ..Faults::default()
+    });
+}
+
+fn vote_without_log_check(node: &mut RaftNode) {
+    node.set_faults(Faults {
+        vote_without_log_check: true,
+        ..Faults::default()
+    });
+}
+
+/// Runs the default seeds with `hook` on every peer until one fails (all of them with
+/// `HAMOK_SIM_FAULT_ALL=1`, to measure the catch rate); panics if none fails.
+fn assert_caught(name: &str, hook: fn(&mut RaftNode)) {
+    let (seeds, replay) = sim::seeds_from_env();
+    let all = std::env::var("HAMOK_SIM_FAULT_ALL").is_ok_and(|v| v != "0");
+    let replay_command = format!(
+        "HAMOK_SIM_SEED={{seed}} cargo test -p hamok-runtime --lib raft::fault_tests::{name} -- --nocapture"
+    );
+    let batch = sim::run_batch(
+        &seeds,
+        &|seed| sim::SimOptions {
+            hook: Some(hook),
+            replay,
+            ..sim::SimOptions::new(seed, &replay_command)
+        },
+        if replay { 1 } else { sim::threads_from_env() },
+        !all,
+    );
+    let Some((position, first)) = batch.failures.first() else {
+        panic!(
+            "fault `{name}` went unnoticed over {} seeds:\n{}",
+            batch.ran,
+            batch.summary(false)
+        );
+    };
+    let mut by_check = std::collections::BTreeMap::new();
+    for (_, f) in &batch.failures {
+        *by_check.entry(f.caught_by()).or_insert(0usize) += 1;
+    }
+    println!(
+        "fault `{name}`: first caught by seed {} (position {} of {}) — {}; {} of {} seeds run failed ({:.1}s); caught by: {by_check:?}\n{first}",
+        first.seed,
+        position + 1,
+        batch.total,
+        first.caught_by(),
+        batch.failures.len(),
+        batch.ran,
+        batch.wall.as_secs_f64(),
+    );
+}
+
+#[test]
+fn simulation_catches_commit_without_quorum() {
+    assert_caught(
+        "simulation_catches_commit_without_quorum",
+        commit_without_quorum,
+    );
+}
+
+#[test]
+fn simulation_catches_vote_without_log_check() {
+    assert_caught(
+        "simulation_catches_vote_without_log_check",
+        vote_without_log_check,
+    );
+}

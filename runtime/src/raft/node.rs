@@ -93,7 +93,6 @@ pub struct RaftNode {
     check_quorum_deadline_ms: u64,
     transfer: Option<(PeerId, u64)>,
     read_only: ReadOnly,
-    commit_changed: bool,
 
     // Output, drained by `take_ready`.
     messages: Vec<Message>,
@@ -152,7 +151,6 @@ impl RaftNode {
             check_quorum_deadline_ms: now_ms,
             transfer: None,
             read_only: ReadOnly::default(),
-            commit_changed: false,
             messages: Vec::new(),
             read_states: Vec::new(),
             snapshot_to_restore: None,
@@ -871,7 +869,6 @@ impl RaftNode {
         if !self.log.commit_to(index) {
             return;
         }
-        self.commit_changed = true;
         let before = self.committed_config;
         self.refresh_committed_config();
         if self.role != Role::Leader {
@@ -1063,8 +1060,15 @@ impl RaftNode {
             .map(|(id, pr)| (id.clone(), commit.min(pr.match_index)))
             .collect();
         for (to, commit) in targets {
-            self.send(to, MessageBody::Heartbeat { commit, read_seq });
+            self.send_heartbeat(to, commit, read_seq);
         }
+    }
+
+    fn send_heartbeat(&mut self, to: PeerId, commit: LogIndex, read_seq: u64) {
+        if let Some(pr) = self.progress.get_mut(&to) {
+            pr.commit_sent = pr.commit_sent.max(commit);
+        }
+        self.send(to, MessageBody::Heartbeat { commit, read_seq });
     }
 
     /// Sends what each follower is missing, within its window, then commit notices and read rounds.
@@ -1079,28 +1083,22 @@ impl RaftNode {
                 sent_to.push(peer.clone());
             }
         }
-        // Followers that got no append this round learn a new commit index from a heartbeat, so they
-        // apply (and answer their clients) without waiting for the next tick.
+        // A follower whose known commit index (capped at what it holds) moved past what we last told it
+        // learns it from a heartbeat now, so it applies (and answers its clients) without waiting for the
+        // next tick. A read round goes to everyone.
         let read_round = self.read_only.take_broadcast();
-        if read_round.is_some() || std::mem::take(&mut self.commit_changed) {
-            let seq = read_round.unwrap_or(self.read_only.current_seq());
-            let commit = self.log.commit_index();
-            for peer in &peers {
-                if read_round.is_none() && sent_to.contains(peer) {
-                    continue;
-                }
-                let pr_commit = commit.min(self.progress[peer].match_index);
-                self.send(
-                    peer.clone(),
-                    MessageBody::Heartbeat {
-                        commit: pr_commit,
-                        read_seq: seq,
-                    },
-                );
+        let seq = read_round.unwrap_or(self.read_only.current_seq());
+        let commit = self.log.commit_index();
+        for peer in &peers {
+            let pr = &self.progress[peer];
+            let pr_commit = commit.min(pr.match_index);
+            if read_round.is_none() && pr_commit <= pr.commit_sent {
+                continue;
             }
-            if read_round.is_some() {
-                self.confirm_reads(); // a cluster of one confirms at once
-            }
+            self.send_heartbeat(peer.clone(), pr_commit, seq);
+        }
+        if read_round.is_some() {
+            self.confirm_reads(); // a cluster of one confirms at once
         }
         self.maybe_step_down_removed();
     }
@@ -1148,6 +1146,8 @@ impl RaftNode {
             pr.on_sent(last_sent, self.now_ms);
             let probing = pr.state == ProgressState::Probe;
             let leader_commit = self.log.commit_index();
+            // The follower will take the commit index up to the last entry of this message.
+            pr.commit_sent = pr.commit_sent.max(leader_commit.min(last_sent));
             self.send(
                 peer.clone(),
                 MessageBody::AppendEntries {

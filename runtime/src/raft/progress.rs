@@ -39,6 +39,8 @@ pub struct Progress {
     pub read_acked_seq: u64,
     /// In `Snapshot`: the transfer under way.
     pub snapshot: Option<SnapshotSender>,
+    /// The highest commit index this follower has been told (capped at what it held when told).
+    pub commit_sent: LogIndex,
 }
 
 impl Progress {
@@ -54,6 +56,7 @@ impl Progress {
             recent_active: false,
             read_acked_seq: 0,
             snapshot: None,
+            commit_sent: 0,
         }
     }
 
