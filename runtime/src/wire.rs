@@ -44,6 +44,9 @@ pub enum HamokMessage {
     LeaveRequest,
     /// The sender has left the cluster and stops (broadcast).
     Goodbye,
+    /// From the leader to a peer that asked to leave: it is in neither the committed nor the latest
+    /// configuration any more.
+    Removed,
     /// A write forwarded by the peer that received it to the leader. The sender is the client.
     Submit {
         /// The client's sequence number of this request.

@@ -459,8 +459,22 @@ impl NodeState {
             }
             HamokMessage::LeaveRequest => {
                 if self.raft.role() == Role::Leader {
-                    self.wants_leave.insert(frame.from);
-                    self.leader_duties();
+                    let gone = !self.raft.membership().contains(&frame.from)
+                        && !self.raft.latest_membership().contains(&frame.from);
+                    if gone {
+                        // Its removal is committed; it may have missed the commit notice.
+                        self.send_frame(Some(frame.from), HamokMessage::Removed);
+                    } else {
+                        self.wants_leave.insert(frame.from);
+                        self.leader_duties();
+                    }
+                }
+            }
+            HamokMessage::Removed => {
+                if self.join_state == JoinState::Leaving
+                    && self.raft.leader_id() == Some(&frame.from)
+                {
+                    self.finish_leave();
                 }
             }
             HamokMessage::Goodbye => {
@@ -659,6 +673,10 @@ impl NodeState {
                 self.join_state = JoinState::Joined;
                 self.last_leader_contact = Instant::now();
                 self.emit(HamokEvent::Joined);
+                if self.raft.role() == Role::Follower {
+                    // Announce the role it joins in (the leader announced its own on election).
+                    self.emit(HamokEvent::Follower);
+                }
             }
             JoinState::Joined if !membership.contains(&self.id) => {
                 // Removed while we still want to be in: join again.

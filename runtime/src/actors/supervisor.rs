@@ -159,7 +159,11 @@ impl Actor for SupervisorActor {
         myself: ActorRef<SupervisorMsg>,
         _state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        myself.stop_children(None);
+        // Stop (not kill) the children and wait, so the node answers what is pending, closes its link
+        // and publishes that it is closed.
+        myself
+            .stop_children_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
         Ok(())
     }
 }

@@ -188,6 +188,9 @@ impl RaftNode {
             if self.is_promotable() {
                 self.start_pre_vote();
             } else {
+                // A learner (or removed peer) never campaigns; it only stops claiming to know a leader
+                // it has not heard from for an election timeout.
+                self.leader = None;
                 self.reset_election_deadline();
             }
         }
@@ -937,6 +940,13 @@ impl RaftNode {
         }
         let last_index = self.log.last_index();
         let Some(pr) = self.progress.get_mut(&from) else {
+            if success && index <= last_index {
+                // A peer just removed from the configuration acknowledging late: tell it the commit
+                // (which covers its removal once it holds it), since nothing else will be sent to it.
+                let commit = self.log.commit_index().min(index);
+                let seq = self.read_only.current_seq();
+                self.send(from, MessageBody::Heartbeat { commit, read_seq: seq });
+            }
             return;
         };
         if success {
