@@ -10,7 +10,7 @@ use figment::providers::Serialized;
 use figment::Figment;
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
 use crate::actors::node::{JoinState, NodeArgs, NodeMsg, View};
 use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
@@ -248,6 +248,7 @@ impl HamokBuilder {
         let _ = node_slot.set(node.clone());
         Ok(Hamok {
             inner: Arc::new(Inner {
+                in_flight: Semaphore::new(config.max_pending_requests),
                 peer_id,
                 config,
                 node,
@@ -262,6 +263,9 @@ impl HamokBuilder {
 }
 
 struct Inner {
+    /// Requests and linearizable reads in flight through this peer. The node actor's mailbox is not
+    /// bounded, so callers wait here (backpressure) rather than queue there without limit.
+    in_flight: Semaphore,
     peer_id: PeerId,
     config: HamokConfig,
     node: ActorRef<NodeMsg>,
@@ -315,6 +319,18 @@ impl Hamok {
             .node
             .send_message(msg)
             .map_err(|_| HamokError::Closed)
+    }
+
+    /// Waits for room among the requests in flight (see `Inner::in_flight`).
+    async fn permit(
+        &self,
+        timeout: Duration,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, HamokError> {
+        match tokio::time::timeout(timeout, self.inner.in_flight.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(HamokError::Closed),
+            Err(_) => Err(HamokError::Busy("too many requests in flight")),
+        }
     }
 
     fn view(&self) -> View {
@@ -530,6 +546,7 @@ impl Hamok {
         op: Op,
         timeout: Duration,
     ) -> Result<Bytes, HamokError> {
+        let _permit = self.permit(timeout).await?;
         let (tx, rx) = oneshot::channel();
         self.send(NodeMsg::Submit {
             op,
@@ -593,6 +610,7 @@ impl Hamok {
         f: impl FnOnce(Option<&dyn StateMachine>) -> R + Send + 'static,
     ) -> Result<R, HamokError> {
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
+        let _permit = self.permit(timeout).await?;
         let (tx, rx) = oneshot::channel();
         self.query_raw(storage, linearizable, timeout, move |r| {
             let _ = tx.send(r.map(f));
