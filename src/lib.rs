@@ -9,7 +9,8 @@
 //!
 //! - [`runtime`] (`hamok-runtime`): the Raft engine ([`raft`]), and — being built — the node actors, the
 //!   wire codec, the transport trait and the `Hamok` handle.
-//! - [`collections`] (`hamok-collections`): the replicated collections (not implemented yet).
+//! - [`collections`] (`hamok-collections`): the replicated collections (Map, Record, Queue, Emitter, Set,
+//!   RemoteMap over Redis); [`prelude`] re-exports what a service uses.
 //! - [`transports`] (`hamok-transports`): the NATS and RabbitMQ adapters, behind the `nats` and `rabbitmq`
 //!   features (not implemented yet).
 //!
@@ -23,3 +24,19 @@ pub use hamok_runtime::raft;
 
 pub use hamok_collections as collections;
 pub use hamok_transports as transports;
+
+/// Everything a service needs to use hamok's collections: `use hamok::prelude::*;`.
+///
+/// The [`HamokCollections`](hamok_collections::HamokCollections) extension trait (so `create_map` and
+/// friends are methods of [`Hamok`](hamok_runtime::Hamok)), [`register_kinds`](hamok_collections::register_kinds)
+/// for the builder, and the collection, event and error types.
+pub mod prelude {
+    pub use hamok_collections::RedisRemoteMap;
+    pub use hamok_collections::{
+        register_kinds, register_remote_map, Events, Field, HamokCollections, HamokEmitter,
+        HamokMap, HamokQueue, HamokRecord, HamokRemoteMap, HamokSet, MapEvent, MemoryRemoteMap,
+        Patch, QueueEvent, RecordEvent, RecvError, RemoteMap, SetEvent, SubscriptionEvent,
+    };
+    pub use hamok_runtime::raft::PeerId;
+    pub use hamok_runtime::{Hamok, HamokBuilder, HamokError, HamokEvent};
+}
