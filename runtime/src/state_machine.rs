@@ -279,6 +279,11 @@ impl Storages {
         Ok(())
     }
 
+    /// Whether this peer can build state machines of `kind`.
+    pub fn knows_kind(&self, kind: &str) -> bool {
+        self.kinds.contains_key(kind)
+    }
+
     /// Registers (or replaces) the factory of a kind.
     pub fn register_kind(&mut self, kind: &str, factory: StateMachineFactory) {
         self.kinds.insert(kind.to_string(), factory);

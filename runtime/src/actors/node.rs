@@ -598,7 +598,20 @@ impl NodeState {
                 let local = cmd.client == self.client;
                 let seq = cmd.seq;
                 let created = match &cmd.op {
-                    Op::Create { storage, .. } => Some(storage.clone()),
+                    Op::Create { storage, kind } => {
+                        if !self.storages.knows_kind(kind) {
+                            // The submitter knew this kind (it checks before submitting), so the others
+                            // build it: this peer would silently diverge. Stop loudly instead.
+                            let reason = format!(
+                                "storage `{storage}` has kind `{kind}`, which this peer has not \
+                                 registered: it cannot follow the cluster and stops"
+                            );
+                            self.emit(HamokEvent::Error(reason.clone()));
+                            self.stop_requested = Some(reason);
+                            return;
+                        }
+                        Some(storage.clone())
+                    }
                     _ => None,
                 };
                 let result = self.storages.apply(entry.index, entry.term, cmd, local);
@@ -791,6 +804,16 @@ impl NodeState {
         if self.pending.len() >= self.config.max_pending_requests {
             let _ = reply.send(Err(HamokError::Busy("too many pending requests")));
             return;
+        }
+        if let Op::Create { kind, .. } = &op {
+            if !self.storages.knows_kind(kind) {
+                // Never put a kind into the log that this peer cannot even build (a typo, a missing
+                // registration): it is refused here, before any peer applies it.
+                let _ = reply.send(Err(HamokError::Rejected(format!(
+                    "unknown storage kind `{kind}` (register it on every peer's builder)"
+                ))));
+                return;
+            }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
