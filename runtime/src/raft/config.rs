@@ -37,7 +37,9 @@ pub struct RaftConfig {
     pub max_snapshot_bytes: u64,
     /// Most ReadIndex requests waiting for leadership confirmation.
     pub max_pending_reads: usize,
-    /// Largest single command accepted by `propose`.
+    /// Largest single command accepted by `propose`. The default, 512 KiB, keeps every append (framing
+    /// included) under NATS's default 1 MiB payload limit: a larger entry could be proposed but never
+    /// delivered, stalling replication behind it.
     pub max_command_bytes: usize,
 }
 
@@ -56,7 +58,7 @@ impl Default for RaftConfig {
             max_inflight_snapshot_chunks: 4,
             max_snapshot_bytes: 4 * 1024 * 1024 * 1024,
             max_pending_reads: 100_000,
-            max_command_bytes: 4 * 1024 * 1024,
+            max_command_bytes: 512 * 1024,
         }
     }
 }

@@ -1,0 +1,759 @@
+//! The RabbitMQ adapter: [`AmqpTransport`], over lapin (AMQP 0-9-1).
+//!
+//! # Topology
+//!
+//! With the default prefix `hamok`, cluster `c` has one topic exchange `hamok.c` (non-durable,
+//! auto-deleted once no queue is bound to it). Each link of peer `p` declares one server-named,
+//! exclusive, auto-delete queue (gone with its connection), bound to the exchange with the routing keys
+//! `all` (broadcasts) and `peer.p` (frames unicast to `p`), and consumes it with no acknowledgements:
+//! Raft retransmits, so a frame lost anywhere only costs a retry. The queue is bounded on the broker
+//! (`x-max-length`, [`AmqpTransportBuilder::queue_max_length`], oldest dropped first).
+//!
+//! Cluster and peer ids must be 1 to 128 bytes of `[A-Za-z0-9_-]` (the runtime's configuration already
+//! insists on it): `.`, `*` and `#` mean something in topic routing keys, so anything else is refused.
+//! Frames are published raw (the encoded [`hamok_runtime::wire::Frame`]) with the sender's peer id as
+//! `app_id`; the exchange routes a peer's broadcasts back to its own queue too, and the consumer skips
+//! those ([`TransportStats::self_echo_skipped`]).
+//!
+//! # Flow control
+//!
+//! [`Link::send`] and [`Link::broadcast`] never wait: frames go into a bounded per-link queue
+//! ([`AmqpTransportBuilder::outbound_capacity`]) and a writer task publishes them in batches of up to
+//! [`AmqpTransportBuilder::publish_batch`], waiting for each batch to be written before taking the next:
+//! when the broker pushes back (TCP backpressure, `connection.blocked`), the queue fills and further
+//! frames are refused and counted, never buffered without bound. Publisher confirms are off by default
+//! ([`AmqpTransportBuilder::publisher_confirms`]): they add a broker round trip per batch and Raft does not
+//! need them.
+//!
+//! # Reconnection
+//!
+//! lapin does not reconnect by itself here (its auto-recovery is left off: the runtime already
+//! supervises links). When the connection, a channel or the consumer fails, [`Link::closed`] resolves;
+//! the runtime's supervisor then calls [`Transport::connect`] again with backoff, which connects anew and
+//! re-declares the exchange, queue and bindings. Heartbeats ([`AmqpTransportBuilder::heartbeat`], 5 s by
+//! default) detect a broker that went silent.
+//!
+//! TLS (`amqps://`) is not compiled in: lapin is built without a TLS backend to keep builds short.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), hamok_runtime::HamokError> {
+//! use hamok_runtime::Hamok;
+//! use hamok_transports::rabbitmq::AmqpTransport;
+//!
+//! let transport = AmqpTransport::builder()
+//!     .url("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .build()?;
+//! let hamok = Hamok::builder()
+//!     .cluster_id("orders")
+//!     .transport(transport.clone())
+//!     .build()
+//!     .await?;
+//! hamok.join().await?;
+//! println!("{:?}", transport.stats());
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use hamok_runtime::raft::PeerId;
+use hamok_runtime::transport::{BoxFuture, Inbound, Link, Transport};
+use hamok_runtime::HamokError;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::mpsc;
+
+use crate::common::{
+    check_prefix, check_token, enqueue, env_urls, is_valid_token, CloseSignal, Counters, Tasks,
+};
+use crate::stats::TransportStats;
+
+/// The environment variable naming the broker URL(s) (comma-separated) when the builder names none.
+pub const AMQP_URL_ENV: &str = "HAMOK_AMQP_URL";
+/// The broker used when neither the builder nor [`AMQP_URL_ENV`] names one.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The default first part of every exchange name.
+pub const DEFAULT_EXCHANGE_PREFIX: &str = "hamok";
+/// The routing key of broadcasts.
+pub const BROADCAST_KEY: &str = "all";
+
+/// The routing key of the frames unicast to `peer`.
+pub fn peer_routing_key(peer: &str) -> String {
+    format!("peer.{peer}")
+}
+
+#[derive(Clone)]
+struct AmqpConfig {
+    uris: Vec<AMQPUri>,
+    exchange_prefix: String,
+    connection_name: Option<String>,
+    outbound_capacity: usize,
+    publish_batch: usize,
+    publisher_confirms: bool,
+    connect_timeout: Duration,
+    queue_max_length: Option<u32>,
+    message_ttl: Option<Duration>,
+}
+
+/// Builds an [`AmqpTransport`]; see the [module docs](self).
+#[derive(Clone)]
+pub struct AmqpTransportBuilder {
+    urls: Option<Vec<String>>,
+    exchange_prefix: String,
+    connection_name: Option<String>,
+    outbound_capacity: usize,
+    publish_batch: usize,
+    publisher_confirms: bool,
+    heartbeat: Duration,
+    connect_timeout: Duration,
+    queue_max_length: Option<u32>,
+    message_ttl: Option<Duration>,
+}
+
+impl std::fmt::Debug for AmqpTransportBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs carry passwords: not printed.
+        f.debug_struct("AmqpTransportBuilder")
+            .field("urls", &self.urls.as_ref().map(Vec::len))
+            .field("exchange_prefix", &self.exchange_prefix)
+            .field("outbound_capacity", &self.outbound_capacity)
+            .field("publish_batch", &self.publish_batch)
+            .field("publisher_confirms", &self.publisher_confirms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AmqpTransportBuilder {
+    fn default() -> Self {
+        AmqpTransportBuilder {
+            urls: None,
+            exchange_prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
+            connection_name: None,
+            outbound_capacity: 65_536,
+            publish_batch: 256,
+            publisher_confirms: false,
+            heartbeat: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            queue_max_length: Some(100_000),
+            message_ttl: None,
+        }
+    }
+}
+
+impl AmqpTransportBuilder {
+    /// The broker URL (`amqp://user:password@host:port/vhost`, vhost `/` spelt `%2f`; URL query options
+    /// such as `?heartbeat=10&frame_max=131072` honoured). Default: `HAMOK_AMQP_URL`, else
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub fn url(self, url: impl Into<String>) -> Self {
+        self.urls([url.into()])
+    }
+
+    /// Several broker URLs (nodes of one RabbitMQ cluster): each connect tries them in turn.
+    pub fn urls<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.urls = Some(urls.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The first part of every exchange name (default `hamok`: cluster `c` uses exchange `hamok.c`).
+    pub fn exchange_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.exchange_prefix = prefix.into();
+        self
+    }
+
+    /// The connection name shown by the broker (default: `hamok <cluster>/<peer>`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Most frames waiting to be published, per link (default 65 536); beyond it `send` refuses and
+    /// counts them.
+    pub fn outbound_capacity(mut self, frames: usize) -> Self {
+        self.outbound_capacity = frames;
+        self
+    }
+
+    /// Most frames the writer publishes before waiting for them to be written (default 256).
+    pub fn publish_batch(mut self, frames: usize) -> Self {
+        self.publish_batch = frames;
+        self
+    }
+
+    /// Waits for the broker's confirms of each batch before the next (default off); nacks are counted
+    /// in [`TransportStats::dropped_nacked`].
+    pub fn publisher_confirms(mut self, yes: bool) -> Self {
+        self.publisher_confirms = yes;
+        self
+    }
+
+    /// The AMQP heartbeat asked for when the URL names none (default 5 s, whole seconds; zero disables).
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// How long connecting and declaring the topology may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Most frames the broker keeps in a peer's queue, oldest dropped first (default 100 000; `None`:
+    /// unbounded).
+    pub fn queue_max_length(mut self, frames: Option<u32>) -> Self {
+        self.queue_max_length = frames;
+        self
+    }
+
+    /// Frames older than this are discarded by the broker instead of delivered (default: none).
+    pub fn message_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.message_ttl = ttl;
+        self
+    }
+
+    /// Checks the settings and builds the transport. Connects nothing yet: each
+    /// [`Transport::connect`] opens its own connection.
+    pub fn build(self) -> Result<AmqpTransport, HamokError> {
+        let config_err = |key: &str, reason: String| HamokError::Config {
+            key: key.to_string(),
+            reason,
+        };
+        let urls = self
+            .urls
+            .unwrap_or_else(|| env_urls(AMQP_URL_ENV, DEFAULT_AMQP_URL));
+        if urls.is_empty() {
+            return Err(config_err("amqp.urls", "no broker URL".into()));
+        }
+        let heartbeat = u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX);
+        let mut uris = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            // The URL may hold a password: say which one failed, not what it was.
+            let mut uri: AMQPUri = url
+                .parse()
+                .map_err(|e: String| config_err("amqp.urls", format!("URL #{}: {e}", i + 1)))?;
+            if uri.scheme == AMQPScheme::AMQPS {
+                return Err(config_err(
+                    "amqp.urls",
+                    format!(
+                        "URL #{}: amqps:// needs TLS, which this build of hamok-transports lacks",
+                        i + 1
+                    ),
+                ));
+            }
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(heartbeat);
+            }
+            uris.push(uri);
+        }
+        check_prefix("amqp.exchange_prefix", &self.exchange_prefix)?;
+        for (key, value) in [
+            ("amqp.outbound_capacity", self.outbound_capacity),
+            ("amqp.publish_batch", self.publish_batch),
+        ] {
+            if value == 0 {
+                return Err(config_err(key, "must be at least 1".into()));
+            }
+        }
+        Ok(AmqpTransport {
+            inner: Arc::new(AmqpInner {
+                config: AmqpConfig {
+                    uris,
+                    exchange_prefix: self.exchange_prefix,
+                    connection_name: self.connection_name,
+                    outbound_capacity: self.outbound_capacity,
+                    publish_batch: self.publish_batch,
+                    publisher_confirms: self.publisher_confirms,
+                    connect_timeout: self.connect_timeout,
+                    queue_max_length: self.queue_max_length,
+                    message_ttl: self.message_ttl,
+                },
+                counters: Arc::new(Counters::default()),
+                next_uri: AtomicUsize::new(0),
+            }),
+        })
+    }
+}
+
+/// A [`Transport`] over RabbitMQ. Cheap to clone; clones share their settings and their
+/// [`AmqpTransport::stats`]. Give each peer its own (or a clone, to sum the counters of several).
+#[derive(Clone)]
+pub struct AmqpTransport {
+    inner: Arc<AmqpInner>,
+}
+
+impl std::fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("exchange_prefix", &self.inner.config.exchange_prefix)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+struct AmqpInner {
+    config: AmqpConfig,
+    counters: Arc<Counters>,
+    /// The URL the next connect tries first (after a failure, the next one).
+    next_uri: AtomicUsize,
+}
+
+impl AmqpTransport {
+    /// Starts building a transport.
+    pub fn builder() -> AmqpTransportBuilder {
+        AmqpTransportBuilder::default()
+    }
+
+    /// A transport with every setting at its default (broker from `HAMOK_AMQP_URL`).
+    pub fn from_env() -> Result<AmqpTransport, HamokError> {
+        Self::builder().build()
+    }
+
+    /// What this transport (all its links, past and present) did with the frames it carried.
+    pub fn stats(&self) -> TransportStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The exchange of `cluster`.
+    pub fn exchange(&self, cluster: &str) -> String {
+        format!("{}.{cluster}", self.inner.config.exchange_prefix)
+    }
+}
+
+impl Transport for AmqpTransport {
+    fn connect(
+        &self,
+        cluster: &str,
+        local: PeerId,
+        inbound: Inbound,
+    ) -> BoxFuture<Result<Arc<dyn Link>, HamokError>> {
+        let inner = self.inner.clone();
+        let cluster = cluster.to_string();
+        Box::pin(async move {
+            let result = inner.connect(&cluster, local, inbound).await;
+            if result.is_err() {
+                Counters::bump(&inner.counters.connect_failures);
+            }
+            result.map(|link| link as Arc<dyn Link>)
+        })
+    }
+}
+
+fn amqp_err(what: &str) -> impl Fn(lapin::Error) -> HamokError + '_ {
+    move |e| HamokError::Transport(format!("AMQP {what}: {e}"))
+}
+
+/// The pieces of a connection with its topology declared.
+struct Opened {
+    conn: Connection,
+    consumer: lapin::Consumer,
+    publisher: Channel,
+}
+
+impl AmqpInner {
+    async fn open(&self, cluster: &str, local: &PeerId) -> Result<Opened, HamokError> {
+        let c = &self.config;
+        let name = c
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| format!("hamok {cluster}/{local}"));
+        let start = self.next_uri.load(Ordering::Relaxed);
+        let mut last = None;
+        let mut conn = None;
+        for i in 0..c.uris.len() {
+            let at = (start + i) % c.uris.len();
+            let props = ConnectionProperties::default().with_connection_name(name.clone().into());
+            match Connection::connect_uri(c.uris[at].clone(), props).await {
+                Ok(ok) => {
+                    conn = Some(ok);
+                    break;
+                }
+                Err(e) => {
+                    self.next_uri.store(at + 1, Ordering::Relaxed);
+                    last = Some(e);
+                }
+            }
+        }
+        let conn = match (conn, last) {
+            (Some(conn), _) => conn,
+            (None, Some(e)) => return Err(amqp_err("connect")(e)),
+            (None, None) => return Err(HamokError::Transport("AMQP: no broker URL".into())),
+        };
+
+        let exchange = format!("{}.{cluster}", c.exchange_prefix);
+        let consume = conn.create_channel().await.map_err(amqp_err("channel"))?;
+        consume
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_err("exchange.declare"))?;
+        let mut args = FieldTable::default();
+        if let Some(max) = c.queue_max_length {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongInt(i32::try_from(max).unwrap_or(i32::MAX)),
+            );
+        }
+        if let Some(ttl) = c.message_ttl {
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongInt(i32::try_from(ttl.as_millis()).unwrap_or(i32::MAX)),
+            );
+        }
+        let queue = consume
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .map_err(amqp_err("queue.declare"))?;
+        for key in [BROADCAST_KEY.to_string(), peer_routing_key(local.as_str())] {
+            consume
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp_err("queue.bind"))?;
+        }
+        let consumer = consume
+            .basic_consume(
+                queue.name().clone(),
+                format!("hamok-{cluster}-{local}").into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_err("basic.consume"))?;
+        let publisher = conn.create_channel().await.map_err(amqp_err("channel"))?;
+        if c.publisher_confirms {
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(amqp_err("confirm.select"))?;
+        }
+        Ok(Opened {
+            conn,
+            consumer,
+            publisher,
+        })
+    }
+
+    async fn connect(
+        &self,
+        cluster: &str,
+        local: PeerId,
+        inbound: Inbound,
+    ) -> Result<Arc<AmqpLink>, HamokError> {
+        check_token("cluster_id", cluster)?;
+        check_token("peer_id", local.as_str())?;
+        let c = &self.config;
+        let Opened {
+            conn,
+            mut consumer,
+            publisher,
+        } = match tokio::time::timeout(c.connect_timeout, self.open(cluster, &local)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(HamokError::Transport(format!(
+                    "AMQP connect: timed out after {:?}",
+                    c.connect_timeout
+                )))
+            }
+        };
+        let shared = Arc::new(Shared {
+            signal: CloseSignal::new(),
+            counters: self.counters.clone(),
+        });
+        let tasks = Tasks::default();
+        let me: ShortString = local.as_str().into();
+
+        // Reader: from the consumer straight into the peer's bounded inbound.
+        {
+            let shared = shared.clone();
+            let me = me.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(delivery) = consumer.next().await {
+                    let counters = &shared.counters;
+                    let delivery = match delivery {
+                        Ok(d) => d,
+                        Err(e) => {
+                            shared.die(format!("AMQP consumer failed: {e}"));
+                            return;
+                        }
+                    };
+                    if delivery.properties.app_id().as_ref() == Some(&me) {
+                        Counters::bump(&counters.self_echo_skipped);
+                        continue;
+                    }
+                    Counters::bump(&counters.frames_received);
+                    Counters::add(&counters.bytes_received, delivery.data.len() as u64);
+                    if !inbound.deliver(Bytes::from(delivery.data)) {
+                        Counters::bump(&counters.dropped_inbound_full);
+                    }
+                }
+                shared.die("AMQP consumer ended");
+            }));
+        }
+
+        // Writer: batches from the bounded queue, each batch written before the next is taken.
+        let (tx, mut rx) = mpsc::channel::<(ShortString, Bytes)>(c.outbound_capacity);
+        {
+            let shared = shared.clone();
+            let exchange: ShortString = format!("{}.{cluster}", c.exchange_prefix).into();
+            let properties = BasicProperties::default().with_app_id(me);
+            let max_batch = c.publish_batch;
+            let confirms = c.publisher_confirms;
+            tasks.push(tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(max_batch);
+                let counters = &shared.counters;
+                loop {
+                    if rx.recv_many(&mut batch, max_batch).await == 0 {
+                        return;
+                    }
+                    let publishes = batch.iter().map(|(key, payload)| {
+                        publisher.basic_publish(
+                            exchange.clone(),
+                            key.clone(),
+                            BasicPublishOptions::default(),
+                            payload,
+                            properties.clone(),
+                        )
+                    });
+                    let results = futures::future::join_all(publishes).await;
+                    let mut failure = None;
+                    let mut pending = Vec::new();
+                    for (result, (_, payload)) in results.into_iter().zip(&batch) {
+                        match result {
+                            Ok(confirm) => {
+                                Counters::bump(&counters.frames_sent);
+                                Counters::add(&counters.bytes_sent, payload.len() as u64);
+                                if confirms {
+                                    pending.push(confirm);
+                                }
+                            }
+                            Err(e) => {
+                                Counters::bump(&counters.dropped_publish_failed);
+                                failure.get_or_insert(e);
+                            }
+                        }
+                    }
+                    for confirmation in futures::future::join_all(pending).await {
+                        match confirmation {
+                            Ok(Confirmation::Nack(_)) => Counters::bump(&counters.dropped_nacked),
+                            Ok(_) => {}
+                            Err(e) => {
+                                failure.get_or_insert(e);
+                            }
+                        }
+                    }
+                    batch.clear();
+                    if let Some(e) = failure {
+                        shared.die(format!("AMQP publish failed: {e}"));
+                        return;
+                    }
+                }
+            }));
+        }
+
+        // Connection events and a status watchdog (heartbeat loss, broker-side close).
+        {
+            let shared = shared.clone();
+            let mut events = conn.events_listener();
+            let status = conn.status().clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => {
+                                shared.die(format!("AMQP connection failed: {e}"));
+                                return;
+                            }
+                            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                                tracing::warn!(%reason, "RabbitMQ blocked the connection");
+                            }
+                            Some(_) => {}
+                            None => {
+                                shared.die("AMQP connection gone");
+                                return;
+                            }
+                        },
+                        _ = tick.tick() => {
+                            if !status.connected() {
+                                shared.die("AMQP connection no longer connected");
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+
+        Counters::bump(&self.counters.links_opened);
+        Ok(Arc::new(AmqpLink {
+            shared,
+            tx,
+            conn: Mutex::new(Some(conn)),
+            tasks,
+            torn_down: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// State shared by a link and its tasks.
+struct Shared {
+    signal: CloseSignal,
+    counters: Arc<Counters>,
+}
+
+impl Shared {
+    /// The link failed: resolve `closed()` (counted once).
+    fn die(&self, reason: impl Into<String>) {
+        if self.signal.close(reason) {
+            Counters::bump(&self.counters.disconnects);
+            Counters::bump(&self.counters.links_lost);
+        }
+    }
+}
+
+/// One peer's connection to RabbitMQ.
+struct AmqpLink {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<(ShortString, Bytes)>,
+    conn: Mutex<Option<Connection>>,
+    tasks: Tasks,
+    torn_down: AtomicBool,
+}
+
+impl AmqpLink {
+    fn queue(&self, key: ShortString, frame: Bytes) -> Result<(), HamokError> {
+        if self.shared.signal.is_closed() {
+            Counters::bump(&self.shared.counters.dropped_link_down);
+            return Err(HamokError::Transport("link closed".into()));
+        }
+        enqueue(&self.tx, (key, frame), &self.shared.counters)
+    }
+}
+
+impl Link for AmqpLink {
+    fn send(&self, to: &PeerId, frame: Bytes) -> Result<(), HamokError> {
+        if !is_valid_token(to.as_str()) {
+            Counters::bump(&self.shared.counters.dropped_invalid_target);
+            return Err(HamokError::Transport(format!(
+                "peer id {to:?} cannot be an AMQP routing key"
+            )));
+        }
+        self.queue(peer_routing_key(to.as_str()).into(), frame)
+    }
+
+    fn broadcast(&self, frame: Bytes) -> Result<(), HamokError> {
+        self.queue(BROADCAST_KEY.into(), frame)
+    }
+
+    fn closed(&self) -> BoxFuture<String> {
+        Box::pin(self.shared.signal.wait())
+    }
+
+    fn close(&self) {
+        self.shared.signal.close("closed");
+        if self.torn_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.tasks.abort_all();
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(conn), Ok(handle)) = (conn, tokio::runtime::Handle::try_current()) {
+            handle.spawn(async move {
+                if conn.status().connected() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        conn.close(200, "hamok link closed".into()),
+                    )
+                    .await;
+                }
+            });
+        }
+        // Without a runtime the connection is dropped here, which closes it too.
+    }
+}
+
+impl Drop for AmqpLink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_checks_settings() {
+        let t = AmqpTransport::builder()
+            .url("amqp://guest:guest@127.0.0.1:5672/%2f")
+            .build()
+            .unwrap();
+        assert_eq!(t.exchange("c"), "hamok.c");
+        assert_eq!(t.inner.config.uris[0].query.heartbeat, Some(5));
+        let t = AmqpTransport::builder()
+            .url("amqp://127.0.0.1:5672/%2f?heartbeat=9")
+            .build()
+            .unwrap();
+        assert_eq!(t.inner.config.uris[0].query.heartbeat, Some(9));
+        assert!(AmqpTransport::builder()
+            .url("amqps://127.0.0.1/%2f")
+            .build()
+            .is_err());
+        assert!(AmqpTransport::builder().url("http://x").build().is_err());
+        assert!(AmqpTransport::builder()
+            .exchange_prefix("a.#")
+            .build()
+            .is_err());
+        assert!(AmqpTransport::builder().publish_batch(0).build().is_err());
+        assert_eq!(peer_routing_key("p"), "peer.p");
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        let b = AmqpTransport::builder().url("amqp://u:s3cret@h/%2f");
+        assert!(!format!("{b:?}").contains("s3cret"));
+        let err = AmqpTransport::builder()
+            .url("amqp://u:s3cret@h:notaport/%2f")
+            .build()
+            .err()
+            .unwrap();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}

@@ -1,0 +1,186 @@
+//! The NATS adapter against a real NATS server (`HAMOK_NATS_URL`, default nats://127.0.0.1:4222).
+//! A server that does not answer fails the tests with a message saying so: they never skip.
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use hamok_transports::nats::{NatsTransport, DEFAULT_NATS_URL, NATS_URL_ENV};
+use hamok_transports::TransportStats;
+
+impl TestTransport for NatsTransport {
+    fn stats(&self) -> TransportStats {
+        NatsTransport::stats(self)
+    }
+}
+
+async fn server() -> String {
+    require_broker("NATS", NATS_URL_ENV, DEFAULT_NATS_URL, 4222).await
+}
+
+fn transport(url: &str) -> NatsTransport {
+    NatsTransport::builder()
+        .server(url)
+        .build()
+        .expect("NATS transport settings")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_join_write_and_survive_leader_loss() {
+    let url = server().await;
+    three_peers("nats3", || transport(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_share_a_server() {
+    let url = server().await;
+    two_clusters("nats2", || transport(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_are_dropped_and_counted() {
+    let url = server().await;
+    let raw = async_nats::connect(url.as_str())
+        .await
+        .expect("raw NATS client");
+    let subjects = transport(&url);
+    garbage_frames(
+        "natsg",
+        || transport(&url),
+        |cluster: String, target: Target, bytes: Bytes| {
+            let subject = match target {
+                Target::Broadcast => subjects.broadcast_subject(&cluster),
+                Target::Peer(p) => subjects.peer_subject(&cluster, &p),
+            };
+            let raw = raw.clone();
+            async move {
+                raw.publish(subject, bytes).await.expect("raw publish");
+            }
+        },
+    )
+    .await;
+    raw.flush().await.expect("flush");
+}
+
+/// A short outage: the client reconnects by itself and re-subscribes; the links stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_outage_client_reconnects() {
+    let url = server().await;
+    let proxy = Proxy::start(host_port(&url, 4222)).await;
+    let via = format!("nats://{}", proxy.addr);
+    let make = || {
+        NatsTransport::builder()
+            .server(via.as_str())
+            .max_disconnected(Some(Duration::from_secs(10)))
+            .reconnect_delay_max(Duration::from_millis(250))
+            .build()
+            .unwrap()
+    };
+    let transports = outage("natso", &proxy, Duration::from_millis(1_500), make).await;
+    let s = transports[0].stats();
+    assert!(s.disconnects >= 1 && s.reconnects >= 1, "{s:?}");
+    assert_eq!(s.links_lost, 0, "the client reconnected by itself: {s:?}");
+}
+
+/// A longer outage than `max_disconnected`: the link reports itself dead and the runtime reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_outage_runtime_reconnects() {
+    let url = server().await;
+    let proxy = Proxy::start(host_port(&url, 4222)).await;
+    let via = format!("nats://{}", proxy.addr);
+    let make = || {
+        NatsTransport::builder()
+            .server(via.as_str())
+            .max_disconnected(Some(Duration::from_millis(500)))
+            .reconnect_delay_max(Duration::from_millis(250))
+            .build()
+            .unwrap()
+    };
+    let transports = outage("natsl", &proxy, Duration::from_millis(2_000), make).await;
+    let s = transports[0].stats();
+    assert!(s.links_lost >= 1 && s.links_opened >= 2, "{s:?}");
+}
+
+/// A link whose server is gone reports a connect failure; the runtime keeps retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_nothing_fails_fast() {
+    let t = NatsTransport::builder()
+        .server("nats://127.0.0.1:1")
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let inbound = hamok_runtime::transport::Inbound::new(8, |_| {});
+    let r = hamok_runtime::transport::Transport::connect(
+        &t,
+        "c",
+        hamok_runtime::raft::PeerId::from("p"),
+        inbound,
+    )
+    .await;
+    assert!(r.is_err());
+    assert_eq!(t.stats().connect_failures, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_routing_echo_and_close() {
+    let url = server().await;
+    link_routing("natsr", || transport(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbound_queue_refuses_and_counts() {
+    let url = server().await;
+    let small = NatsTransport::builder()
+        .server(url.as_str())
+        .outbound_capacity(8)
+        .build()
+        .unwrap();
+    outbound_queue_bound("natsq", small, || transport(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_inbound_drops_and_counts() {
+    let url = server().await;
+    inbound_bound("natsi", || transport(&url)).await;
+}
+
+/// async-nats drops messages when a subscription's buffer is full: each drop is reported as a slow
+/// consumer and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_drops_are_counted() {
+    let url = server().await;
+    let cluster = unique_cluster("natss");
+    let slow = NatsTransport::builder()
+        .server(url.as_str())
+        .subscription_capacity(4)
+        .build()
+        .unwrap();
+    // A peer that takes 2 ms per frame (blocking its reader on purpose).
+    let inbound = hamok_runtime::transport::Inbound::new(1 << 20, |_| {
+        std::thread::sleep(Duration::from_millis(2))
+    });
+    let (ia, _) = collector(16);
+    let _b = connect(&slow, &cluster, "b", inbound).await;
+    let a = connect(&transport(&url), &cluster, "a", ia).await;
+    const N: u64 = 300;
+    for i in 0..N {
+        a.send(
+            &hamok_runtime::raft::PeerId::from("b"),
+            Bytes::from(i.to_le_bytes().to_vec()),
+        )
+        .unwrap();
+    }
+    eventually("the slow consumer's drops to be reported", WAIT, || {
+        let s = slow.stats();
+        async move { (s.dropped_slow_consumer > 0).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = slow.stats();
+    println!("[natss] {s:?}");
+    assert!(s.frames_received < N, "{s:?}");
+    assert!(s.frames_received + s.dropped_slow_consumer <= N, "{s:?}");
+}
