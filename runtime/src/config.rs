@@ -226,10 +226,10 @@ pub struct HamokConfig {
 
     /// Largest encoded frame sent or accepted, in bytes.
     ///
-    /// Why 8 MiB: twice `raft.max_command_bytes` (4 MiB), so the largest command still fits in one frame
-    /// with its headers; a frame is also what carries an append batch or a snapshot chunk, so it must exceed
-    /// `raft.max_command_bytes`, `raft.max_bytes_per_append` and `raft.snapshot_chunk_bytes`. A broker with a
-    /// smaller message limit (NATS defaults to 1 MiB) needs this and `raft.max_command_bytes` lowered.
+    /// Why 8 MiB: a frame carries an append batch or a snapshot chunk, so it must exceed
+    /// `raft.max_command_bytes`, `raft.max_bytes_per_append` and `raft.snapshot_chunk_bytes` (all 512 KiB or
+    /// less by default, which keeps what we *send* under NATS's default 1 MiB message limit); accepting up
+    /// to 8 MiB leaves room for peers configured with larger limits on brokers that allow them.
     pub max_frame_bytes: usize,
 
     /// Free-form application data (`[app_data]` table, `HAMOK_APP_DATA__<KEY>` variables): stored with the
@@ -325,8 +325,9 @@ pub struct RaftLimits {
     pub max_pending_reads: usize,
     /// Largest single command accepted by a submit.
     ///
-    /// Why 4 MiB: generous for collection operations, and half of `max_frame_bytes` so it always fits in
-    /// one frame. Must not exceed `max_uncommitted_bytes`.
+    /// Why 512 KiB: generous for collection operations, and an append carrying one such command (with
+    /// framing) stays under NATS's default 1 MiB message limit; a command that could be proposed but never
+    /// delivered would stall replication behind it. Must not exceed `max_uncommitted_bytes`.
     pub max_command_bytes: usize,
 }
 
