@@ -1090,7 +1090,8 @@ mod tests {
             (
                 "max_frame_bytes",
                 HamokConfig {
-                    max_frame_bytes: 4 * 1024 * 1024,
+                    // Not larger than the largest command (512 KiB): such a command could never be sent.
+                    max_frame_bytes: 512 * 1024,
                     ..base()
                 },
             ),
