@@ -945,7 +945,13 @@ impl RaftNode {
                 // (which covers its removal once it holds it), since nothing else will be sent to it.
                 let commit = self.log.commit_index().min(index);
                 let seq = self.read_only.current_seq();
-                self.send(from, MessageBody::Heartbeat { commit, read_seq: seq });
+                self.send(
+                    from,
+                    MessageBody::Heartbeat {
+                        commit,
+                        read_seq: seq,
+                    },
+                );
             }
             return;
         };
