@@ -60,10 +60,12 @@ impl SnapshotSender {
         Some((start, chunk, end >= total))
     }
 
-    /// Records the follower's answer: it holds `next_offset` bytes.
+    /// Records the follower's answer: it holds `next_offset` bytes. Its count is the truth even when it
+    /// goes down (the follower restarted, or dropped the transfer): resending from a higher offset than it
+    /// holds would be refused forever.
     pub fn on_response(&mut self, next_offset: u64, now_ms: u64) {
         self.inflight_chunks = self.inflight_chunks.saturating_sub(1);
-        self.acked_offset = self.acked_offset.max(next_offset);
+        self.acked_offset = next_offset;
         self.last_ack_ms = now_ms;
     }
 
@@ -135,5 +137,27 @@ impl SnapshotReceiver {
             });
         }
         ChunkOutcome::Partial(receiver.buf.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_restarts_from_zero_when_the_receiver_lost_its_chunks() {
+        let data = Bytes::from(vec![7u8; 100]);
+        let mut sender = SnapshotSender::new(10, 2, 0);
+        let offsets: Vec<u64> = std::iter::from_fn(|| sender.next_chunk(&data, 30, 2))
+            .map(|(offset, _, _)| offset)
+            .collect();
+        assert_eq!(offsets, vec![0, 30]);
+        sender.on_response(30, 1);
+        sender.on_response(60, 2);
+        // The receiver restarts and refuses the next chunk: it holds nothing.
+        assert_eq!(sender.next_chunk(&data, 30, 2).map(|c| c.0), Some(60));
+        sender.on_response(0, 3);
+        sender.rewind(3);
+        assert_eq!(sender.next_chunk(&data, 30, 2).map(|c| c.0), Some(0));
     }
 }
