@@ -48,8 +48,10 @@ use driver::Liveness;
 use network::NetStats;
 use trace::Trace;
 
-/// Seeds run by default (override with `HAMOK_SIM_SEEDS=N`; replay one with `HAMOK_SIM_SEED=S`).
-pub const DEFAULT_SEEDS: usize = 4_000;
+/// Seeds run by default (override with `HAMOK_SIM_SEEDS=N`; replay one with `HAMOK_SIM_SEED=S`): 4,000 in a
+/// release build (about a minute here), 1,000 in the debug profile, where every engine `debug_assert!` is
+/// on and the run is part of the everyday `cargo test --workspace`.
+pub const DEFAULT_SEEDS: usize = if cfg!(debug_assertions) { 1_000 } else { 4_000 };
 
 /// Trace lines kept in normal runs (the tail goes into failure messages).
 const TRACE_LINES: usize = 4_000;
