@@ -7,12 +7,12 @@
 //!
 //! This crate is a thin facade: it re-exports the workspace crates under one name.
 //!
-//! - [`runtime`] (`hamok-runtime`): the Raft engine ([`raft`]), and — being built — the node actors, the
-//!   wire codec, the transport trait and the `Hamok` handle.
+//! - [`runtime`] (`hamok-runtime`): the Raft engine ([`raft`]), the supervised node actors, the wire
+//!   codec, the transport trait with the in-process transport, and the `Hamok` handle.
 //! - [`collections`] (`hamok-collections`): the replicated collections (Map, Record, Queue, Emitter, Set,
 //!   RemoteMap over Redis); [`prelude`] re-exports what a service uses.
 //! - [`transports`] (`hamok-transports`): the NATS and RabbitMQ adapters, behind the `nats` and `rabbitmq`
-//!   features (not implemented yet).
+//!   features.
 //!
 //! What exists today and what is planned is listed in `README.md`; the layers and their rules are in
 //! `ARCHITECTURE.md`.
