@@ -382,7 +382,7 @@ impl RaftNode {
             });
         }
         if target == self.id
-            || !self.membership().is_voter(&target)
+            || !self.config_in_force().is_voter(&target)
             || !self.latest_membership().is_voter(&target)
         {
             return Err(RaftError::InvalidTransferTarget(target));
@@ -545,7 +545,15 @@ impl RaftNode {
         self.log.snapshot_index()
     }
 
-    /// The committed configuration: the one in force for elections and commit.
+    /// The configuration the protocol uses for elections, votes, commit and check-quorum: the latest one
+    /// in the log, committed or not (the Raft dissertation's rule, §4.1). Using the committed one instead
+    /// is unsafe once a peer restarts: its commit index restarts at its snapshot, and a configuration two
+    /// single-server steps old has majorities that no longer overlap the current one's.
+    fn config_in_force(&self) -> &Membership {
+        self.latest_membership()
+    }
+
+    /// The latest committed configuration (what the cluster has agreed on, as far as this peer knows).
     pub fn membership(&self) -> &Membership {
         &self.configs[self.committed_config].1
     }
@@ -611,7 +619,7 @@ impl RaftNode {
 
     /// Only voters of the configuration in force campaign (learners and removed peers never do).
     fn is_promotable(&self) -> bool {
-        self.membership().is_voter(&self.id)
+        self.config_in_force().is_voter(&self.id)
     }
 
     /// Whether we heard from a live leader within the election timeout (or are the leader).
@@ -661,7 +669,7 @@ impl RaftNode {
         self.votes = VoteTally::default();
         self.reset_election_deadline();
         self.votes.record(self.id.clone(), true);
-        if self.votes.result(self.membership()) == VoteResult::Won {
+        if self.votes.result(self.config_in_force()) == VoteResult::Won {
             self.campaign(false);
             return;
         }
@@ -677,7 +685,7 @@ impl RaftNode {
         self.votes = VoteTally::default();
         self.reset_election_deadline();
         self.votes.record(self.id.clone(), true);
-        if self.votes.result(self.membership()) == VoteResult::Won {
+        if self.votes.result(self.config_in_force()) == VoteResult::Won {
             self.become_leader();
             return;
         }
@@ -750,7 +758,7 @@ impl RaftNode {
             return;
         }
         self.votes.record(from, granted);
-        match self.votes.result(self.membership()) {
+        match self.votes.result(self.config_in_force()) {
             VoteResult::Won if self.role == Role::PreCandidate => self.campaign(false),
             VoteResult::Won => self.become_leader(),
             VoteResult::Lost => self.become_follower(self.term, None),
@@ -850,7 +858,7 @@ impl RaftNode {
         }
         let last = self.log.last_index();
         #[allow(unused_mut)]
-        let mut index = self.membership().quorum_index(|id| {
+        let mut index = self.config_in_force().quorum_index(|id| {
             if *id == self.id {
                 last
             } else {
@@ -1021,7 +1029,7 @@ impl RaftNode {
                 .map(|(id, _)| id.clone())
                 .chain(std::iter::once(self.id.clone()))
                 .collect();
-            if !self.membership().has_quorum(active.iter()) {
+            if !self.config_in_force().has_quorum(active.iter()) {
                 // Check-quorum: a leader cut off from a majority stops serving.
                 self.become_follower(self.term, None);
                 return;
@@ -1534,7 +1542,7 @@ impl RaftNode {
     /// Releases the reads whose round a majority of voters has acknowledged.
     fn confirm_reads(&mut self) {
         let current = self.read_only.current_seq();
-        let confirmed = self.membership().quorum_index(|id| {
+        let confirmed = self.config_in_force().quorum_index(|id| {
             if *id == self.id {
                 current
             } else {
