@@ -1,0 +1,509 @@
+//! Clusters of peers on one transport, and the load driver.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hamok::collections::{register_kinds, HamokCollections, HamokMap};
+use hamok::runtime::transport::memory::InProcessHub;
+use hamok::runtime::{Hamok, HamokBuilder, HamokError};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::report::Hist;
+
+/// Any error of the benchmark.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The benchmark's result type.
+pub type Res<T> = Result<T, BoxError>;
+
+/// The map every scenario writes: string keys, string values.
+pub type Map = HamokMap<String, String>;
+
+/// How long any single wait of the harness may take before the scenario fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The transports a cluster can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    Memory,
+    Nats,
+    RabbitMq,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Memory => "memory",
+            TransportKind::Nats => "nats",
+            TransportKind::RabbitMq => "rabbitmq",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "memory" | "mem" | "in-process" => Some(TransportKind::Memory),
+            "nats" => Some(TransportKind::Nats),
+            "rabbitmq" | "rabbit" | "amqp" => Some(TransportKind::RabbitMq),
+            _ => None,
+        }
+    }
+
+    /// Fails early, with the command to use, when the binary was built without the transport.
+    pub fn check_available(self) -> Res<()> {
+        match self {
+            TransportKind::Memory => Ok(()),
+            TransportKind::Nats => {
+                if cfg!(feature = "nats") {
+                    Ok(())
+                } else {
+                    Err("this build has no NATS transport: run with `cargo run --release --features nats --example bench -- --transport nats`".into())
+                }
+            }
+            TransportKind::RabbitMq => {
+                if cfg!(feature = "rabbitmq") {
+                    Ok(())
+                } else {
+                    Err("this build has no RabbitMQ transport: run with `cargo run --release --features rabbitmq --example bench -- --transport rabbitmq`".into())
+                }
+            }
+        }
+    }
+}
+
+/// A random 64-bit value from the standard library's randomly keyed hasher (no RNG crate needed).
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Where the peers of one scenario meet: a fresh in-process hub, or the broker.
+#[derive(Clone)]
+pub struct Net {
+    pub kind: TransportKind,
+    hub: InProcessHub,
+}
+
+impl Net {
+    /// A fresh network (a new hub for `memory`; the broker is shared, clusters are kept apart by id).
+    pub fn fresh(kind: TransportKind) -> Self {
+        Net {
+            kind,
+            hub: InProcessHub::new(),
+        }
+    }
+
+    /// A builder for peer `peer` of `cluster`, with the collections registered and the transport set.
+    pub fn builder(&self, cluster: &str, peer: &str) -> Res<HamokBuilder> {
+        let b = register_kinds(Hamok::builder().cluster_id(cluster).peer_id(peer));
+        Ok(match self.kind {
+            TransportKind::Memory => b.transport(self.hub.clone()),
+            TransportKind::Nats => nats_transport(b)?,
+            TransportKind::RabbitMq => rabbitmq_transport(b)?,
+        })
+    }
+}
+
+#[cfg(feature = "nats")]
+fn nats_transport(b: HamokBuilder) -> Res<HamokBuilder> {
+    Ok(b.transport(hamok::transports::NatsTransport::from_env()?))
+}
+#[cfg(not(feature = "nats"))]
+fn nats_transport(_: HamokBuilder) -> Res<HamokBuilder> {
+    Err("this build has no NATS transport (feature `nats`)".into())
+}
+
+#[cfg(feature = "rabbitmq")]
+fn rabbitmq_transport(b: HamokBuilder) -> Res<HamokBuilder> {
+    Ok(b.transport(hamok::transports::AmqpTransport::from_env()?))
+}
+#[cfg(not(feature = "rabbitmq"))]
+fn rabbitmq_transport(_: HamokBuilder) -> Res<HamokBuilder> {
+    Err("this build has no RabbitMQ transport (feature `rabbitmq`)".into())
+}
+
+/// A cluster id unique to this run: `bench-<tag>-<random>` (ids allow `[A-Za-z0-9_-]`).
+pub fn cluster_id(tag: &str) -> String {
+    format!("bench-{tag}-{:016x}", random_u64())
+}
+
+/// The peers of one cluster, each its own `Hamok` (its own actors).
+pub struct Cluster {
+    pub id: String,
+    pub net: Net,
+    pub peers: Vec<Hamok>,
+    next_peer: usize,
+}
+
+/// What a cold start took.
+pub struct ColdStart {
+    /// From the `join()` calls to the first peer that knows itself as leader.
+    pub first_leader: Duration,
+    /// From the `join()` calls to the last `join()` returning.
+    pub all_joined: Duration,
+}
+
+impl Cluster {
+    /// Builds `n` peers (not timed), then joins them all at once (timed).
+    pub async fn start(net: &Net, tag: &str, n: usize) -> Res<(Cluster, ColdStart)> {
+        let id = cluster_id(tag);
+        let mut peers = Vec::with_capacity(n);
+        for i in 0..n {
+            peers.push(net.builder(&id, &format!("p{i}"))?.build().await?);
+        }
+        let started = Instant::now();
+        let leaders: Vec<_> = peers
+            .iter()
+            .cloned()
+            .map(|p| {
+                tokio::spawn(async move {
+                    p.wait_until_leader(WAIT).await?;
+                    Ok::<_, HamokError>(Instant::now())
+                })
+            })
+            .collect();
+        let joins: Vec<_> = peers
+            .iter()
+            .cloned()
+            .map(|p| {
+                tokio::spawn(async move {
+                    p.join().await?;
+                    Ok::<_, HamokError>(Instant::now())
+                })
+            })
+            .collect();
+        let mut all_joined = started;
+        for j in joins {
+            all_joined = all_joined.max(j.await??);
+        }
+        let mut first_leader: Option<Instant> = None;
+        for l in leaders {
+            let at = l.await??;
+            first_leader = Some(first_leader.map_or(at, |f| f.min(at)));
+        }
+        let cluster = Cluster {
+            id,
+            net: net.clone(),
+            peers,
+            next_peer: n,
+        };
+        cluster.settle().await?;
+        Ok((
+            cluster,
+            ColdStart {
+                first_leader: first_leader.unwrap_or(started) - started,
+                all_joined: all_joined - started,
+            },
+        ))
+    }
+
+    /// Waits until every peer knows the same leader, which is one of them.
+    pub async fn settle(&self) -> Res<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let leaders: Vec<_> = self.peers.iter().map(|p| p.leader_id()).collect();
+            let agreed = leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]);
+            if agreed && self.peers.iter().any(|p| p.is_leader()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("cluster {} did not settle on a leader", self.id).into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The index of the leader.
+    pub fn leader_index(&self) -> usize {
+        self.peers.iter().position(|p| p.is_leader()).unwrap_or(0)
+    }
+
+    /// The index of a peer that is not the leader (the leader itself in a cluster of one).
+    pub fn follower_index(&self) -> usize {
+        let l = self.leader_index();
+        (0..self.peers.len()).find(|&i| i != l).unwrap_or(l)
+    }
+
+    /// A new peer of this cluster, built but not joined.
+    pub async fn new_peer(&mut self) -> Res<Hamok> {
+        let name = format!("p{}", self.next_peer);
+        self.next_peer += 1;
+        Ok(self.net.builder(&self.id, &name)?.build().await?)
+    }
+
+    /// Opens the map `id` on every peer (created through the leader first).
+    pub async fn open_map(&self, id: &str) -> Res<Vec<Map>> {
+        let leader = &self.peers[self.leader_index()];
+        leader.get_or_create_map::<String, String>(id).await?;
+        let mut maps = Vec::new();
+        for p in &self.peers {
+            maps.push(p.get_or_create_map::<String, String>(id).await?);
+        }
+        Ok(maps)
+    }
+
+    /// Closes every peer, concurrently.
+    pub async fn close(self) {
+        close_all(self.peers).await;
+    }
+}
+
+/// Closes peers concurrently.
+pub async fn close_all(peers: Vec<Hamok>) {
+    let tasks: Vec<_> = peers
+        .into_iter()
+        .map(|p| tokio::spawn(async move { p.close().await }))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// A progress bar on stderr when stdout is a terminal; nothing otherwise.
+#[derive(Clone)]
+pub struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    pub fn new(len: u64, message: &str) -> Self {
+        if !std::io::stdout().is_terminal() || len == 0 {
+            return Progress(None);
+        }
+        let pb = ProgressBar::new(len);
+        if let Ok(style) = ProgressStyle::with_template(
+            "  {msg:<40} [{bar:30}] {pos:>9}/{len:<9} {per_sec:>12} eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(message.to_string());
+        Progress(Some(pb))
+    }
+
+    pub fn inc(&self, delta: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(delta);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// What a load run measured.
+pub struct LoadResult {
+    pub hist: Arc<Hist>,
+    pub elapsed: Duration,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl LoadResult {
+    pub fn ops_per_s(&self) -> f64 {
+        self.hist.count() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `n` operations `op(i)` with `concurrency` of them in flight, each worker a spawned task (never
+/// the `block_on` thread: a cross-thread wake-up per operation would dominate). Records the latency of
+/// every successful operation; failures are counted.
+pub async fn run_load<F, Fut, E>(
+    n: u64,
+    concurrency: usize,
+    progress: &Progress,
+    op: F,
+) -> Res<LoadResult>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let hist = Arc::new(Hist::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (hist, next, errors, first_error, op, progress) = (
+                hist.clone(),
+                next.clone(),
+                errors.clone(),
+                first_error.clone(),
+                op.clone(),
+                progress.clone(),
+            );
+            tokio::spawn(async move {
+                let mut unreported = 0;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let t = Instant::now();
+                    match op(i).await {
+                        Ok(()) => hist.record(t.elapsed()),
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            let mut first = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                            if first.is_none() {
+                                *first = Some(e.to_string());
+                            }
+                        }
+                    }
+                    unreported += 1;
+                    if unreported == 64 {
+                        progress.inc(unreported);
+                        unreported = 0;
+                    }
+                }
+                progress.inc(unreported);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed();
+    let first_error = first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(LoadResult {
+        hist,
+        elapsed,
+        errors: errors.load(Ordering::Relaxed),
+        first_error,
+    })
+}
+
+/// The key of operation `i` over `keys` distinct keys.
+pub fn key(i: u64, keys: u64) -> String {
+    format!("key-{:08}", i % keys.max(1))
+}
+
+/// A value of `len` bytes.
+pub fn value(len: usize) -> String {
+    "v".repeat(len)
+}
+
+/// Reads a field (in KiB) of `/proc/self/status`, as MiB.
+pub fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line
+        .trim_start_matches(field)
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Resets the peak RSS (VmHWM) of this process to its current RSS; false if the kernel refused.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The 1, 5 and 15 minute load averages (other work on the machine skews every figure).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A peer running in a child process (`--processes`): this same binary in `--peer-process` mode.
+pub struct PeerProcess {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl PeerProcess {
+    /// Starts peer `peer` of `cluster` in a child process; resolves once it has joined.
+    pub async fn spawn(kind: TransportKind, cluster: &str, peer: &str) -> Res<PeerProcess> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["--transport", kind.name(), "--peer-process", cluster, peer])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or("no stdout of the peer process")?;
+        let line = tokio::time::timeout(
+            WAIT,
+            tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|_| line)
+            }),
+        )
+        .await;
+        let mut process = PeerProcess { child, stdin };
+        match line {
+            Ok(Ok(Ok(l))) if l.trim() == "joined" => Ok(process),
+            other => {
+                process.stop().await;
+                Err(format!("peer process {peer} did not join: {other:?}").into())
+            }
+        }
+    }
+
+    /// Closes its stdin (it then closes its peer and exits) and waits for it; kills it if it hangs.
+    pub async fn stop(&mut self) {
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `--peer-process` mode: one peer that joins `cluster`, prints `joined`, and stays until its
+/// stdin closes (the parent stopped it, or died).
+pub async fn peer_process_main(kind: TransportKind, cluster: String, peer: String) -> Res<()> {
+    let hamok = Net::fresh(kind).builder(&cluster, &peer)?.build().await?;
+    hamok.join().await?;
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        writeln!(out, "joined")?;
+        out.flush()?;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
+    hamok.close().await;
+    Ok(())
+}
