@@ -531,7 +531,13 @@ impl Ctx {
     async fn catchup_on(&mut self, cluster: &mut Cluster, entries: u64, reps: u64) -> Res<()> {
         let maps = cluster.open_map("bench").await?;
         let leader = cluster.leader_index();
-        let batch = 5_000u64.min(entries);
+        // As many entries per `set_all` as fit well within one command (`raft.max_command_bytes`).
+        let max_command = hamok::runtime::HamokConfig::default()
+            .raft
+            .max_command_bytes;
+        let batch = ((max_command / 2 / (self.value_bytes + 32)) as u64)
+            .clamp(1, 5_000)
+            .min(entries);
         let val = value(self.value_bytes);
         let progress = Progress::new(entries, &format!("catchup: populating {entries}"));
         let populated = Instant::now();
