@@ -562,6 +562,71 @@ async fn partition_minority_cannot_commit_and_heal_converges() {
     close_all(&peers).await;
 }
 
+/// A follower cut off from the leader's frames (one way: its own still arrive) submits a write: the
+/// leader applies it, then compacts its log past the follower. The follower catches up from a snapshot
+/// that already contains its write, so it never applies it one by one: it must answer the write
+/// (applied, response lost) instead of leaving it waiting until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_covered_by_an_installed_snapshot_is_answered() {
+    let opts = Opts {
+        snapshot_after_entries: Some(50),
+        peer_max_idle_ms: 60_000,
+        request_timeout_ms: 30_000,
+        ..Opts::default()
+    };
+    let cluster = TestCluster::new("snapans", opts);
+    let peers = cluster.start(&["p00", "p01", "p02"]).await;
+    let leader = agreed_leader(&peers).await;
+    wait_membership(&peers).await;
+    create_storage(&peers[leader]).await;
+    let follower = (leader + 1) % 3;
+    let ids = ids(&peers);
+    // Everything of the current term is applied on the follower before the cut.
+    put(&peers[leader], "before", "1")
+        .await
+        .expect("write before the cut");
+    eventually(
+        "follower applied the first write",
+        Duration::from_secs(10),
+        || async { has_key(&local_state(&peers[follower]).await, "before", "1").then_some(()) },
+    )
+    .await;
+
+    cluster.hub.block(&ids[leader], &ids[follower]);
+    let writer = peers[follower].clone();
+    let write = tokio::spawn(async move { put(&writer, "cut-off", "1").await });
+    eventually(
+        "the leader applied the follower's write",
+        Duration::from_secs(10),
+        || async { has_key(&lin_state(&peers[leader]).await, "cut-off", "1").then_some(()) },
+    )
+    .await;
+    for i in 0..200 {
+        put(&peers[leader], &format!("fill{i:03}"), "1")
+            .await
+            .expect("fill write");
+    }
+    assert!(
+        peers[leader].stats().snapshot_index > 0,
+        "the leader compacted"
+    );
+    cluster.hub.unblock(&ids[leader], &ids[follower]);
+
+    let answer = tokio::time::timeout(Duration::from_secs(20), write)
+        .await
+        .expect("the write is answered before its 30 s timeout")
+        .expect("writer task");
+    assert!(
+        peers[follower].stats().snapshots_installed >= 1,
+        "the follower caught up from a snapshot"
+    );
+    assert_eq!(answer, Err(HamokError::AppliedResponseLost));
+    let state = lin_state(&peers[follower]).await;
+    assert!(has_key(&state, "cut-off", "1"));
+    assert_eq!(state, lin_state(&peers[leader]).await);
+    close_all(&peers).await;
+}
+
 // -------------------------------------------------------------------------------------------------
 // 7. Duplicated and retried writes apply once
 // -------------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ pub const CONFIG_FILE_KEY: &str = "config_file";
 /// Longest accepted `cluster_id` / `peer_id`, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
+/// Largest accepted `max_pending_requests`. Each pending request can leave one gap in its client's dedup
+/// state, which keeps at most [`MAX_SEQ_RANGES_PER_SESSION`](crate::session::MAX_SEQ_RANGES_PER_SESSION)
+/// ranges: half of that leaves room for requests that timed out while an older one was still pending.
+pub const MAX_PENDING_REQUESTS_LIMIT: usize = crate::session::MAX_SEQ_RANGES_PER_SESSION / 2;
+
 /// Keys whose environment values are taken verbatim as strings rather than parsed (a numeric-looking
 /// `HAMOK_PEER_ID=007` must stay `"007"`).
 const ENV_STRING_KEYS: &[&str] = &["cluster_id", "peer_id", "cluster_key"];
@@ -221,7 +226,8 @@ pub struct HamokConfig {
     /// refused as busy.
     ///
     /// Why 10 000: far more concurrency than a replica normally has, so only runaway callers hit it; it
-    /// turns overload into a fast, retryable error instead of unbounded memory. Must be at least 1.
+    /// turns overload into a fast, retryable error instead of unbounded memory. Must be at least 1 and
+    /// at most [`MAX_PENDING_REQUESTS_LIMIT`] (so the dedup state of a client stays within its bound).
     pub max_pending_requests: usize,
 
     /// Largest encoded frame sent or accepted, in bytes.
@@ -525,6 +531,12 @@ impl HamokConfig {
             if value == 0 {
                 return fail(key, "must be at least 1");
             }
+        }
+        if self.max_pending_requests > MAX_PENDING_REQUESTS_LIMIT {
+            return fail(
+                "max_pending_requests",
+                format!("must be at most {MAX_PENDING_REQUESTS_LIMIT}"),
+            );
         }
         self.raft_config()
             .validate()
@@ -1077,6 +1089,13 @@ mod tests {
                 "max_pending_requests",
                 HamokConfig {
                     max_pending_requests: 0,
+                    ..base()
+                },
+            ),
+            (
+                "max_pending_requests",
+                HamokConfig {
+                    max_pending_requests: MAX_PENDING_REQUESTS_LIMIT + 1,
                     ..base()
                 },
             ),

@@ -7,7 +7,8 @@ use crate::raft::{PeerId, RaftConfigError, RaftError};
 #[non_exhaustive]
 pub enum HamokError {
     /// The operation did not complete within its timeout. A write that timed out may still be applied
-    /// later; retrying it through the same handle is safe (requests are deduplicated).
+    /// later (until then the runtime resends it under the same request number, so it applies at most
+    /// once); a retry by the caller is a new request.
     #[error("timed out after {0} ms")]
     Timeout(u64),
     /// The peer has not joined a cluster yet (call `join` first).
@@ -61,6 +62,15 @@ pub enum HamokError {
     /// The state machine rejected the command (its own typed reason, as text).
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The write was applied exactly once, but its response is gone: this peer caught up from a snapshot
+    /// that already contained it. Do not retry it; read the state to learn the outcome.
+    #[error("the request was applied, but its response was not kept (caught up from a snapshot)")]
+    AppliedResponseLost,
+    /// The cluster no longer knows whether this write was applied: more requests of this peer overtook
+    /// it than its dedup state keeps. It will not be applied from now on. Only a peer that exceeds its
+    /// own `max_pending_requests` discipline can see this.
+    #[error("the request's outcome is unknown: its dedup record was forgotten")]
+    OutcomeUnknown,
     /// The Raft engine refused the request.
     #[error("raft: {0}")]
     Raft(RaftError),

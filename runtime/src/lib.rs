@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod hamok;
 pub mod raft;
+pub mod session;
 pub mod state_machine;
 mod stats;
 pub mod store;

@@ -5,7 +5,7 @@
 //! so a snapshot of this layer ([`Storages::snapshot`]) is the whole replicated state.
 
 use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::HamokError;
 use crate::raft::{LogIndex, PeerId, Term};
+pub use crate::session::SeqStatus;
+use crate::session::Session;
 
 /// What a state machine knows about the command it applies.
 #[derive(Clone, Debug)]
@@ -95,21 +97,11 @@ pub enum Op {
 }
 
 /// Most clients whose dedup state is kept; beyond it the least recently active is forgotten
-/// (deterministically, by log index). A forgotten client's late retry could apply twice, so the bound is
-/// far above any realistic count of peer runs between snapshots.
+/// (deterministically, by log index). Sessions outlive the removal of their peer on purpose: a retry of
+/// a removed peer's request can still be in flight, and without its session it would apply twice. A
+/// forgotten client's late retry could apply twice, so the bound is far above any realistic count of
+/// peer process starts (each start is a new client) that are still sending.
 pub const MAX_CLIENT_SESSIONS: usize = 16_384;
-
-/// Most request numbers remembered per client above its floor (a client never has more in flight than
-/// `max_pending_requests`, so this is never reached by a well-behaved client).
-pub const MAX_SEQS_PER_SESSION: usize = 65_536;
-
-/// Dedup state of one client.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Session {
-    floor: u64,
-    applied: BTreeSet<u64>,
-    last_active: LogIndex,
-}
 
 /// What applying a log command produced.
 #[derive(Debug)]
@@ -118,6 +110,9 @@ pub enum Applied {
     Done(Result<Bytes, HamokError>),
     /// A retry of a request already applied: skipped.
     Duplicate,
+    /// A retry of a request whose dedup record the session bound forgot: skipped, and its submitter
+    /// answers it with [`HamokError::OutcomeUnknown`].
+    Forgotten,
 }
 
 /// All storages of a peer, and the client sessions that make requests at-most-once.
@@ -166,21 +161,14 @@ impl Storages {
     pub fn apply(&mut self, index: LogIndex, term: Term, cmd: LogCommand, local: bool) -> Applied {
         let session = self.sessions.entry(cmd.client.clone()).or_default();
         session.last_active = index;
-        if cmd.floor > session.floor {
-            session.floor = cmd.floor;
-            let keep = session.applied.split_off(&cmd.floor);
-            session.applied = keep;
+        session.advance_floor(cmd.floor);
+        match session.status(cmd.seq) {
+            SeqStatus::New => {}
+            SeqStatus::Applied => return Applied::Duplicate,
+            SeqStatus::Forgotten => return Applied::Forgotten,
         }
-        if cmd.seq < session.floor || session.applied.contains(&cmd.seq) {
-            return Applied::Duplicate;
-        }
-        session.applied.insert(cmd.seq);
-        while session.applied.len() > MAX_SEQS_PER_SESSION {
-            // A client that never advances its floor: forget its oldest numbers.
-            let oldest = *session.applied.iter().next().expect("non-empty");
-            session.applied.remove(&oldest);
-            session.floor = oldest + 1;
-        }
+        let inserted = session.insert(cmd.seq);
+        debug_assert!(inserted, "status was New");
         if self.sessions.len() > MAX_CLIENT_SESSIONS {
             let stalest = self
                 .sessions
@@ -226,9 +214,12 @@ impl Storages {
         }
     }
 
-    /// Forgets the sessions of a peer removed from the cluster (deterministic: done at apply time).
-    pub fn forget_peer(&mut self, peer: &PeerId) {
-        self.sessions.retain(|id, _| &id.peer != peer);
+    /// What the dedup state says about request `seq` of `client` (used after a snapshot install to
+    /// answer the local requests the snapshot already contains).
+    pub fn request_status(&self, client: &ClientId, seq: u64) -> SeqStatus {
+        self.sessions
+            .get(client)
+            .map_or(SeqStatus::New, |s| s.status(seq))
     }
 
     /// Serializes every storage and every session.

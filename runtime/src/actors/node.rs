@@ -17,7 +17,7 @@ use crate::raft::{
     RaftNode, ReadState, Ready, Role,
 };
 use crate::state_machine::{
-    Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, Storages,
+    Applied, ClientId, LogCommand, Op, SeqStatus, StateMachine, StateMachineFactory, Storages,
 };
 use crate::stats::Counters;
 use crate::store::LogStore;
@@ -561,6 +561,7 @@ impl NodeState {
                 }
             })?;
             Counters::bump(&self.counters.snapshots_installed);
+            self.answer_requests_in_snapshot();
             self.on_membership_applied();
         }
         if !ready.committed.is_empty() {
@@ -628,8 +629,43 @@ impl NodeState {
                     }
                     Applied::Duplicate => {
                         Counters::bump(&self.counters.duplicates_skipped);
+                        if local {
+                            // Still waiting means the first apply came inside a snapshot (answered
+                            // at install, so this is only a fallback): never leave it unanswered.
+                            if let Some(p) = self.pending.remove(&seq) {
+                                let _ = p.reply.send(Err(HamokError::AppliedResponseLost));
+                            }
+                        }
+                    }
+                    Applied::Forgotten => {
+                        Counters::bump(&self.counters.duplicates_skipped);
+                        if local {
+                            if let Some(p) = self.pending.remove(&seq) {
+                                let _ = p.reply.send(Err(HamokError::OutcomeUnknown));
+                            }
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    /// After a snapshot install: local requests the snapshot already applied will never be applied
+    /// here one by one, so answer them now instead of letting them time out.
+    fn answer_requests_in_snapshot(&mut self) {
+        let done: Vec<(u64, SeqStatus)> = self
+            .pending
+            .keys()
+            .map(|&seq| (seq, self.storages.request_status(&self.client, seq)))
+            .filter(|(_, status)| *status != SeqStatus::New)
+            .collect();
+        for (seq, status) in done {
+            if let Some(p) = self.pending.remove(&seq) {
+                let error = match status {
+                    SeqStatus::Forgotten => HamokError::OutcomeUnknown,
+                    _ => HamokError::AppliedResponseLost,
+                };
+                let _ = p.reply.send(Err(error));
             }
         }
     }
@@ -654,7 +690,8 @@ impl NodeState {
             .cloned()
             .collect();
         for gone in self.remote_peers.difference(&now_members) {
-            self.storages.forget_peer(gone);
+            // Its client sessions stay (bounded by MAX_CLIENT_SESSIONS): a retry of its requests may
+            // still be in flight, and dropping the session would let it apply twice.
             self.last_heard.remove(gone);
             let _ = self.events.send(HamokEvent::RemotePeerLeft(gone.clone()));
         }
@@ -815,8 +852,9 @@ impl NodeState {
                 return;
             }
         }
+        // The number is taken only once the request is accepted: a refused request leaves no gap in
+        // the session (gaps cost dedup state until the floor passes them).
         let seq = self.next_seq;
-        self.next_seq += 1;
         let floor = self.pending.keys().next().copied().unwrap_or(seq).min(seq);
         let cmd = LogCommand {
             client: self.client.clone(),
@@ -839,6 +877,7 @@ impl NodeState {
             }));
             return;
         }
+        self.next_seq += 1;
         self.pending.insert(
             seq,
             PendingRequest {

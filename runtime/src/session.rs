@@ -1,0 +1,183 @@
+//! Client sessions: which request numbers of one client have been applied, so that a retried request
+//! applies at most once.
+//!
+//! A client (one peer process, see [`ClientId`](crate::ClientId)) numbers its requests 1, 2, 3, ... and
+//! sends with each the lowest number it still waits for (its *floor*). Everything below the floor has
+//! been answered, so its dedup state may go. Above the floor the applied numbers are kept as ranges:
+//! requests mostly apply in order, so a session is a handful of ranges however many requests overtake a
+//! stuck one. The number of ranges is bounded by the number of *gaps* (requests not yet applied above
+//! the floor), which a well-behaved client keeps below its `max_pending_requests`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::LogIndex;
+
+/// Most disjoint ranges of applied request numbers kept per client. Every gap between two ranges is a
+/// request the client still waits for (or gave up on while an older one was pending), so a client that
+/// respects `max_pending_requests` (at most [`MAX_PENDING_REQUESTS_LIMIT`](crate::config::MAX_PENDING_REQUESTS_LIMIT))
+/// never reaches it. A client that does is misbehaving: its oldest range is forgotten and the numbers below
+/// it are reported as [`SeqStatus::Forgotten`], never silently judged duplicates.
+pub const MAX_SEQ_RANGES_PER_SESSION: usize = 65_536;
+
+/// What a session knows about one request number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStatus {
+    /// Not applied yet: apply it now.
+    New,
+    /// Applied before (or below the client's own floor, hence answered): skip it.
+    Applied,
+    /// Below a floor raised by the range bound: whether it was applied is no longer known, and it will
+    /// not be applied again.
+    Forgotten,
+}
+
+/// Dedup state of one client.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Session {
+    /// Numbers below it are done (applied, answered, or forgotten).
+    floor: u64,
+    /// Highest floor the range bound forced; numbers below it not known applied are `Forgotten`.
+    forced_floor: u64,
+    /// Applied numbers at or above `floor`: start → end (exclusive), disjoint, not adjacent.
+    applied: BTreeMap<u64, u64>,
+    /// Log index of the last command of this client (to evict the least recently active client).
+    pub(crate) last_active: LogIndex,
+}
+
+impl Session {
+    /// Raises the floor to the client's `floor` (never lowers it) and drops the state below it.
+    pub(crate) fn advance_floor(&mut self, floor: u64) {
+        if floor <= self.floor {
+            return;
+        }
+        self.floor = floor;
+        let mut above = self.applied.split_off(&floor);
+        // The range that starts below the floor and reaches over it keeps its upper part.
+        if let Some((_, &end)) = self.applied.iter().next_back() {
+            if end > floor {
+                above.insert(floor, end);
+            }
+        }
+        self.applied = above;
+    }
+
+    /// Status of `seq`.
+    pub(crate) fn status(&self, seq: u64) -> SeqStatus {
+        if self.contains(seq) {
+            return SeqStatus::Applied;
+        }
+        if seq < self.forced_floor {
+            return SeqStatus::Forgotten;
+        }
+        if seq < self.floor {
+            return SeqStatus::Applied;
+        }
+        SeqStatus::New
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.applied
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, &end)| seq < end)
+    }
+
+    /// Records `seq` as applied. Returns false (and changes nothing) when it is not [`SeqStatus::New`].
+    pub(crate) fn insert(&mut self, seq: u64) -> bool {
+        if self.status(seq) != SeqStatus::New {
+            return false;
+        }
+        let end = seq + 1;
+        let mut start = seq;
+        let mut new_end = end;
+        if let Some((&s, &e)) = self.applied.range(..seq).next_back() {
+            if e == seq {
+                start = s;
+            }
+        }
+        if let Some(next_end) = self.applied.remove(&end) {
+            new_end = next_end;
+        }
+        self.applied.insert(start, new_end);
+        while self.applied.len() > MAX_SEQ_RANGES_PER_SESSION {
+            // A client with more gaps than any well-behaved one: forget its oldest range. The gaps
+            // below become `Forgotten` so their requests get an explicit answer instead of none.
+            let (_, oldest_end) = self
+                .applied
+                .pop_first()
+                .expect("over the bound, so non-empty");
+            self.floor = oldest_end;
+            self.forced_floor = oldest_end;
+        }
+        true
+    }
+
+    /// Number of disjoint ranges kept (for tests and stats).
+    #[cfg(test)]
+    pub(crate) fn ranges(&self) -> usize {
+        self.applied.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_floor_trims() {
+        let mut s = Session::default();
+        assert!(s.insert(1));
+        assert!(s.insert(3));
+        assert_eq!(s.ranges(), 2);
+        assert!(s.insert(2));
+        assert_eq!(s.ranges(), 1);
+        assert!(!s.insert(2));
+        assert_eq!(s.status(4), SeqStatus::New);
+        s.advance_floor(3);
+        assert_eq!(s.status(1), SeqStatus::Applied);
+        assert_eq!(s.status(3), SeqStatus::Applied);
+        assert_eq!(s.ranges(), 1);
+        s.advance_floor(10);
+        assert_eq!(s.ranges(), 0);
+        assert_eq!(s.status(9), SeqStatus::Applied);
+        assert_eq!(s.status(10), SeqStatus::New);
+    }
+
+    /// The bug this file exists for: one stuck request while many more than the old per-session bound
+    /// of later requests apply. The stuck one must still apply when its retry arrives.
+    #[test]
+    fn a_stuck_request_survives_any_number_of_later_ones() {
+        let mut s = Session::default();
+        s.advance_floor(1);
+        for seq in 2..=300_000 {
+            assert!(s.insert(seq));
+        }
+        assert_eq!(s.ranges(), 1);
+        assert_eq!(s.status(1), SeqStatus::New);
+        assert!(s.insert(1));
+        assert_eq!(s.ranges(), 1);
+        assert!(!s.insert(1));
+    }
+
+    #[test]
+    fn the_range_bound_reports_forgotten_numbers() {
+        let mut s = Session::default();
+        s.advance_floor(1);
+        // Every other number applies: one gap per range.
+        let last = 2 * (MAX_SEQ_RANGES_PER_SESSION as u64 + 1);
+        for seq in (2..=last).step_by(2) {
+            assert!(s.insert(seq));
+        }
+        assert_eq!(s.ranges(), MAX_SEQ_RANGES_PER_SESSION);
+        // The oldest range [2, 3) went: gap 1 below it is reported, not applied, not a "duplicate";
+        // gap 3 above it is still open.
+        assert_eq!(s.status(1), SeqStatus::Forgotten);
+        assert_eq!(s.status(2), SeqStatus::Forgotten);
+        assert_eq!(s.status(3), SeqStatus::New);
+        assert_eq!(s.status(4), SeqStatus::Applied);
+        assert!(s.insert(3));
+        assert_eq!(s.status(3), SeqStatus::Applied);
+    }
+}
