@@ -63,7 +63,8 @@ pub enum HamokError {
     #[error("rejected: {0}")]
     Rejected(String),
     /// The write was applied exactly once, but its response is gone: this peer caught up from a snapshot
-    /// that already contained it. Do not retry it; read the state to learn the outcome.
+    /// that already contained it, and the response was not in the snapshot's bounded response cache (or
+    /// the command was rejected). Do not retry it; read the state to learn the outcome.
     #[error("the request was applied, but its response was not kept (caught up from a snapshot)")]
     AppliedResponseLost,
     /// The cluster no longer knows whether this write was applied: more requests of this peer overtook

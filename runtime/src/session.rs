@@ -7,9 +7,18 @@
 //! requests mostly apply in order, so a session is a handful of ranges however many requests overtake a
 //! stuck one. The number of ranges is bounded by the number of *gaps* (requests not yet applied above
 //! the floor), which a well-behaved client keeps below its `max_pending_requests`.
+//!
+//! A session also caches the responses of its applied requests above the floor (the Raft
+//! dissertation's §6.3 session). They are needed when a peer catches up from a snapshot that already
+//! contains its own pending requests: it never applies them one by one, so it answers them from the
+//! cache. The cache is bounded ([`MAX_RESPONSE_BYTES_PER_SESSION`], and
+//! [`MAX_RESPONSE_CACHE_BYTES`] over all sessions); a response it had to drop is answered
+//! [`HamokError::AppliedResponseLost`](crate::HamokError::AppliedResponseLost). The cache is not part of
+//! the deduplication decision, so peers may trim it differently without diverging.
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::raft::LogIndex;
@@ -20,6 +29,16 @@ use crate::raft::LogIndex;
 /// never reaches it. A client that does is misbehaving: its oldest range is forgotten and the numbers below
 /// it are reported as [`SeqStatus::Forgotten`], never silently judged duplicates.
 pub const MAX_SEQ_RANGES_PER_SESSION: usize = 65_536;
+
+/// Most bytes of cached responses per session; beyond it the oldest are dropped. Why 1 MiB: a client's
+/// cached responses are those of its requests still in flight (up to `max_pending_requests`), and
+/// typical responses are tens of bytes.
+pub const MAX_RESPONSE_BYTES_PER_SESSION: usize = 1024 * 1024;
+
+/// Most bytes of cached responses over all sessions of a peer; beyond it the least recently active
+/// session's cache is dropped. Why 16 MiB: far above what live clients hold in flight, small next to the
+/// state itself, and it bounds the cost sessions of departed peers add to every snapshot.
+pub const MAX_RESPONSE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a session knows about one request number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +61,11 @@ pub(crate) struct Session {
     forced_floor: u64,
     /// Applied numbers at or above `floor`: start → end (exclusive), disjoint, not adjacent.
     applied: BTreeMap<u64, u64>,
+    /// Responses of applied requests at or above `floor` (see the module doc), and their total size.
+    #[serde(default)]
+    responses: BTreeMap<u64, Bytes>,
+    #[serde(default)]
+    response_bytes: usize,
     /// Log index of the last command of this client (to evict the least recently active client).
     pub(crate) last_active: LogIndex,
 }
@@ -53,14 +77,57 @@ impl Session {
             return;
         }
         self.floor = floor;
-        let mut above = self.applied.split_off(&floor);
-        // The range that starts below the floor and reaches over it keeps its upper part.
-        if let Some((_, &end)) = self.applied.iter().next_back() {
+        // Pop from the front rather than `split_off`: the usual step drops one range or none, and
+        // this runs for every command.
+        while let Some((&start, &end)) = self.applied.first_key_value() {
+            if start >= floor {
+                break;
+            }
+            self.applied.pop_first();
             if end > floor {
-                above.insert(floor, end);
+                // The range reaching over the floor keeps its upper part.
+                self.applied.insert(floor, end);
+                break;
             }
         }
-        self.applied = above;
+        while let Some((&seq, _)) = self.responses.first_key_value() {
+            if seq >= floor {
+                break;
+            }
+            let (_, dropped) = self.responses.pop_first().expect("just seen");
+            self.response_bytes -= dropped.len();
+        }
+    }
+
+    /// Caches the response of `seq` (just applied). Returns the bytes added (negative when older
+    /// responses made room).
+    pub(crate) fn cache_response(&mut self, seq: u64, response: Bytes) -> isize {
+        let before = self.response_bytes as isize;
+        if response.len() <= MAX_RESPONSE_BYTES_PER_SESSION {
+            self.response_bytes += response.len();
+            self.responses.insert(seq, response);
+            while self.response_bytes > MAX_RESPONSE_BYTES_PER_SESSION {
+                let (_, dropped) = self.responses.pop_first().expect("over the bound");
+                self.response_bytes -= dropped.len();
+            }
+        }
+        self.response_bytes as isize - before
+    }
+
+    /// The cached response of `seq`, if it is still held.
+    pub(crate) fn response(&self, seq: u64) -> Option<&Bytes> {
+        self.responses.get(&seq)
+    }
+
+    /// Drops every cached response; returns the bytes freed.
+    pub(crate) fn drop_responses(&mut self) -> usize {
+        self.responses.clear();
+        std::mem::take(&mut self.response_bytes)
+    }
+
+    /// Bytes of cached responses.
+    pub(crate) fn response_bytes(&self) -> usize {
+        self.response_bytes
     }
 
     /// Status of `seq`.
@@ -159,6 +226,28 @@ mod tests {
         assert!(s.insert(1));
         assert_eq!(s.ranges(), 1);
         assert!(!s.insert(1));
+    }
+
+    #[test]
+    fn responses_are_cached_above_the_floor_within_the_bound() {
+        let mut s = Session::default();
+        for seq in 1..=3 {
+            assert!(s.insert(seq));
+            s.cache_response(seq, Bytes::from(vec![seq as u8; 10]));
+        }
+        assert_eq!(s.response_bytes(), 30);
+        assert_eq!(s.response(2).map(|b| b[0]), Some(2));
+        s.advance_floor(3);
+        assert!(s.response(2).is_none());
+        assert_eq!(s.response_bytes(), 10);
+        // One response as large as the bound pushes the older ones out.
+        assert!(s.insert(4));
+        s.cache_response(4, Bytes::from(vec![0; MAX_RESPONSE_BYTES_PER_SESSION]));
+        assert!(s.response(3).is_none());
+        assert!(s.response(4).is_some());
+        assert_eq!(s.response_bytes(), MAX_RESPONSE_BYTES_PER_SESSION);
+        assert_eq!(s.drop_responses(), MAX_RESPONSE_BYTES_PER_SESSION);
+        assert!(s.response(4).is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::HamokError;
 use crate::raft::{LogIndex, PeerId, Term};
 pub use crate::session::SeqStatus;
-use crate::session::Session;
+use crate::session::{Session, MAX_RESPONSE_CACHE_BYTES};
 
 /// What a state machine knows about the command it applies.
 #[derive(Clone, Debug)]
@@ -120,6 +120,8 @@ pub struct Storages {
     kinds: BTreeMap<String, StateMachineFactory>,
     machines: BTreeMap<String, Box<dyn StateMachine>>,
     sessions: BTreeMap<ClientId, Session>,
+    /// Bytes of cached responses over all sessions (bounded by `MAX_RESPONSE_CACHE_BYTES`).
+    response_cache_bytes: usize,
 }
 
 /// The serialized form of [`Storages`]: the runtime's part of every Raft snapshot.
@@ -136,6 +138,7 @@ impl Storages {
             kinds,
             machines: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            response_cache_bytes: 0,
         }
     }
 
@@ -160,15 +163,21 @@ impl Storages {
     /// Applies one command with at-most-once semantics per (client, seq).
     pub fn apply(&mut self, index: LogIndex, term: Term, cmd: LogCommand, local: bool) -> Applied {
         let session = self.sessions.entry(cmd.client.clone()).or_default();
+        let cached_before = session.response_bytes();
         session.last_active = index;
         session.advance_floor(cmd.floor);
-        match session.status(cmd.seq) {
+        let status = session.status(cmd.seq);
+        if status == SeqStatus::New {
+            let inserted = session.insert(cmd.seq);
+            debug_assert!(inserted, "status was New");
+        }
+        // Raising the floor only drops cached responses.
+        self.response_cache_bytes -= cached_before - session.response_bytes();
+        match status {
             SeqStatus::New => {}
             SeqStatus::Applied => return Applied::Duplicate,
             SeqStatus::Forgotten => return Applied::Forgotten,
         }
-        let inserted = session.insert(cmd.seq);
-        debug_assert!(inserted, "status was New");
         if self.sessions.len() > MAX_CLIENT_SESSIONS {
             let stalest = self
                 .sessions
@@ -176,7 +185,9 @@ impl Storages {
                 .min_by_key(|(id, s)| (s.last_active, (*id).clone()))
                 .map(|(id, _)| id.clone());
             if let Some(id) = stalest {
-                self.sessions.remove(&id);
+                if let Some(gone) = self.sessions.remove(&id) {
+                    self.response_cache_bytes -= gone.response_bytes();
+                }
             }
         }
         let ctx = ApplyContext {
@@ -185,7 +196,32 @@ impl Storages {
             client: cmd.client.peer.clone(),
             local,
         };
-        Applied::Done(self.apply_op(&ctx, cmd.op))
+        let result = self.apply_op(&ctx, cmd.op);
+        if let Ok(response) = &result {
+            if let Some(session) = self.sessions.get_mut(&cmd.client) {
+                let delta = session.cache_response(cmd.seq, response.clone());
+                self.response_cache_bytes = self.response_cache_bytes.saturating_add_signed(delta);
+            }
+            self.trim_response_cache();
+        }
+        Applied::Done(result)
+    }
+
+    /// Keeps the response caches within `MAX_RESPONSE_CACHE_BYTES` by dropping whole caches of the
+    /// least recently active sessions (rare: only departed or runaway clients hold much).
+    fn trim_response_cache(&mut self) {
+        while self.response_cache_bytes > MAX_RESPONSE_CACHE_BYTES {
+            let stalest = self
+                .sessions
+                .iter_mut()
+                .filter(|(_, s)| s.response_bytes() > 0)
+                .min_by_key(|(_, s)| s.last_active);
+            let Some((_, session)) = stalest else {
+                self.response_cache_bytes = 0;
+                return;
+            };
+            self.response_cache_bytes -= session.drop_responses();
+        }
     }
 
     fn apply_op(&mut self, ctx: &ApplyContext, op: Op) -> Result<Bytes, HamokError> {
@@ -222,6 +258,12 @@ impl Storages {
             .map_or(SeqStatus::New, |s| s.status(seq))
     }
 
+    /// The cached response of an applied request `seq` of `client`, if still held (see
+    /// [`session`](crate::session)).
+    pub fn cached_response(&self, client: &ClientId, seq: u64) -> Option<Bytes> {
+        self.sessions.get(client)?.response(seq).cloned()
+    }
+
     /// Serializes every storage and every session.
     pub fn snapshot(&self) -> Result<Bytes, HamokError> {
         let mut machines = Vec::with_capacity(self.machines.len());
@@ -250,6 +292,7 @@ impl Storages {
             // The genesis snapshot: nothing yet.
             self.machines.clear();
             self.sessions.clear();
+            self.response_cache_bytes = 0;
             return Ok(());
         }
         let snap: StoragesSnapshot = rmp_serde::from_slice(data)?;
@@ -267,6 +310,8 @@ impl Storages {
         }
         self.machines = machines;
         self.sessions = snap.sessions.into_iter().collect();
+        self.response_cache_bytes = self.sessions.values().map(Session::response_bytes).sum();
+        self.trim_response_cache();
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! MessagePack `bin` (serde_bytes / `Bytes`). Every frame carries the protocol version and the cluster id,
 //! so frames of another cluster or an incompatible version sharing the bus are recognised and dropped.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -169,9 +169,35 @@ struct FrameHeader {
     body: IgnoredAny,
 }
 
+impl HamokMessage {
+    /// Approximate encoded size in bytes: sizes the encode buffer once instead of growing it (growth
+    /// copies showed up at ~10 % of a throughput profile).
+    pub fn size_hint(&self) -> usize {
+        match self {
+            HamokMessage::Raft(m) => m.size_bytes(),
+            HamokMessage::Submit { command, .. } => command.len() + 32,
+            HamokMessage::Direct { channel, payload } => channel.len() + payload.len() + 16,
+            _ => 64,
+        }
+    }
+}
+
+impl Frame {
+    /// Approximate encoded size in bytes (see [`HamokMessage::size_hint`]).
+    pub fn size_hint(&self) -> usize {
+        self.body.size_hint()
+            + self.cluster.len()
+            + self.from.as_str().len()
+            + self.to.as_ref().map_or(0, |p| p.as_str().len())
+            + 16
+    }
+}
+
 /// Encodes a frame (unauthenticated).
 pub fn encode(frame: &Frame) -> Result<Bytes, rmp_serde::encode::Error> {
-    rmp_serde::to_vec(frame).map(Bytes::from)
+    let mut out = Vec::with_capacity(frame.size_hint());
+    rmp_serde::encode::write(&mut out, frame)?;
+    Ok(Bytes::from(out))
 }
 
 /// Encodes a frame, authenticated when `key` is given.
@@ -182,12 +208,15 @@ pub fn encode_with(
     let Some(key) = key else {
         return encode(frame);
     };
-    let body = rmp_serde::to_vec(frame)?;
-    let mut out = BytesMut::with_capacity(1 + AUTH_TAG_BYTES + body.len());
-    out.put_u8(AUTH_MARKER);
-    out.put_slice(&key.tag(&body));
-    out.put_slice(&body);
-    Ok(out.freeze())
+    // Marker and a tag placeholder first, the body after it, then the tag over the body: one buffer.
+    let header = 1 + AUTH_TAG_BYTES;
+    let mut out = Vec::with_capacity(header + frame.size_hint());
+    out.push(AUTH_MARKER);
+    out.resize(header, 0);
+    rmp_serde::encode::write(&mut out, frame)?;
+    let tag = key.tag(&out[header..]);
+    out[1..header].copy_from_slice(&tag);
+    Ok(Bytes::from(out))
 }
 
 /// [`decode`], requiring a valid tag under `key` when one is given.

@@ -633,7 +633,8 @@ impl NodeState {
                             // Still waiting means the first apply came inside a snapshot (answered
                             // at install, so this is only a fallback): never leave it unanswered.
                             if let Some(p) = self.pending.remove(&seq) {
-                                let _ = p.reply.send(Err(HamokError::AppliedResponseLost));
+                                let cached = self.storages.cached_response(&self.client, seq);
+                                let _ = p.reply.send(cached.ok_or(HamokError::AppliedResponseLost));
                             }
                         }
                     }
@@ -651,7 +652,8 @@ impl NodeState {
     }
 
     /// After a snapshot install: local requests the snapshot already applied will never be applied
-    /// here one by one, so answer them now instead of letting them time out.
+    /// here one by one, so answer them now (from the session's response cache) instead of letting
+    /// them time out.
     fn answer_requests_in_snapshot(&mut self) {
         let done: Vec<(u64, SeqStatus)> = self
             .pending
@@ -661,11 +663,14 @@ impl NodeState {
             .collect();
         for (seq, status) in done {
             if let Some(p) = self.pending.remove(&seq) {
-                let error = match status {
-                    SeqStatus::Forgotten => HamokError::OutcomeUnknown,
-                    _ => HamokError::AppliedResponseLost,
+                let answer = match status {
+                    SeqStatus::Forgotten => Err(HamokError::OutcomeUnknown),
+                    _ => self
+                        .storages
+                        .cached_response(&self.client, seq)
+                        .ok_or(HamokError::AppliedResponseLost),
                 };
-                let _ = p.reply.send(Err(error));
+                let _ = p.reply.send(answer);
             }
         }
     }

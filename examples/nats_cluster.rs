@@ -2,11 +2,11 @@
 //! cluster; kill the leader and the others elect another.
 //!
 //! ```text
-//! cargo run -p hamok-transports --features nats --example nats_cluster -- --peer-id a --cluster demo
-//! cargo run -p hamok-transports --features nats --example nats_cluster -- --peer-id b --cluster demo
-//! cargo run -p hamok-transports --features nats --example nats_cluster -- --peer-id c --cluster demo
+//! cargo run --features nats --example nats_cluster -- --peer-id a --cluster demo
+//! cargo run --features nats --example nats_cluster -- --peer-id b --cluster demo
+//! cargo run --features nats --example nats_cluster -- --peer-id c --cluster demo
 //! # the same over RabbitMQ:
-//! cargo run -p hamok-transports --features nats,rabbitmq --example nats_cluster -- \
+//! cargo run --features nats,rabbitmq --example nats_cluster -- \
 //!     --transport rabbitmq --peer-id a --cluster demo
 //! ```
 //!
@@ -31,8 +31,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
-use hamok_runtime::{Hamok, HamokError, HamokEvent};
+use hamok::runtime::state_machine::{ApplyContext, StateMachine};
+use hamok::runtime::{Hamok, HamokError, HamokEvent};
 
 const KIND: &str = "example-counter";
 const STORAGE: &str = "counter";
@@ -133,7 +133,7 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
     }
     match args.transport.as_str() {
         "nats" => {
-            let mut t = hamok_transports::NatsTransport::builder();
+            let mut t = hamok::transports::NatsTransport::builder();
             if let Some(url) = &args.url {
                 t = t.servers(url.split(',').map(str::to_string));
             }
@@ -141,7 +141,7 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
         }
         #[cfg(feature = "rabbitmq")]
         "rabbitmq" => {
-            let mut t = hamok_transports::AmqpTransport::builder();
+            let mut t = hamok::transports::AmqpTransport::builder();
             if let Some(url) = &args.url {
                 t = t.urls(url.split(',').map(str::to_string));
             }

@@ -4,15 +4,51 @@
 //! lost and every live peer has the same state.
 #![cfg(feature = "nats")]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{require_broker, unique_cluster};
-use hamok_transports::nats::{DEFAULT_NATS_URL, NATS_URL_ENV};
+use hamok::transports::nats::{DEFAULT_NATS_URL, NATS_URL_ENV};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+
+/// The broker URL of `env` (or `default`); panics with a clear message when nothing answers there (a
+/// broker test never passes by skipping).
+async fn require_broker(what: &str, env: &str, default: &str, default_port: u16) -> String {
+    let url = std::env::var(env)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string());
+    let first = url.split(',').next().unwrap_or(&url).trim().to_string();
+    let rest = first.split("://").nth(1).unwrap_or(&first);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr)).await {
+        Ok(Ok(_)) => first,
+        Ok(Err(e)) => panic!(
+            "{what} is not reachable at {addr} ({env}={first:?}): {e}. This test needs a real \
+             broker: start it (scripts/brokers.sh) or point {env} at one."
+        ),
+        Err(_) => panic!(
+            "{what} did not answer at {addr} within 3 s ({env}={first:?}). This test needs a real \
+             broker: start it (scripts/brokers.sh) or point {env} at one."
+        ),
+    }
+}
+
+/// A cluster id no other test, run or process uses.
+fn unique_cluster(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("t-{tag}-{}-{nanos}", std::process::id())
+}
 
 /// Bound of one answer from a peer process.
 const ANSWER: Duration = Duration::from_secs(8);
@@ -231,7 +267,7 @@ async fn nats_leader_kill_and_follower_pause_lose_no_acknowledged_write() {
 #[cfg(feature = "rabbitmq")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_leader_kill_and_follower_pause_lose_no_acknowledged_write() {
-    use hamok_transports::rabbitmq::{AMQP_URL_ENV, DEFAULT_AMQP_URL};
+    use hamok::transports::rabbitmq::{AMQP_URL_ENV, DEFAULT_AMQP_URL};
     let url = require_broker("RabbitMQ", AMQP_URL_ENV, DEFAULT_AMQP_URL, 5672).await;
     scenario("rabbitmq", &url).await;
 }
