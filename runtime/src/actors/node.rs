@@ -779,9 +779,16 @@ impl NodeState {
         let applied = self.raft.applied_index();
         let since = applied.saturating_sub(self.raft.snapshot_index());
         let (_, bytes) = self.store.size();
+        // While a snapshot streams to a lagging peer, a new one would make it stale on arrival (the
+        // peer would need a second install): wait, up to twice the thresholds so the log stays bounded.
+        let slack = if self.raft.snapshot_send_in_progress() {
+            2
+        } else {
+            1
+        };
         if since == 0
-            || (since < self.config.snapshot_after_entries
-                && bytes < self.config.snapshot_after_bytes)
+            || (since < self.config.snapshot_after_entries.saturating_mul(slack)
+                && bytes < self.config.snapshot_after_bytes.saturating_mul(slack))
         {
             return Ok(());
         }

@@ -573,6 +573,16 @@ impl RaftNode {
         self.transfer.is_some()
     }
 
+    /// Whether this leader is streaming a snapshot to some peer. Compacting meanwhile makes that
+    /// snapshot stale on arrival, and the peer needs a second one.
+    pub fn snapshot_send_in_progress(&self) -> bool {
+        self.role == Role::Leader
+            && self
+                .progress
+                .values()
+                .any(|pr| pr.state == ProgressState::Snapshot)
+    }
+
     /// The leader's view of `peer`'s match index (`None` when not leader or not a member).
     pub fn match_index(&self, peer: &PeerId) -> Option<LogIndex> {
         if self.role != Role::Leader {
