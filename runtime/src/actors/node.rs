@@ -155,8 +155,10 @@ struct PendingRead {
     f: QueryFn,
     deadline: Instant,
     index: Option<u64>,
-    /// Whether a ReadIndex request is outstanding for it.
-    requested: bool,
+    /// When its outstanding ReadIndex request was sent (`None`: none outstanding). A request or answer
+    /// lost on the bus is re-asked after an election timeout, so a read never waits for its deadline
+    /// on a lost frame.
+    requested_at: Option<Instant>,
 }
 
 pub(crate) struct NodeState {
@@ -770,7 +772,7 @@ impl NodeState {
                 self.last_leader_contact = Instant::now();
                 // A new leader: forward whatever waits, at once (fast failover of writes).
                 self.retry_pending(true);
-                self.retry_reads();
+                self.retry_reads(true);
             }
         }
     }
@@ -1006,7 +1008,7 @@ impl NodeState {
                 f,
                 deadline: Instant::now() + timeout,
                 index: None,
-                requested: false,
+                requested_at: None,
             },
         );
         self.request_read(ctx);
@@ -1016,7 +1018,7 @@ impl NodeState {
         let now_ms = self.now_ms();
         let ok = self.raft.read_index(now_ms, ctx).is_ok();
         if let Some(r) = self.reads.get_mut(&ctx) {
-            r.requested = ok;
+            r.requested_at = ok.then(Instant::now);
         }
     }
 
@@ -1026,15 +1028,22 @@ impl NodeState {
         };
         match rs.index {
             Some(index) => read.index = Some(index),
-            None => read.requested = false, // abandoned: re-asked on the next tick
+            None => read.requested_at = None, // abandoned: re-asked on the next tick
         }
     }
 
-    fn retry_reads(&mut self) {
+    /// (Re-)asks the read index of reads without one: those not asked, those asked longer than an
+    /// election timeout ago (a lost request or answer), and all of them when `all` (a new leader). A
+    /// duplicate answer is harmless: the first one sets the index.
+    fn retry_reads(&mut self, all: bool) {
+        let now = Instant::now();
+        let reask_after = Duration::from_millis(self.config.election_timeout_ms);
         let due: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| r.index.is_none() && !r.requested)
+            .filter(|(_, r)| {
+                r.index.is_none() && (all || r.requested_at.is_none_or(|t| now >= t + reask_after))
+            })
             .map(|(ctx, _)| *ctx)
             .collect();
         for ctx in due {
@@ -1106,7 +1115,7 @@ impl NodeState {
             }
         }
         self.retry_pending(false);
-        self.retry_reads();
+        self.retry_reads(false);
         self.expire();
         self.publish_view();
     }

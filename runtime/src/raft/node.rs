@@ -251,6 +251,13 @@ impl RaftNode {
                         MessageBody::ReadIndexResponse { ctx, index: None },
                     );
                 }
+                MessageBody::ReadIndexResponse { ctx, index } => {
+                    // An answer from the leader of an older term is still a valid read index: that
+                    // leader confirmed its leadership after it received the request, so every write
+                    // completed before the read began is at or below it. Dropping it left the read
+                    // waiting for an answer that never came (simulation seed 17833).
+                    self.read_states.push(ReadState { ctx, index });
+                }
                 _ => {}
             }
             return;
@@ -703,8 +710,11 @@ impl RaftNode {
     }
 
     fn request_votes(&mut self, term: Term, pre_vote: bool, transfer: bool) {
+        // Ask the voters of the configuration the votes are counted in (the latest in the log). Asking
+        // the committed configuration's instead left a candidate one vote short forever when its log
+        // held an uncommitted promotion (simulation seeds 10169, 17833).
         let voters: Vec<PeerId> = self
-            .membership()
+            .config_in_force()
             .voters
             .iter()
             .filter(|v| **v != self.id)
@@ -1271,8 +1281,17 @@ impl RaftNode {
     }
 
     /// A leader whose own removal committed hands over to the most up-to-date voter and steps down.
+    ///
+    /// Judged only once the leader has committed an entry of its term: before that its commit index,
+    /// and with it its committed configuration, can be stale (the commit index is not persisted, so a
+    /// restarted peer starts from its snapshot's configuration, which may predate its promotion). A
+    /// leader that stepped down on that stale view was elected again at once (its log is the longest)
+    /// and stepped down again: no stable leader (simulation seed 36259).
     fn maybe_step_down_removed(&mut self) {
-        if self.role != Role::Leader || self.membership().is_voter(&self.id) {
+        if self.role != Role::Leader
+            || !self.committed_in_term()
+            || self.membership().is_voter(&self.id)
+        {
             return;
         }
         let last = self.log.last_index();
