@@ -2,12 +2,11 @@
 //! cluster; kill the leader and the others elect another.
 //!
 //! ```text
-//! cargo run --features nats --example nats_cluster -- --peer-id a --cluster demo
-//! cargo run --features nats --example nats_cluster -- --peer-id b --cluster demo
-//! cargo run --features nats --example nats_cluster -- --peer-id c --cluster demo
+//! cargo run --example nats_cluster -- --peer-id a --cluster demo
+//! cargo run --example nats_cluster -- --peer-id b --cluster demo
+//! cargo run --example nats_cluster -- --peer-id c --cluster demo
 //! # the same over RabbitMQ:
-//! cargo run --features nats,rabbitmq --example nats_cluster -- \
-//!     --transport rabbitmq --peer-id a --cluster demo
+//! cargo run --example nats_cluster -- --transport rabbitmq --peer-id a --cluster demo
 //! ```
 //!
 //! Options: `--peer-id ID` (default: random), `--cluster ID` (default `demo`), `--transport
@@ -139,7 +138,6 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
             }
             b = b.transport(t.build()?);
         }
-        #[cfg(feature = "rabbitmq")]
         "rabbitmq" => {
             let mut t = hamok::transports::AmqpTransport::builder();
             if let Some(url) = &args.url {
@@ -150,20 +148,13 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
         other => {
             return Err(HamokError::Config {
                 key: "--transport".into(),
-                reason: format!("{other:?}: this build knows `nats`{}", rabbit_note()),
+                reason: format!("{other:?}: want `nats` or `rabbitmq`"),
             })
         }
     }
     b.build().await
 }
 
-fn rabbit_note() -> &'static str {
-    if cfg!(feature = "rabbitmq") {
-        " and `rabbitmq`"
-    } else {
-        " (build with --features rabbitmq for `rabbitmq`)"
-    }
-}
 
 async fn read(hamok: &Hamok, linearizable: bool) -> Result<i64, HamokError> {
     hamok

@@ -2,7 +2,6 @@
 //! the `rabbitmq` feature, over RabbitMQ). While a client keeps writing, the leader is SIGKILLed, a
 //! replacement joins, and a follower is SIGSTOPped and SIGCONTed; at the end no acknowledged write is
 //! lost and every live peer has the same state.
-#![cfg(feature = "nats")]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -264,7 +263,6 @@ async fn nats_leader_kill_and_follower_pause_lose_no_acknowledged_write() {
     scenario("nats", &url).await;
 }
 
-#[cfg(feature = "rabbitmq")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_leader_kill_and_follower_pause_lose_no_acknowledged_write() {
     use hamok::transports::rabbitmq::{AMQP_URL_ENV, DEFAULT_AMQP_URL};

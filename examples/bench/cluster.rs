@@ -50,27 +50,6 @@ impl TransportKind {
             _ => None,
         }
     }
-
-    /// Fails early, with the command to use, when the binary was built without the transport.
-    pub fn check_available(self) -> Res<()> {
-        match self {
-            TransportKind::Memory => Ok(()),
-            TransportKind::Nats => {
-                if cfg!(feature = "nats") {
-                    Ok(())
-                } else {
-                    Err("this build has no NATS transport: run with `cargo run --release --features nats --example bench -- --transport nats`".into())
-                }
-            }
-            TransportKind::RabbitMq => {
-                if cfg!(feature = "rabbitmq") {
-                    Ok(())
-                } else {
-                    Err("this build has no RabbitMQ transport: run with `cargo run --release --features rabbitmq --example bench -- --transport rabbitmq`".into())
-                }
-            }
-        }
-    }
 }
 
 /// A random 64-bit value from the standard library's randomly keyed hasher (no RNG crate needed).
@@ -113,22 +92,12 @@ impl Net {
     }
 }
 
-#[cfg(feature = "nats")]
 fn nats_transport(b: HamokBuilder) -> Res<HamokBuilder> {
     Ok(b.transport(hamok::transports::NatsTransport::from_env()?))
 }
-#[cfg(not(feature = "nats"))]
-fn nats_transport(_: HamokBuilder) -> Res<HamokBuilder> {
-    Err("this build has no NATS transport (feature `nats`)".into())
-}
 
-#[cfg(feature = "rabbitmq")]
 fn rabbitmq_transport(b: HamokBuilder) -> Res<HamokBuilder> {
     Ok(b.transport(hamok::transports::AmqpTransport::from_env()?))
-}
-#[cfg(not(feature = "rabbitmq"))]
-fn rabbitmq_transport(_: HamokBuilder) -> Res<HamokBuilder> {
-    Err("this build has no RabbitMQ transport (feature `rabbitmq`)".into())
 }
 
 /// A cluster id unique to this run: `bench-<tag>-<random>` (ids allow `[A-Za-z0-9_-]`).

@@ -6,9 +6,8 @@
 //!     [--scenario NAME[,NAME...]|all] [--json FILE] [--quick] [--save] [--threads N]
 //! ```
 //!
-//! The broker transports need their feature: `cargo run --release --features nats --example bench --
-//! --transport nats` (and `--features rabbitmq` for `--transport rabbitmq`). Brokers are found at
-//! `HAMOK_NATS_URL` / `HAMOK_AMQP_URL`, by default on localhost.
+//! The broker transports are always built into the examples (a dev-dependency enables them). Brokers
+//! are found at `HAMOK_NATS_URL` / `HAMOK_AMQP_URL`, by default on localhost.
 //!
 //! Scenarios (issue 6): `election`, `latency`, `throughput`, `failover`, `catchup`, `memory`, `scale`,
 //! `read`; `all` runs them all (`memory` first, so that its peak RSS is its own). Each prints markdown
@@ -37,7 +36,7 @@ use report::{json_document, Record, Value};
 use scenarios::{Ctx, Sizes, ALL};
 
 const USAGE: &str = "\
-usage: cargo run --release [--features nats|rabbitmq] --example bench -- [options]
+usage: cargo run --release --example bench -- [options]
 
 options:
   --transport memory|nats|rabbitmq   how the peers talk (default memory; nats also measures NATS KV)
@@ -172,10 +171,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = args.transport.check_available() {
-        eprintln!("bench: {e}");
-        std::process::exit(2);
-    }
     if args.processes && args.transport == TransportKind::Memory {
         eprintln!("bench: --processes needs a broker transport (--transport nats or rabbitmq)");
         std::process::exit(2);
@@ -221,12 +216,7 @@ async fn run(args: Args, threads: usize) -> Res<()> {
     let started_at = SystemTime::now();
     let load_start = cluster::loadavg();
     let command = format!(
-        "cargo run --release{} --example bench -- {}",
-        match args.transport {
-            TransportKind::Memory => "",
-            TransportKind::Nats => " --features nats",
-            TransportKind::RabbitMq => " --features rabbitmq",
-        },
+        "cargo run --release --example bench -- {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
     let mut meta: Vec<(String, Value)> = vec![
