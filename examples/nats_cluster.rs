@@ -155,7 +155,6 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
     b.build().await
 }
 
-
 async fn read(hamok: &Hamok, linearizable: bool) -> Result<i64, HamokError> {
     hamok
         .query(STORAGE, linearizable, |sm| {

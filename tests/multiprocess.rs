@@ -1,53 +1,20 @@
-//! Three OS processes (the `nats_cluster` example) form one cluster over a real NATS server (and, with
-//! the `rabbitmq` feature, over RabbitMQ). While a client keeps writing, the leader is SIGKILLed, a
+//! Three OS processes (the `nats_cluster` example) form one cluster over a real NATS server, and again
+//! over RabbitMQ. While a client keeps writing, the leader is SIGKILLed, a
 //! replacement joins, and a follower is SIGSTOPped and SIGCONTed; at the end no acknowledged write is
 //! lost and every live peer has the same state.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hamok::transports::nats::{DEFAULT_NATS_URL, NATS_URL_ENV};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// The broker URL of `env` (or `default`); panics with a clear message when nothing answers there (a
-/// broker test never passes by skipping).
-async fn require_broker(what: &str, env: &str, default: &str, default_port: u16) -> String {
-    let url = std::env::var(env)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_string());
-    let first = url.split(',').next().unwrap_or(&url).trim().to_string();
-    let rest = first.split("://").nth(1).unwrap_or(&first);
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    let addr = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:{default_port}")
-    };
-    match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr)).await {
-        Ok(Ok(_)) => first,
-        Ok(Err(e)) => panic!(
-            "{what} is not reachable at {addr} ({env}={first:?}): {e}. This test needs a real \
-             broker: start it (scripts/brokers.sh) or point {env} at one."
-        ),
-        Err(_) => panic!(
-            "{what} did not answer at {addr} within 3 s ({env}={first:?}). This test needs a real \
-             broker: start it (scripts/brokers.sh) or point {env} at one."
-        ),
-    }
-}
+/// The broker tests' helpers (`require_broker`, `unique_cluster`), shared with `transports/tests/`.
+#[path = "../transports/tests/common/mod.rs"]
+mod common;
 
-/// A cluster id no other test, run or process uses.
-fn unique_cluster(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("t-{tag}-{}-{nanos}", std::process::id())
-}
+use common::{require_broker, unique_cluster};
 
 /// Bound of one answer from a peer process.
 const ANSWER: Duration = Duration::from_secs(8);
