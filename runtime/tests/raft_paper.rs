@@ -2153,3 +2153,69 @@ fn proposals_beyond_max_uncommitted_entries_are_refused_as_busy() {
     }
     assert_eq!(a.propose(now, cmd("one too many")), Err(RaftError::Busy));
 }
+
+/// Votes are counted in the latest configuration in the log, so they must also be asked of its voters:
+/// a peer whose log holds an uncommitted promotion of `d` asks `d` too (asking only the committed
+/// configuration's voters left it one vote short forever; simulation seed 10169).
+#[test]
+fn candidate_asks_every_voter_of_the_latest_configuration() {
+    let mut state = persisted(&["a", "b", "c"], 1, vec![]);
+    state.entries = vec![Entry {
+        term: 1,
+        index: 1,
+        payload: EntryPayload::Membership(Membership::with_voters(
+            ["a", "b", "c", "d"].into_iter().map(pid),
+        )),
+    }];
+    let mut net = Net::with_states(cfg(), vec![("a", state)]);
+    net.run_for(3 * cfg().election_timeout_ms);
+    let asked: BTreeSet<PeerId> = net
+        .sent
+        .iter()
+        .filter(|m| matches!(m.body, MessageBody::RequestVote { .. }))
+        .map(|m| m.to.clone())
+        .collect();
+    assert_eq!(asked, ["b", "c", "d"].into_iter().map(pid).collect());
+}
+
+/// A read index answered by the leader of an older term is still valid (that leader confirmed its
+/// leadership after receiving the request), so a follower that moved on to a newer term meanwhile keeps
+/// it instead of leaving the read unanswered (simulation seed 17833).
+#[test]
+fn follower_keeps_a_read_index_answered_in_an_older_term() {
+    let mut net = settled(cfg());
+    let now = net.now;
+    let term = net.node("b").term();
+    let commit = net.node("a").commit_index();
+    net.node_mut("b").read_index(now, 9).unwrap();
+    let mut held = Vec::new();
+    net.deliver_all_with(|m| {
+        if matches!(m.body, MessageBody::ReadIndexResponse { .. }) {
+            held.push(m);
+            None
+        } else {
+            Some(m)
+        }
+    });
+    assert_eq!(held.len(), 1, "the leader answered");
+    // b follows a new leader in a newer term before the answer arrives.
+    net.deliver(msg(
+        "c",
+        "b",
+        term + 1,
+        MessageBody::Heartbeat {
+            commit: 0,
+            read_seq: 0,
+        },
+    ));
+    assert_eq!(net.node("b").term(), term + 1);
+    net.deliver(held.remove(0));
+    net.drain("b");
+    assert_eq!(
+        net.read_states[&pid("b")],
+        vec![ReadState {
+            ctx: 9,
+            index: Some(commit)
+        }]
+    );
+}
