@@ -265,7 +265,10 @@ impl Actor for NodeActor {
             },
             next_seq: 1,
             pending: BTreeMap::new(),
-            next_read_ctx: 1,
+            // Random start: a late read-index answer meant for an earlier run of this peer id (same
+            // id, frames still on the bus) must not match a read of this run, or it could serve it
+            // at a stale index.
+            next_read_ctx: uuid::Uuid::new_v4().as_u64_pair().0,
             reads: BTreeMap::new(),
             join_state: JoinState::Idle,
             discovery_started: now,
@@ -999,7 +1002,7 @@ impl NodeState {
             return;
         }
         let ctx = self.next_read_ctx;
-        self.next_read_ctx += 1;
+        self.next_read_ctx = self.next_read_ctx.wrapping_add(1);
         self.reads.insert(
             ctx,
             PendingRead {
@@ -1027,7 +1030,10 @@ impl NodeState {
             return;
         };
         match rs.index {
-            Some(index) => read.index = Some(index),
+            // Re-asks can bring several answers: the first one counts (each is a valid read index).
+            Some(index) => {
+                read.index.get_or_insert(index);
+            }
             None => read.requested_at = None, // abandoned: re-asked on the next tick
         }
     }
