@@ -297,6 +297,21 @@ pub(crate) async fn open<M: Collection>(
     kind: &str,
     strict: bool,
     extra: impl FnOnce() -> M::Extra,
+) -> Result<Handle<M::State, M::Extra>, HamokError> {
+    let local = open_local::<M>(hamok, id, kind, strict, extra).await?;
+    Ok(Handle {
+        hamok: hamok.clone(),
+        local,
+    })
+}
+
+/// The shared local part of collection `id` on this peer (see [`open`]).
+async fn open_local<M: Collection>(
+    hamok: &Hamok,
+    id: &str,
+    kind: &str,
+    strict: bool,
+    extra: impl FnOnce() -> M::Extra,
 ) -> Result<Arc<Local<M::State, M::Extra>>, HamokError> {
     hamok.create_storage(id, kind).await?;
     let init: Wire<()> = Wire::Init;

@@ -80,7 +80,7 @@ pub use remote_map::{
 };
 pub use set::{HamokSet, SetEvent, SET_KIND};
 
-use common::{open, Handle};
+use common::open;
 
 /// Registers the kinds of every collection but remote maps (see [`register_remote_map`]). Every peer
 /// of a cluster must register the same kinds.
@@ -237,14 +237,8 @@ async fn open_record<T>(
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    let local = open::<record::RecordMachine>(hamok, id, RECORD_KIND, strict, || ()).await?;
-    let record = HamokRecord::new(
-        Handle {
-            hamok: hamok.clone(),
-            local,
-        },
-        initial,
-    );
+    let handle = open::<record::RecordMachine>(hamok, id, RECORD_KIND, strict, || ()).await?;
+    let record = HamokRecord::new(handle, initial);
     if let Some(initial) = record.initial_object() {
         record.insert_instance(initial).await?;
     }
@@ -260,15 +254,12 @@ where
     E: Serialize + DeserializeOwned + 'static,
     M: Serialize + DeserializeOwned,
 {
-    let local = open::<emitter::EmitterMachine>(hamok, id, EMITTER_KIND, strict, || {
+    let handle = open::<emitter::EmitterMachine>(hamok, id, EMITTER_KIND, strict, || {
         emitter::EmitterExtra::new(id)
     })
     .await?;
-    emitter::start(hamok, &local)?;
-    Ok(HamokEmitter::new(Handle {
-        hamok: hamok.clone(),
-        local,
-    }))
+    emitter::start(hamok, &handle.local)?;
+    Ok(HamokEmitter::new(handle))
 }
 
 async fn open_remote_map<K, V>(
@@ -281,15 +272,12 @@ where
     V: Serialize + DeserializeOwned,
 {
     let kind = remote_map_kind(id);
-    let local = open::<remote_map::RemoteMapMachine>(hamok, id, &kind, strict, || {
+    let handle = open::<remote_map::RemoteMapMachine>(hamok, id, &kind, strict, || {
         remote_map::new_extra(id)
     })
     .await?;
-    remote_map::start(hamok, &local).await?;
-    Ok(HamokRemoteMap::new(Handle {
-        hamok: hamok.clone(),
-        local,
-    }))
+    remote_map::start(hamok, &handle.local).await?;
+    Ok(HamokRemoteMap::new(handle))
 }
 
 impl HamokCollections for Hamok {
@@ -298,11 +286,9 @@ impl HamokCollections for Hamok {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let local = open::<map::MapMachine>(self, id, MAP_KIND, true, || ()).await?;
-        Ok(HamokMap::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokMap::new(
+            open::<map::MapMachine>(self, id, MAP_KIND, true, || ()).await?,
+        ))
     }
 
     async fn get_or_create_map<K, V>(&self, id: &str) -> Result<HamokMap<K, V>, HamokError>
@@ -310,55 +296,45 @@ impl HamokCollections for Hamok {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let local = open::<map::MapMachine>(self, id, MAP_KIND, false, || ()).await?;
-        Ok(HamokMap::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokMap::new(
+            open::<map::MapMachine>(self, id, MAP_KIND, false, || ()).await?,
+        ))
     }
 
     async fn create_set<T>(&self, id: &str) -> Result<HamokSet<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let local = open::<set::SetMachine>(self, id, SET_KIND, true, || ()).await?;
-        Ok(HamokSet::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokSet::new(
+            open::<set::SetMachine>(self, id, SET_KIND, true, || ()).await?,
+        ))
     }
 
     async fn get_or_create_set<T>(&self, id: &str) -> Result<HamokSet<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let local = open::<set::SetMachine>(self, id, SET_KIND, false, || ()).await?;
-        Ok(HamokSet::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokSet::new(
+            open::<set::SetMachine>(self, id, SET_KIND, false, || ()).await?,
+        ))
     }
 
     async fn create_queue<T>(&self, id: &str) -> Result<HamokQueue<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let local = open::<queue::QueueMachine>(self, id, QUEUE_KIND, true, || ()).await?;
-        Ok(HamokQueue::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokQueue::new(
+            open::<queue::QueueMachine>(self, id, QUEUE_KIND, true, || ()).await?,
+        ))
     }
 
     async fn get_or_create_queue<T>(&self, id: &str) -> Result<HamokQueue<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let local = open::<queue::QueueMachine>(self, id, QUEUE_KIND, false, || ()).await?;
-        Ok(HamokQueue::new(Handle {
-            hamok: self.clone(),
-            local,
-        }))
+        Ok(HamokQueue::new(
+            open::<queue::QueueMachine>(self, id, QUEUE_KIND, false, || ()).await?,
+        ))
     }
 
     async fn create_record<T>(&self, id: &str) -> Result<HamokRecord<T>, HamokError>
