@@ -62,9 +62,9 @@ pub(crate) struct Session {
     /// Applied numbers at or above `floor`: start → end (exclusive), disjoint, not adjacent.
     applied: BTreeMap<u64, u64>,
     /// Responses of applied requests at or above `floor` (see the module doc), and their total size.
-    #[serde(default)]
     responses: BTreeMap<u64, Bytes>,
-    #[serde(default)]
+    /// Sum of the lengths in `responses` (derived: not in the snapshot, recounted on restore).
+    #[serde(skip)]
     response_bytes: usize,
     /// Log index of the last command of this client (to evict the least recently active client).
     pub(crate) last_active: LogIndex,
@@ -128,6 +128,11 @@ impl Session {
     /// Bytes of cached responses.
     pub(crate) fn response_bytes(&self) -> usize {
         self.response_bytes
+    }
+
+    /// Recounts the derived `response_bytes` (after deserializing).
+    pub(crate) fn recount(&mut self) {
+        self.response_bytes = self.responses.values().map(Bytes::len).sum();
     }
 
     /// Status of `seq`.

@@ -309,7 +309,14 @@ impl Storages {
             machines.insert(id, machine);
         }
         self.machines = machines;
-        self.sessions = snap.sessions.into_iter().collect();
+        self.sessions = snap
+            .sessions
+            .into_iter()
+            .map(|(id, mut session)| {
+                session.recount();
+                (id, session)
+            })
+            .collect();
         self.response_cache_bytes = self.sessions.values().map(Session::response_bytes).sum();
         self.trim_response_cache();
         Ok(())
@@ -444,6 +451,9 @@ mod tests {
         let snap = s.snapshot().unwrap();
         let mut t = storages();
         t.restore(&snap, |_, _| {}).unwrap();
+        // The response cache travels with the snapshot; its size is recounted, not stored.
+        assert!(s.response_cache_bytes > 0);
+        assert_eq!(t.response_cache_bytes, s.response_cache_bytes);
         assert_eq!(
             t.get("c")
                 .unwrap()
