@@ -162,15 +162,24 @@ impl Storages {
 
     /// Applies one command with at-most-once semantics per (client, seq).
     pub fn apply(&mut self, index: LogIndex, term: Term, cmd: LogCommand, local: bool) -> Applied {
-        let session = self.sessions.entry(cmd.client.clone()).or_default();
+        let LogCommand {
+            client,
+            seq,
+            floor,
+            op,
+        } = cmd;
+        let ctx = ApplyContext {
+            index,
+            term,
+            client: client.peer.clone(),
+            local,
+        };
+        // One session lookup per command: the borrow of `sessions` stays disjoint from the machines'.
+        let session = self.sessions.entry(client).or_default();
         let cached_before = session.response_bytes();
         session.last_active = index;
-        session.advance_floor(cmd.floor);
-        let status = session.status(cmd.seq);
-        if status == SeqStatus::New {
-            let inserted = session.insert(cmd.seq);
-            debug_assert!(inserted, "status was New");
-        }
+        session.advance_floor(floor);
+        let status = session.status(seq);
         // Raising the floor only drops cached responses.
         self.response_cache_bytes -= cached_before - session.response_bytes();
         match status {
@@ -178,32 +187,25 @@ impl Storages {
             SeqStatus::Applied => return Applied::Duplicate,
             SeqStatus::Forgotten => return Applied::Forgotten,
         }
+        let inserted = session.insert(seq);
+        debug_assert!(inserted, "status was New");
+        let result = apply_op(&mut self.machines, &self.kinds, &ctx, op);
+        if let Ok(response) = &result {
+            let delta = session.cache_response(seq, response.clone());
+            self.response_cache_bytes = self.response_cache_bytes.saturating_add_signed(delta);
+        }
         if self.sessions.len() > MAX_CLIENT_SESSIONS {
+            // The current client is the most recently active, so it is never the one evicted.
             let stalest = self
                 .sessions
                 .iter()
                 .min_by_key(|(id, s)| (s.last_active, (*id).clone()))
                 .map(|(id, _)| id.clone());
-            if let Some(id) = stalest {
-                if let Some(gone) = self.sessions.remove(&id) {
-                    self.response_cache_bytes -= gone.response_bytes();
-                }
+            if let Some(gone) = stalest.and_then(|id| self.sessions.remove(&id)) {
+                self.response_cache_bytes -= gone.response_bytes();
             }
         }
-        let ctx = ApplyContext {
-            index,
-            term,
-            client: cmd.client.peer.clone(),
-            local,
-        };
-        let result = self.apply_op(&ctx, cmd.op);
-        if let Ok(response) = &result {
-            if let Some(session) = self.sessions.get_mut(&cmd.client) {
-                let delta = session.cache_response(cmd.seq, response.clone());
-                self.response_cache_bytes = self.response_cache_bytes.saturating_add_signed(delta);
-            }
-            self.trim_response_cache();
-        }
+        self.trim_response_cache();
         Applied::Done(result)
     }
 
@@ -221,32 +223,6 @@ impl Storages {
                 return;
             };
             self.response_cache_bytes -= session.drop_responses();
-        }
-    }
-
-    fn apply_op(&mut self, ctx: &ApplyContext, op: Op) -> Result<Bytes, HamokError> {
-        match op {
-            Op::Noop => Ok(Bytes::new()),
-            Op::Create { storage, kind } => {
-                if let Some(existing) = self.machines.get(&storage) {
-                    if existing.kind() != kind {
-                        return Err(HamokError::KindMismatch {
-                            id: storage,
-                            existing: existing.kind().to_string(),
-                        });
-                    }
-                    return Ok(Bytes::new());
-                }
-                let factory = self.kinds.get(&kind).ok_or_else(|| {
-                    HamokError::Rejected(format!("unknown storage kind `{kind}`"))
-                })?;
-                self.machines.insert(storage, factory());
-                Ok(Bytes::new())
-            }
-            Op::Apply { storage, payload } => match self.machines.get_mut(&storage) {
-                Some(machine) => machine.apply(ctx, &payload),
-                None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
-            },
         }
     }
 
@@ -330,6 +306,38 @@ impl Storages {
     /// Registers (or replaces) the factory of a kind.
     pub fn register_kind(&mut self, kind: &str, factory: StateMachineFactory) {
         self.kinds.insert(kind.to_string(), factory);
+    }
+}
+
+/// Applies one runtime operation to the machines (the part of [`Storages::apply`] after dedup).
+fn apply_op(
+    machines: &mut BTreeMap<String, Box<dyn StateMachine>>,
+    kinds: &BTreeMap<String, StateMachineFactory>,
+    ctx: &ApplyContext,
+    op: Op,
+) -> Result<Bytes, HamokError> {
+    match op {
+        Op::Noop => Ok(Bytes::new()),
+        Op::Create { storage, kind } => {
+            if let Some(existing) = machines.get(&storage) {
+                if existing.kind() != kind {
+                    return Err(HamokError::KindMismatch {
+                        id: storage,
+                        existing: existing.kind().to_string(),
+                    });
+                }
+                return Ok(Bytes::new());
+            }
+            let factory = kinds
+                .get(&kind)
+                .ok_or_else(|| HamokError::Rejected(format!("unknown storage kind `{kind}`")))?;
+            machines.insert(storage, factory());
+            Ok(Bytes::new())
+        }
+        Op::Apply { storage, payload } => match machines.get_mut(&storage) {
+            Some(machine) => machine.apply(ctx, &payload),
+            None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
+        },
     }
 }
 
