@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
-use crate::actors::node::{JoinState, NodeArgs, NodeMsg, View};
+use crate::actors::node::{JoinState, NodeArgs, NodeMsg, RuntimeFaults, Served, View};
 use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
 use crate::config::HamokConfig;
 use crate::error::HamokError;
@@ -64,6 +64,9 @@ pub struct HamokBuilder {
     store: Option<Box<dyn LogStore>>,
     kinds: BTreeMap<String, StateMachineFactory>,
     error: Option<HamokError>,
+    /// Fixed randomness (tests only): see `HamokBuilder::seed`.
+    seed: Option<u64>,
+    faults: RuntimeFaults,
 }
 
 impl Default for HamokBuilder {
@@ -82,7 +85,26 @@ impl HamokBuilder {
             store: None,
             kinds: BTreeMap::new(),
             error: None,
+            seed: None,
+            faults: RuntimeFaults::default(),
         }
+    }
+
+    /// Draws every random choice of the peer (election timeouts, read contexts, its request nonce, its
+    /// id when none is set) from `seed` instead of the system's randomness, so a test run replays.
+    /// Only with the `testing` feature: two runs of one peer id must never share a nonce in production
+    /// (a restarted peer's requests would be taken for retries of the previous run's).
+    #[cfg(feature = "testing")]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Switches on planted bugs (hamok's own simulation tests; `testing` feature only).
+    #[cfg(feature = "testing")]
+    pub fn faults(mut self, faults: RuntimeFaults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Reads settings from a TOML file (keys as in [`HamokConfig`]).
@@ -192,11 +214,18 @@ impl HamokBuilder {
     /// Starts the peer's actors. The peer does not take part in any cluster until [`Hamok::join`].
     pub async fn build(self) -> Result<Hamok, HamokError> {
         let config = self.resolve_config()?;
+        let random: u128 = match self.seed {
+            Some(seed) => {
+                let mut rng = crate::raft::SeededRng::new(seed);
+                (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64())
+            }
+            None => uuid::Uuid::new_v4().as_u128(),
+        };
         let peer_id = PeerId::from(
             config
                 .peer_id
                 .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                .unwrap_or_else(|| uuid::Uuid::from_u128(random).to_string()),
         );
         let transport = self
             .transport
@@ -216,7 +245,6 @@ impl HamokBuilder {
                 let _ = node.send_message(NodeMsg::Inbound(frame));
             }
         });
-        let random = uuid::Uuid::new_v4().as_u128();
         let node_args = NodeArgs {
             peer_id: peer_id.clone(),
             config: config.clone(),
@@ -228,6 +256,7 @@ impl HamokBuilder {
             counters: counters.clone(),
             nonce: random as u64,
             seed: (random >> 64) as u64,
+            faults: self.faults,
         };
         let (node_tx, node_rx) = oneshot::channel();
         let (supervisor, _) = Actor::spawn(
@@ -419,30 +448,37 @@ impl Hamok {
     pub async fn wait_until_leader(&self, timeout: Duration) -> Result<PeerId, HamokError> {
         let v = self
             .wait_for(timeout, |v| {
-                v.leader.is_some() && matches!(v.join_state, JoinState::Joined | JoinState::Leaving)
+                v.raft.leader.is_some()
+                    && matches!(v.join_state, JoinState::Joined | JoinState::Leaving)
             })
             .await?;
-        Ok(v.leader.expect("checked"))
+        Ok(v.raft.leader.expect("checked"))
     }
 
     /// Waits until this peer has applied everything it knows to be committed.
     pub async fn wait_until_commit_head(&self, timeout: Duration) -> Result<LogIndex, HamokError> {
-        let target = self.view().commit_index;
+        let target = self.view().raft.commit_index;
         let v = self
-            .wait_for(timeout, |v| v.applied_index >= target)
+            .wait_for(timeout, |v| v.raft.applied_index >= target)
             .await?;
-        Ok(v.applied_index)
+        Ok(v.raft.applied_index)
     }
 
     /// Waits until this peer has applied everything the leader had committed when the call was made
     /// (a ReadIndex round): after it, local reads see every write acknowledged before the call.
+    /// Returns the index this peer had applied when the barrier passed.
+    ///
+    /// Fails, and then promises nothing about local reads, when the round cannot complete: the peer is
+    /// not joined ([`HamokError::NotJoined`]), no leader confirmed a read index in time
+    /// ([`HamokError::Timeout`]), or the peer closed ([`HamokError::Closed`]).
     pub async fn wait_until_linearizable(&self, timeout: Duration) -> Result<LogIndex, HamokError> {
         let (tx, rx) = oneshot::channel();
-        self.query_raw("", true, timeout, move |_| {
-            let _ = tx.send(());
+        self.query_raw("", true, timeout, move |served| {
+            let _ = tx.send(served.map(|s| s.applied_index));
         })?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(())) => Ok(self.view().applied_index),
+        // The node answers at the deadline at the latest; the outer timeout only guards a stuck actor.
+        match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
+            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(HamokError::Closed),
             Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
         }
@@ -451,17 +487,17 @@ impl Hamok {
     /// Whether this peer leads its cluster.
     pub fn is_leader(&self) -> bool {
         let v = self.inner.view.borrow();
-        v.role == Role::Leader && v.leader.as_ref() == Some(&self.inner.peer_id)
+        v.raft.role == Role::Leader && v.raft.leader.as_ref() == Some(&self.inner.peer_id)
     }
 
     /// The leader this peer knows of.
     pub fn leader_id(&self) -> Option<PeerId> {
-        self.inner.view.borrow().leader.clone()
+        self.inner.view.borrow().raft.leader.clone()
     }
 
     /// This peer's role.
     pub fn state(&self) -> Role {
-        self.inner.view.borrow().role
+        self.inner.view.borrow().raft.role
     }
 
     /// Whether this peer is part of a cluster.
@@ -479,6 +515,7 @@ impl Hamok {
         self.inner
             .view
             .borrow()
+            .raft
             .membership
             .members()
             .filter(|p| **p != self.inner.peer_id)
@@ -497,16 +534,17 @@ impl Hamok {
         let c = &self.inner.counters;
         HamokStats {
             peer_id: self.inner.peer_id.clone(),
-            role: v.role,
-            term: v.term,
-            leader: v.leader.clone(),
-            commit_index: v.commit_index,
-            applied_index: v.applied_index,
-            last_index: v.last_index,
-            snapshot_index: v.snapshot_index,
+            role: v.raft.role,
+            term: v.raft.term,
+            leader: v.raft.leader.clone(),
+            commit_index: v.raft.commit_index,
+            applied_index: v.raft.applied_index,
+            last_index: v.raft.last_index,
+            snapshot_index: v.raft.snapshot_index,
             log_entries: v.log_entries,
             log_bytes: v.log_bytes,
             remote_peers: v
+                .raft
                 .membership
                 .members()
                 .filter(|p| **p != self.inner.peer_id)
@@ -590,7 +628,7 @@ impl Hamok {
         storage: &str,
         linearizable: bool,
         timeout: Duration,
-        f: impl FnOnce(Result<Option<&dyn StateMachine>, HamokError>) + Send + 'static,
+        f: impl FnOnce(Result<Served<'_>, HamokError>) + Send + 'static,
     ) -> Result<(), HamokError> {
         self.send(NodeMsg::Query {
             storage: storage.to_string(),
@@ -613,7 +651,7 @@ impl Hamok {
         let _permit = self.permit(timeout).await?;
         let (tx, rx) = oneshot::channel();
         self.query_raw(storage, linearizable, timeout, move |r| {
-            let _ = tx.send(r.map(f));
+            let _ = tx.send(r.map(|served| f(served.machine)));
         })?;
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
             Ok(Ok(result)) => result,

@@ -26,3 +26,11 @@ pub use error::HamokError;
 pub use events::HamokEvent;
 pub use hamok::{Hamok, HamokBuilder, JoinOptions};
 pub use stats::HamokStats;
+
+/// Hooks for hamok's own tests (crate feature `testing`, which only the workspace's test crate turns
+/// on): planted bugs in the runtime's decisions, switched on with `HamokBuilder::faults`, and seeded
+/// peers (`HamokBuilder::seed`). Never for production use.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::actors::node::RuntimeFaults;
+}

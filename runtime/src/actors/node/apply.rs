@@ -1,0 +1,208 @@
+//! The apply path: the log store (what each `Ready` asks to persist), the storages (the state
+//! machines every committed command is applied to, at most once per request), the attach hooks of
+//! local handles, and snapshots with log compaction by log size.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::HamokConfig;
+use crate::error::HamokError;
+use crate::raft::{LogIndex, PersistedState, RaftNode, Ready, Snapshot, Term};
+use crate::state_machine::{
+    Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, Storages,
+};
+use crate::stats::Counters;
+use crate::store::{LogStore, MemoryLogStore};
+
+/// A hook run on a storage's state machine whenever it is (re)created (to attach local observers).
+pub(crate) type AttachFn = Arc<dyn Fn(&mut dyn StateMachine) + Send + Sync>;
+
+/// What applying one committed command did.
+pub(super) enum CommandApplied {
+    /// The command does not decode: skipped identically on every peer (determinism holds).
+    Undecodable(String),
+    /// The command creates a storage of a kind this peer has not registered: it cannot follow the
+    /// cluster and must stop rather than diverge.
+    UnknownKind(String),
+    /// Applied, or recognised as a retry.
+    Done {
+        /// The request's client and number.
+        client: ClientId,
+        seq: u64,
+        /// The outcome.
+        applied: Applied,
+    },
+}
+
+pub(super) struct Apply {
+    store: Box<dyn LogStore>,
+    storages: Storages,
+    attach_hooks: BTreeMap<String, Vec<AttachFn>>,
+    snapshot_after_entries: u64,
+    snapshot_after_bytes: u64,
+}
+
+impl Apply {
+    pub(super) fn new(
+        store: Box<dyn LogStore>,
+        kinds: BTreeMap<String, StateMachineFactory>,
+        config: &HamokConfig,
+    ) -> Self {
+        Apply {
+            store,
+            storages: Storages::new(kinds),
+            attach_hooks: BTreeMap::new(),
+            snapshot_after_entries: config.snapshot_after_entries,
+            snapshot_after_bytes: config.snapshot_after_bytes,
+        }
+    }
+
+    /// Loads what the store holds and restores the storages from its snapshot.
+    pub(super) fn load(&mut self) -> Result<PersistedState, HamokError> {
+        let persisted = self.store.load()?;
+        self.storages.restore(&persisted.snapshot.data, |_, _| {})?;
+        Ok(persisted)
+    }
+
+    /// Forgets everything (after a leave, `join` starts afresh): a new in-memory store, empty storages.
+    pub(super) fn reset(&mut self) -> Result<PersistedState, HamokError> {
+        self.store = Box::new(MemoryLogStore::new());
+        self.storages.restore(&[], |_, _| {})?;
+        self.store.load()
+    }
+
+    pub(super) fn storages(&self) -> &Storages {
+        &self.storages
+    }
+
+    pub(super) fn knows_kind(&self, kind: &str) -> bool {
+        self.storages.knows_kind(kind)
+    }
+
+    /// Entries and bytes in the log store.
+    pub(super) fn log_size(&self) -> (u64, u64) {
+        self.store.size()
+    }
+
+    /// Records a founding snapshot.
+    pub(super) fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
+        self.store.save_snapshot(snapshot)
+    }
+
+    /// Persists what `ready` asks for, in order, and syncs: before any of its messages leave.
+    pub(super) fn persist(&mut self, ready: &Ready) -> Result<(), HamokError> {
+        if let Some(snapshot) = &ready.snapshot {
+            self.store.save_snapshot(snapshot)?;
+        }
+        if let Some(hs) = &ready.hard_state {
+            self.store.save_hard_state(hs)?;
+        }
+        if let Some(from) = ready.entries_from {
+            self.store.write_entries(from, &ready.entries)?;
+        }
+        if ready.snapshot.is_some() || ready.hard_state.is_some() || ready.entries_from.is_some() {
+            self.store.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every storage with a received snapshot's, running the attach hooks.
+    pub(super) fn install(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
+        let hooks = &self.attach_hooks;
+        self.storages.restore(&snapshot.data, |id, machine| {
+            for hook in hooks.get(id).into_iter().flatten() {
+                hook(machine);
+            }
+        })
+    }
+
+    /// Applies one committed command.
+    pub(super) fn apply_command(
+        &mut self,
+        index: LogIndex,
+        term: Term,
+        bytes: &[u8],
+        local: &ClientId,
+    ) -> CommandApplied {
+        let cmd: LogCommand = match rmp_serde::from_slice(bytes) {
+            Ok(c) => c,
+            Err(e) => return CommandApplied::Undecodable(format!("undecodable command: {e}")),
+        };
+        let created = match &cmd.op {
+            Op::Create { storage, kind } => {
+                if !self.storages.knows_kind(kind) {
+                    // The submitter knew this kind (it checks before submitting), so the others build
+                    // it: this peer would silently diverge.
+                    return CommandApplied::UnknownKind(format!(
+                        "storage `{storage}` has kind `{kind}`, which this peer has not registered: \
+                         it cannot follow the cluster and stops"
+                    ));
+                }
+                Some(storage.clone())
+            }
+            _ => None,
+        };
+        let client = cmd.client.clone();
+        let seq = cmd.seq;
+        let is_local = client == *local;
+        let applied = self.storages.apply(index, term, cmd, is_local);
+        if let Some(storage) = created {
+            self.run_attach_hooks(&storage);
+        }
+        CommandApplied::Done {
+            client,
+            seq,
+            applied,
+        }
+    }
+
+    /// Registers a hook run on `storage`'s state machine whenever it is (re)created, and now if it
+    /// exists.
+    pub(super) fn attach(&mut self, storage: String, hook: AttachFn) {
+        if let Some(machine) = self.storages.get_mut(&storage) {
+            hook(machine);
+        }
+        self.attach_hooks.entry(storage).or_default().push(hook);
+    }
+
+    fn run_attach_hooks(&mut self, storage: &str) {
+        let Some(hooks) = self.attach_hooks.get(storage) else {
+            return;
+        };
+        if let Some(machine) = self.storages.get_mut(storage) {
+            for hook in hooks {
+                hook(machine);
+            }
+        }
+    }
+
+    /// Takes a snapshot and compacts the log once it holds `snapshot_after_entries` entries or
+    /// `snapshot_after_bytes` bytes beyond the last snapshot. While a snapshot streams to a lagging peer,
+    /// a new one would make it stale on arrival (the peer would need a second install): it waits, up to
+    /// twice the thresholds so the log stays bounded.
+    pub(super) fn maybe_snapshot(
+        &mut self,
+        raft: &mut RaftNode,
+        counters: &Counters,
+    ) -> Result<(), HamokError> {
+        let applied = raft.applied_index();
+        let since = applied.saturating_sub(raft.snapshot_index());
+        let (_, bytes) = self.store.size();
+        let slack = if raft.snapshot_send_in_progress() {
+            2
+        } else {
+            1
+        };
+        if since == 0
+            || (since < self.snapshot_after_entries.saturating_mul(slack)
+                && bytes < self.snapshot_after_bytes.saturating_mul(slack))
+        {
+            return Ok(());
+        }
+        let data = self.storages.snapshot()?;
+        raft.compact(applied, data)?;
+        self.store.save_snapshot(raft.snapshot())?;
+        Counters::bump(&counters.snapshots_taken);
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! Discovery, joining and rejoining: where this peer stands with respect to a cluster ([`JoinState`]),
+//! the hello announcements, the bootstrap rule, and the two rules that decide membership as this peer
+//! reports it.
+//!
+//! * **The join rule.** A peer is `Joined` once it is a voter (a learner when `only_follower`) of a
+//!   committed configuration that is at least as recent as its leader's: it leads, or, since it started
+//!   looking, it obtained a read index from a leader (a ReadIndex round, as for a linearizable read)
+//!   and has committed up to it. A peer's own, possibly stale, log never makes it joined by itself: a
+//!   removed peer whose log never received its removal still lists itself as a voter.
+//! * **The rejoin rule.** A joined peer that learns its removal (a committed configuration without it),
+//!   or that has heard nothing from a leader for `peer_max_idle_ms` (the time after which a leader
+//!   removes a silent member, so it may have been removed without hearing of it), reports `Rejoining`,
+//!   stops saying it is joined, and looks for the cluster again. Only a leader's messages of the current
+//!   term count as contact: another cut-off peer's election traffic does not.
+
+use std::collections::BTreeMap;
+
+use super::faults::RuntimeFaults;
+use super::frames::Output;
+use super::view::JoinState;
+use crate::config::HamokConfig;
+use crate::events::HamokEvent;
+use crate::raft::{LogIndex, PeerId, RaftNode, ReadState, Role};
+use crate::wire::{HamokMessage, Hello};
+
+/// A change of join state the peer must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Transition {
+    /// It became a member in contact with its leader.
+    Joined,
+    /// It is joined but no longer a member (or may not be): it must look for the cluster again.
+    LostMembership,
+    /// It is leaving and its removal is committed.
+    LeaveCommitted,
+}
+
+pub(super) struct Discovery {
+    id: PeerId,
+    state: JoinState,
+    /// When the current search for the cluster began.
+    started_ms: u64,
+    /// Peers looking for a cluster too, and whether each may lead (only those may found one).
+    discovered: BTreeMap<PeerId, bool>,
+    /// A member of some cluster answered during the current search: no bootstrap.
+    member_heard: bool,
+    last_hello_ms: Option<u64>,
+    /// The last message from a leader of the current term.
+    last_leader_contact_ms: u64,
+    /// The ReadIndex round of the current search: its context and when it was asked.
+    membership_read: Option<(u64, u64)>,
+    /// The read index that round obtained: the join rule waits until this peer has committed that far.
+    catch_up_to: Option<LogIndex>,
+    /// A membership read unanswered for this long is asked again.
+    reask_after_ms: u64,
+    hello_interval_ms: u64,
+    discovery_window_ms: u64,
+    peer_max_idle_ms: u64,
+    only_follower: bool,
+}
+
+impl Discovery {
+    pub(super) fn new(id: PeerId, config: &HamokConfig) -> Self {
+        Discovery {
+            id,
+            state: JoinState::Idle,
+            started_ms: 0,
+            discovered: BTreeMap::new(),
+            member_heard: false,
+            last_hello_ms: None,
+            last_leader_contact_ms: 0,
+            membership_read: None,
+            catch_up_to: None,
+            reask_after_ms: config.election_timeout_ms,
+            hello_interval_ms: config.hello_interval_ms,
+            discovery_window_ms: config.discovery_window_ms,
+            peer_max_idle_ms: config.peer_max_idle_ms,
+            only_follower: config.only_follower,
+        }
+    }
+
+    pub(super) fn state(&self) -> JoinState {
+        self.state
+    }
+
+    /// Whether the peer takes part in Raft at all (ticks and messages).
+    pub(super) fn participating(&self) -> bool {
+        !matches!(self.state, JoinState::Idle | JoinState::Left)
+    }
+
+    /// Whether requests and linearizable reads are accepted.
+    pub(super) fn accepts_requests(&self) -> bool {
+        matches!(self.state, JoinState::Joined | JoinState::Leaving)
+    }
+
+    /// Starts looking for the cluster (a first join, or a rejoin).
+    pub(super) fn start(&mut self, now_ms: u64) {
+        self.state = JoinState::Discovering;
+        self.started_ms = now_ms;
+        self.discovered.clear();
+        self.member_heard = false;
+        self.last_hello_ms = None;
+        self.membership_read = None;
+        self.catch_up_to = None;
+    }
+
+    /// A joined peer lost its membership (or cannot tell): it says so and looks for the cluster again.
+    pub(super) fn rejoin(&mut self, now_ms: u64, out: &mut Output) {
+        out.emit(HamokEvent::Rejoining);
+        self.start(now_ms);
+    }
+
+    pub(super) fn begin_leave(&mut self) {
+        self.state = JoinState::Leaving;
+    }
+
+    pub(super) fn left(&mut self) {
+        self.state = JoinState::Left;
+    }
+
+    /// A new link: announce at once.
+    pub(super) fn on_link_up(&mut self) {
+        if self.state == JoinState::Discovering {
+            self.last_hello_ms = None;
+        }
+    }
+
+    /// `from` said goodbye: it no longer looks for a cluster.
+    pub(super) fn forget(&mut self, from: &PeerId) {
+        self.discovered.remove(from);
+    }
+
+    /// A message from the leader of the current term (judged by the engine after stepping it).
+    pub(super) fn on_leader_contact(&mut self, now_ms: u64) {
+        self.last_leader_contact_ms = now_ms;
+    }
+
+    /// While discovering and following a leader: asks it for a read index (once per search, again if
+    /// unanswered for `reask_after_ms`), so the join rule knows how far this peer must commit.
+    /// `next_ctx` numbers the request among the peer's reads.
+    pub(super) fn ask_membership_read(
+        &mut self,
+        now_ms: u64,
+        raft: &mut RaftNode,
+        next_ctx: impl FnOnce() -> u64,
+    ) {
+        if self.state != JoinState::Discovering
+            || self.catch_up_to.is_some()
+            || raft.role() == Role::Leader
+            || raft.leader_id().is_none()
+            || self
+                .membership_read
+                .is_some_and(|(_, at)| now_ms < at.saturating_add(self.reask_after_ms))
+        {
+            return;
+        }
+        let ctx = next_ctx();
+        self.membership_read = raft
+            .read_index(now_ms, ctx)
+            .is_ok()
+            .then_some((ctx, now_ms));
+    }
+
+    /// The outcome of a read-index request, if it was this search's membership read (returns whether
+    /// it was).
+    pub(super) fn on_read_state(&mut self, rs: &ReadState) -> bool {
+        if self.membership_read.map(|(ctx, _)| ctx) != Some(rs.ctx) {
+            return false;
+        }
+        match rs.index {
+            Some(index) => {
+                self.catch_up_to.get_or_insert(index);
+            }
+            None => self.membership_read = None, // refused: asked again
+        }
+        true
+    }
+
+    /// This peer leads: it is its own leader contact.
+    pub(super) fn on_leading(&mut self, now_ms: u64) {
+        self.last_leader_contact_ms = now_ms;
+    }
+
+    /// The planted bug: any higher-term message counts as leader contact.
+    pub(super) fn on_higher_term(&mut self, now_ms: u64, faults: RuntimeFaults) {
+        if faults.idle_timer_refreshed_by_any_higher_term() {
+            self.last_leader_contact_ms = now_ms;
+        }
+    }
+
+    fn is_member(&self, raft: &RaftNode) -> bool {
+        let membership = raft.membership();
+        if self.only_follower {
+            membership.contains(&self.id)
+        } else {
+            membership.is_voter(&self.id)
+        }
+    }
+
+    /// The join and rejoin rules, applied to the engine's committed configuration.
+    pub(super) fn judge(&mut self, now_ms: u64, raft: &RaftNode) -> Option<Transition> {
+        let listed = raft.membership().contains(&self.id);
+        match self.state {
+            JoinState::Discovering => {
+                let current = if raft.role() == Role::Leader {
+                    true
+                } else {
+                    raft.leader_id().is_some()
+                        && self.catch_up_to.is_some_and(|c| raft.commit_index() >= c)
+                };
+                if current && self.is_member(raft) {
+                    self.state = JoinState::Joined;
+                    self.last_leader_contact_ms = now_ms;
+                    return Some(Transition::Joined);
+                }
+                None
+            }
+            JoinState::Joined if !listed => Some(Transition::LostMembership),
+            JoinState::Joined
+                if raft.role() != Role::Leader
+                    && now_ms
+                        >= self
+                            .last_leader_contact_ms
+                            .saturating_add(self.peer_max_idle_ms) =>
+            {
+                Some(Transition::LostMembership)
+            }
+            JoinState::Leaving if !listed => Some(Transition::LeaveCommitted),
+            _ => None,
+        }
+    }
+
+    fn hello(&self, raft: &RaftNode, reply: bool) -> Hello {
+        Hello {
+            member: raft.membership().contains(&self.id),
+            leader: raft.leader_id().cloned(),
+            term: raft.term(),
+            joining: self.state == JoinState::Discovering,
+            reply,
+            can_lead: !self.only_follower,
+        }
+    }
+
+    fn join_request(&self) -> HamokMessage {
+        HamokMessage::JoinRequest {
+            only_follower: self.only_follower,
+        }
+    }
+
+    /// While discovering: announce every `hello_interval_ms` (a broadcast hello, and a join request to
+    /// the leader when one is known).
+    pub(super) fn announce(
+        &mut self,
+        now_ms: u64,
+        raft: &RaftNode,
+        leader: Option<PeerId>,
+        out: &mut Output,
+    ) {
+        if self.state != JoinState::Discovering {
+            return;
+        }
+        if self
+            .last_hello_ms
+            .is_some_and(|t| now_ms < t.saturating_add(self.hello_interval_ms))
+        {
+            return;
+        }
+        self.last_hello_ms = Some(now_ms);
+        out.broadcast(HamokMessage::Hello(self.hello(raft, true)));
+        if let Some(leader) = leader {
+            out.send(leader, self.join_request());
+        }
+    }
+
+    /// The bootstrap rule: nobody answered as a member for a whole discovery window, this peer has never
+    /// been part of a cluster, may lead, and has the lowest id among the peers it heard looking (that may
+    /// lead): it founds a cluster of one. Everyone else waits for it.
+    pub(super) fn should_bootstrap(
+        &self,
+        now_ms: u64,
+        raft: &RaftNode,
+        faults: RuntimeFaults,
+    ) -> bool {
+        let pristine =
+            raft.last_index() == 0 && raft.term() == 0 && raft.membership().voters.is_empty();
+        if self.state != JoinState::Discovering
+            || self.member_heard
+            || !pristine
+            || self.only_follower
+            || now_ms < self.started_ms.saturating_add(self.discovery_window_ms)
+        {
+            return false;
+        }
+        if faults.bootstrap_ignores_lowest_id() {
+            return true;
+        }
+        let lowest = self
+            .discovered
+            .iter()
+            .filter(|(_, can_lead)| **can_lead)
+            .map(|(p, _)| p)
+            .chain(std::iter::once(&self.id))
+            .min();
+        lowest == Some(&self.id)
+    }
+
+    /// A hello from `from`. Members answer hellos that ask for it; a discovering peer learns who leads
+    /// (`leader_hint`) and asks to join.
+    pub(super) fn on_hello(
+        &mut self,
+        from: PeerId,
+        hello: Hello,
+        raft: &RaftNode,
+        leader_hint: &mut Option<PeerId>,
+        out: &mut Output,
+    ) {
+        if hello.member {
+            self.member_heard = true;
+            if let Some(leader) = hello.leader.clone() {
+                if raft.leader_id().is_none() {
+                    *leader_hint = Some(leader);
+                }
+            }
+        } else if hello.joining {
+            self.discovered.insert(from.clone(), hello.can_lead);
+        }
+        if hello.reply && raft.membership().contains(&self.id) {
+            out.send(from, HamokMessage::Hello(self.hello(raft, false)));
+        }
+        if self.state == JoinState::Discovering && hello.member {
+            if let Some(leader) = raft.leader_id().cloned().or(leader_hint.clone()) {
+                out.send(leader, self.join_request());
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Planted bugs in the runtime's decisions, so that hamok's own whole-peer simulation can show its
+//! checks catch them (as `raft::fault_tests` does for the engine).
+//!
+//! The switches exist only with the crate feature `testing`, which only hamok's test crate turns on;
+//! without it [`RuntimeFaults`] is an empty type whose every switch is the constant `false`, so the
+//! planted branches are compiled out of every build a user makes.
+
+/// Which planted bugs are on (all off by default).
+#[cfg(feature = "testing")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeFaults {
+    /// A linearizable read that cannot get a read index before its deadline answers from the local
+    /// state instead of failing (the bug of issue 10).
+    pub read_falls_back_to_local: bool,
+    /// Every peer that heard no member for a whole discovery window founds a cluster of its own, not
+    /// only the lowest id among the peers it heard.
+    pub bootstrap_ignores_lowest_id: bool,
+    /// Any message of a higher term (a stray candidate's pre-vote, say) counts as contact with the
+    /// leader, so a cut-off peer may never notice that it was removed (the other bug of issue 10).
+    pub idle_timer_refreshed_by_any_higher_term: bool,
+}
+
+/// Which planted bugs are on: none can be, without the `testing` feature.
+#[cfg(not(feature = "testing"))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RuntimeFaults;
+
+#[cfg(feature = "testing")]
+impl RuntimeFaults {
+    pub(crate) fn read_falls_back_to_local(&self) -> bool {
+        self.read_falls_back_to_local
+    }
+    pub(crate) fn bootstrap_ignores_lowest_id(&self) -> bool {
+        self.bootstrap_ignores_lowest_id
+    }
+    pub(crate) fn idle_timer_refreshed_by_any_higher_term(&self) -> bool {
+        self.idle_timer_refreshed_by_any_higher_term
+    }
+}
+
+#[cfg(not(feature = "testing"))]
+impl RuntimeFaults {
+    pub(crate) const fn read_falls_back_to_local(&self) -> bool {
+        false
+    }
+    pub(crate) const fn bootstrap_ignores_lowest_id(&self) -> bool {
+        false
+    }
+    pub(crate) const fn idle_timer_refreshed_by_any_higher_term(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,110 @@
+//! Frames in and out of one peer: the codec with its counted drops, and the [`Output`] every concern
+//! writes to (frames to send, events to report, a reason to stop). The actor shell drains the output
+//! after each input; nothing here does I/O.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::HamokConfig;
+use crate::events::HamokEvent;
+use crate::raft::PeerId;
+use crate::stats::Counters;
+use crate::wire::{self, DecodeError, Frame, FrameKey, HamokMessage, PROTOCOL_VERSION};
+
+/// What the peer wants done, collected while it handles one input.
+#[derive(Default)]
+pub(crate) struct Output {
+    /// Frames to send, in order: to one peer, or to all with `None`.
+    pub frames: Vec<(Option<PeerId>, HamokMessage)>,
+    /// Events to report, in order.
+    pub events: Vec<HamokEvent>,
+    /// The peer cannot go on (e.g. a committed storage kind it does not know): stop it.
+    pub stop: Option<String>,
+}
+
+impl Output {
+    pub(super) fn send(&mut self, to: PeerId, body: HamokMessage) {
+        self.frames.push((Some(to), body));
+    }
+
+    pub(super) fn broadcast(&mut self, body: HamokMessage) {
+        self.frames.push((None, body));
+    }
+
+    pub(super) fn emit(&mut self, event: HamokEvent) {
+        self.events.push(event);
+    }
+}
+
+/// The wire codec of one peer: its identity on the bus and the optional frame key.
+pub(super) struct Codec {
+    id: PeerId,
+    cluster: String,
+    max_frame_bytes: usize,
+    key: Option<FrameKey>,
+}
+
+impl Codec {
+    pub(super) fn new(id: PeerId, config: &HamokConfig) -> Self {
+        Codec {
+            id,
+            cluster: config.cluster_id.clone(),
+            max_frame_bytes: config.max_frame_bytes,
+            key: config
+                .cluster_key
+                .as_ref()
+                .map(|k| FrameKey::new(k.as_bytes())),
+        }
+    }
+
+    /// Encodes one outgoing frame.
+    pub(super) fn encode(
+        &self,
+        to: Option<PeerId>,
+        body: HamokMessage,
+    ) -> Result<Bytes, rmp_serde::encode::Error> {
+        let frame = Frame {
+            version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            from: self.id.clone(),
+            to,
+            body,
+        };
+        wire::encode_with(&frame, self.key.as_ref())
+    }
+
+    /// Decodes one incoming frame. A frame that is dropped is counted; one that should alarm the
+    /// operator (anything but another cluster's traffic on a shared bus) is reported as an event.
+    pub(super) fn decode(
+        &self,
+        bytes: &[u8],
+        counters: &Arc<Counters>,
+        out: &mut Output,
+    ) -> Option<Frame> {
+        Counters::bump(&counters.frames_in);
+        match wire::decode_with(
+            bytes,
+            &self.cluster,
+            &self.id,
+            self.max_frame_bytes,
+            self.key.as_ref(),
+        ) {
+            Ok(frame) if frame.from == self.id => None, // our own broadcast echoed back by the bus
+            Ok(frame) => Some(frame),
+            Err(e) => {
+                let counter = match &e {
+                    DecodeError::ForeignCluster(_) => &counters.dropped_foreign_cluster,
+                    DecodeError::Version(_) => &counters.dropped_version,
+                    DecodeError::Unauthenticated => &counters.dropped_unauthenticated,
+                    _ => &counters.dropped_malformed,
+                };
+                Counters::bump(counter);
+                if !matches!(e, DecodeError::ForeignCluster(_) | DecodeError::NotForUs) {
+                    out.emit(HamokEvent::Error(format!("dropped frame: {e}")));
+                }
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The Raft node actor: a thin shell around [`Peer`], the peer's pure logic.
+//!
+//! The shell is the only part that reads the clock (tokio's, so a paused test clock drives it), holds
+//! the live transport link and publishes the [`View`] and events. Everything it receives becomes one
+//! call on the [`Peer`] with the current time; after each, it sends the frames the peer produced,
+//! forwards its events, publishes the view and, when the engine has output, posts itself a `Flush` (so
+//! a burst of input is processed in batches). One message at a time: no locks.
+//!
+//! The logic lives one concern per file, each owning its fields: [`frames`] (codec and the peer's
+//! output), [`apply`] (log store, storages, snapshots), [`requests`], [`reads`], [`discovery`]
+//! (join and rejoin rules, bootstrap), [`admission`] (the leader's membership duties), [`leave`],
+//! composed by [`peer`].
+
+mod admission;
+mod apply;
+mod discovery;
+mod faults;
+mod frames;
+mod leave;
+mod peer;
+mod reads;
+mod requests;
+mod view;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::Instant;
+
+pub(crate) use apply::AttachFn;
+#[cfg(not(feature = "testing"))]
+pub(crate) use faults::RuntimeFaults;
+#[cfg(feature = "testing")]
+pub use faults::RuntimeFaults;
+pub(crate) use peer::DirectFn;
+use peer::{Peer, PeerArgs};
+pub(crate) use reads::{QueryFn, Served};
+pub use view::JoinState;
+pub(crate) use view::View;
+
+use crate::config::HamokConfig;
+use crate::error::HamokError;
+use crate::events::HamokEvent;
+use crate::raft::PeerId;
+use crate::state_machine::{Op, StateMachineFactory};
+use crate::stats::Counters;
+use crate::store::LogStore;
+use crate::transport::{Inbound, Link};
+
+/// Messages of the node actor.
+pub(crate) enum NodeMsg {
+    /// A frame from the transport.
+    Inbound(Bytes),
+    /// Timer.
+    Tick,
+    /// Process the engine's output (posted to self, so bursts of input are batched).
+    Flush,
+    /// The transport (re)connected.
+    LinkUp(Arc<dyn Link>),
+    /// The transport lost its connection.
+    LinkDown,
+    /// Start discovery and joining.
+    Join,
+    /// Leave the cluster; answered when done.
+    Leave(oneshot::Sender<Result<(), HamokError>>),
+    /// Submit an operation; answered once applied on this peer.
+    Submit {
+        op: Op,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Bytes, HamokError>>,
+    },
+    /// Run a closure on a storage, after a ReadIndex barrier if `linearizable`.
+    Query {
+        storage: String,
+        linearizable: bool,
+        timeout: Duration,
+        f: QueryFn,
+    },
+    /// Register a hook run on a storage's state machine whenever it is (re)created, and now if it exists.
+    Attach { storage: String, hook: AttachFn },
+    /// Register the handler of a direct-message channel.
+    OnDirect { channel: String, handler: DirectFn },
+    /// Send a direct message to one peer, or to all with `None`.
+    SendDirect {
+        to: Option<PeerId>,
+        channel: String,
+        payload: Bytes,
+    },
+}
+
+/// Everything the node actor starts from.
+pub(crate) struct NodeArgs {
+    pub peer_id: PeerId,
+    pub config: HamokConfig,
+    pub store: Box<dyn LogStore>,
+    pub kinds: BTreeMap<String, StateMachineFactory>,
+    pub inbound: Inbound,
+    pub view: watch::Sender<View>,
+    pub events: broadcast::Sender<HamokEvent>,
+    pub counters: Arc<Counters>,
+    pub nonce: u64,
+    pub seed: u64,
+    pub faults: RuntimeFaults,
+}
+
+pub(crate) struct NodeState {
+    peer: Peer,
+    started: Instant,
+    link: Option<Arc<dyn Link>>,
+    inbound: Inbound,
+    view: watch::Sender<View>,
+    events: broadcast::Sender<HamokEvent>,
+    counters: Arc<Counters>,
+    flush_scheduled: bool,
+}
+
+/// The node actor.
+pub(crate) struct NodeActor;
+
+impl Actor for NodeActor {
+    type Msg = NodeMsg;
+    type State = NodeState;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        args: NodeArgs,
+    ) -> Result<NodeState, ActorProcessingErr> {
+        let tick = Duration::from_millis(args.config.tick_interval_ms);
+        let peer = Peer::new(
+            PeerArgs {
+                id: args.peer_id,
+                config: args.config,
+                store: args.store,
+                kinds: args.kinds,
+                counters: args.counters.clone(),
+                nonce: args.nonce,
+                seed: args.seed,
+                faults: args.faults,
+            },
+            0,
+        )?;
+        myself.send_interval(tick, || NodeMsg::Tick);
+        let state = NodeState {
+            peer,
+            started: Instant::now(),
+            link: None,
+            inbound: args.inbound,
+            view: args.view,
+            events: args.events,
+            counters: args.counters,
+            flush_scheduled: false,
+        };
+        state.publish_view();
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<NodeMsg>,
+        state: &mut NodeState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.peer.close();
+        let _ = state.drain();
+        if let Some(link) = state.link.take() {
+            link.close();
+        }
+        state.view.send_modify(|v| v.closed = true);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        msg: NodeMsg,
+        state: &mut NodeState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now_ms = state.now_ms();
+        let mut publish = true;
+        let peer = &mut state.peer;
+        match msg {
+            NodeMsg::Inbound(bytes) => {
+                state.inbound.processed();
+                peer.on_frame(now_ms, &bytes);
+                publish = false; // a flush follows if anything changed
+            }
+            NodeMsg::Tick => peer.tick(now_ms),
+            NodeMsg::Flush => {
+                state.flush_scheduled = false;
+                peer.flush(now_ms)?;
+            }
+            NodeMsg::LinkUp(link) => {
+                Counters::bump(&state.counters.transport_connects);
+                state.link = Some(link);
+                peer.link_up();
+            }
+            NodeMsg::LinkDown => state.link = None,
+            NodeMsg::Join => peer.join(now_ms),
+            NodeMsg::Leave(reply) => peer.leave(now_ms, reply),
+            NodeMsg::Submit { op, timeout, reply } => {
+                peer.submit(now_ms, op, duration_ms(timeout), reply);
+                publish = false;
+            }
+            NodeMsg::Query {
+                storage,
+                linearizable,
+                timeout,
+                f,
+            } => {
+                peer.query(now_ms, storage, linearizable, duration_ms(timeout), f);
+                publish = false;
+            }
+            NodeMsg::Attach { storage, hook } => peer.attach(storage, hook),
+            NodeMsg::OnDirect { channel, handler } => peer.on_direct(channel, handler),
+            NodeMsg::SendDirect {
+                to,
+                channel,
+                payload,
+            } => peer.send_direct(to, channel, payload),
+        }
+        let stop = state.drain();
+        if publish {
+            state.publish_view();
+        }
+        if state.peer.has_ready() && !state.flush_scheduled {
+            state.flush_scheduled = true;
+            myself.send_message(NodeMsg::Flush)?;
+        }
+        if let Some(reason) = stop {
+            myself.stop(Some(reason));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds of a timeout, saturating.
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl NodeState {
+    /// Milliseconds since the peer started: the time base of the peer and its engine.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sends what the peer produced and forwards its events; returns its stop request, if any.
+    fn drain(&mut self) -> Option<String> {
+        let drained = self.peer.drain();
+        for (to, bytes) in drained.frames {
+            let sent = match (&self.link, &to) {
+                (None, _) => Err(HamokError::Closed),
+                (Some(link), Some(peer)) => link.send(peer, bytes),
+                (Some(link), None) => link.broadcast(bytes),
+            };
+            match sent {
+                Ok(()) => Counters::bump(&self.counters.frames_out),
+                Err(_) => Counters::bump(&self.counters.dropped_outbound),
+            }
+        }
+        for event in drained.events {
+            // A lagging subscriber loses the oldest events (bounded channel); nobody listening is fine.
+            let _ = self.events.send(event);
+        }
+        drained.stop
+    }
+
+    fn publish_view(&self) {
+        let view = self.peer.view();
+        self.view.send_if_modified(|v| {
+            if *v == view {
+                false
+            } else {
+                *v = view;
+                true
+            }
+        });
+    }
+}

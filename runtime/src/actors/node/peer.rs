@@ -1,0 +1,715 @@
+//! [`Peer`]: every decision of one peer, as pure logic over the Raft engine. It owns the engine and
+//! one value per concern ([`Apply`], [`Requests`], [`Reads`], [`Discovery`], [`Admission`], [`Leave`]);
+//! it never reads a clock (time comes in as `now_ms`, the milliseconds since the peer started, the
+//! engine's own time base) and draws randomness only from its seed. What it wants done (frames to send,
+//! events, a stop) collects in an [`Output`] that the actor shell drains after each input.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::admission::Admission;
+use super::apply::{Apply, AttachFn, CommandApplied};
+use super::discovery::{Discovery, Transition};
+use super::faults::RuntimeFaults;
+use super::frames::{Codec, Output};
+use super::leave::{Leave, LeaveReply, LeaveStep};
+use super::reads::{QueryFn, Reads, Served};
+use super::requests::{self, Reply, Requests, Route};
+use super::view::{JoinState, View};
+use crate::config::HamokConfig;
+use crate::error::HamokError;
+use crate::events::HamokEvent;
+use crate::raft::{
+    Entry, EntryPayload, Membership, Message, MessageBody, PeerId, PersistedState, RaftNode, Ready,
+    Role,
+};
+use crate::state_machine::{Applied, ClientId, Op, StateMachineFactory};
+use crate::stats::Counters;
+use crate::store::LogStore;
+use crate::wire::HamokMessage;
+
+/// A handler of direct (unordered, peer-to-peer) messages of one channel.
+pub(crate) type DirectFn = Arc<dyn Fn(PeerId, Bytes) + Send + Sync>;
+
+/// Most engine outputs processed in one flush before yielding to the mailbox (so timers and new input
+/// are never starved by a long backlog).
+const MAX_READY_ROUNDS_PER_FLUSH: usize = 64;
+
+/// Everything a peer starts from.
+pub(crate) struct PeerArgs {
+    pub id: PeerId,
+    pub config: HamokConfig,
+    pub store: Box<dyn LogStore>,
+    pub kinds: BTreeMap<String, StateMachineFactory>,
+    pub counters: Arc<Counters>,
+    /// Random per process start: tells this run's requests from an earlier run's.
+    pub nonce: u64,
+    /// Seeds the engine's election timeouts and the read contexts.
+    pub seed: u64,
+    pub faults: RuntimeFaults,
+}
+
+/// Frames encoded for sending, and what else the peer asks of its shell.
+pub(crate) struct Drained {
+    /// Encoded frames: to one peer, or to all with `None`.
+    pub frames: Vec<(Option<PeerId>, Bytes)>,
+    /// Events to report, in order.
+    pub events: Vec<HamokEvent>,
+    /// Stop the peer, for this reason.
+    pub stop: Option<String>,
+}
+
+pub(crate) struct Peer {
+    id: PeerId,
+    config: HamokConfig,
+    seed: u64,
+    faults: RuntimeFaults,
+    counters: Arc<Counters>,
+    raft: RaftNode,
+    codec: Codec,
+    apply: Apply,
+    requests: Requests,
+    reads: Reads,
+    discovery: Discovery,
+    admission: Admission,
+    leave: Leave,
+    direct_handlers: BTreeMap<String, DirectFn>,
+    /// Who leads, as another peer told us, for when the engine knows no leader.
+    leader_hint: Option<PeerId>,
+    /// The other members of the committed configuration.
+    remote_peers: BTreeSet<PeerId>,
+    had_remote_peers: bool,
+    last_role: Role,
+    last_leader: Option<PeerId>,
+    last_heartbeat_event_ms: u64,
+    out: Output,
+}
+
+impl Peer {
+    /// A peer restored from its store, not yet taking part in any cluster (see [`Peer::join`]).
+    pub(crate) fn new(args: PeerArgs, now_ms: u64) -> Result<Peer, HamokError> {
+        let PeerArgs {
+            id,
+            config,
+            store,
+            kinds,
+            counters,
+            nonce,
+            seed,
+            faults,
+        } = args;
+        let mut apply = Apply::new(store, kinds, &config);
+        let persisted = apply.load()?;
+        let raft = RaftNode::new(id.clone(), config.raft_config(), seed, now_ms, persisted)?;
+        let client = ClientId {
+            peer: id.clone(),
+            nonce,
+        };
+        Ok(Peer {
+            codec: Codec::new(id.clone(), &config),
+            requests: Requests::new(
+                client,
+                config.max_pending_requests,
+                config.raft_config().max_command_bytes,
+                config.election_timeout_ms,
+            ),
+            reads: Reads::new(seed, config.election_timeout_ms),
+            discovery: Discovery::new(id.clone(), &config),
+            admission: Admission::new(id.clone(), config.peer_max_idle_ms),
+            leave: Leave::new(
+                id.clone(),
+                config.hello_interval_ms,
+                config.request_timeout_ms,
+            ),
+            direct_handlers: BTreeMap::new(),
+            leader_hint: None,
+            remote_peers: BTreeSet::new(),
+            had_remote_peers: false,
+            last_role: Role::Follower,
+            last_leader: None,
+            last_heartbeat_event_ms: now_ms,
+            out: Output::default(),
+            id,
+            config,
+            seed,
+            faults,
+            counters,
+            raft,
+            apply,
+        })
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // What the shell reads
+
+    /// What the handle may see.
+    pub(crate) fn view(&self) -> View {
+        let (log_entries, log_bytes) = self.apply.log_size();
+        View {
+            raft: self.raft.status(),
+            join_state: self.discovery.state(),
+            log_entries,
+            log_bytes,
+            pending_requests: self.requests.len(),
+            closed: false,
+        }
+    }
+
+    /// Whether the engine has output to process (the shell then posts itself a flush).
+    pub(crate) fn has_ready(&self) -> bool {
+        self.raft.has_ready()
+    }
+
+    /// Takes what the peer wants done since the last drain, with frames encoded.
+    pub(crate) fn drain(&mut self) -> Drained {
+        let out = std::mem::take(&mut self.out);
+        let mut events = out.events;
+        let mut frames = Vec::with_capacity(out.frames.len());
+        for (to, body) in out.frames {
+            match self.codec.encode(to.clone(), body) {
+                Ok(bytes) => frames.push((to, bytes)),
+                Err(e) => events.push(HamokEvent::Error(format!("encode: {e}"))),
+            }
+        }
+        Drained {
+            frames,
+            events,
+            stop: out.stop,
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Inputs
+
+    /// A frame from the bus.
+    pub(crate) fn on_frame(&mut self, now_ms: u64, bytes: &[u8]) {
+        let Some(frame) = self.codec.decode(bytes, &self.counters, &mut self.out) else {
+            return;
+        };
+        let from = frame.from;
+        self.admission.heard(&from, now_ms);
+        let leading = self.raft.role() == Role::Leader;
+        match frame.body {
+            HamokMessage::Raft(msg) => self.on_raft_message(now_ms, msg),
+            HamokMessage::Hello(hello) => self.discovery.on_hello(
+                from,
+                hello,
+                &self.raft,
+                &mut self.leader_hint,
+                &mut self.out,
+            ),
+            HamokMessage::JoinRequest { only_follower } if leading => {
+                self.admission.on_join_request(from, only_follower);
+                self.admission.duties(now_ms, &mut self.raft, &mut self.out);
+            }
+            HamokMessage::LeaveRequest if leading => {
+                let gone = !self.raft.membership().contains(&from)
+                    && !self.raft.latest_membership().contains(&from);
+                if gone {
+                    // Its removal is committed; it may have missed the commit notice.
+                    self.out.send(from, HamokMessage::Removed);
+                } else {
+                    self.admission.on_leave_request(from);
+                    self.admission.duties(now_ms, &mut self.raft, &mut self.out);
+                }
+            }
+            HamokMessage::JoinRequest { .. } | HamokMessage::LeaveRequest => {}
+            HamokMessage::Removed => {
+                if self.discovery.state() == JoinState::Leaving
+                    && self.raft.leader_id() == Some(&from)
+                {
+                    self.finish_leave(Ok(()));
+                }
+            }
+            HamokMessage::Goodbye => {
+                self.admission.forget(&from);
+                self.discovery.forget(&from);
+            }
+            HamokMessage::Submit {
+                seq,
+                floor: _,
+                command,
+            } => requests::admit_forwarded(
+                now_ms,
+                from,
+                seq,
+                Bytes::from(command),
+                &mut self.raft,
+                &self.counters,
+                &mut self.out,
+            ),
+            HamokMessage::SubmitRedirect { seq, leader } => {
+                // Our forward reached a peer that does not lead: send again to whom it names, or wait
+                // for a leader.
+                self.requests.on_redirect(seq);
+                if leader.is_some() && leader.as_ref() != self.raft.leader_id() {
+                    self.leader_hint = leader;
+                }
+                self.retry_requests(now_ms, false);
+            }
+            HamokMessage::Direct { channel, payload } => {
+                if let Some(handler) = self.direct_handlers.get(&channel) {
+                    handler(from, payload);
+                }
+            }
+        }
+    }
+
+    fn on_raft_message(&mut self, now_ms: u64, msg: Message) {
+        if !self.discovery.participating() {
+            return;
+        }
+        if msg.term > self.raft.term() {
+            self.discovery.on_higher_term(now_ms, self.faults);
+        }
+        let (from, term) = (msg.from.clone(), msg.term);
+        let from_a_leader = matches!(
+            msg.body,
+            MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. }
+        );
+        if matches!(msg.body, MessageBody::Heartbeat { .. }) {
+            self.out.emit(HamokEvent::Heartbeat);
+        }
+        self.raft.step(now_ms, msg);
+        // Contact with the leader, as the engine judges it after stepping: only the leader of the
+        // current term counts (not a stray candidate of a higher term).
+        if from_a_leader && self.raft.term() == term && self.raft.leader_id() == Some(&from) {
+            self.discovery.on_leader_contact(now_ms);
+        }
+    }
+
+    /// Time passed: the engine's timers, discovery, join/rejoin judgement, leaving, leader duties,
+    /// retries and deadlines.
+    pub(crate) fn tick(&mut self, now_ms: u64) {
+        if self.discovery.participating() && now_ms >= self.raft.next_deadline_ms() {
+            self.raft.tick(now_ms);
+        }
+        match self.discovery.state() {
+            JoinState::Discovering => self.discovery_step(now_ms),
+            JoinState::Joined => {
+                if self.raft.role() == Role::Leader {
+                    self.discovery.on_leading(now_ms);
+                }
+                self.update_join_state(now_ms);
+                if self.closing() && self.remote_peers.is_empty() {
+                    self.out.stop =
+                        Some("no remote peers left (auto_stop_on_no_remote_peers)".into());
+                }
+            }
+            JoinState::Leaving => self.leave_step(now_ms),
+            JoinState::Idle | JoinState::Left => {}
+        }
+        if self.raft.role() == Role::Leader {
+            self.admission.duties(now_ms, &mut self.raft, &mut self.out);
+            if now_ms
+                >= self
+                    .last_heartbeat_event_ms
+                    .saturating_add(self.config.heartbeat_interval_ms)
+            {
+                self.last_heartbeat_event_ms = now_ms;
+                self.out.emit(HamokEvent::Heartbeat);
+            }
+        }
+        self.retry_requests(now_ms, false);
+        self.reads.retry(now_ms, false, &mut self.raft);
+        self.requests.expire(now_ms);
+        self.reads.expire(
+            now_ms,
+            self.raft.applied_index(),
+            self.apply.storages(),
+            self.faults,
+        );
+    }
+
+    /// Processes the engine's output: at most [`MAX_READY_ROUNDS_PER_FLUSH`] rounds.
+    pub(crate) fn flush(&mut self, now_ms: u64) -> Result<(), HamokError> {
+        for _ in 0..MAX_READY_ROUNDS_PER_FLUSH {
+            if !self.raft.has_ready() {
+                break;
+            }
+            let ready = self.raft.take_ready();
+            self.handle_ready(now_ms, ready)?;
+        }
+        Ok(())
+    }
+
+    /// The transport (re)connected.
+    pub(crate) fn link_up(&mut self) {
+        self.discovery.on_link_up();
+    }
+
+    /// Starts discovery and joining (nothing if already joining or joined).
+    pub(crate) fn join(&mut self, now_ms: u64) {
+        match self.discovery.state() {
+            JoinState::Idle => {}
+            JoinState::Left => {
+                // A fresh start: forget the old cluster entirely (its log, state and sessions).
+                if let Err(e) = self.reset_after_leave(now_ms) {
+                    self.out.emit(HamokEvent::Error(format!(
+                        "cannot restart after leave: {e}"
+                    )));
+                    return;
+                }
+            }
+            _ => return,
+        }
+        self.discovery.start(now_ms);
+        self.discovery_step(now_ms);
+    }
+
+    /// Leaves the cluster; `reply` is answered when done.
+    pub(crate) fn leave(&mut self, now_ms: u64, reply: LeaveReply) {
+        match self.discovery.state() {
+            JoinState::Joined | JoinState::Discovering => {}
+            JoinState::Idle | JoinState::Left => {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+            JoinState::Leaving => {
+                let _ = reply.send(Err(HamokError::Busy("already leaving")));
+                return;
+            }
+        }
+        self.leave.start(now_ms, reply);
+        self.discovery.begin_leave();
+        if !self.raft.membership().contains(&self.id) {
+            self.finish_leave(Ok(()));
+        }
+    }
+
+    /// Submits an operation; `reply` is answered once it is applied here (or refused, or timed out).
+    pub(crate) fn submit(&mut self, now_ms: u64, op: Op, timeout_ms: u64, reply: Reply) {
+        if !self.discovery.accepts_requests() {
+            let _ = reply.send(Err(HamokError::NotJoined));
+            return;
+        }
+        if let Op::Create { kind, .. } = &op {
+            if !self.apply.knows_kind(kind) {
+                // Never put a kind into the log that this peer cannot even build (a typo, a missing
+                // registration): it is refused here, before any peer applies it.
+                let _ = reply.send(Err(HamokError::Rejected(format!(
+                    "unknown storage kind `{kind}` (register it on every peer's builder)"
+                ))));
+                return;
+            }
+        }
+        let route = Route {
+            raft: &mut self.raft,
+            leader_hint: self.leader_hint.clone(),
+        };
+        self.requests
+            .submit(now_ms, op, timeout_ms, reply, route, &mut self.out);
+    }
+
+    /// Runs `f` on `storage`: now on the local state, or after a ReadIndex round if `linearizable`.
+    pub(crate) fn query(
+        &mut self,
+        now_ms: u64,
+        storage: String,
+        linearizable: bool,
+        timeout_ms: u64,
+        f: QueryFn,
+    ) {
+        if !linearizable {
+            f(Ok(Served {
+                applied_index: self.raft.applied_index(),
+                machine: self.apply.storages().get(&storage),
+            }));
+            return;
+        }
+        if !self.discovery.accepts_requests() {
+            f(Err(HamokError::NotJoined));
+            return;
+        }
+        self.reads
+            .start(now_ms, storage, timeout_ms, f, &mut self.raft);
+    }
+
+    /// Registers a hook on `storage`'s state machine (now, and whenever it is recreated).
+    pub(crate) fn attach(&mut self, storage: String, hook: AttachFn) {
+        self.apply.attach(storage, hook);
+    }
+
+    /// Registers the handler of a direct-message channel.
+    pub(crate) fn on_direct(&mut self, channel: String, handler: DirectFn) {
+        self.direct_handlers.insert(channel, handler);
+    }
+
+    /// Sends a direct message to one peer, or to all with `None`.
+    pub(crate) fn send_direct(&mut self, to: Option<PeerId>, channel: String, payload: Bytes) {
+        self.out
+            .frames
+            .push((to, HamokMessage::Direct { channel, payload }));
+    }
+
+    /// The peer stops: everything waiting fails with `Closed`.
+    pub(crate) fn close(&mut self) {
+        self.requests.fail_all(HamokError::Closed);
+        self.reads.fail_all(HamokError::Closed);
+        self.leave.finish(Err(HamokError::Closed));
+        self.out.emit(HamokEvent::Close);
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // The engine's output
+
+    fn handle_ready(&mut self, now_ms: u64, ready: Ready) -> Result<(), HamokError> {
+        // 1. Persist, in order, before anything leaves.
+        self.apply.persist(&ready)?;
+        let Ready {
+            soft_state,
+            snapshot,
+            messages,
+            committed,
+            read_states,
+            ..
+        } = ready;
+        // 2. Send.
+        for msg in messages {
+            let to = msg.to.clone();
+            self.out.send(to, HamokMessage::Raft(msg));
+        }
+        // 3. Apply.
+        if let Some(snapshot) = snapshot {
+            self.apply.install(&snapshot)?;
+            Counters::bump(&self.counters.snapshots_installed);
+            self.requests
+                .answer_applied_in_snapshot(self.apply.storages());
+            self.on_membership_applied(now_ms);
+        }
+        if let Some(last) = committed.last().map(|e| e.index) {
+            for entry in committed {
+                self.apply_entry(now_ms, entry);
+            }
+            self.out.emit(HamokEvent::Commit(last));
+        }
+        // 4. Reads.
+        for rs in read_states {
+            if !self.discovery.on_read_state(&rs) {
+                self.reads.on_read_state(rs);
+            }
+        }
+        self.reads
+            .serve(self.raft.applied_index(), self.apply.storages());
+        if let Some(soft) = soft_state {
+            self.on_soft_state(now_ms, soft.role, soft.leader, soft.term);
+        }
+        self.apply.maybe_snapshot(&mut self.raft, &self.counters)
+    }
+
+    fn apply_entry(&mut self, now_ms: u64, entry: Entry) {
+        let bytes = match entry.payload {
+            EntryPayload::Noop => return,
+            EntryPayload::Membership(_) => return self.on_membership_applied(now_ms),
+            EntryPayload::Command(bytes) => bytes,
+        };
+        match self
+            .apply
+            .apply_command(entry.index, entry.term, &bytes, self.requests.client())
+        {
+            CommandApplied::Undecodable(reason) => self.out.emit(HamokEvent::Error(reason)),
+            CommandApplied::UnknownKind(reason) => {
+                self.out.emit(HamokEvent::Error(reason.clone()));
+                self.out.stop = Some(reason);
+            }
+            CommandApplied::Done {
+                client,
+                seq,
+                applied,
+            } => {
+                if !matches!(applied, Applied::Done(_)) {
+                    Counters::bump(&self.counters.duplicates_skipped);
+                }
+                if client != *self.requests.client() || !self.requests.is_pending(seq) {
+                    return;
+                }
+                let answer = match applied {
+                    Applied::Done(result) => result,
+                    // Still waiting means the first apply came inside a snapshot (answered at install,
+                    // so this is only a fallback): never leave it unanswered.
+                    Applied::Duplicate => self
+                        .apply
+                        .storages()
+                        .cached_response(&client, seq)
+                        .ok_or(HamokError::AppliedResponseLost),
+                    Applied::Forgotten => Err(HamokError::OutcomeUnknown),
+                };
+                self.requests.answer(seq, answer);
+            }
+        }
+    }
+
+    /// The committed membership may have changed: remote peers, the leader's bookkeeping, join state.
+    fn on_membership_applied(&mut self, now_ms: u64) {
+        let membership: Membership = self.raft.membership().clone();
+        let now_members: BTreeSet<PeerId> = membership
+            .members()
+            .filter(|p| **p != self.id)
+            .cloned()
+            .collect();
+        for gone in self.remote_peers.difference(&now_members) {
+            // Its client sessions stay (bounded by MAX_CLIENT_SESSIONS): a retry of its requests may
+            // still be in flight, and dropping the session would let it apply twice.
+            self.admission.forget(gone);
+            self.out.emit(HamokEvent::RemotePeerLeft(gone.clone()));
+        }
+        for new in now_members.difference(&self.remote_peers) {
+            self.admission.heard(new, now_ms);
+            self.out.emit(HamokEvent::RemotePeerJoined(new.clone()));
+        }
+        if !now_members.is_empty() {
+            self.had_remote_peers = true;
+        }
+        self.remote_peers = now_members;
+        self.admission.on_membership(&membership);
+        self.update_join_state(now_ms);
+    }
+
+    fn on_soft_state(&mut self, now_ms: u64, role: Role, leader: Option<PeerId>, term: u64) {
+        if role != self.last_role {
+            let old = std::mem::replace(&mut self.last_role, role);
+            self.out.emit(match role {
+                Role::Follower => HamokEvent::Follower,
+                Role::PreCandidate | Role::Candidate => HamokEvent::Candidate,
+                Role::Leader => HamokEvent::Leader,
+            });
+            self.out.emit(HamokEvent::StateChanged { new: role, old });
+            if role == Role::Leader {
+                self.admission
+                    .on_leading(now_ms, self.remote_peers.iter().cloned());
+                self.discovery.on_leading(now_ms);
+            }
+        }
+        if leader != self.last_leader {
+            let old = std::mem::replace(&mut self.last_leader, leader.clone());
+            self.out.emit(HamokEvent::LeaderChanged {
+                new: leader.clone(),
+                old,
+                term,
+            });
+            if leader.is_some() {
+                // A new leader: forward whatever waits, at once (fast failover of writes and reads).
+                self.retry_requests(now_ms, true);
+                self.reads.retry(now_ms, true, &mut self.raft);
+            }
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Join, rejoin, leave
+
+    fn closing(&self) -> bool {
+        self.config.auto_stop_on_no_remote_peers && self.had_remote_peers
+    }
+
+    fn retry_requests(&mut self, now_ms: u64, all: bool) {
+        let route = Route {
+            raft: &mut self.raft,
+            leader_hint: self.leader_hint.clone(),
+        };
+        self.requests
+            .retry(now_ms, all, route, &self.counters, &mut self.out);
+    }
+
+    /// One step of the search for the cluster: announce, ask the leader for a membership read, judge,
+    /// and found a cluster if the bootstrap rule says so.
+    fn discovery_step(&mut self, now_ms: u64) {
+        let leader = self.raft.leader_id().cloned().or(self.leader_hint.clone());
+        self.discovery
+            .announce(now_ms, &self.raft, leader, &mut self.out);
+        let reads = &mut self.reads;
+        self.discovery
+            .ask_membership_read(now_ms, &mut self.raft, || reads.next_ctx());
+        self.update_join_state(now_ms);
+        if self
+            .discovery
+            .should_bootstrap(now_ms, &self.raft, self.faults)
+        {
+            self.bootstrap(now_ms);
+        }
+    }
+
+    /// Applies the join and rejoin rules (see `discovery.rs`).
+    fn update_join_state(&mut self, now_ms: u64) {
+        match self.discovery.judge(now_ms, &self.raft) {
+            Some(Transition::Joined) => {
+                self.out.emit(HamokEvent::Joined);
+                if self.raft.role() == Role::Follower {
+                    // Announce the role it joins in (the leader announced its own on election).
+                    self.out.emit(HamokEvent::Follower);
+                }
+            }
+            Some(Transition::LostMembership) => {
+                self.leader_hint = None;
+                self.discovery.rejoin(now_ms, &mut self.out);
+            }
+            Some(Transition::LeaveCommitted) => self.finish_leave(Ok(())),
+            None => {}
+        }
+    }
+
+    /// Founds a cluster of one and leads it.
+    fn bootstrap(&mut self, now_ms: u64) {
+        let genesis = PersistedState::genesis(Membership::with_voters([self.id.clone()]));
+        let mut raft = match RaftNode::new(
+            self.id.clone(),
+            self.config.raft_config(),
+            self.seed,
+            now_ms,
+            genesis.clone(),
+        ) {
+            Ok(raft) => raft,
+            Err(e) => {
+                self.out.emit(HamokEvent::Error(format!("bootstrap: {e}")));
+                return;
+            }
+        };
+        if let Err(e) = self.apply.save_snapshot(&genesis.snapshot) {
+            self.out.emit(HamokEvent::Error(format!("bootstrap: {e}")));
+            return;
+        }
+        raft.campaign_now(now_ms);
+        self.raft = raft;
+        self.update_join_state(now_ms);
+    }
+
+    fn reset_after_leave(&mut self, now_ms: u64) -> Result<(), HamokError> {
+        let persisted = self.apply.reset()?;
+        self.seed = self.seed.wrapping_add(1);
+        self.raft = RaftNode::new(
+            self.id.clone(),
+            self.config.raft_config(),
+            self.seed,
+            now_ms,
+            persisted,
+        )?;
+        self.remote_peers.clear();
+        self.had_remote_peers = false;
+        self.leader_hint = None;
+        Ok(())
+    }
+
+    fn leave_step(&mut self, now_ms: u64) {
+        match self.leave.tick(now_ms, &mut self.raft, &mut self.out) {
+            LeaveStep::Wait => {}
+            LeaveStep::Done => self.finish_leave(Ok(())),
+            LeaveStep::TimedOut => {
+                // Tell the caller; we still stop taking part (the leader removes us as silent).
+                self.finish_leave(Err(HamokError::Timeout(self.config.request_timeout_ms)))
+            }
+        }
+    }
+
+    fn finish_leave(&mut self, result: Result<(), HamokError>) {
+        self.out.broadcast(HamokMessage::Goodbye);
+        self.discovery.left();
+        self.out.emit(HamokEvent::Left);
+        self.requests.fail_all(HamokError::NotJoined);
+        self.reads.fail_all(HamokError::NotJoined);
+        self.leave.finish(result);
+    }
+}

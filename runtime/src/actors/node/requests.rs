@@ -1,0 +1,299 @@
+//! Client requests submitted on this peer: numbering, proposing (on the leader) or forwarding (to it),
+//! retries across leader changes, answers and deadlines; and, on the leader, the admission of the
+//! requests other peers forward.
+//!
+//! The rule this concern keeps: every request is answered exactly once, by the apply of its command on
+//! this peer, by an error that says it was refused, or by its deadline.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::frames::Output;
+use crate::error::HamokError;
+use crate::raft::{PeerId, RaftError, RaftNode, Role};
+use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, Storages};
+use crate::stats::Counters;
+use crate::wire::HamokMessage;
+
+/// Where the answer of one request goes.
+pub(crate) type Reply = oneshot::Sender<Result<Bytes, HamokError>>;
+
+/// A request submitted on this peer, waiting to be applied here.
+struct Pending {
+    command: Bytes,
+    timeout_ms: u64,
+    reply: Reply,
+    deadline_ms: u64,
+    /// When it was last proposed or forwarded (`None`: not yet, or the forward was refused).
+    last_sent_ms: Option<u64>,
+}
+
+/// The client side of this peer's requests.
+pub(super) struct Requests {
+    client: ClientId,
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+    max_pending: usize,
+    max_command_bytes: usize,
+    /// A request unanswered for this long is sent again (a lost forward, or a proposal lost with a
+    /// deposed leader).
+    resend_after_ms: u64,
+}
+
+/// Who the requests go to when this peer does not lead.
+pub(super) struct Route<'a> {
+    pub raft: &'a mut RaftNode,
+    /// The leader as far as anyone told us (the engine's own knowledge first).
+    pub leader_hint: Option<PeerId>,
+}
+
+impl Route<'_> {
+    fn leader(&self) -> Option<PeerId> {
+        self.raft.leader_id().cloned().or(self.leader_hint.clone())
+    }
+}
+
+impl Requests {
+    pub(super) fn new(
+        client: ClientId,
+        max_pending: usize,
+        max_command_bytes: usize,
+        resend_after_ms: u64,
+    ) -> Self {
+        Requests {
+            client,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            max_pending,
+            max_command_bytes,
+            resend_after_ms,
+        }
+    }
+
+    pub(super) fn client(&self) -> &ClientId {
+        &self.client
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(super) fn is_pending(&self, seq: u64) -> bool {
+        self.pending.contains_key(&seq)
+    }
+
+    /// The lowest request number not answered yet: everything below it is answered.
+    fn floor(&self) -> u64 {
+        self.pending.keys().next().copied().unwrap_or(self.next_seq)
+    }
+
+    /// Accepts a request (the caller checked that the peer is joined and the op is known) and sends
+    /// it. Refusals are answered at once and leave no gap in the numbering.
+    pub(super) fn submit(
+        &mut self,
+        now_ms: u64,
+        op: Op,
+        timeout_ms: u64,
+        reply: Reply,
+        route: Route<'_>,
+        out: &mut Output,
+    ) {
+        if self.pending.len() >= self.max_pending {
+            let _ = reply.send(Err(HamokError::Busy("too many pending requests")));
+            return;
+        }
+        let seq = self.next_seq;
+        let cmd = LogCommand {
+            client: self.client.clone(),
+            seq,
+            floor: self.floor().min(seq),
+            op,
+        };
+        let command = match rmp_serde::to_vec(&cmd) {
+            Ok(v) => Bytes::from(v),
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        if command.len() > self.max_command_bytes {
+            let _ = reply.send(Err(HamokError::TooLarge {
+                size: command.len(),
+                limit: self.max_command_bytes,
+            }));
+            return;
+        }
+        self.next_seq += 1;
+        self.pending.insert(
+            seq,
+            Pending {
+                command,
+                timeout_ms,
+                reply,
+                deadline_ms: now_ms.saturating_add(timeout_ms),
+                last_sent_ms: None,
+            },
+        );
+        self.send(now_ms, seq, route, out);
+    }
+
+    /// Proposes (on the leader) or forwards (to the leader) one pending request.
+    fn send(&mut self, now_ms: u64, seq: u64, route: Route<'_>, out: &mut Output) {
+        let floor = self.floor();
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        let sent = if route.raft.role() == Role::Leader {
+            match route.raft.propose(now_ms, p.command.clone()) {
+                Ok(_) => true,
+                Err(RaftError::CommandTooLarge { size, limit }) => {
+                    if let Some(p) = self.pending.remove(&seq) {
+                        let _ = p.reply.send(Err(HamokError::TooLarge { size, limit }));
+                    }
+                    return;
+                }
+                // Busy, transfer in progress: the retry timer tries again.
+                Err(_) => false,
+            }
+        } else if let Some(leader) = route.leader() {
+            out.send(
+                leader,
+                HamokMessage::Submit {
+                    seq,
+                    floor,
+                    command: p.command.to_vec(),
+                },
+            );
+            true
+        } else {
+            false
+        };
+        if sent {
+            p.last_sent_ms = Some(now_ms);
+        }
+    }
+
+    /// A forward reached a peer that does not lead: it is sent again as soon as a leader is known.
+    pub(super) fn on_redirect(&mut self, seq: u64) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.last_sent_ms = None;
+        }
+    }
+
+    /// Resends requests not yet applied: all of them when `all` (a new leader), else those never sent
+    /// or unanswered for `resend_after_ms`.
+    pub(super) fn retry(
+        &mut self,
+        now_ms: u64,
+        all: bool,
+        route: Route<'_>,
+        counters: &Counters,
+        out: &mut Output,
+    ) {
+        let resend_after = self.resend_after_ms;
+        let due: Vec<(u64, bool)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                all || p
+                    .last_sent_ms
+                    .is_none_or(|t| now_ms >= t.saturating_add(resend_after))
+            })
+            .map(|(seq, p)| (*seq, p.last_sent_ms.is_some()))
+            .collect();
+        let Route { raft, leader_hint } = route;
+        for (seq, sent_before) in due {
+            if sent_before {
+                Counters::bump(&counters.requests_retried);
+            }
+            self.send(
+                now_ms,
+                seq,
+                Route {
+                    raft: &mut *raft,
+                    leader_hint: leader_hint.clone(),
+                },
+                out,
+            );
+        }
+    }
+
+    /// Answers request `seq` if it is still waiting.
+    pub(super) fn answer(&mut self, seq: u64, result: Result<Bytes, HamokError>) {
+        if let Some(p) = self.pending.remove(&seq) {
+            let _ = p.reply.send(result);
+        }
+    }
+
+    /// After a snapshot install: local requests the snapshot already applied will never be applied
+    /// here one by one, so they are answered now (from the sessions' response cache).
+    pub(super) fn answer_applied_in_snapshot(&mut self, storages: &Storages) {
+        let done: Vec<(u64, SeqStatus)> = self
+            .pending
+            .keys()
+            .map(|&seq| (seq, storages.request_status(&self.client, seq)))
+            .filter(|(_, status)| *status != SeqStatus::New)
+            .collect();
+        for (seq, status) in done {
+            let answer = match status {
+                SeqStatus::Forgotten => Err(HamokError::OutcomeUnknown),
+                _ => storages
+                    .cached_response(&self.client, seq)
+                    .ok_or(HamokError::AppliedResponseLost),
+            };
+            self.answer(seq, answer);
+        }
+    }
+
+    /// Fails the requests whose deadline has passed.
+    pub(super) fn expire(&mut self, now_ms: u64) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now_ms >= p.deadline_ms)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some(p) = self.pending.remove(&seq) {
+                let _ = p.reply.send(Err(HamokError::Timeout(p.timeout_ms)));
+            }
+        }
+    }
+
+    /// Fails every waiting request with `error`.
+    pub(super) fn fail_all(&mut self, error: HamokError) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// On the leader: a request forwarded by `from` enters the log only if it decodes and names its sender
+/// as the client, so no peer can spoof another's session (and with it, the dedup of its requests). A
+/// peer that does not lead redirects it.
+pub(super) fn admit_forwarded(
+    now_ms: u64,
+    from: PeerId,
+    seq: u64,
+    command: Bytes,
+    raft: &mut RaftNode,
+    counters: &Arc<Counters>,
+    out: &mut Output,
+) {
+    if raft.role() != Role::Leader {
+        let leader = raft.leader_id().cloned();
+        out.send(from, HamokMessage::SubmitRedirect { seq, leader });
+        return;
+    }
+    let valid = rmp_serde::from_slice::<LogCommand>(&command)
+        .is_ok_and(|c| c.client.peer == from && c.seq == seq);
+    if !valid {
+        Counters::bump(&counters.dropped_malformed);
+        return;
+    }
+    // Busy or transferring: the client retries after its timer.
+    let _ = raft.propose(now_ms, command);
+}
