@@ -10,6 +10,8 @@
 #   HAMOK_SIM_SEEDS    number of simulation seeds for the release run (unset: the simulation's own default)
 #   HAMOK_SIM_SEED     replay one simulation seed with its trace
 #   HAMOK_SIM_THREADS  simulation worker threads
+#   HAMOK_PEER_SIM_SEEDS, HAMOK_PEER_SIM_SEED, HAMOK_PEER_SIM_THREADS  the same for the whole-peer
+#       simulation (hamok-testkit)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,7 +28,7 @@ export HAMOK_NATS_URL=${HAMOK_NATS_URL:-nats://127.0.0.1:4222}
 export HAMOK_AMQP_URL=${HAMOK_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export HAMOK_REDIS_URL=${HAMOK_REDIS_URL:-redis://127.0.0.1:6379}
 
-STEPS=(brokers fmt clippy test simulation)
+STEPS=(brokers fmt clippy test simulation peer-simulation)
 declare -A RESULT=() SECS=()
 CURRENT=""
 START_ALL=$SECONDS
@@ -40,7 +42,7 @@ summary() {
         if [[ -z $status ]]; then
             if [[ $step == "$CURRENT" ]]; then status="FAILED (exit $rc)"; else status="not run"; fi
         fi
-        printf '  %-11s %-18s %s\n' "$step" "$status" "${SECS[$step]:+${SECS[$step]}s}"
+        printf '  %-16s %-18s %s\n' "$step" "$status" "${SECS[$step]:+${SECS[$step]}s}"
     done
     echo "  total: $((SECONDS - START_ALL))s"
     if ((rc == 0)); then
@@ -76,3 +78,5 @@ step test "unit, doc and integration tests (debug)" \
     cargo test --workspace --all-features
 step simulation "simulation, release build (HAMOK_SIM_SEEDS=${HAMOK_SIM_SEEDS:-<default>})" \
     cargo test --release -p hamok-runtime --test simulation
+step peer-simulation "whole-peer simulation, release build (HAMOK_PEER_SIM_SEEDS=${HAMOK_PEER_SIM_SEEDS:-<default>})" \
+    cargo test --release -p hamok-testkit --test peer_simulation

@@ -11,12 +11,17 @@ pub enum HamokError {
     /// once); a retry by the caller is a new request.
     #[error("timed out after {0} ms")]
     Timeout(u64),
-    /// The peer has not joined a cluster yet (call `join` first).
+    /// The peer is not a joined member of a cluster (call `join` first; or it left, or it is
+    /// rejoining after a removal or a cut-off). The request was refused: nothing was done.
     #[error("not joined to a cluster")]
     NotJoined,
-    /// The peer was closed.
+    /// The peer is closed. The request was refused: nothing was done.
     #[error("closed")]
     Closed,
+    /// The peer stopped waiting for this request before it was answered (it left its cluster, or
+    /// closed): the request may still be applied, once.
+    #[error("interrupted before an answer ({0}); the request may still be applied")]
+    Interrupted(&'static str),
     /// No leader is reachable (no quorum, or an election is under way).
     #[error("no leader or no quorum")]
     NoQuorum,
@@ -75,6 +80,23 @@ pub enum HamokError {
     /// The Raft engine refused the request.
     #[error("raft: {0}")]
     Raft(RaftError),
+}
+
+impl HamokError {
+    /// Whether the failed operation may nevertheless have taken effect (or will): `true` for a timeout,
+    /// an interruption, an unknown outcome or a lost response; `false` when it was certainly refused
+    /// before it could change anything (not joined, closed, busy, too large, rejected by the state
+    /// machine, invalid configuration, ...). Reads never take effect.
+    pub fn may_have_taken_effect(&self) -> bool {
+        matches!(
+            self,
+            HamokError::Timeout(_)
+                | HamokError::Interrupted(_)
+                | HamokError::AppliedResponseLost
+                | HamokError::OutcomeUnknown
+                | HamokError::Codec(_)
+        )
+    }
 }
 
 impl From<RaftError> for HamokError {

@@ -424,14 +424,17 @@ impl Hamok {
     }
 
     /// Leaves the cluster: hands leadership over first when leading, removes itself through the log and
-    /// tells the others. The peer stays usable: `join` again starts afresh.
+    /// tells the others. Requests still waiting fail with [`HamokError::Interrupted`]. The peer stays
+    /// usable: `join` again rejoins the cluster as a learner first, with the log, term and vote it kept
+    /// (a peer never forgets what it acknowledged or voted for under an identity the cluster knows).
     pub async fn leave(&self) -> Result<(), HamokError> {
         let (tx, rx) = oneshot::channel();
         self.send(NodeMsg::Leave(tx))?;
         rx.await.map_err(|_| HamokError::Closed)?
     }
 
-    /// Stops the peer's actors. Pending requests fail with [`HamokError::Closed`]. Does not leave the
+    /// Stops the peer's actors. Pending requests fail with [`HamokError::Interrupted`] (they may still
+    /// be applied by the cluster), later calls with [`HamokError::Closed`]. Does not leave the
     /// cluster first (call [`Hamok::leave`] for that); the others remove it once it is silent.
     pub async fn close(&self) {
         let _ = self.inner.supervisor.stop_and_wait(None, None).await;
@@ -594,7 +597,8 @@ impl Hamok {
         // The node answers at the deadline at the latest; the outer timeout only guards a stuck actor.
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(HamokError::Closed),
+            // The node went away with the request in its hands.
+            Ok(Err(_)) => Err(HamokError::Interrupted("the peer stopped")),
             Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
         }
     }

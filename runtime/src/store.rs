@@ -21,6 +21,7 @@ pub trait LogStore: Send + 'static {
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError>;
     /// Makes every write so far durable (a no-op for the in-memory store).
     fn sync(&mut self) -> Result<(), HamokError>;
+
     /// Number of entries and their approximate bytes currently stored.
     fn size(&self) -> (u64, u64);
 }

@@ -2219,3 +2219,112 @@ fn follower_keeps_a_read_index_answered_in_an_older_term() {
         }]
     );
 }
+
+/// A peer that has never had a configuration (an empty log: never founded a cluster nor received a
+/// log, perhaps a member that lost its storage) grants no vote and no pre-vote, even to a candidate it
+/// would otherwise find up to date. (Found by the whole-peer simulation: a removed peer with a stale log
+/// was elected by such a peer's vote and then overwrote committed entries.)
+#[test]
+fn peer_without_a_configuration_grants_no_vote() {
+    let mut net = Net::new(&["a", "b", "c"], cfg());
+    net.add_node("d", PersistedState::default());
+    for pre_vote in [true, false] {
+        net.deliver(msg(
+            "a",
+            "d",
+            5,
+            MessageBody::RequestVote {
+                pre_vote,
+                transfer: false,
+                last_log_index: 3,
+                last_log_term: 2,
+            },
+        ));
+        net.drain("d");
+        let answer = net
+            .queue
+            .iter()
+            .rev()
+            .find(|m| m.from == pid("d") && matches!(m.body, MessageBody::VoteResponse { .. }))
+            .cloned()
+            .expect("d answers");
+        assert_eq!(
+            answer.body,
+            MessageBody::VoteResponse {
+                pre_vote,
+                granted: false
+            },
+            "pre_vote {pre_vote}"
+        );
+        net.queue.clear();
+    }
+    // With a configuration, the same request is granted.
+    net.deliver(msg(
+        "a",
+        "b",
+        5,
+        MessageBody::RequestVote {
+            pre_vote: false,
+            transfer: false,
+            last_log_index: 3,
+            last_log_term: 2,
+        },
+    ));
+    net.drain("b");
+    assert!(net.queue.iter().any(|m| m.from == pid("b")
+        && m.body
+            == MessageBody::VoteResponse {
+                pre_vote: false,
+                granted: true
+            }));
+}
+
+/// A follower that no longer holds entries it acknowledged (its storage lost them) makes the leader
+/// lower its match index and repair its log, instead of probing above what it has forever. (Found by
+/// the whole-peer simulation as a message storm: one rejected append per round trip, without end.)
+#[test]
+fn leader_repairs_a_follower_that_lost_acknowledged_entries() {
+    let mut net = settled(cfg());
+    let now = net.now;
+    for i in 0..5u8 {
+        net.node_mut("a")
+            .propose(now, Bytes::from(vec![i]))
+            .unwrap();
+    }
+    net.deliver_all();
+    net.run_for(2 * HEARTBEAT);
+    let last = net.node("a").last_index();
+    assert_eq!(net.node("a").match_index(&pid("c")), Some(last));
+    // c comes back with only the genesis snapshot and the leader's first entry: it lost the rest.
+    let kept: Vec<Entry> = net.storage[&pid("c")]
+        .entries
+        .iter()
+        .filter(|e| e.index <= 1)
+        .cloned()
+        .collect();
+    net.storage.get_mut(&pid("c")).unwrap().entries = kept;
+    net.restart("c");
+    let now = net.now;
+    net.node_mut("a")
+        .propose(now, Bytes::from_static(b"next"))
+        .unwrap();
+    let mut rounds = 0;
+    while !net.queue.is_empty() || net.node("a").has_ready() {
+        net.drain("a");
+        let batch: Vec<Message> = net.queue.drain(..).collect();
+        for m in batch {
+            net.deliver(m);
+        }
+        for id in ["b", "c"] {
+            net.drain(id);
+        }
+        rounds += 1;
+        assert!(rounds < 50, "the leader keeps probing c without progress");
+    }
+    net.run_for(2 * HEARTBEAT);
+    assert_eq!(net.node("c").last_index(), net.node("a").last_index());
+    assert_eq!(
+        net.node("a").match_index(&pid("c")),
+        Some(net.node("a").last_index())
+    );
+}

@@ -743,9 +743,14 @@ impl RaftNode {
         last_log_index: LogIndex,
         last_log_term: Term,
     ) {
-        let can_vote = self.voted_for.as_ref() == Some(&from)
-            || (self.voted_for.is_none() && self.leader.is_none())
-            || (pre_vote && term > self.term);
+        // A peer that has never had a configuration (never founded a cluster nor received a log) has
+        // nothing to judge a candidate by, and may be an earlier member that lost its storage: its
+        // vote could elect a candidate with a stale log. It votes once it has a log.
+        let has_configuration = !self.config_in_force().voters.is_empty();
+        let can_vote = has_configuration
+            && (self.voted_for.as_ref() == Some(&from)
+                || (self.voted_for.is_none() && self.leader.is_none())
+                || (pre_vote && term > self.term));
         #[allow(unused_mut)]
         let mut up_to_date = self.log.is_up_to_date(last_log_index, last_log_term);
         #[cfg(test)]
@@ -1019,6 +1024,12 @@ impl RaftNode {
             hint_index
         };
         let pr = self.progress.get_mut(&from).expect("checked above");
+        if probe_at < pr.match_index {
+            // The follower no longer holds entries it acknowledged (its storage lost them, or it came
+            // back from an older copy): repair its log from what it has, instead of probing above it
+            // forever (one rejected append per round trip, without end).
+            pr.match_index = probe_at;
+        }
         pr.become_probe();
         pr.next_index = (probe_at + 1).min(index).max(pr.match_index + 1);
         self.needs_flush = true;

@@ -503,7 +503,9 @@ async fn run_delay_queue(hub: Weak<HubInner>, mut rx: mpsc::UnboundedReceiver<De
             }
         }
         let next_due = heap.peek().map(|d| d.due);
+        // Biased: a fixed branch order keeps runs on a paused clock reproducible.
         tokio::select! {
+            biased;
             item = rx.recv() => match item {
                 Some(item) => {
                     heap.push(item);

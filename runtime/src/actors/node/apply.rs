@@ -12,7 +12,7 @@ use crate::state_machine::{
     Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, Storages,
 };
 use crate::stats::Counters;
-use crate::store::{LogStore, MemoryLogStore};
+use crate::store::LogStore;
 
 /// A hook run on a storage's state machine whenever it is (re)created (to attach local observers).
 pub(crate) type AttachFn = Arc<dyn Fn(&mut dyn StateMachine) + Send + Sync>;
@@ -62,13 +62,6 @@ impl Apply {
         let persisted = self.store.load()?;
         self.storages.restore(&persisted.snapshot.data, |_, _| {})?;
         Ok(persisted)
-    }
-
-    /// Forgets everything (after a leave, `join` starts afresh): a new in-memory store, empty storages.
-    pub(super) fn reset(&mut self) -> Result<PersistedState, HamokError> {
-        self.store = Box::new(MemoryLogStore::new());
-        self.storages.restore(&[], |_, _| {})?;
-        self.store.load()
     }
 
     pub(super) fn storages(&self) -> &Storages {

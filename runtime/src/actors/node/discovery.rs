@@ -52,6 +52,7 @@ pub(super) struct Discovery {
     catch_up_to: Option<LogIndex>,
     /// A membership read unanswered for this long is asked again.
     reask_after_ms: u64,
+
     hello_interval_ms: u64,
     discovery_window_ms: u64,
     peer_max_idle_ms: u64,
@@ -71,6 +72,7 @@ impl Discovery {
             membership_read: None,
             catch_up_to: None,
             reask_after_ms: config.election_timeout_ms,
+
             hello_interval_ms: config.hello_interval_ms,
             discovery_window_ms: config.discovery_window_ms,
             peer_max_idle_ms: config.peer_max_idle_ms,
@@ -166,11 +168,9 @@ impl Discovery {
         if self.membership_read.map(|(ctx, _)| ctx) != Some(rs.ctx) {
             return false;
         }
-        match rs.index {
-            Some(index) => {
-                self.catch_up_to.get_or_insert(index);
-            }
-            None => self.membership_read = None, // refused: asked again
+        // A refusal (`None`) is asked again after `reask_after_ms`.
+        if let Some(index) = rs.index {
+            self.catch_up_to.get_or_insert(index);
         }
         true
     }
@@ -272,8 +272,9 @@ impl Discovery {
     }
 
     /// The bootstrap rule: nobody answered as a member for a whole discovery window, this peer has never
-    /// been part of a cluster, may lead, and has the lowest id among the peers it heard looking (that may
-    /// lead): it founds a cluster of one. Everyone else waits for it.
+    /// been part of a cluster (no configuration in its log: a peer that left keeps its log), may lead,
+    /// and has the lowest id among the peers it heard looking (that may lead): it founds a cluster of
+    /// one. Everyone else waits for it.
     pub(super) fn should_bootstrap(
         &self,
         now_ms: u64,

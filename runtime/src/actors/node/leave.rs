@@ -18,7 +18,7 @@ pub(crate) type LeaveReply = oneshot::Sender<Result<(), HamokError>>;
 pub(super) enum LeaveStep {
     /// Still waiting for the removal.
     Wait,
-    /// Removed (or the last voter): finish.
+    /// Removed (or the last voter, with nobody to hand over to): finish.
     Done,
     /// The deadline passed: finish, and tell the caller it timed out.
     TimedOut,
@@ -69,7 +69,8 @@ impl Leave {
                 .max_by_key(|p| (raft.match_index(p).unwrap_or(0), std::cmp::Reverse(*p)))
                 .cloned();
             let Some(target) = target else {
-                // The last voter: there is nobody to hand over to. Leaving ends the cluster.
+                // The last voter: there is nobody to hand over to. It stops; its log stays, so joining
+                // again resumes the cluster.
                 return LeaveStep::Done;
             };
             if !raft.transfer_in_progress() {

@@ -220,7 +220,7 @@ impl Peer {
                 if self.discovery.state() == JoinState::Leaving
                     && self.raft.leader_id() == Some(&from)
                 {
-                    self.finish_leave(Ok(()));
+                    self.finish_leave(LeaveStep::Done);
                 }
             }
             HamokMessage::Goodbye => {
@@ -243,11 +243,15 @@ impl Peer {
             HamokMessage::SubmitRedirect { seq, leader } => {
                 // Our forward reached a peer that does not lead: send again to whom it names, or wait
                 // for a leader.
-                self.requests.on_redirect(seq);
                 if leader.is_some() && leader.as_ref() != self.raft.leader_id() {
                     self.leader_hint = leader;
                 }
-                self.retry_requests(now_ms, false);
+                let route = Route {
+                    raft: &mut self.raft,
+                    leader_hint: self.leader_hint.clone(),
+                };
+                self.requests
+                    .on_redirect(now_ms, seq, &from, route, &mut self.out);
             }
             HamokMessage::Direct { channel, payload } => {
                 if let Some(handler) = self.direct_handlers.get(&channel) {
@@ -342,20 +346,12 @@ impl Peer {
         self.discovery.on_link_up();
     }
 
-    /// Starts discovery and joining (nothing if already joining or joined).
+    /// Starts discovery and joining (nothing if already joining or joined). A peer that left joins
+    /// again with its log, term and vote: wiping them could let it vote for a stale candidate (or twice
+    /// in a term) under an identity the cluster still knows.
     pub(crate) fn join(&mut self, now_ms: u64) {
-        match self.discovery.state() {
-            JoinState::Idle => {}
-            JoinState::Left => {
-                // A fresh start: forget the old cluster entirely (its log, state and sessions).
-                if let Err(e) = self.reset_after_leave(now_ms) {
-                    self.out.emit(HamokEvent::Error(format!(
-                        "cannot restart after leave: {e}"
-                    )));
-                    return;
-                }
-            }
-            _ => return,
+        if !matches!(self.discovery.state(), JoinState::Idle | JoinState::Left) {
+            return;
         }
         self.discovery.start(now_ms);
         self.discovery_step(now_ms);
@@ -377,7 +373,7 @@ impl Peer {
         self.leave.start(now_ms, reply);
         self.discovery.begin_leave();
         if !self.raft.membership().contains(&self.id) {
-            self.finish_leave(Ok(()));
+            self.finish_leave(LeaveStep::Done);
         }
     }
 
@@ -448,7 +444,8 @@ impl Peer {
 
     /// The peer stops: everything waiting fails with `Closed`.
     pub(crate) fn close(&mut self) {
-        self.requests.fail_all(HamokError::Closed);
+        self.requests
+            .fail_all(HamokError::Interrupted("the peer closed"));
         self.reads.fail_all(HamokError::Closed);
         self.leave.finish(Err(HamokError::Closed));
         self.out.emit(HamokEvent::Close);
@@ -647,7 +644,7 @@ impl Peer {
                 self.leader_hint = None;
                 self.discovery.rejoin(now_ms, &mut self.out);
             }
-            Some(Transition::LeaveCommitted) => self.finish_leave(Ok(())),
+            Some(Transition::LeaveCommitted) => self.finish_leave(LeaveStep::Done),
             None => {}
         }
     }
@@ -677,38 +674,25 @@ impl Peer {
         self.update_join_state(now_ms);
     }
 
-    fn reset_after_leave(&mut self, now_ms: u64) -> Result<(), HamokError> {
-        let persisted = self.apply.reset()?;
-        self.seed = self.seed.wrapping_add(1);
-        self.raft = RaftNode::new(
-            self.id.clone(),
-            self.config.raft_config(),
-            self.seed,
-            now_ms,
-            persisted,
-        )?;
-        self.remote_peers.clear();
-        self.had_remote_peers = false;
-        self.leader_hint = None;
-        Ok(())
-    }
-
     fn leave_step(&mut self, now_ms: u64) {
         match self.leave.tick(now_ms, &mut self.raft, &mut self.out) {
             LeaveStep::Wait => {}
-            LeaveStep::Done => self.finish_leave(Ok(())),
-            LeaveStep::TimedOut => {
-                // Tell the caller; we still stop taking part (the leader removes us as silent).
-                self.finish_leave(Err(HamokError::Timeout(self.config.request_timeout_ms)))
-            }
+            step => self.finish_leave(step),
         }
     }
 
-    fn finish_leave(&mut self, result: Result<(), HamokError>) {
+    /// Ends a leave: `Done` (removed, or the last voter) or `TimedOut` (the caller is told; this peer
+    /// stops taking part anyway, and the leader removes it as silent).
+    fn finish_leave(&mut self, step: LeaveStep) {
+        let result = match step {
+            LeaveStep::TimedOut => Err(HamokError::Timeout(self.config.request_timeout_ms)),
+            _ => Ok(()),
+        };
         self.out.broadcast(HamokMessage::Goodbye);
         self.discovery.left();
         self.out.emit(HamokEvent::Left);
-        self.requests.fail_all(HamokError::NotJoined);
+        self.requests
+            .fail_all(HamokError::Interrupted("the peer left its cluster"));
         self.reads.fail_all(HamokError::NotJoined);
         self.leave.finish(result);
     }

@@ -99,11 +99,11 @@ impl Reads {
         let Some(read) = self.pending.get_mut(&rs.ctx) else {
             return;
         };
-        match rs.index {
-            Some(index) => {
-                read.index.get_or_insert(index);
-            }
-            None => read.requested_at_ms = None, // refused or abandoned: asked again on the next tick
+        // A refusal or abandonment (`None`: the peer asked does not lead, or lost its leadership) is
+        // asked again at the next leader change, or after `reask_after_ms`; never at once, since two
+        // peers that each take the other for the leader would bounce it without pause.
+        if let Some(index) = rs.index {
+            read.index.get_or_insert(index);
         }
     }
 

@@ -27,8 +27,12 @@ struct Pending {
     timeout_ms: u64,
     reply: Reply,
     deadline_ms: u64,
-    /// When it was last proposed or forwarded (`None`: not yet, or the forward was refused).
+    /// When it was last proposed or forwarded (`None`: not yet).
     last_sent_ms: Option<u64>,
+    /// It was sent again at once on a redirect since its last timed send: the next redirect waits
+    /// for the timer or a leader change (two peers that each name the other as leader must not
+    /// bounce a request between them without pause).
+    followed_redirect: bool,
 }
 
 /// The client side of this peer's requests.
@@ -135,6 +139,7 @@ impl Requests {
                 reply,
                 deadline_ms: now_ms.saturating_add(timeout_ms),
                 last_sent_ms: None,
+                followed_redirect: false,
             },
         );
         self.send(now_ms, seq, route, out);
@@ -176,15 +181,31 @@ impl Requests {
         }
     }
 
-    /// A forward reached a peer that does not lead: it is sent again as soon as a leader is known.
-    pub(super) fn on_redirect(&mut self, seq: u64) {
-        if let Some(p) = self.pending.get_mut(&seq) {
-            p.last_sent_ms = None;
+    /// A forward of request `seq` reached `from`, which does not lead. It is sent again at once if the
+    /// route now names another peer (once per timed send); otherwise the retry timer or the next leader
+    /// change sends it.
+    pub(super) fn on_redirect(
+        &mut self,
+        now_ms: u64,
+        seq: u64,
+        from: &PeerId,
+        route: Route<'_>,
+        out: &mut Output,
+    ) {
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        let elsewhere =
+            route.leader().is_some_and(|l| l != *from) || route.raft.role() == Role::Leader;
+        if p.followed_redirect || !elsewhere {
+            return;
         }
+        p.followed_redirect = true;
+        self.send(now_ms, seq, route, out);
     }
 
     /// Resends requests not yet applied: all of them when `all` (a new leader), else those never sent
-    /// or unanswered for `resend_after_ms`.
+    /// (no leader was known) or unanswered for `resend_after_ms`.
     pub(super) fn retry(
         &mut self,
         now_ms: u64,
@@ -208,6 +229,9 @@ impl Requests {
         for (seq, sent_before) in due {
             if sent_before {
                 Counters::bump(&counters.requests_retried);
+            }
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.followed_redirect = false;
             }
             self.send(
                 now_ms,
@@ -296,4 +320,66 @@ pub(super) fn admit_forwarded(
     }
     // Busy or transferring: the client retries after its timer.
     let _ = raft.propose(now_ms, command);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{Membership, PersistedState, RaftConfig};
+
+    fn follower() -> RaftNode {
+        let genesis = PersistedState::genesis(Membership::with_voters(
+            ["a", "b", "c"].into_iter().map(PeerId::from),
+        ));
+        RaftNode::new(PeerId::from("b"), RaftConfig::default(), 1, 0, genesis).unwrap()
+    }
+
+    fn route<'a>(raft: &'a mut RaftNode, hint: &str) -> Route<'a> {
+        Route {
+            raft,
+            leader_hint: Some(PeerId::from(hint)),
+        }
+    }
+
+    fn submits_to(out: &mut Output) -> Vec<String> {
+        out.frames
+            .drain(..)
+            .filter(|(_, m)| matches!(m, HamokMessage::Submit { .. }))
+            .map(|(to, _)| to.map(|p| p.to_string()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Two peers that each name the other as leader must not bounce a request without pause: a
+    /// redirect is followed at once at most once per timed send. (The whole-peer simulation found the
+    /// unbounded version as a message storm.)
+    #[test]
+    fn redirects_are_followed_at_most_once_per_timed_send() {
+        let mut raft = follower();
+        let mut out = Output::default();
+        let client = ClientId {
+            peer: PeerId::from("b"),
+            nonce: 1,
+        };
+        let mut requests = Requests::new(client, 10, 1 << 20, 300);
+        let (reply, _rx) = oneshot::channel();
+        requests.submit(0, Op::Noop, 5_000, reply, route(&mut raft, "a"), &mut out);
+        assert_eq!(submits_to(&mut out), ["a"]);
+        // a redirects without naming anyone else: wait for the timer.
+        requests.on_redirect(1, 1, &PeerId::from("a"), route(&mut raft, "a"), &mut out);
+        assert!(submits_to(&mut out).is_empty());
+        // a names c: follow at once.
+        requests.on_redirect(2, 1, &PeerId::from("a"), route(&mut raft, "c"), &mut out);
+        assert_eq!(submits_to(&mut out), ["c"]);
+        // c names a back: not again before the timer.
+        requests.on_redirect(3, 1, &PeerId::from("c"), route(&mut raft, "a"), &mut out);
+        assert!(submits_to(&mut out).is_empty());
+        let counters = Counters::default();
+        requests.retry(100, false, route(&mut raft, "a"), &counters, &mut out);
+        assert!(submits_to(&mut out).is_empty(), "not due yet");
+        requests.retry(302, false, route(&mut raft, "a"), &counters, &mut out);
+        assert_eq!(submits_to(&mut out), ["a"]);
+        // After a timed send, one redirect may be followed again.
+        requests.on_redirect(303, 1, &PeerId::from("a"), route(&mut raft, "c"), &mut out);
+        assert_eq!(submits_to(&mut out), ["c"]);
+    }
 }

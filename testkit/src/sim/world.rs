@@ -1,0 +1,1227 @@
+//! One seed's run: whole peers (the real `Hamok` actors, the real `HamokMap` and `HamokQueue`) on an
+//! in-process hub, on a paused clock, with clients, faults, and the checks.
+//!
+//! The run has three phases. **Chaos**: the initial peers start (together, or staggered), clients
+//! write, compare-and-set, read linearizably and push to a queue through the public API, and faults
+//! are injected: partitions (one peer, a pair, a random split; shorter or longer than
+//! `peer_max_idle_ms`), loss, duplication and delay, crashes and restarts (the log store survives, as
+//! a durable peer's would), graceful leaves and rejoins, and new peers joining. **Heal**: every fault
+//! is lifted and every peer restarted or rejoined; every peer that is up must be a joined member of
+//! one cluster with all the others within `Plan::rejoin_bound_ms`, and then write. **Drain**: clients
+//! stop, the final state is read, and the history is checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hamok_collections::{register_kinds, HamokCollections, HamokMap, HamokQueue};
+use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
+use hamok_runtime::store::{LogStore, MemoryLogStore};
+use hamok_runtime::testing::RuntimeFaults;
+use hamok_runtime::transport::memory::InProcessHub;
+use hamok_runtime::{Hamok, HamokError, HamokEvent};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, Instant};
+
+use super::linearizability::{Op, OpKind};
+use super::netlog::{NetLog, NetState};
+use super::plan::{mix64, Plan, Rng};
+use super::tap::Tap;
+use super::trace::Trace;
+use super::{Counts, Violation};
+
+/// Keys of the map the clients use.
+pub const KEYS: u8 = 4;
+/// The cluster id of every run.
+const CLUSTER: &str = "sim";
+/// The id of the client that performs the liveness writes after the heal.
+const LIVENESS_CLIENT: usize = 1_000;
+
+/// A log store that survives its peer: a crashed peer restarts from it, as a durable peer would.
+#[derive(Clone, Default)]
+pub struct SharedStore(Arc<Mutex<MemoryLogStore>>);
+
+impl SharedStore {
+    fn inner(&self) -> MutexGuard<'_, MemoryLogStore> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl LogStore for SharedStore {
+    fn load(&mut self) -> Result<PersistedState, HamokError> {
+        self.inner().load()
+    }
+    fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError> {
+        self.inner().save_hard_state(state)
+    }
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
+        self.inner().save_snapshot(snapshot)
+    }
+    fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
+        self.inner().write_entries(from, entries)
+    }
+    fn sync(&mut self) -> Result<(), HamokError> {
+        self.inner().sync()
+    }
+    fn size(&self) -> (u64, u64) {
+        self.inner().size()
+    }
+}
+
+/// Where a peer stands in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Up,
+    Crashed,
+    Leaving,
+}
+
+struct Slot {
+    id: String,
+    only_follower: bool,
+    store: SharedStore,
+    incarnation: u64,
+    status: Status,
+    leave_task: Option<JoinHandle<()>>,
+}
+
+/// One operation of a client, as recorded.
+#[derive(Clone, Debug)]
+pub struct OpRecord {
+    pub op: Op,
+    pub peer: String,
+    pub call_ms: u64,
+    pub ret_ms: u64,
+    pub outcome: String,
+}
+
+/// One push to the queue.
+#[derive(Clone, Debug)]
+struct Push {
+    value: u64,
+    acked: bool,
+}
+
+/// What every task of the run shares. Never held across an await.
+pub struct Shared {
+    t0: Instant,
+    /// The linearizability checker's clock: strictly increasing, one tick per call or return.
+    clock: u64,
+    pub trace: Trace,
+    pub ops: Vec<OpRecord>,
+    pushes: Vec<Push>,
+    /// Peer handles by id, with their incarnation; `None` while down.
+    handles: BTreeMap<String, Option<(u64, Hamok)>>,
+    /// The leader each term had, as any peer reported it.
+    leaders: BTreeMap<u64, String>,
+    pub net: NetLog,
+    pub counts: Counts,
+    pub violations: Vec<Violation>,
+    stop_clients: bool,
+    next_op: u64,
+    peer_max_idle_ms: u64,
+    /// The latest an answer may come after its call: the request timeout plus timer granularity.
+    answer_bound_ms: u64,
+    last_note_ms: u64,
+    /// The watchdog found a message storm: every frame is dropped from then on.
+    runaway: bool,
+}
+
+impl Shared {
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    pub fn note(&mut self, line: impl AsRef<str>) {
+        let now = self.now_ms();
+        self.last_note_ms = now;
+        self.trace.note(now, line);
+    }
+
+    /// The instant the run started (simulated time 0).
+    pub fn t0(&self) -> Instant {
+        self.t0
+    }
+
+    /// The simulated time of the last trace line (read by the watchdog from another thread).
+    pub fn last_note_ms(&self) -> u64 {
+        self.last_note_ms
+    }
+
+    /// Records a broken check.
+    pub fn violation_at(&mut self, at_ms: u64, check: &'static str, detail: String) {
+        self.runaway |= check == "runaway";
+        self.trace
+            .note(at_ms, format!("VIOLATION {check}: {detail}"));
+        self.violations.push(Violation {
+            check,
+            detail,
+            at_ms,
+        });
+    }
+
+    fn violation(&mut self, check: &'static str, detail: String) {
+        let at_ms = self.now_ms();
+        self.note(format!("VIOLATION {check}: {detail}"));
+        self.violations.push(Violation {
+            check,
+            detail,
+            at_ms,
+        });
+    }
+
+    fn leader_reported(&mut self, by: &str, term: u64, leader: &str) {
+        match self.leaders.get(&term) {
+            Some(known) if known != leader => {
+                let known = known.clone();
+                self.violation(
+                    "election safety",
+                    format!("term {term} has two leaders: {known} and {leader} (reported by {by})"),
+                );
+            }
+            Some(_) => {}
+            None => {
+                self.leaders.insert(term, leader.to_string());
+                self.counts.terms_with_leader += 1;
+            }
+        }
+    }
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A fault or step scheduled at a time.
+#[derive(Clone, Debug)]
+enum Action {
+    Fault,
+    HealPartition(u64),
+    CalmNetwork(u64),
+    Restart(String),
+    Rejoin(String),
+    EndChaos,
+}
+
+/// The network faults in force (re-applied whole to the hub on every change).
+#[derive(Clone, Debug, Default)]
+struct Net {
+    groups: Option<Vec<Vec<String>>>,
+    loss: f64,
+    duplicate: f64,
+    delay_ms: Option<(u64, u64)>,
+    partition_gen: u64,
+    noise_gen: u64,
+}
+
+pub struct World {
+    seed: u64,
+    plan: Plan,
+    faults: RuntimeFaults,
+    hub: InProcessHub,
+    tap: Tap,
+    slots: BTreeMap<String, Slot>,
+    shared: SharedRef,
+    net: Net,
+    rng: Rng,
+    queue: BTreeMap<(u64, u64), Action>,
+    qseq: u64,
+    clients: Vec<JoinHandle<()>>,
+    next_peer: usize,
+}
+
+impl World {
+    pub fn new(seed: u64, plan: Plan, faults: RuntimeFaults, trace: Trace) -> World {
+        let shared = Shared {
+            t0: Instant::now(),
+            clock: 0,
+            trace,
+            ops: Vec::new(),
+            pushes: Vec::new(),
+            handles: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            net: NetLog::default(),
+            counts: Counts::default(),
+            violations: Vec::new(),
+            stop_clients: false,
+            next_op: 1,
+            peer_max_idle_ms: plan.peer_max_idle_ms,
+            answer_bound_ms: plan.request_timeout_ms + 2 * plan.tick_interval_ms + 1,
+            last_note_ms: 0,
+            runaway: false,
+        };
+        let hub = InProcessHub::with_seed(mix64(seed ^ 0x0068_7562));
+        World {
+            seed,
+            faults,
+            tap: Tap::new(hub.clone()),
+            hub,
+            slots: BTreeMap::new(),
+            shared: Arc::new(Mutex::new(shared)),
+            net: Net::default(),
+            rng: Rng::stream(seed, "faults"),
+            queue: BTreeMap::new(),
+            qseq: 0,
+            clients: Vec::new(),
+            next_peer: plan.initial_peers + 1,
+            plan,
+        }
+    }
+
+    pub fn shared(&self) -> SharedRef {
+        self.shared.clone()
+    }
+
+    /// The frame tap.
+    pub fn tap(&self) -> Tap {
+        self.tap.clone()
+    }
+
+    /// The hub (the watchdog cuts every link through it to end a message storm).
+    pub fn hub(&self) -> InProcessHub {
+        self.hub.clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        lock(&self.shared).now_ms()
+    }
+
+    fn note(&self, line: impl AsRef<str>) {
+        lock(&self.shared).note(line);
+    }
+
+    fn schedule(&mut self, at_ms: u64, action: Action) {
+        self.qseq += 1;
+        self.queue.insert((at_ms, self.qseq), action);
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Peers
+
+    async fn build(&self, id: &str, only_follower: bool, store: SharedStore, inc: u64) -> Hamok {
+        let p = &self.plan;
+        let seed = mix64(self.seed ^ super::plan::fnv64(id.as_bytes()) ^ inc.rotate_left(32));
+        let hamok = register_kinds(Hamok::builder())
+            .peer_id(id)
+            .cluster_id(CLUSTER)
+            .transport(self.tap.clone())
+            .seed(seed)
+            .faults(self.faults)
+            .election_timeout_ms(p.election_timeout_ms)
+            .heartbeat_interval_ms(p.heartbeat_interval_ms)
+            .peer_max_idle_ms(p.peer_max_idle_ms)
+            .request_timeout_ms(p.request_timeout_ms)
+            .only_follower(only_follower)
+            .snapshot_after_entries(p.snapshot_after_entries)
+            .set("hello_interval_ms", p.hello_interval_ms)
+            .set("discovery_window_ms", p.discovery_window_ms)
+            .set("tick_interval_ms", p.tick_interval_ms)
+            .log_store(store)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("building peer {id}: {e}"));
+        tokio::spawn(collect_events(
+            self.shared.clone(),
+            hamok.clone(),
+            id.to_string(),
+        ));
+        hamok
+    }
+
+    /// Starts (or restarts) peer `id` and lets it join.
+    async fn start_peer(&mut self, id: &str, join_after_ms: u64) {
+        let (only_follower, store, inc) = {
+            let slot = self.slots.get_mut(id).expect("a known peer");
+            slot.incarnation += 1;
+            slot.status = Status::Up;
+            (slot.only_follower, slot.store.clone(), slot.incarnation)
+        };
+        let hamok = self.build(id, only_follower, store, inc).await;
+        {
+            let mut s = lock(&self.shared);
+            let now = s.now_ms();
+            s.net.up(now, id);
+            s.handles.insert(id.to_string(), Some((inc, hamok.clone())));
+            s.note(format!(
+                "{id}: started (incarnation {inc}{})",
+                if only_follower { ", only_follower" } else { "" }
+            ));
+        }
+        spawn_join(self.shared.clone(), hamok, id.to_string(), join_after_ms);
+    }
+
+    fn add_slot(&mut self, id: String, only_follower: bool) {
+        self.slots.insert(
+            id.clone(),
+            Slot {
+                id,
+                only_follower,
+                store: SharedStore::default(),
+                incarnation: 0,
+                status: Status::Crashed,
+                leave_task: None,
+            },
+        );
+    }
+
+    fn handle(&self, id: &str) -> Option<Hamok> {
+        lock(&self.shared)
+            .handles
+            .get(id)
+            .cloned()
+            .flatten()
+            .map(|(_, h)| h)
+    }
+
+    fn up_ids(&self) -> Vec<String> {
+        self.slots
+            .values()
+            .filter(|s| s.status == Status::Up)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    async fn crash(&mut self, id: &str) {
+        let Some(hamok) = self.handle(id) else {
+            return;
+        };
+        {
+            let mut s = lock(&self.shared);
+            let now = s.now_ms();
+            s.net.down(now, id);
+            s.handles.insert(id.to_string(), None);
+            s.counts.crashes += 1;
+            s.note(format!("{id}: CRASH"));
+        }
+        self.slots.get_mut(id).expect("known").status = Status::Crashed;
+        hamok.close().await;
+    }
+
+    fn leave(&mut self, id: &str) {
+        let Some(hamok) = self.handle(id) else {
+            return;
+        };
+        {
+            let mut s = lock(&self.shared);
+            let now = s.now_ms();
+            // Not answering from now on, as far as the removal check is concerned.
+            s.net.down(now, id);
+            s.counts.leaves += 1;
+            s.note(format!("{id}: leave()"));
+        }
+        let shared = self.shared.clone();
+        let name = id.to_string();
+        let slot = self.slots.get_mut(id).expect("known");
+        slot.status = Status::Leaving;
+        slot.leave_task = Some(tokio::spawn(async move {
+            let r = hamok.leave().await;
+            lock(&shared).note(format!("{name}: leave() -> {r:?}"));
+        }));
+    }
+
+    /// A peer that left joins again (once its leave finished).
+    async fn rejoin(&mut self, id: &str) {
+        let task = self.slots.get_mut(id).and_then(|s| s.leave_task.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let Some(hamok) = self.handle(id) else {
+            return;
+        };
+        self.slots.get_mut(id).expect("known").status = Status::Up;
+        {
+            let mut s = lock(&self.shared);
+            let now = s.now_ms();
+            s.net.up(now, id);
+            s.note(format!("{id}: join() again after leaving"));
+        }
+        spawn_join(self.shared.clone(), hamok, id.to_string(), 0);
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Network
+
+    fn apply_net(&mut self) {
+        self.hub.clear_faults();
+        if let Some(groups) = &self.net.groups {
+            let groups: Vec<Vec<PeerId>> = groups
+                .iter()
+                .map(|g| g.iter().map(|p| PeerId::from(p.as_str())).collect())
+                .collect();
+            let refs: Vec<&[PeerId]> = groups.iter().map(Vec::as_slice).collect();
+            self.hub.partition(&refs);
+        }
+        self.hub.set_drop_rate(self.net.loss);
+        self.hub.set_duplicate_rate(self.net.duplicate);
+        if let Some((min, max)) = self.net.delay_ms {
+            self.hub.set_delay_ms(min, max);
+        }
+        if lock(&self.shared).runaway {
+            self.hub.set_drop_rate(1.0);
+        }
+        let state = NetState {
+            groups: self.net.groups.as_ref().map(|gs| {
+                gs.iter()
+                    .map(|g| g.iter().cloned().collect::<BTreeSet<String>>())
+                    .collect()
+            }),
+            loss: self.net.loss,
+        };
+        let mut s = lock(&self.shared);
+        let now = s.now_ms();
+        s.net.net(now, state);
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // The run
+
+    /// Runs the whole scenario; violations are recorded in the shared state.
+    pub async fn run(mut self) -> (Vec<OpRecord>, Counts, u64) {
+        let p = self.plan.clone();
+        self.note(format!(
+            "seed {}: {} peers{}, {} clients, election {} ms, heartbeat {} ms, peer_max_idle {} ms, \
+             request timeout {} ms, snapshot every {} entries, chaos {} ms, {} start",
+            self.seed,
+            p.initial_peers,
+            p.only_follower
+                .map(|i| format!(" (p{} only_follower)", i + 1))
+                .unwrap_or_default(),
+            p.clients,
+            p.election_timeout_ms,
+            p.heartbeat_interval_ms,
+            p.peer_max_idle_ms,
+            p.request_timeout_ms,
+            p.snapshot_after_entries,
+            p.chaos_ms,
+            if p.simultaneous_start {
+                "simultaneous"
+            } else {
+                "staggered"
+            }
+        ));
+        for i in 0..p.initial_peers {
+            self.add_slot(format!("p{}", i + 1), p.only_follower == Some(i));
+        }
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in &ids {
+            let delay = if p.simultaneous_start {
+                0
+            } else {
+                self.rng.between(0, p.discovery_window_ms)
+            };
+            self.start_peer(id, delay).await;
+        }
+        for c in 0..p.clients {
+            let peer = ids[c % ids.len()].clone();
+            let task = tokio::spawn(client(
+                self.shared.clone(),
+                c,
+                peer,
+                Rng::stream(self.seed, &format!("client {c}")),
+            ));
+            self.clients.push(task);
+        }
+        let first = self.rng.between(p.fault_gap_ms.0, p.fault_gap_ms.1) + 300;
+        self.schedule(first, Action::Fault);
+        self.schedule(p.chaos_ms, Action::EndChaos);
+
+        // Chaos.
+        while let Some((&(at, seq), _)) = self.queue.iter().next() {
+            let action = self.queue.remove(&(at, seq)).expect("listed");
+            let t0 = lock(&self.shared).t0;
+            sleep_until(t0 + Duration::from_millis(at)).await;
+            if matches!(action, Action::EndChaos) {
+                break;
+            }
+            self.act(action).await;
+        }
+
+        // Heal.
+        self.heal().await;
+        let healed_at = self.now_ms();
+        let converged = self.converge(healed_at).await;
+        if converged {
+            self.liveness().await;
+        }
+        // Drain.
+        lock(&self.shared).stop_clients = true;
+        for task in std::mem::take(&mut self.clients) {
+            let _ = task.await;
+        }
+        if converged {
+            self.final_state().await;
+        }
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            let handle = self.handle(&id);
+            if let Some(h) = handle {
+                h.close().await;
+            }
+        }
+        let mut s = lock(&self.shared);
+        let ops = std::mem::take(&mut s.ops);
+        let counts = s.counts.clone();
+        let now = s.now_ms();
+        (ops, counts, now)
+    }
+
+    async fn act(&mut self, action: Action) {
+        let p = self.plan.clone();
+        match action {
+            Action::Fault => {
+                self.fault().await;
+                let gap = self.rng.between(p.fault_gap_ms.0, p.fault_gap_ms.1);
+                let at = self.now_ms() + gap;
+                self.schedule(at, Action::Fault);
+            }
+            Action::HealPartition(gen) => {
+                if gen == self.net.partition_gen && self.net.groups.is_some() {
+                    self.net.groups = None;
+                    self.apply_net();
+                    self.note("network: partition healed");
+                }
+            }
+            Action::CalmNetwork(gen) => {
+                if gen == self.net.noise_gen {
+                    self.net.loss = 0.0;
+                    self.net.duplicate = 0.0;
+                    self.net.delay_ms = None;
+                    self.apply_net();
+                    self.note("network: calm");
+                }
+            }
+            Action::Restart(id) => {
+                let pristine = self.slots.get(&id).is_some_and(|s| {
+                    s.store
+                        .clone()
+                        .load()
+                        .is_ok_and(|p| p.entries.is_empty() && p.snapshot.meta.last_index == 0)
+                });
+                if pristine && !self.can_hear_the_cluster() {
+                    // Restarting with nothing on disk is a new peer: see `fault`.
+                    let at = self.now_ms() + 300;
+                    self.schedule(at, Action::Restart(id));
+                    return;
+                }
+                if self
+                    .slots
+                    .get(&id)
+                    .is_some_and(|s| s.status == Status::Crashed)
+                {
+                    lock(&self.shared).counts.restarts += 1;
+                    self.start_peer(&id, 0).await;
+                }
+            }
+            Action::Rejoin(id) => {
+                if self
+                    .slots
+                    .get(&id)
+                    .is_some_and(|s| s.status == Status::Leaving)
+                {
+                    self.rejoin(&id).await;
+                }
+            }
+            Action::EndChaos => {}
+        }
+    }
+
+    /// Draws and applies one fault.
+    async fn fault(&mut self) {
+        let p = self.plan.clone();
+        let up = self.up_ids();
+        let all: Vec<String> = self.slots.keys().cloned().collect();
+        let now = self.now_ms();
+        match self.rng.weighted(&[30, 15, 14, 8, 8, 25]) {
+            0 if all.len() >= 2 => {
+                // A partition: one peer, a pair, or a random split; shorter or longer than the time
+                // after which the leader removes a silent member.
+                let mut shuffled = all.clone();
+                for i in (1..shuffled.len()).rev() {
+                    let j = self.rng.index(i + 1);
+                    shuffled.swap(i, j);
+                }
+                let cut = match self.rng.weighted(&[35, 35, 30]) {
+                    0 => 1,
+                    1 if shuffled.len() >= 4 => 2,
+                    _ => 1 + self.rng.index(shuffled.len() - 1),
+                };
+                let (a, b) = shuffled.split_at(cut);
+                let long = self.rng.chance(0.5);
+                let lasts = if long {
+                    self.rng
+                        .between(p.peer_max_idle_ms + 200, 2 * p.peer_max_idle_ms + 500)
+                } else {
+                    self.rng.between(100, p.peer_max_idle_ms / 2)
+                };
+                self.net.partition_gen += 1;
+                self.net.groups = Some(vec![a.to_vec(), b.to_vec()]);
+                self.apply_net();
+                let mut s = lock(&self.shared);
+                s.counts.partitions += 1;
+                if long {
+                    s.counts.long_partitions += 1;
+                    if cut >= 2 {
+                        s.counts.long_group_cuts += 1;
+                    }
+                }
+                s.note(format!(
+                    "network: partition {a:?} | {b:?} for {lasts} ms ({})",
+                    if long {
+                        "longer than peer_max_idle"
+                    } else {
+                        "short"
+                    }
+                ));
+                drop(s);
+                let gen = self.net.partition_gen;
+                self.schedule(now + lasts, Action::HealPartition(gen));
+            }
+            1 => {
+                self.net.noise_gen += 1;
+                self.net.loss = self.rng.float(0.0, 0.3);
+                self.net.duplicate = self.rng.float(0.0, 0.2);
+                let max = self.rng.between(1, 20);
+                self.net.delay_ms = self.rng.chance(0.6).then_some((1, max));
+                self.apply_net();
+                let lasts = self.rng.between(300, 2_000);
+                self.note(format!(
+                    "network: loss {:.2}, duplication {:.2}, delay {:?} ms for {lasts} ms",
+                    self.net.loss, self.net.duplicate, self.net.delay_ms
+                ));
+                let gen = self.net.noise_gen;
+                self.schedule(now + lasts, Action::CalmNetwork(gen));
+            }
+            2 if !up.is_empty() => {
+                let id = up[self.rng.index(up.len())].clone();
+                self.crash(&id).await;
+                let after = self.rng.between(200, 3_000);
+                self.schedule(now + after, Action::Restart(id));
+            }
+            3 if up.len() >= 2 => {
+                let id = up[self.rng.index(up.len())].clone();
+                self.leave(&id);
+                let after = self.rng.between(300, 3_000);
+                self.schedule(now + after, Action::Rejoin(id));
+            }
+            // A new peer, only where it can hear the cluster: a pristine peer that hears no member for
+            // a discovery window founds a cluster of its own (the bootstrap rule), and two clusters
+            // under one id are what "one cluster forms from peers that hear each other" rules out.
+            4 if up.len() < p.max_peers && self.can_hear_the_cluster() => {
+                let id = format!("p{}", self.next_peer);
+                self.next_peer += 1;
+                self.add_slot(id.clone(), false);
+                lock(&self.shared).counts.added += 1;
+                self.start_peer(&id, 0).await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a new peer would hear a member: no partition, little loss, and a joined member up.
+    fn can_hear_the_cluster(&self) -> bool {
+        self.net.groups.is_none()
+            && self.net.loss < 0.2
+            && self
+                .up_ids()
+                .iter()
+                .any(|id| self.handle(id).is_some_and(|h| h.is_joined()))
+    }
+
+    async fn heal(&mut self) {
+        self.net = Net {
+            partition_gen: self.net.partition_gen + 1,
+            noise_gen: self.net.noise_gen + 1,
+            ..Net::default()
+        };
+        self.apply_net();
+        self.note("=== heal: every fault lifted, crashed peers restart, departed peers rejoin ===");
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            match self.slots[&id].status {
+                Status::Crashed => {
+                    lock(&self.shared).counts.restarts += 1;
+                    self.start_peer(&id, 0).await;
+                }
+                Status::Leaving => self.rejoin(&id).await,
+                Status::Up => {}
+            }
+        }
+    }
+
+    /// Waits until every peer is a joined member of one cluster with all the others; a violation if
+    /// that takes longer than the bound.
+    async fn converge(&mut self, healed_at: u64) -> bool {
+        let bound = self.plan.rejoin_bound_ms;
+        loop {
+            let peers: Vec<(String, Hamok)> = self
+                .slots
+                .keys()
+                .filter_map(|id| self.handle(id).map(|h| (id.clone(), h)))
+                .collect();
+            let problems = convergence_problems(&peers);
+            let now = self.now_ms();
+            if problems.is_empty() && !peers.is_empty() {
+                let mut s = lock(&self.shared);
+                s.counts.converge_ms = now - healed_at;
+                s.note(format!(
+                    "converged {} ms after the heal: {} peers, leader {:?}",
+                    now - healed_at,
+                    peers.len(),
+                    peers[0].1.leader_id()
+                ));
+                return true;
+            }
+            if now > healed_at + bound {
+                lock(&self.shared).violation(
+                    "rejoin bound",
+                    format!(
+                        "{bound} ms after the heal the peers are not one cluster: {}",
+                        problems.join("; ")
+                    ),
+                );
+                return false;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Every peer writes once after convergence; each write must succeed.
+    async fn liveness(&mut self) {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            let Some(hamok) = self.handle(&id) else {
+                continue;
+            };
+            let mut done = false;
+            for _ in 0..3 {
+                let map = match hamok.get_or_create_map::<u8, u64>("kv").await {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                };
+                let key = (lock(&self.shared).next_op % u64::from(KEYS)) as u8;
+                let outcome = put(&self.shared, LIVENESS_CLIENT, &id, &map, key).await;
+                if outcome.is_ok() {
+                    done = true;
+                    break;
+                }
+            }
+            if !done {
+                lock(&self.shared).violation(
+                    "liveness",
+                    format!("after convergence, three writes through {id} failed"),
+                );
+            }
+        }
+    }
+
+    /// Reads the final state everywhere: every replica must hold the same map and queue, every
+    /// acknowledged push must be in the queue exactly once, and the final values join the history.
+    async fn final_state(&mut self) {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        let mut states: Vec<ReplicaState> = Vec::new();
+        for id in &ids {
+            let Some(hamok) = self.handle(id) else {
+                continue;
+            };
+            let (map, queue) = match (
+                hamok.get_or_create_map::<u8, u64>("kv").await,
+                hamok.get_or_create_queue::<u64>("q").await,
+            ) {
+                (Ok(m), Ok(q)) => (m, q),
+                (m, q) => {
+                    lock(&self.shared).violation(
+                        "liveness",
+                        format!("final read on {id}: {:?} {:?}", m.err(), q.err()),
+                    );
+                    continue;
+                }
+            };
+            for key in 0..KEYS {
+                let _ = get(&self.shared, LIVENESS_CLIENT + 1, id, &map, key).await;
+            }
+            if let Err(e) = hamok
+                .wait_until_linearizable(Duration::from_millis(self.plan.request_timeout_ms))
+                .await
+            {
+                lock(&self.shared).violation("liveness", format!("final barrier on {id}: {e}"));
+                continue;
+            }
+            let entries: Vec<(u8, u64)> = match map.entries() {
+                Ok(e) => e,
+                Err(e) => {
+                    lock(&self.shared).violation("codec", format!("map on {id}: {e}"));
+                    continue;
+                }
+            };
+            states.push((id.clone(), entries, queue.iter().collect()));
+        }
+        let mut s = lock(&self.shared);
+        if let Some((first, map0, queue0)) = states.first().cloned() {
+            for (id, map, queue) in &states[1..] {
+                if *map != map0 || *queue != queue0 {
+                    s.violation(
+                        "replicas agree",
+                        format!("{id} holds map {map:?} queue {queue:?}, {first} holds map {map0:?} queue {queue0:?}"),
+                    );
+                }
+            }
+            let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+            for v in &queue0 {
+                *seen.entry(*v).or_default() += 1;
+            }
+            let pushed: BTreeMap<u64, bool> = s.pushes.iter().map(|p| (p.value, p.acked)).collect();
+            for (v, n) in &seen {
+                if *n > 1 {
+                    s.violation("applied once", format!("queue item {v} is there {n} times"));
+                }
+                if !pushed.contains_key(v) {
+                    s.violation("applied once", format!("queue item {v} was never pushed"));
+                }
+            }
+            let lost: Vec<u64> = pushed
+                .iter()
+                .filter(|(v, acked)| **acked && !seen.contains_key(v))
+                .map(|(v, _)| *v)
+                .collect();
+            if !lost.is_empty() {
+                s.violation(
+                    "no acknowledged write lost",
+                    format!("acknowledged pushes missing from the queue: {lost:?}"),
+                );
+            }
+            s.counts.queue_items = queue0.len();
+            s.counts.pushes_acked = pushed.values().filter(|a| **a).count();
+        }
+    }
+}
+
+/// One replica's final state: its id, its map entries and its queue.
+type ReplicaState = (String, Vec<(u8, u64)>, Vec<u64>);
+
+/// Why the peers are not (yet) one cluster with everyone joined; empty when they are.
+fn convergence_problems(peers: &[(String, Hamok)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let ids: BTreeSet<String> = peers.iter().map(|(id, _)| id.clone()).collect();
+    let leaders: BTreeSet<Option<PeerId>> = peers.iter().map(|(_, h)| h.leader_id()).collect();
+    if leaders.len() != 1 || leaders.iter().next().is_some_and(Option::is_none) {
+        problems.push(format!("leaders seen: {leaders:?}"));
+    }
+    for (id, h) in peers {
+        if !h.is_joined() {
+            problems.push(format!("{id} not joined ({:?})", h.state()));
+        }
+        let remote: BTreeSet<String> = h
+            .remote_peer_ids()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect();
+        let mut expected = ids.clone();
+        expected.remove(id);
+        if remote != expected {
+            problems.push(format!("{id} sees members {remote:?}"));
+        }
+    }
+    problems
+}
+
+fn spawn_join(shared: SharedRef, hamok: Hamok, id: String, after_ms: u64) {
+    tokio::spawn(async move {
+        if after_ms > 0 {
+            sleep(Duration::from_millis(after_ms)).await;
+        }
+        let r = hamok.join().await;
+        lock(&shared).note(format!("{id}: join() -> {r:?}"));
+    });
+}
+
+/// Follows one incarnation's events: leaders per term, silence flags (checked against the
+/// connectivity timeline), joins and rejoins.
+async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = hamok.events();
+    drop(hamok);
+    loop {
+        let event = match rx.recv().await {
+            Ok(HamokEvent::Close) | Err(RecvError::Closed) => break,
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => {
+                lock(&shared).note(format!("{id}: event collector lagged by {n}"));
+                continue;
+            }
+        };
+        let mut s = lock(&shared);
+        match &event {
+            HamokEvent::LeaderChanged {
+                new: Some(leader),
+                term,
+                ..
+            } => {
+                s.leader_reported(&id, *term, leader.as_str());
+                s.note(format!("{id}: leader {leader} (term {term})"));
+            }
+            HamokEvent::NoHeartbeatFrom(peer) => {
+                s.counts.silence_removals += 1;
+                let now = s.now_ms();
+                let from = now.saturating_sub(s.peer_max_idle_ms);
+                s.note(format!("{id}: removes silent {peer}"));
+                if s.net.connected_throughout(&id, peer.as_str(), from, now) {
+                    s.violation(
+                        "answering member kept",
+                        format!(
+                            "leader {id} removes {peer} as silent, yet both were up and connected \
+                             for the whole {from}..{now} ms"
+                        ),
+                    );
+                }
+            }
+            HamokEvent::Joined => {
+                s.counts.joins += 1;
+                s.note(format!("{id}: Joined"));
+            }
+            HamokEvent::Rejoining => {
+                s.counts.rejoins += 1;
+                s.note(format!("{id}: Rejoining"));
+            }
+            HamokEvent::RemotePeerLeft(p) => s.note(format!("{id}: member {p} left")),
+            HamokEvent::RemotePeerJoined(p) => s.note(format!("{id}: member {p} joined")),
+            HamokEvent::Left => s.note(format!("{id}: Left")),
+            HamokEvent::Error(e) => s.note(format!("{id}: error event: {e}")),
+            _ => {}
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Clients
+
+/// One client: bound to one peer id (whichever incarnation is up), it writes, compare-and-sets,
+/// reads linearizably and pushes, through the public API, until told to stop.
+async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
+    let mut open: Option<(u64, HamokMap<u8, u64>, HamokQueue<u64>)> = None;
+    let mut seen: BTreeMap<u8, u64> = BTreeMap::new();
+    loop {
+        sleep(Duration::from_millis(rng.between(2, 30))).await;
+        let current = {
+            let s = lock(&shared);
+            if s.stop_clients {
+                return;
+            }
+            s.handles.get(&peer).cloned().flatten()
+        };
+        let Some((inc, hamok)) = current else {
+            sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if open.as_ref().is_none_or(|(i, _, _)| *i != inc) {
+            let map = hamok.get_or_create_map::<u8, u64>("kv").await;
+            let queue = hamok.get_or_create_queue::<u64>("q").await;
+            match (map, queue) {
+                (Ok(m), Ok(q)) => open = Some((inc, m, q)),
+                _ => {
+                    sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let (_, map, queue) = open.as_ref().expect("opened above");
+        let key = rng.index(usize::from(KEYS)) as u8;
+        match rng.weighted(&[40, 20, 30, 10]) {
+            0 => {
+                if let Ok(v) = put(&shared, c, &peer, map, key).await {
+                    seen.insert(key, v);
+                }
+            }
+            1 => {
+                if let Ok(Some(v)) = cas(&shared, c, &peer, map, key, seen.get(&key).copied()).await
+                {
+                    seen.insert(key, v);
+                }
+            }
+            2 => {
+                if let Ok(Some(v)) = get(&shared, c, &peer, map, key).await {
+                    seen.insert(key, v);
+                }
+            }
+            _ => push(&shared, c, &peer, queue).await,
+        }
+    }
+}
+
+/// Starts recording an operation: its id and call stamp.
+fn call(shared: &SharedRef) -> (u64, u64, u64) {
+    let mut s = lock(shared);
+    let id = s.next_op;
+    s.next_op += 1;
+    let stamp = s.tick();
+    (id, stamp, s.now_ms())
+}
+
+/// Finishes recording: checks the answer came within its bound, and records the op for the checker.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    id: u64,
+    key: u8,
+    kind: Option<OpKind>,
+    call_stamp: u64,
+    call_ms: u64,
+    completed: bool,
+    outcome: String,
+) {
+    let mut s = lock(shared);
+    let ret = s.tick();
+    let ret_ms = s.now_ms();
+    s.counts.requests += 1;
+    if ret_ms - call_ms > s.answer_bound_ms {
+        let bound = s.answer_bound_ms;
+        s.violation(
+            "answered in time",
+            format!(
+                "client {c} op#{id} on {peer} took {} ms (bound {bound} ms): {outcome}",
+                ret_ms - call_ms
+            ),
+        );
+    }
+    s.note(format!("client {c} on {peer}: op#{id} key {key} {outcome}"));
+    if let Some(kind) = kind {
+        s.ops.push(OpRecord {
+            op: Op {
+                id,
+                client: c,
+                key,
+                call: call_stamp,
+                ret: completed.then_some(ret),
+                kind,
+            },
+            peer: peer.to_string(),
+            call_ms,
+            ret_ms,
+            outcome,
+        });
+    }
+}
+
+async fn put(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    map: &HamokMap<u8, u64>,
+    key: u8,
+) -> Result<u64, HamokError> {
+    let (id, stamp, call_ms) = call(shared);
+    let r = map.set(key, id).await;
+    let outcome = format!("set({key}, {id}) -> {r:?}");
+    // A failed write that may still take effect stays pending (no return) for the checker; one that
+    // was refused is left out.
+    record(
+        shared,
+        c,
+        peer,
+        id,
+        key,
+        written(&r).then_some(OpKind::Put { value: id }),
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    lock(shared).counts.writes += 1;
+    r.map(|_| id)
+}
+
+/// A compare-and-set: `update_if` against the last value seen, or `insert` when none was seen.
+/// Returns the value now held if it succeeded.
+async fn cas(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    map: &HamokMap<u8, u64>,
+    key: u8,
+    expected: Option<u64>,
+) -> Result<Option<u64>, HamokError> {
+    let (id, stamp, call_ms) = call(shared);
+    let r = match expected {
+        Some(old) => map.update_if(key, id, old).await,
+        None => map.insert(key, id).await.map(|existing| existing.is_none()),
+    };
+    let outcome = format!("cas({key}: {expected:?} -> {id}) -> {r:?}");
+    record(
+        shared,
+        c,
+        peer,
+        id,
+        key,
+        written(&r).then_some(OpKind::Cas {
+            expected,
+            new: id,
+            ok: r.as_ref().ok().copied(),
+        }),
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    lock(shared).counts.writes += 1;
+    r.map(|ok| ok.then_some(id))
+}
+
+/// Whether a write's outcome leaves it in the history: done, or failed in a way that may have taken
+/// effect.
+fn written<T>(r: &Result<T, HamokError>) -> bool {
+    r.as_ref()
+        .err()
+        .is_none_or(HamokError::may_have_taken_effect)
+}
+
+/// A linearizable read through the map's public read path.
+async fn get(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    map: &HamokMap<u8, u64>,
+    key: u8,
+) -> Result<Option<u64>, HamokError> {
+    let (id, stamp, call_ms) = call(shared);
+    let r = map.get_linearizable(&key).await;
+    let outcome = format!("get_linearizable({key}) -> {r:?}");
+    // A failed read carries no information: it is left out of the history.
+    let kind = r.as_ref().ok().map(|v| OpKind::Get { observed: *v });
+    if kind.is_some() {
+        lock(shared).counts.reads_checked += 1;
+    }
+    record(
+        shared, c, peer, id, key, kind, stamp, call_ms, true, outcome,
+    );
+    r
+}
+
+async fn push(shared: &SharedRef, c: usize, peer: &str, queue: &HamokQueue<u64>) {
+    let (id, stamp, call_ms) = call(shared);
+    let r = queue.push_one(id).await;
+    let outcome = format!("push({id}) -> {r:?}");
+    record(
+        shared,
+        c,
+        peer,
+        id,
+        0,
+        None,
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    lock(shared).pushes.push(Push {
+        value: id,
+        acked: r.is_ok(),
+    });
+}
