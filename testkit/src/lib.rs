@@ -2,3 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod sim;
+
+// The simulation helpers shared with the engine's simulation (`runtime/tests/sim/util.rs`, included by
+// path) name the engine as `crate::raft`.
+pub(crate) use hamok_runtime::raft;

@@ -34,8 +34,10 @@ fn peer_simulation_random_seeds() {
 /// peers that each took the other for the leader: a message storm), 11 (a peer that left wiped its log
 /// and, rejoining, voted a removed peer with a stale log into leadership, which overwrote committed
 /// entries), 23 (a rejoined peer's writes went to a fresh in-memory store instead of its own; restarted,
-/// it had lost acknowledged entries, and the leader probed above them forever).
-const REGRESSION_SEEDS: &[u64] = &[1, 11, 23];
+/// it had lost acknowledged entries, and the leader probed above them forever), 617 (a new leader
+/// removed members as silent on what it had heard as a follower), 639 (a pristine peer that had met the
+/// cluster, cut off when joining again, founded a second cluster under the same id).
+const REGRESSION_SEEDS: &[u64] = &[1, 11, 23, 617, 639];
 
 #[test]
 fn peer_simulation_regression_seeds() {

@@ -37,8 +37,7 @@ pub mod util;
 use std::cell::RefCell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use crate::raft::RaftNode;
@@ -309,44 +308,12 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
 /// The seeds to run: `HAMOK_SIM_SEED=S` (replay one), else `HAMOK_SIM_SEEDS` seeds (default
 /// [`DEFAULT_SEEDS`]) from `HAMOK_SIM_FIRST_SEED` (default 1). The flag says whether this is a replay.
 pub fn seeds_from_env() -> (Vec<u64>, bool) {
-    if let Some(s) = std::env::var("HAMOK_SIM_SEED")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-    {
-        let seed = s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("HAMOK_SIM_SEED={s} is not a number"));
-        return (vec![seed], true);
-    }
-    let n = std::env::var("HAMOK_SIM_SEEDS")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("HAMOK_SIM_SEEDS={s} is not a number"))
-        })
-        .unwrap_or(DEFAULT_SEEDS);
-    let first: u64 = std::env::var("HAMOK_SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1);
-    ((first..first + n as u64).collect(), false)
+    util::seeds_from_env("HAMOK_SIM", DEFAULT_SEEDS)
 }
 
 /// Worker threads: `HAMOK_SIM_THREADS`, else the machine's parallelism (at most 8).
 pub fn threads_from_env() -> usize {
-    std::env::var("HAMOK_SIM_THREADS")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(8)
-        })
-        .max(1)
+    util::threads_from_env("HAMOK_SIM")
 }
 
 /// The results of running many seeds.
@@ -431,29 +398,8 @@ pub fn run_batch(
     stop_at_first: bool,
 ) -> Batch {
     let started = Instant::now();
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let results: Mutex<Vec<(usize, Result<SimReport, SimFailure>)>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1).min(seeds.len().max(1)) {
-            scope.spawn(|| loop {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= seeds.len() {
-                    break;
-                }
-                let r = run(&make(seeds[i]));
-                if r.is_err() && stop_at_first {
-                    stop.store(true, Ordering::SeqCst);
-                }
-                results.lock().unwrap().push((i, r));
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap();
-    results.sort_by_key(|(i, _)| *i);
+    #[allow(clippy::result_large_err)] // a failure carries its trace tail; built once per failing seed
+    let results = util::run_seeds(seeds, threads, stop_at_first, &|seed| run(&make(seed)));
     let ran = results.len();
     let mut reports = Vec::new();
     let mut failures = Vec::new();

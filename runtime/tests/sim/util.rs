@@ -94,3 +94,85 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
     }
     mix64(h)
 }
+
+/// The seeds a simulation runs, from the environment with variables named `{prefix}_SEED` (replay one:
+/// the flag says so), `{prefix}_SEEDS` (how many, default `default_count`) and `{prefix}_FIRST_SEED`
+/// (where they start, default 1).
+pub fn seeds_from_env(prefix: &str, default_count: usize) -> (Vec<u64>, bool) {
+    let var = |name: &str| {
+        std::env::var(format!("{prefix}_{name}"))
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    };
+    if let Some(s) = var("SEED") {
+        let seed = s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{prefix}_SEED={s} is not a number"));
+        return (vec![seed], true);
+    }
+    let n: usize = var("SEEDS")
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{prefix}_SEEDS={s} is not a number"))
+        })
+        .unwrap_or(default_count);
+    let first: u64 = var("FIRST_SEED")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1);
+    ((first..first + n as u64).collect(), false)
+}
+
+/// Worker threads: `{prefix}_THREADS`, else the machine's parallelism (at most 8).
+pub fn threads_from_env(prefix: &str) -> usize {
+    std::env::var(format!("{prefix}_THREADS"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(8)
+        })
+        .max(1)
+}
+
+/// Runs `run` on every seed of `seeds` on `threads` workers, seeds taken in order; returns each outcome
+/// with the seed's position, sorted by position. With `stop_at_first`, no new seed starts once one
+/// failed (so every seed before the first failure has run).
+pub fn run_seeds<R: Send, F: Send>(
+    seeds: &[u64],
+    threads: usize,
+    stop_at_first: bool,
+    run: &(dyn Fn(u64) -> Result<R, F> + Sync),
+) -> Vec<(usize, Result<R, F>)> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1).min(seeds.len().max(1)) {
+            scope.spawn(|| loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&seed) = seeds.get(i) else {
+                    break;
+                };
+                let r = run(seed);
+                if r.is_err() && stop_at_first {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, r));
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results
+}

@@ -45,9 +45,13 @@ mod kv {
 #[path = "../../../runtime/tests/sim/linearizability.rs"]
 pub mod linearizability;
 
+/// Seeded randomness, the seed and thread knobs and the batch runner, shared with the engine's
+/// simulation.
+#[path = "../../../runtime/tests/sim/util.rs"]
+pub mod util;
+
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -293,7 +297,7 @@ const STALL_WALL_SECS: u64 = 20;
 /// This thread notices simulated time standing still while the hub keeps delivering, records a
 /// `runaway` violation and drops every frame from then on, so the run can finish and report.
 struct Watchdog {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -303,13 +307,14 @@ impl Watchdog {
         hub: hamok_runtime::transport::memory::InProcessHub,
         tap: tap::Tap,
     ) -> Watchdog {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let mut last = (u64::MAX, 0u64);
             let mut stalled_secs = 0;
-            while !flag.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(250));
+            // Wakes every 250 ms, or at once when the run ends (a message, or the sender dropped).
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(250))
+            {
                 let sim_ms = shared
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -347,7 +352,7 @@ impl Watchdog {
     }
 
     fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -357,39 +362,12 @@ impl Watchdog {
 /// The seeds to run: `HAMOK_PEER_SIM_SEED=S` (replay one; the flag says so), else
 /// `HAMOK_PEER_SIM_SEEDS` seeds (default [`DEFAULT_SEEDS`]) from `HAMOK_PEER_SIM_FIRST_SEED` (default 1).
 pub fn seeds_from_env() -> (Vec<u64>, bool) {
-    let var = |name: &str| std::env::var(name).ok().filter(|s| !s.trim().is_empty());
-    if let Some(s) = var("HAMOK_PEER_SIM_SEED") {
-        let seed = s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("HAMOK_PEER_SIM_SEED={s} is not a number"));
-        return (vec![seed], true);
-    }
-    let n: usize = var("HAMOK_PEER_SIM_SEEDS")
-        .map(|s| {
-            s.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("HAMOK_PEER_SIM_SEEDS={s} is not a number"))
-        })
-        .unwrap_or(DEFAULT_SEEDS);
-    let first: u64 = var("HAMOK_PEER_SIM_FIRST_SEED")
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1);
-    ((first..first + n as u64).collect(), false)
+    util::seeds_from_env("HAMOK_PEER_SIM", DEFAULT_SEEDS)
 }
 
 /// Worker threads: `HAMOK_PEER_SIM_THREADS`, else the machine's parallelism (at most 8).
 pub fn threads_from_env() -> usize {
-    std::env::var("HAMOK_PEER_SIM_THREADS")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(8)
-        })
-        .max(1)
+    util::threads_from_env("HAMOK_PEER_SIM")
 }
 
 /// The results of many seeds.
@@ -468,35 +446,17 @@ pub fn run_batch(
     threads: usize,
 ) -> Batch {
     let started = Instant::now();
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<SimReport, SimFailure>)>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1).min(seeds.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(&seed) = seeds.get(i) else {
-                    break;
-                };
-                let r = run(&make(seed));
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((i, r));
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    results.sort_by_key(|(i, _)| *i);
     let mut batch = Batch {
         reports: Vec::new(),
         failures: Vec::new(),
-        wall: started.elapsed(),
+        wall: Duration::ZERO,
     };
-    for (_, r) in results {
+    for (_, r) in util::run_seeds(seeds, threads, false, &|seed| run(&make(seed))) {
         match r {
             Ok(rep) => batch.reports.push(rep),
             Err(f) => batch.failures.push(f),
         }
     }
+    batch.wall = started.elapsed();
     batch
 }

@@ -685,8 +685,8 @@ impl World {
             }
             1 => {
                 self.net.noise_gen += 1;
-                self.net.loss = self.rng.float(0.0, 0.3);
-                self.net.duplicate = self.rng.float(0.0, 0.2);
+                self.net.loss = 0.3 * self.rng.unit();
+                self.net.duplicate = 0.2 * self.rng.unit();
                 let max = self.rng.between(1, 20);
                 self.net.delay_ms = self.rng.chance(0.6).then_some((1, max));
                 self.apply_net();

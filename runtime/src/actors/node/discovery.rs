@@ -34,6 +34,10 @@ pub(super) enum Transition {
     LeaveCommitted,
 }
 
+/// Most peers remembered as looking for a cluster during one search (enough for any real service; a
+/// flood of hellos from made-up ids cannot grow it further).
+const MAX_DISCOVERED: usize = 1_024;
+
 pub(super) struct Discovery {
     id: PeerId,
     state: JoinState,
@@ -41,7 +45,9 @@ pub(super) struct Discovery {
     started_ms: u64,
     /// Peers looking for a cluster too, and whether each may lead (only those may found one).
     discovered: BTreeMap<PeerId, bool>,
-    /// A member of some cluster answered during the current search: no bootstrap.
+    /// A member of a cluster has been heard since this peer started: it never founds one itself (the
+    /// cluster exists, even if it is out of reach right now; two clusters under one id would split the
+    /// service's state).
     member_heard: bool,
     last_hello_ms: Option<u64>,
     /// The last message from a leader of the current term.
@@ -99,7 +105,6 @@ impl Discovery {
         self.state = JoinState::Discovering;
         self.started_ms = now_ms;
         self.discovered.clear();
-        self.member_heard = false;
         self.last_hello_ms = None;
         self.membership_read = None;
         self.catch_up_to = None;
@@ -271,10 +276,10 @@ impl Discovery {
         }
     }
 
-    /// The bootstrap rule: nobody answered as a member for a whole discovery window, this peer has never
-    /// been part of a cluster (no configuration in its log: a peer that left keeps its log), may lead,
-    /// and has the lowest id among the peers it heard looking (that may lead): it founds a cluster of
-    /// one. Everyone else waits for it.
+    /// The bootstrap rule: this peer has heard no member of a cluster since it started (for at least a
+    /// whole discovery window), has never been part of one (no configuration in its log: a peer that
+    /// left keeps its log), may lead, and has the lowest id among the peers it heard looking (that may
+    /// lead): it founds a cluster of one. Everyone else waits for it.
     pub(super) fn should_bootstrap(
         &self,
         now_ms: u64,
@@ -321,7 +326,9 @@ impl Discovery {
                     *leader_hint = Some(leader);
                 }
             }
-        } else if hello.joining {
+        } else if hello.joining
+            && (self.discovered.len() < MAX_DISCOVERED || self.discovered.contains_key(&from))
+        {
             self.discovered.insert(from.clone(), hello.can_lead);
         }
         if hello.reply && raft.membership().contains(&self.id) {
@@ -332,5 +339,63 @@ impl Discovery {
                 out.send(leader, self.join_request());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{PersistedState, RaftConfig};
+
+    fn member_hello() -> Hello {
+        Hello {
+            member: true,
+            leader: None,
+            term: 3,
+            joining: false,
+            reply: false,
+            can_lead: true,
+        }
+    }
+
+    /// A peer that has heard a member of a cluster never founds one itself, even in a later search
+    /// during which it hears nobody (the cluster exists, it is only out of reach). (The whole-peer
+    /// simulation found a pristine peer that had met the cluster, left it before being admitted, and,
+    /// cut off when joining again, founded a second cluster under the same id.)
+    #[test]
+    fn a_peer_that_heard_a_member_never_bootstraps() {
+        let config = HamokConfig::default();
+        let raft = RaftNode::new(
+            PeerId::from("a"),
+            RaftConfig::default(),
+            1,
+            0,
+            PersistedState::default(),
+        )
+        .unwrap();
+        let mut hint = None;
+        let mut out = Output::default();
+
+        let mut lonely = Discovery::new(PeerId::from("a"), &config);
+        lonely.start(0);
+        assert!(lonely.should_bootstrap(
+            config.discovery_window_ms,
+            &raft,
+            RuntimeFaults::default()
+        ));
+
+        let mut discovery = Discovery::new(PeerId::from("a"), &config);
+        discovery.start(0);
+        discovery.on_hello(
+            PeerId::from("m"),
+            member_hello(),
+            &raft,
+            &mut hint,
+            &mut out,
+        );
+        discovery.left();
+        discovery.start(10_000);
+        let later = 10_000 + 10 * config.discovery_window_ms;
+        assert!(!discovery.should_bootstrap(later, &raft, RuntimeFaults::default()));
     }
 }

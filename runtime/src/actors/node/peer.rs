@@ -223,10 +223,7 @@ impl Peer {
                     self.finish_leave(LeaveStep::Done);
                 }
             }
-            HamokMessage::Goodbye => {
-                self.admission.forget(&from);
-                self.discovery.forget(&from);
-            }
+            HamokMessage::Goodbye => self.discovery.forget(&from),
             HamokMessage::Submit {
                 seq,
                 floor: _,
@@ -551,18 +548,16 @@ impl Peer {
         for gone in self.remote_peers.difference(&now_members) {
             // Its client sessions stay (bounded by MAX_CLIENT_SESSIONS): a retry of its requests may
             // still be in flight, and dropping the session would let it apply twice.
-            self.admission.forget(gone);
             self.out.emit(HamokEvent::RemotePeerLeft(gone.clone()));
         }
         for new in now_members.difference(&self.remote_peers) {
-            self.admission.heard(new, now_ms);
             self.out.emit(HamokEvent::RemotePeerJoined(new.clone()));
         }
         if !now_members.is_empty() {
             self.had_remote_peers = true;
         }
         self.remote_peers = now_members;
-        self.admission.on_membership(&membership);
+        self.admission.on_membership(now_ms, &membership);
         self.update_join_state(now_ms);
     }
 
@@ -576,8 +571,6 @@ impl Peer {
             });
             self.out.emit(HamokEvent::StateChanged { new: role, old });
             if role == Role::Leader {
-                self.admission
-                    .on_leading(now_ms, self.remote_peers.iter().cloned());
                 self.discovery.on_leading(now_ms);
             }
         }
