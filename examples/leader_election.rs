@@ -99,7 +99,7 @@ async fn main() -> Result<(), HamokError> {
         }
     })
     .await
-    .map_err(|_| HamokError::Timeout(5_000))?;
+    .map_err(|_| HamokError::Timeout { after_ms: 5_000 })?;
     println!(
         "new leader: {new_leader}; first successful write {:.1} ms after the old leader stopped ({attempts} attempt(s))",
         write_ok.as_secs_f64() * 1e3

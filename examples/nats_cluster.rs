@@ -43,7 +43,7 @@ struct Counter(i64);
 fn le_i64(data: &[u8]) -> Result<i64, HamokError> {
     let bytes: [u8; 8] = data
         .try_into()
-        .map_err(|_| HamokError::Codec("counter: want 8 bytes".into()))?;
+        .map_err(|_| HamokError::codec("counter: want 8 bytes", None))?;
     Ok(i64::from_le_bytes(bytes))
 }
 
@@ -175,7 +175,7 @@ async fn command(hamok: Hamok, line: String) {
                     .submit(STORAGE, n.to_le_bytes().to_vec())
                     .await
                     .and_then(|r| le_i64(&r)),
-                Err(e) => Err(HamokError::Codec(e.to_string())),
+                Err(e) => Err(HamokError::codec(e.to_string(), None)),
             };
             match result {
                 Ok(total) => println!("ack {tag} {total}"),

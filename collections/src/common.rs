@@ -403,7 +403,8 @@ impl<S, X> Handle<S, X> {
         self.local.check_open()?;
         let bytes = encode(&Wire::Op(cmd))?;
         let response = self.hamok.submit(&self.local.id, bytes.to_vec()).await?;
-        decode(&response)
+        // The command was applied: a response that does not decode says so.
+        decode(&response).map_err(HamokError::after_apply)
     }
 
     /// A typed event stream; the first one starts watching the peer for `Close` (only subscribers need
@@ -432,7 +433,7 @@ impl<S, X> Handle<S, X> {
 
 /// Decodes a machine's command envelope; an undecodable command is a deterministic rejection.
 pub(crate) fn decode_command<C: DeserializeOwned>(command: &[u8]) -> Result<Wire<C>, HamokError> {
-    rmp_serde::from_slice(command).map_err(|e| HamokError::Codec(format!("bad command: {e}")))
+    rmp_serde::from_slice(command).map_err(|e| HamokError::codec(format!("bad command: {e}"), None))
 }
 
 /// Marker for handles' type parameters: `fn() -> T` keeps handles `Send + Sync` whatever `T` is.
@@ -444,7 +445,7 @@ pub(crate) type Types<T> = PhantomData<fn() -> T>;
 const MAX_DEPTH: usize = 128;
 
 fn truncated() -> HamokError {
-    HamokError::Codec("truncated MessagePack value".into())
+    HamokError::codec("truncated MessagePack value", None)
 }
 
 fn read_be(buf: &[u8], at: usize, n: usize) -> Result<usize, HamokError> {
@@ -456,9 +457,7 @@ fn read_be(buf: &[u8], at: usize, n: usize) -> Result<usize, HamokError> {
 fn skip_value(buf: &[u8], at: usize, depth: usize) -> Result<usize, HamokError> {
     use rmp::Marker as M;
     if depth > MAX_DEPTH {
-        return Err(HamokError::Codec(
-            "MessagePack value nested too deep".into(),
-        ));
+        return Err(HamokError::codec("MessagePack value nested too deep", None));
     }
     let marker = M::from_u8(*buf.get(at).ok_or_else(truncated)?);
     let p = at + 1;
@@ -486,7 +485,7 @@ fn skip_value(buf: &[u8], at: usize, depth: usize) -> Result<usize, HamokError> 
         M::Ext8 => p + 2 + read_be(buf, p, 1)?,
         M::Ext16 => p + 3 + read_be(buf, p, 2)?,
         M::Ext32 => p + 5 + read_be(buf, p, 4)?,
-        M::Reserved => return Err(HamokError::Codec("reserved MessagePack marker".into())),
+        M::Reserved => return Err(HamokError::codec("reserved MessagePack marker", None)),
     };
     if end > buf.len() {
         return Err(truncated());
@@ -504,7 +503,7 @@ fn skip_n(buf: &[u8], mut at: usize, n: usize, depth: usize) -> Result<usize, Ha
 /// Splits an encoded MessagePack map with string keys into (key, encoded value) pairs.
 pub(crate) fn split_map(buf: &[u8]) -> Result<Vec<(String, Bytes)>, HamokError> {
     use rmp::Marker as M;
-    let not_map = || HamokError::Codec("a record's type must serialize as a map (a struct)".into());
+    let not_map = || HamokError::codec("a record's type must serialize as a map (a struct)", None);
     let marker = M::from_u8(*buf.first().ok_or_else(not_map)?);
     let (len, mut at) = match marker {
         M::FixMap(n) => (n as usize, 1),
@@ -516,14 +515,15 @@ pub(crate) fn split_map(buf: &[u8]) -> Result<Vec<(String, Bytes)>, HamokError> 
     for _ in 0..len {
         let key_end = skip_value(buf, at, 0)?;
         let key: String = rmp_serde::from_slice(&buf[at..key_end])
-            .map_err(|_| HamokError::Codec("a record's field names must be strings".into()))?;
+            .map_err(|_| HamokError::codec("a record's field names must be strings", None))?;
         let value_end = skip_value(buf, key_end, 0)?;
         out.push((key, Bytes::copy_from_slice(&buf[key_end..value_end])));
         at = value_end;
     }
     if at != buf.len() {
-        return Err(HamokError::Codec(
-            "trailing bytes after a MessagePack map".into(),
+        return Err(HamokError::codec(
+            "trailing bytes after a MessagePack map",
+            None,
         ));
     }
     Ok(out)

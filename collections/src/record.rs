@@ -427,7 +427,7 @@ impl RecordEvent {
 }
 
 fn field_name(key: &[u8]) -> Result<String, HamokError> {
-    String::from_utf8(key.to_vec()).map_err(|_| HamokError::Codec("field name not UTF-8".into()))
+    String::from_utf8(key.to_vec()).map_err(|_| HamokError::codec("field name not UTF-8", None))
 }
 
 fn decode_event(raw: Raw) -> Result<RecordEvent, HamokError> {

@@ -126,12 +126,18 @@ fn redis_error(e: redis::RedisError) -> HamokError {
     if text.contains("HAMOK_REJECTED") || text.contains("WRONGTYPE") {
         HamokError::Rejected(format!("redis: {text}"))
     } else {
-        HamokError::Transport(format!("redis: {text}"))
+        HamokError::Transport {
+            context: format!("redis: {text}"),
+            source: None,
+        }
     }
 }
 
 fn bad_reply(what: &str) -> HamokError {
-    HamokError::Transport(format!("redis: unexpected reply to {what}"))
+    HamokError::Transport {
+        context: format!("redis: unexpected reply to {what}"),
+        source: None,
+    }
 }
 
 fn opt_bytes(v: Value) -> Result<Option<Bytes>, HamokError> {

@@ -848,7 +848,7 @@ fn encode_keys<K: Serialize>(keys: impl IntoIterator<Item = K>) -> Result<Vec<By
 }
 
 fn unexpected() -> HamokError {
-    HamokError::Codec("remote map: unexpected outcome".into())
+    HamokError::codec("remote map: unexpected outcome", None)
 }
 
 impl<K, V> HamokRemoteMap<K, V> {
@@ -932,7 +932,9 @@ impl<K, V> HamokRemoteMap<K, V> {
             Ok(Err(_)) => Err(HamokError::Closed),
             Err(_) => {
                 forget();
-                Err(HamokError::Timeout(timeout.as_millis() as u64))
+                Err(HamokError::Timeout {
+                    after_ms: timeout.as_millis() as u64,
+                })
             }
         }
     }

@@ -384,12 +384,12 @@ async fn redis_mutations_apply_exactly_once_across_a_leader_change() {
     for (i, (set, cas)) in results.iter().enumerate() {
         match set {
             Ok(_) => {}
-            Err(HamokError::Timeout(_)) => lost += 1,
+            Err(HamokError::Timeout { .. }) => lost += 1,
             Err(e) => panic!("set {i}: {e}"),
         }
         match cas {
             Ok(true) => {}
-            Err(HamokError::Timeout(_)) => lost += 1,
+            Err(HamokError::Timeout { .. }) => lost += 1,
             other => panic!("cas {i}: {other:?}"),
         }
     }

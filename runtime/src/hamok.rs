@@ -272,7 +272,7 @@ impl HamokBuilder {
             },
         )
         .await
-        .map_err(|e| HamokError::Transport(format!("cannot start peer: {e}")))?;
+        .map_err(|e| HamokError::transport("cannot start peer", e))?;
         let node = node_rx.await.map_err(|_| HamokError::Closed)?;
         let _ = node_slot.set(node.clone());
         Ok(Hamok {
@@ -391,7 +391,7 @@ impl Hamok {
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| HamokError::Timeout(timeout.as_millis() as u64))?
+            .map_err(|_| HamokError::timeout(timeout))?
     }
 
     /// Joins a cluster with the configured timeout and retries (see [`Hamok::join_with`]).
@@ -408,7 +408,7 @@ impl Hamok {
     /// the lowest-id peer among those starting together founds one and the others join it. Each attempt
     /// waits `timeout`; after `max_retry` further attempts it fails with [`HamokError::Timeout`].
     pub async fn join_with(&self, options: JoinOptions) -> Result<(), HamokError> {
-        let mut last = HamokError::Timeout(options.timeout.as_millis() as u64);
+        let mut last = HamokError::timeout(options.timeout);
         for _ in 0..=options.max_retry {
             self.send(NodeMsg::Join)?;
             match self
@@ -483,7 +483,7 @@ impl Hamok {
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(HamokError::Closed),
-            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+            Err(_) => Err(HamokError::timeout(timeout)),
         }
     }
 
@@ -599,7 +599,7 @@ impl Hamok {
             Ok(Ok(result)) => result,
             // The node went away with the request in its hands.
             Ok(Err(_)) => Err(HamokError::Interrupted("the peer stopped")),
-            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+            Err(_) => Err(HamokError::timeout(timeout)),
         }
     }
 
@@ -660,7 +660,7 @@ impl Hamok {
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(HamokError::Closed),
-            Err(_) => Err(HamokError::Timeout(timeout.as_millis() as u64)),
+            Err(_) => Err(HamokError::timeout(timeout)),
         }
     }
 

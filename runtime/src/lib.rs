@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use actors::node::JoinState;
 pub use config::HamokConfig;
-pub use error::HamokError;
+pub use error::{Cause, HamokError};
 pub use events::HamokEvent;
 pub use hamok::{Hamok, HamokBuilder, JoinOptions};
 pub use stats::HamokStats;

@@ -352,10 +352,8 @@ mod tests {
             "counter"
         }
         fn apply(&mut self, _: &ApplyContext, cmd: &[u8]) -> Result<Bytes, HamokError> {
-            let add = i64::from_le_bytes(
-                cmd.try_into()
-                    .map_err(|_| HamokError::Codec("len".into()))?,
-            );
+            let add =
+                i64::from_le_bytes(cmd.try_into().map_err(|_| HamokError::codec("len", None))?);
             self.0 += add;
             Ok(Bytes::copy_from_slice(&self.0.to_le_bytes()))
         }
@@ -363,7 +361,7 @@ mod tests {
             Ok(Bytes::copy_from_slice(&self.0.to_le_bytes()))
         }
         fn restore(&mut self, d: &[u8]) -> Result<(), HamokError> {
-            self.0 = i64::from_le_bytes(d.try_into().map_err(|_| HamokError::Codec("len".into()))?);
+            self.0 = i64::from_le_bytes(d.try_into().map_err(|_| HamokError::codec("len", None))?);
             Ok(())
         }
         fn as_any(&self) -> &dyn Any {

@@ -85,10 +85,13 @@ impl LogStore for MemoryLogStore {
         let from = from.max(self.first_index());
         let keep = (from - self.first_index()) as usize;
         if keep > self.entries.len() {
-            return Err(HamokError::Codec(format!(
-                "log write at {from} leaves a gap after {}",
-                self.first_index() + self.entries.len() as u64 - 1
-            )));
+            return Err(HamokError::codec(
+                format!(
+                    "log write at {from} leaves a gap after {}",
+                    self.first_index() + self.entries.len() as u64 - 1
+                ),
+                None,
+            ));
         }
         for e in self.entries.drain(keep..) {
             self.bytes -= e.size_bytes() as u64;

@@ -57,7 +57,7 @@ pub struct TestSm {
 }
 
 fn codec(what: &str) -> HamokError {
-    HamokError::Codec(format!("test state machine: {what}"))
+    HamokError::codec(format!("test state machine: {what}"), None)
 }
 
 /// Reads `n` bytes at `*at`.

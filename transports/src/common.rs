@@ -220,7 +220,10 @@ pub(crate) fn enqueue<T>(
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
             Counters::bump(&counters.dropped_link_down);
-            Err(HamokError::Transport("link closed".into()))
+            Err(HamokError::Transport {
+                context: "link closed".into(),
+                source: None,
+            })
         }
     }
 }

@@ -551,15 +551,15 @@ impl NatsInner {
         let guard = c.connect_timeout * (c.servers.len() as u32 + 1);
         let client = match tokio::time::timeout(guard, opts.connect(c.servers.clone())).await {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(HamokError::Transport(format!("NATS connect: {e}"))),
+            Ok(Err(e)) => return Err(HamokError::transport("NATS connect", e)),
             Err(_) => {
-                return Err(HamokError::Transport(format!(
-                    "NATS connect: timed out after {guard:?}"
-                )))
+                return Err(HamokError::Transport {
+                    context: format!("NATS connect: timed out after {guard:?}"),
+                    source: None,
+                })
             }
         };
-        let sub_err =
-            |e: async_nats::SubscribeError| HamokError::Transport(format!("NATS subscribe: {e}"));
+        let sub_err = |e: async_nats::SubscribeError| HamokError::transport("NATS subscribe", e);
         let sub_all = client.subscribe(broadcast.clone()).await.map_err(sub_err)?;
         let sub_me = client.subscribe(mine).await.map_err(sub_err)?;
         sync_with_server(&client, c.connect_timeout).await?;
@@ -655,7 +655,7 @@ async fn sync_with_server(client: &Client, limit: Duration) -> Result<(), HamokE
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
         Ok(Err(e)) if e.kind() != RequestErrorKind::TimedOut => {
-            Err(HamokError::Transport(format!("NATS sync: {e}")))
+            Err(HamokError::transport("NATS sync", e))
         }
         // A server too old to send "no responders" never answers: the subscriptions are most likely in
         // place by now, and Raft retransmits whatever a late one misses.
@@ -683,7 +683,10 @@ impl NatsLink {
         let counters = &self.shared.counters;
         if self.shared.signal.is_closed() {
             Counters::bump(&counters.dropped_link_down);
-            return Err(HamokError::Transport("link closed".into()));
+            return Err(HamokError::Transport {
+                context: "link closed".into(),
+                source: None,
+            });
         }
         if frame.len() > self.max_payload {
             Counters::bump(&counters.dropped_too_large);
@@ -694,7 +697,10 @@ impl NatsLink {
         }
         if !self.shared.up.load(Ordering::Acquire) {
             Counters::bump(&counters.dropped_link_down);
-            return Err(HamokError::Transport("disconnected from NATS".into()));
+            return Err(HamokError::Transport {
+                context: "disconnected from NATS".into(),
+                source: None,
+            });
         }
         enqueue(&self.tx, (subject, frame), counters)
     }
@@ -704,9 +710,10 @@ impl Link for NatsLink {
     fn send(&self, to: &PeerId, frame: Bytes) -> Result<(), HamokError> {
         if !is_valid_token(to.as_str()) {
             Counters::bump(&self.shared.counters.dropped_invalid_target);
-            return Err(HamokError::Transport(format!(
-                "peer id {to:?} cannot be a NATS subject token"
-            )));
+            return Err(HamokError::Transport {
+                context: format!("peer id {to:?} cannot be a NATS subject token"),
+                source: None,
+            });
         }
         let subject = Subject::from(format!("{}{}", self.unicast_prefix, to));
         self.queue(subject, frame)

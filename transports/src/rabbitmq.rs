@@ -353,7 +353,7 @@ impl Transport for AmqpTransport {
 }
 
 fn amqp_err(what: &str) -> impl Fn(lapin::Error) -> HamokError + '_ {
-    move |e| HamokError::Transport(format!("AMQP {what}: {e}"))
+    move |e| HamokError::transport(format!("AMQP {what}"), e)
 }
 
 /// The pieces of a connection with its topology declared.
@@ -390,7 +390,12 @@ impl AmqpInner {
         let conn = match (conn, last) {
             (Some(conn), _) => conn,
             (None, Some(e)) => return Err(amqp_err("connect")(e)),
-            (None, None) => return Err(HamokError::Transport("AMQP: no broker URL".into())),
+            (None, None) => {
+                return Err(HamokError::Transport {
+                    context: "AMQP: no broker URL".into(),
+                    source: None,
+                })
+            }
         };
 
         let exchange = format!("{}.{cluster}", c.exchange_prefix);
@@ -487,10 +492,10 @@ impl AmqpInner {
         } = match tokio::time::timeout(c.connect_timeout, self.open(cluster, &local)).await {
             Ok(result) => result?,
             Err(_) => {
-                return Err(HamokError::Transport(format!(
-                    "AMQP connect: timed out after {:?}",
-                    c.connect_timeout
-                )))
+                return Err(HamokError::Transport {
+                    context: format!("AMQP connect: timed out after {:?}", c.connect_timeout),
+                    source: None,
+                })
             }
         };
         let shared = Arc::new(Shared {
@@ -662,7 +667,10 @@ impl AmqpLink {
     fn queue(&self, key: ShortString, frame: Bytes) -> Result<(), HamokError> {
         if self.shared.signal.is_closed() {
             Counters::bump(&self.shared.counters.dropped_link_down);
-            return Err(HamokError::Transport("link closed".into()));
+            return Err(HamokError::Transport {
+                context: "link closed".into(),
+                source: None,
+            });
         }
         enqueue(&self.tx, (key, frame), &self.shared.counters)
     }
@@ -672,9 +680,10 @@ impl Link for AmqpLink {
     fn send(&self, to: &PeerId, frame: Bytes) -> Result<(), HamokError> {
         if !is_valid_token(to.as_str()) {
             Counters::bump(&self.shared.counters.dropped_invalid_target);
-            return Err(HamokError::Transport(format!(
-                "peer id {to:?} cannot be an AMQP routing key"
-            )));
+            return Err(HamokError::Transport {
+                context: format!("peer id {to:?} cannot be an AMQP routing key"),
+                source: None,
+            });
         }
         self.queue(peer_routing_key(to.as_str()).into(), frame)
     }

@@ -180,9 +180,10 @@ impl ManualTransport {
     pub fn accept(&self, frame: Bytes) -> Result<(), HamokError> {
         let current = lock(&self.inner.current).clone();
         let Some(current) = current else {
-            return Err(HamokError::Transport(
-                "manual transport: not connected".to_string(),
-            ));
+            return Err(HamokError::Transport {
+                context: "manual transport: not connected".to_string(),
+                source: None,
+            });
         };
         if current.inbound.deliver(frame) {
             Ok(())
@@ -224,9 +225,10 @@ impl Transport for ManualTransport {
         let cluster = cluster.to_string();
         Box::pin(async move {
             if inner.tx.is_closed() {
-                return Err(HamokError::Transport(
-                    "manual transport: outbound stream dropped".to_string(),
-                ));
+                return Err(HamokError::Transport {
+                    context: "manual transport: outbound stream dropped".to_string(),
+                    source: None,
+                });
             }
             let link_id = inner.next_link_id.fetch_add(1, Ordering::Relaxed);
             let signal = Arc::new(CloseSignal::new());
@@ -262,7 +264,10 @@ struct ManualLink {
 impl ManualLink {
     fn push(&self, to: Option<PeerId>, frame: Bytes) -> Result<(), HamokError> {
         if self.signal.is_closed() {
-            return Err(HamokError::Transport("link closed".to_string()));
+            return Err(HamokError::Transport {
+                context: "link closed".to_string(),
+                source: None,
+            });
         }
         match self.inner.tx.try_send(OutboundFrame { to, frame }) {
             Ok(()) => Ok(()),
@@ -274,9 +279,10 @@ impl ManualLink {
                 self.inner
                     .end(Some(self.link_id), "outbound stream dropped");
                 self.signal.close("outbound stream dropped");
-                Err(HamokError::Transport(
-                    "manual transport: outbound stream dropped".to_string(),
-                ))
+                Err(HamokError::Transport {
+                    context: "manual transport: outbound stream dropped".to_string(),
+                    source: None,
+                })
             }
         }
     }
@@ -489,7 +495,10 @@ mod tests {
     #[tokio::test]
     async fn accept_errors() {
         let (t, _out) = ManualTransport::new(2);
-        assert!(matches!(t.accept(b("x")), Err(HamokError::Transport(_))));
+        assert!(matches!(
+            t.accept(b("x")),
+            Err(HamokError::Transport { .. })
+        ));
         let inbound = Inbound::new(1, |_| {});
         let link = t.connect("c", pid("a"), inbound.clone()).await.unwrap();
         t.accept(b("1")).unwrap();
@@ -503,7 +512,10 @@ mod tests {
         t.accept(b("3")).unwrap();
         link.close();
         assert!(!t.is_connected());
-        assert!(matches!(t.accept(b("4")), Err(HamokError::Transport(_))));
+        assert!(matches!(
+            t.accept(b("4")),
+            Err(HamokError::Transport { .. })
+        ));
     }
 
     #[tokio::test]
@@ -558,7 +570,7 @@ mod tests {
         assert_eq!(reason, "outbound stream dropped");
         assert!(matches!(
             link.send(&pid("b"), b("x")),
-            Err(HamokError::Transport(_))
+            Err(HamokError::Transport { .. })
         ));
         assert!(t
             .connect("c", pid("a"), Inbound::new(8, |_| {}))

@@ -770,7 +770,10 @@ struct MemoryLink {
 }
 
 fn link_closed() -> HamokError {
-    HamokError::Transport("link closed".to_string())
+    HamokError::Transport {
+        context: "link closed".to_string(),
+        source: None,
+    }
 }
 
 impl Link for MemoryLink {

@@ -398,7 +398,8 @@ pub fn run_batch(
     stop_at_first: bool,
 ) -> Batch {
     let started = Instant::now();
-    #[allow(clippy::result_large_err)] // a failure carries its trace tail; built once per failing seed
+    #[allow(clippy::result_large_err)]
+    // a failure carries its trace tail; built once per failing seed
     let results = util::run_seeds(seeds, threads, stop_at_first, &|seed| run(&make(seed)));
     let ran = results.len();
     let mut reports = Vec::new();

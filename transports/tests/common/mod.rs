@@ -38,7 +38,7 @@ pub struct Counter {
 fn le_i64(data: &[u8]) -> Result<i64, HamokError> {
     let bytes: [u8; 8] = data
         .try_into()
-        .map_err(|_| HamokError::Codec(format!("counter: {} bytes, want 8", data.len())))?;
+        .map_err(|_| HamokError::codec(format!("counter: {} bytes, want 8", data.len()), None))?;
     Ok(i64::from_le_bytes(bytes))
 }
 

@@ -678,7 +678,9 @@ impl Peer {
     /// stops taking part anyway, and the leader removes it as silent).
     fn finish_leave(&mut self, step: LeaveStep) {
         let result = match step {
-            LeaveStep::TimedOut => Err(HamokError::Timeout(self.config.request_timeout_ms)),
+            LeaveStep::TimedOut => Err(HamokError::Timeout {
+                after_ms: self.config.request_timeout_ms,
+            }),
             _ => Ok(()),
         };
         self.out.broadcast(HamokMessage::Goodbye);

@@ -167,7 +167,9 @@ impl Reads {
                         machine: storages.get(&r.storage),
                     }));
                 } else {
-                    (r.f)(Err(HamokError::Timeout(r.timeout_ms)));
+                    (r.f)(Err(HamokError::Timeout {
+                        after_ms: r.timeout_ms,
+                    }));
                 }
             }
         }

@@ -282,7 +282,16 @@ impl Requests {
             .collect();
         for seq in expired {
             if let Some(p) = self.pending.remove(&seq) {
-                let _ = p.reply.send(Err(HamokError::Timeout(p.timeout_ms)));
+                // Never handed to a leader (none was known): certainly not applied.
+                let error = match p.last_sent_ms {
+                    None => HamokError::NoQuorum {
+                        after_ms: p.timeout_ms,
+                    },
+                    Some(_) => HamokError::Timeout {
+                        after_ms: p.timeout_ms,
+                    },
+                };
+                let _ = p.reply.send(Err(error));
             }
         }
     }
