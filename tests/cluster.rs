@@ -63,7 +63,7 @@ async fn three_peers_started_together_form_one_cluster() {
                 .filter(|id| id != p.local_peer_id())
                 .collect();
             assert_eq!(remote, others, "remote peers of {}", p.local_peer_id());
-            assert_eq!(p.stats().remote_peers, 2);
+            assert_eq!(p.stats().status.remote_peers(), 2);
         }
 
         create_storage(&peers[0]).await;
@@ -78,7 +78,7 @@ async fn three_peers_started_together_form_one_cluster() {
         // Local reads, once each peer knows the writes are committed and has applied its commit head.
         for p in &peers {
             wait_until("the peer learns the last write is committed", WAIT, || {
-                p.stats().commit_index >= last_index
+                p.stats().status.raft.commit_index >= last_index
             })
             .await;
             let applied = p.wait_until_commit_head(WAIT).await.expect("commit head");
@@ -145,7 +145,10 @@ async fn join_leave_rejoin() {
             .await;
         }
     }
-    assert!(logs[leaver_pos].any(|e| *e == HamokEvent::Left));
+    // The leaver's event collector is a task of its own: wait for it rather than race it.
+    logs[leaver_pos]
+        .wait_for("Left on the leaver", |e| *e == HamokEvent::Left)
+        .await;
     wait_membership(&stayers).await;
     for p in &stayers {
         assert_eq!(p.remote_peer_ids().len(), 1);
@@ -403,10 +406,10 @@ async fn late_peer_catches_up_from_snapshot_after_compaction() {
     }
     let stats = peers[leader].stats();
     assert!(
-        stats.snapshots_taken >= 1,
+        stats.counters.snapshots_taken >= 1,
         "the leader compacted its log: {stats:?}"
     );
-    assert!(stats.snapshot_index > 0, "{stats:?}");
+    assert!(stats.status.raft.snapshot_index > 0, "{stats:?}");
 
     let late = cluster.peer("p03").await;
     late.join().await.expect("late join");
@@ -421,7 +424,7 @@ async fn late_peer_catches_up_from_snapshot_after_compaction() {
     }
     let late_stats = late.stats();
     assert!(
-        late_stats.snapshots_installed >= 1,
+        late_stats.counters.snapshots_installed >= 1,
         "the late peer was caught up by a snapshot: {late_stats:?}"
     );
     assert_eq!(state, lin_state(&peers[0]).await);
@@ -608,7 +611,7 @@ async fn write_covered_by_an_installed_snapshot_is_answered() {
             .expect("fill write");
     }
     assert!(
-        peers[leader].stats().snapshot_index > 0,
+        peers[leader].stats().status.raft.snapshot_index > 0,
         "the leader compacted"
     );
     cluster.hub.unblock(&ids[leader], &ids[follower]);
@@ -618,7 +621,7 @@ async fn write_covered_by_an_installed_snapshot_is_answered() {
         .expect("the write is answered before its 30 s timeout")
         .expect("writer task");
     assert!(
-        peers[follower].stats().snapshots_installed >= 1,
+        peers[follower].stats().counters.snapshots_installed >= 1,
         "the follower caught up from a snapshot"
     );
     let index = answer.expect("answered with the response cached in the snapshot");
@@ -673,7 +676,10 @@ async fn duplicated_frames_apply_each_increment_once() {
             "applied in submit order"
         );
     }
-    let skipped: u64 = peers.iter().map(|p| p.stats().duplicates_skipped).sum();
+    let skipped: u64 = peers
+        .iter()
+        .map(|p| p.stats().counters.duplicates_skipped)
+        .sum();
     println!("duplicated frames: duplicates_skipped over the peers = {skipped}");
     close_all(&peers).await;
 }
@@ -768,7 +774,7 @@ async fn forced_leader_change_applies_no_increment_twice() {
     println!(
         "forced leader change: {} acknowledged of {submitted} submitted, requests_retried on the follower = {}",
         acked.len(),
-        follower.stats().requests_retried
+        follower.stats().counters.requests_retried
     );
     close_all(&survivors).await;
 }
@@ -924,24 +930,27 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
         let id = p.local_peer_id().clone();
         wait_until(&format!("{id} counts every dropped frame"), WAIT, || {
             let s = p.stats();
-            s.dropped_malformed - b.dropped_malformed > ROUNDS * 3
-                && s.dropped_foreign_cluster - b.dropped_foreign_cluster >= ROUNDS
-                && s.dropped_version - b.dropped_version >= ROUNDS
+            s.counters.dropped_malformed - b.counters.dropped_malformed > ROUNDS * 3
+                && s.counters.dropped_foreign_cluster - b.counters.dropped_foreign_cluster >= ROUNDS
+                && s.counters.dropped_version - b.counters.dropped_version >= ROUNDS
         })
         .await;
         let s = p.stats();
         println!(
             "{id}: dropped_malformed +{} dropped_foreign_cluster +{} dropped_version +{} (leader: {})",
-            s.dropped_malformed - b.dropped_malformed,
-            s.dropped_foreign_cluster - b.dropped_foreign_cluster,
-            s.dropped_version - b.dropped_version,
+            s.counters.dropped_malformed - b.counters.dropped_malformed,
+            s.counters.dropped_foreign_cluster - b.counters.dropped_foreign_cluster,
+            s.counters.dropped_version - b.counters.dropped_version,
             p.is_leader()
         );
         assert_eq!(
-            s.dropped_foreign_cluster - b.dropped_foreign_cluster,
+            s.counters.dropped_foreign_cluster - b.counters.dropped_foreign_cluster,
             ROUNDS
         );
-        assert_eq!(s.dropped_version - b.dropped_version, ROUNDS);
+        assert_eq!(
+            s.counters.dropped_version - b.counters.dropped_version,
+            ROUNDS
+        );
     }
     // The forged submits entered no log: only the 150 real writes are there.
     for p in &peers {
@@ -951,9 +960,9 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
     }
     // The leader also refused every forged submit as malformed (if it led throughout).
     let s = peers[leader].stats();
-    if s.term == before[leader].term && peers[leader].is_leader() {
+    if s.status.raft.term == before[leader].status.raft.term && peers[leader].is_leader() {
         assert!(
-            s.dropped_malformed - before[leader].dropped_malformed > ROUNDS * 4,
+            s.counters.dropped_malformed - before[leader].counters.dropped_malformed > ROUNDS * 4,
             "{s:?}"
         );
     }
@@ -1079,7 +1088,7 @@ async fn only_follower_never_leads_and_events_are_emitted() {
         .iter()
         .zip(&all)
         .any(|(log, p)| p.local_peer_id() == &second_id && log.any(|e| *e == HamokEvent::Leader)));
-    assert_eq!(survivors[second].stats().role, Role::Leader);
+    assert_eq!(survivors[second].stats().status.raft.role, Role::Leader);
     wait_membership(&survivors).await;
 
     // The second leader dies too: one voter of two is left, no leader can be elected, and the learner

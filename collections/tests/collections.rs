@@ -315,7 +315,7 @@ async fn late_peer_after_compaction_sees_every_collection() {
         map.set(i, format!("v{i}")).await.unwrap();
     }
     wait_until("a snapshot was taken", WAIT, || {
-        p.stats().snapshots_taken > 0
+        p.stats().counters.snapshots_taken > 0
     })
     .await;
 
@@ -323,7 +323,7 @@ async fn late_peer_after_compaction_sees_every_collection() {
         .add_peer_with("p09", |b| b.snapshot_after_entries(50))
         .await;
     assert!(
-        late.stats().snapshots_installed > 0,
+        late.stats().counters.snapshots_installed > 0,
         "caught up by snapshot"
     );
     let lm = late.get_or_create_map::<u32, String>("m").await.unwrap();

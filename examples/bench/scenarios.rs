@@ -569,7 +569,7 @@ impl Ctx {
                 Ok::<_, crate::cluster::BoxError>(started.elapsed())
             }
             .await;
-            installed += peer.stats().snapshots_installed;
+            installed += peer.stats().counters.snapshots_installed;
             let _ = tokio::time::timeout(WAIT, peer.leave()).await;
             peer.close().await;
             hist.record(outcome?);
@@ -625,10 +625,14 @@ impl Ctx {
             let steady = proc_status_mib("VmRSS").unwrap_or(0.0);
             let peak = proc_status_mib("VmHWM").unwrap_or(0.0);
             let stats: Vec<_> = cluster.peers.iter().map(|p| p.stats()).collect();
-            let log_entries_max = stats.iter().map(|s| s.log_entries).max().unwrap_or(0);
-            let log_mib_max =
-                stats.iter().map(|s| s.log_bytes).max().unwrap_or(0) as f64 / (1024.0 * 1024.0);
-            let snapshots: u64 = stats.iter().map(|s| s.snapshots_taken).sum();
+            let log_entries_max = stats
+                .iter()
+                .map(|s| s.status.log_entries)
+                .max()
+                .unwrap_or(0);
+            let log_mib_max = stats.iter().map(|s| s.status.log_bytes).max().unwrap_or(0) as f64
+                / (1024.0 * 1024.0);
+            let snapshots: u64 = stats.iter().map(|s| s.counters.snapshots_taken).sum();
             let r = self
                 .load_record(
                     "memory",
@@ -835,19 +839,19 @@ fn dump_stats(cluster: &Cluster) {
         let s = p.stats();
         eprintln!(
             "  stats {}: role {:?}, term {}, commit {}, applied {}, frames in/out {}/{}, dropped inbound_full {} outbound {} malformed {}, requests_retried {}, duplicates_skipped {}, pending {}",
-            s.peer_id,
-            s.role,
-            s.term,
-            s.commit_index,
-            s.applied_index,
-            s.frames_in,
-            s.frames_out,
-            s.dropped_inbound_full,
-            s.dropped_outbound,
-            s.dropped_malformed,
-            s.requests_retried,
-            s.duplicates_skipped,
-            s.pending_requests,
+            s.status.raft.id,
+            s.status.raft.role,
+            s.status.raft.term,
+            s.status.raft.commit_index,
+            s.status.raft.applied_index,
+            s.counters.frames_in,
+            s.counters.frames_out,
+            s.counters.dropped_inbound_full,
+            s.counters.dropped_outbound,
+            s.counters.dropped_malformed,
+            s.counters.requests_retried,
+            s.counters.duplicates_skipped,
+            s.status.pending_requests,
         );
     }
 }

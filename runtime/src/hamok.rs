@@ -12,14 +12,14 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
-use crate::actors::node::{JoinState, NodeArgs, NodeMsg, RuntimeFaults, Served, View};
+use crate::actors::node::{NodeArgs, NodeMsg, RuntimeFaults, Served};
 use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
 use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, Role};
 use crate::state_machine::{Op, StateMachine, StateMachineFactory};
-use crate::stats::{Counters, HamokStats};
+use crate::stats::{Counters, HamokStats, JoinState, PeerStatus};
 use crate::store::{LogStore, MemoryLogStore};
 use crate::transport::memory::InProcessHub;
 use crate::transport::{Inbound, Transport};
@@ -86,6 +86,8 @@ impl HamokBuilder {
             kinds: BTreeMap::new(),
             error: None,
             seed: None,
+            // A unit struct without the `testing` feature.
+            #[allow(clippy::default_constructed_unit_structs)]
             faults: RuntimeFaults::default(),
         }
     }
@@ -233,7 +235,7 @@ impl HamokBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Box::new(MemoryLogStore::new()));
-        let (view_tx, view_rx) = watch::channel(View::initial());
+        let (view_tx, view_rx) = watch::channel(PeerStatus::initial());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let counters = Arc::new(Counters::default());
 
@@ -299,7 +301,7 @@ struct Inner {
     config: HamokConfig,
     node: ActorRef<NodeMsg>,
     supervisor: ActorRef<SupervisorMsg>,
-    view: watch::Receiver<View>,
+    view: watch::Receiver<PeerStatus>,
     events: broadcast::Sender<HamokEvent>,
     counters: Arc<Counters>,
     inbound: Inbound,
@@ -362,7 +364,7 @@ impl Hamok {
         }
     }
 
-    fn view(&self) -> View {
+    fn view(&self) -> PeerStatus {
         self.inner.view.borrow().clone()
     }
 
@@ -370,8 +372,8 @@ impl Hamok {
     async fn wait_for(
         &self,
         timeout: Duration,
-        pred: impl Fn(&View) -> bool,
-    ) -> Result<View, HamokError> {
+        pred: impl Fn(&PeerStatus) -> bool,
+    ) -> Result<PeerStatus, HamokError> {
         let mut rx = self.inner.view.clone();
         let wait = async {
             loop {
@@ -531,41 +533,11 @@ impl Hamok {
         &self.inner.config
     }
 
-    /// Counters and gauges.
+    /// This peer's published status and its counters.
     pub fn stats(&self) -> HamokStats {
-        let v = self.view();
-        let c = &self.inner.counters;
         HamokStats {
-            peer_id: self.inner.peer_id.clone(),
-            role: v.raft.role,
-            term: v.raft.term,
-            leader: v.raft.leader.clone(),
-            commit_index: v.raft.commit_index,
-            applied_index: v.raft.applied_index,
-            last_index: v.raft.last_index,
-            snapshot_index: v.raft.snapshot_index,
-            log_entries: v.log_entries,
-            log_bytes: v.log_bytes,
-            remote_peers: v
-                .raft
-                .membership
-                .members()
-                .filter(|p| **p != self.inner.peer_id)
-                .count(),
-            pending_requests: v.pending_requests,
-            frames_in: Counters::get(&c.frames_in),
-            frames_out: Counters::get(&c.frames_out),
-            dropped_malformed: Counters::get(&c.dropped_malformed),
-            dropped_foreign_cluster: Counters::get(&c.dropped_foreign_cluster),
-            dropped_version: Counters::get(&c.dropped_version),
-            dropped_unauthenticated: Counters::get(&c.dropped_unauthenticated),
-            dropped_inbound_full: self.inner.inbound.dropped(),
-            dropped_outbound: Counters::get(&c.dropped_outbound),
-            snapshots_taken: Counters::get(&c.snapshots_taken),
-            snapshots_installed: Counters::get(&c.snapshots_installed),
-            requests_retried: Counters::get(&c.requests_retried),
-            duplicates_skipped: Counters::get(&c.duplicates_skipped),
-            transport_connects: Counters::get(&c.transport_connects),
+            status: self.view(),
+            counters: self.inner.counters.values(self.inner.inbound.dropped()),
         }
     }
 

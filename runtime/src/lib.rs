@@ -20,12 +20,11 @@ pub mod store;
 pub mod transport;
 pub mod wire;
 
-pub use actors::node::JoinState;
 pub use config::HamokConfig;
 pub use error::{Cause, HamokError};
 pub use events::HamokEvent;
 pub use hamok::{Hamok, HamokBuilder, JoinOptions};
-pub use stats::HamokStats;
+pub use stats::{CounterValues, HamokStats, JoinState, PeerStatus};
 
 /// Hooks for hamok's own tests (crate feature `testing`, which only the workspace's test crate turns
 /// on): planted bugs in the runtime's decisions, switched on with `HamokBuilder::faults`, and seeded

@@ -1,7 +1,7 @@
 //! Client sessions: which request numbers of one client have been applied, so that a retried request
 //! applies at most once.
 //!
-//! A client (one peer process, see [`ClientId`](crate::ClientId)) numbers its requests 1, 2, 3, ... and
+//! A client (one peer process, see [`ClientId`](crate::state_machine::ClientId)) numbers its requests 1, 2, 3, ... and
 //! sends with each the lowest number it still waits for (its *floor*). Everything below the floor has
 //! been answered, so its dedup state may go. Above the floor the applied numbers are kept as ranges:
 //! requests mostly apply in order, so a session is a handful of ranges however many requests overtake a

@@ -1,87 +1,144 @@
-//! Counters and gauges of one peer, read with [`Hamok::stats`](crate::Hamok::stats).
+//! What a peer reports about itself, read with [`Hamok::stats`](crate::Hamok::stats): its published
+//! [`PeerStatus`] (the engine's [`Status`] plus the runtime's state) and its counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::raft::{LogIndex, PeerId, Role, Term};
+use crate::raft::{Membership, Role, Status};
 
-/// A point-in-time view of one peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HamokStats {
-    /// This peer.
-    pub peer_id: PeerId,
-    /// Its role.
-    pub role: Role,
-    /// Its term.
-    pub term: Term,
-    /// The leader it knows of.
-    pub leader: Option<PeerId>,
-    /// Highest committed index known.
-    pub commit_index: LogIndex,
-    /// Highest applied index.
-    pub applied_index: LogIndex,
-    /// Last log index.
-    pub last_index: LogIndex,
-    /// Last index covered by the latest snapshot.
-    pub snapshot_index: LogIndex,
-    /// Entries in the log store.
-    pub log_entries: u64,
-    /// Approximate bytes of the entries in the log store.
-    pub log_bytes: u64,
-    /// Other members of the cluster.
-    pub remote_peers: usize,
-    /// Requests submitted here and not answered yet.
-    pub pending_requests: usize,
-    /// Frames received.
-    pub frames_in: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Frames dropped: not decodable (garbage, truncated, wrong types, too large).
-    pub dropped_malformed: u64,
-    /// Frames dropped: another cluster's.
-    pub dropped_foreign_cluster: u64,
-    /// Frames dropped: another protocol version.
-    pub dropped_version: u64,
-    /// Frames dropped: authentication is on and the frame had no valid tag.
-    pub dropped_unauthenticated: u64,
-    /// Frames dropped: this peer was saturated (inbound bound reached).
-    pub dropped_inbound_full: u64,
-    /// Frames the transport could not take (link down or outbound queue full).
-    pub dropped_outbound: u64,
-    /// Snapshots taken locally.
-    pub snapshots_taken: u64,
-    /// Snapshots installed from the leader.
-    pub snapshots_installed: u64,
-    /// Requests retried (leader change or lost forward).
-    pub requests_retried: u64,
-    /// Retried requests recognised as already applied.
-    pub duplicates_skipped: u64,
-    /// Times the transport was (re)connected.
-    pub transport_connects: u64,
+/// Where the peer stands with respect to a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinState {
+    /// `join` not called yet.
+    Idle,
+    /// Looking for a cluster (or for the peers to found one with), or coming back to it after being
+    /// removed or cut off: not a member as far as this peer can tell.
+    Discovering,
+    /// A voter of the cluster (a learner when `only_follower`), in contact with its leader.
+    Joined,
+    /// Leaving.
+    Leaving,
+    /// Left; `join` starts over.
+    Left,
 }
 
-/// Counters the actors bump; `Hamok::stats` reads them without a round trip.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub dropped_malformed: AtomicU64,
-    pub dropped_foreign_cluster: AtomicU64,
-    pub dropped_version: AtomicU64,
-    pub dropped_unauthenticated: AtomicU64,
-    pub dropped_outbound: AtomicU64,
-    pub snapshots_taken: AtomicU64,
-    pub snapshots_installed: AtomicU64,
-    pub requests_retried: AtomicU64,
-    pub duplicates_skipped: AtomicU64,
-    pub transport_connects: AtomicU64,
+/// The state a peer publishes whenever it changes: what the handle's getters and waits read, without a
+/// round trip to the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The engine's part: role, term, leader, log indices, committed configuration.
+    pub raft: Status,
+    /// Where the peer stands with respect to its cluster.
+    pub join_state: JoinState,
+    /// Entries in the log store.
+    pub log_entries: u64,
+    /// Approximate bytes of those entries.
+    pub log_bytes: u64,
+    /// Requests submitted here and not answered yet.
+    pub pending_requests: usize,
+    /// The peer's actors have stopped.
+    pub closed: bool,
+}
+
+impl PeerStatus {
+    pub(crate) fn initial() -> Self {
+        PeerStatus {
+            raft: Status {
+                id: crate::raft::PeerId::from(""),
+                role: Role::Follower,
+                term: 0,
+                leader: None,
+                commit_index: 0,
+                applied_index: 0,
+                last_index: 0,
+                snapshot_index: 0,
+                membership: Membership::default(),
+            },
+            join_state: JoinState::Idle,
+            log_entries: 0,
+            log_bytes: 0,
+            pending_requests: 0,
+            closed: false,
+        }
+    }
+
+    /// The other members of the committed configuration (voters and learners).
+    pub fn remote_peers(&self) -> usize {
+        self.raft
+            .membership
+            .members()
+            .filter(|p| **p != self.raft.id)
+            .count()
+    }
+}
+
+/// Declares the counters once: the atomics the actors bump and the values a reader gets.
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])+ $name:ident, )+) => {
+        /// Counters the actors bump; read without a round trip.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( pub(crate) $name: AtomicU64, )+
+        }
+
+        /// A peer's counters since it started.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct CounterValues {
+            $( $(#[doc = $doc])+ pub $name: u64, )+
+            /// Frames dropped: this peer was saturated (its inbound bound reached; counted by the
+            /// transport's [`Inbound`](crate::transport::Inbound)).
+            pub dropped_inbound_full: u64,
+        }
+
+        impl Counters {
+            /// The current values; `dropped_inbound_full` comes from the peer's inbound sink.
+            pub(crate) fn values(&self, dropped_inbound_full: u64) -> CounterValues {
+                CounterValues {
+                    $( $name: self.$name.load(Ordering::Relaxed), )+
+                    dropped_inbound_full,
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames received.
+    frames_in,
+    /// Frames sent.
+    frames_out,
+    /// Frames dropped: not decodable (garbage, truncated, wrong types, too large).
+    dropped_malformed,
+    /// Frames dropped: another cluster's.
+    dropped_foreign_cluster,
+    /// Frames dropped: another protocol version.
+    dropped_version,
+    /// Frames dropped: authentication is on and the frame had no valid tag.
+    dropped_unauthenticated,
+    /// Frames the transport could not take (link down or outbound queue full).
+    dropped_outbound,
+    /// Snapshots taken locally.
+    snapshots_taken,
+    /// Snapshots installed from the leader.
+    snapshots_installed,
+    /// Requests retried (leader change or lost forward).
+    requests_retried,
+    /// Retried requests recognised as already applied.
+    duplicates_skipped,
+    /// Times the transport was (re)connected.
+    transport_connects,
 }
 
 impl Counters {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    pub(crate) fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
+/// A point-in-time view of one peer: its status and its counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HamokStats {
+    /// The published status (as of the last change the node published).
+    pub status: PeerStatus,
+    /// The counters since the peer started.
+    pub counters: CounterValues,
 }

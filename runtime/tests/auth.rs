@@ -52,7 +52,8 @@ async fn peers_without_the_key_cannot_join() {
         "the keyed cluster kept its leader"
     );
     // They were heard, and refused.
-    let refused = a.stats().dropped_unauthenticated + b.stats().dropped_unauthenticated;
+    let refused =
+        a.stats().counters.dropped_unauthenticated + b.stats().counters.dropped_unauthenticated;
     assert!(refused > 0);
     assert_eq!(
         a.remote_peer_ids().len(),

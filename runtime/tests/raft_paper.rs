@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::{cfg, entries, msg, persisted, pid, Net};
 use hamok_runtime::raft::{
     Entry, EntryPayload, HardState, LogIndex, Membership, MembershipChange, Message, MessageBody,
-    PeerId, PersistedState, RaftConfig, RaftError, RaftNode, ReadState, Role, Snapshot,
+    PeerId, PersistedState, RaftConfig, RaftError, RaftLimits, RaftNode, ReadState, Role, Snapshot,
     SnapshotMeta, SoftState, Term,
 };
 
@@ -19,6 +19,13 @@ use hamok_runtime::raft::{
 
 const ELECTION: u64 = 100;
 const HEARTBEAT: u64 = 10;
+
+/// `cfg()` with some engine limits changed.
+fn cfg_with(change: impl FnOnce(&mut RaftLimits)) -> RaftConfig {
+    let mut config = cfg();
+    change(&mut config.limits);
+    config
+}
 
 fn voters(ids: &[&str]) -> Membership {
     Membership::with_voters(ids.iter().map(|i| pid(i)))
@@ -635,10 +642,9 @@ fn proposals_made_before_one_take_ready_are_batched_into_one_append_per_follower
 
 #[test]
 fn append_batches_respect_max_entries_per_append() {
-    let mut net = settled(RaftConfig {
-        max_entries_per_append: 2,
-        ..cfg()
-    });
+    let mut net = settled(cfg_with(|l| {
+        l.max_entries_per_append = 2;
+    }));
     let now = net.now;
     for i in 0..5 {
         net.node_mut("a")
@@ -657,11 +663,10 @@ fn append_batches_respect_max_entries_per_append() {
 
 #[test]
 fn pipelining_stops_at_max_inflight_appends_until_acknowledged() {
-    let mut net = settled(RaftConfig {
-        max_entries_per_append: 1,
-        max_inflight_appends: 2,
-        ..cfg()
-    });
+    let mut net = settled(cfg_with(|l| {
+        l.max_entries_per_append = 1;
+        l.max_inflight_appends = 2;
+    }));
     let now = net.now;
     for i in 0..4 {
         net.node_mut("a")
@@ -1726,10 +1731,9 @@ fn compaction_beyond_the_applied_index_or_not_past_the_snapshot_is_refused() {
 
 #[test]
 fn peer_behind_the_snapshot_receives_it_in_chunks_and_restores_it() {
-    let mut net = settled(RaftConfig {
-        snapshot_chunk_bytes: 4,
-        ..cfg()
-    });
+    let mut net = settled(cfg_with(|l| {
+        l.snapshot_chunk_bytes = 4;
+    }));
     net.add_node("d", PersistedState::default());
     net.drop_messages_to("d");
     let now = net.now;
@@ -2033,39 +2037,34 @@ fn invalid_config_is_rejected_naming_the_field() {
             "election_timeout_ms",
         ),
         (
-            RaftConfig {
-                max_entries_per_append: 0,
-                ..cfg()
-            },
+            cfg_with(|l| {
+                l.max_entries_per_append = 0;
+            }),
             "max_entries_per_append",
         ),
         (
-            RaftConfig {
-                max_inflight_appends: 0,
-                ..cfg()
-            },
+            cfg_with(|l| {
+                l.max_inflight_appends = 0;
+            }),
             "max_inflight_appends",
         ),
         (
-            RaftConfig {
-                snapshot_chunk_bytes: 0,
-                ..cfg()
-            },
+            cfg_with(|l| {
+                l.snapshot_chunk_bytes = 0;
+            }),
             "snapshot_chunk_bytes",
         ),
         (
-            RaftConfig {
-                max_snapshot_bytes: 0,
-                ..cfg()
-            },
+            cfg_with(|l| {
+                l.max_snapshot_bytes = 0;
+            }),
             "max_snapshot_bytes",
         ),
         (
-            RaftConfig {
-                max_command_bytes: 2_000,
-                max_uncommitted_bytes: 1_000,
-                ..cfg()
-            },
+            cfg_with(|l| {
+                l.max_command_bytes = 2_000;
+                l.max_uncommitted_bytes = 1_000;
+            }),
             "max_command_bytes",
         ),
     ];
@@ -2140,10 +2139,9 @@ fn proposal_to_a_follower_is_refused_naming_the_leader() {
 
 #[test]
 fn proposals_beyond_max_uncommitted_entries_are_refused_as_busy() {
-    let mut net = settled(RaftConfig {
-        max_uncommitted_entries: 3,
-        ..cfg()
-    });
+    let mut net = settled(cfg_with(|l| {
+        l.max_uncommitted_entries = 3;
+    }));
     net.isolate("b");
     net.isolate("c");
     let now = net.now;

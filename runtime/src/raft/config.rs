@@ -5,8 +5,12 @@ use serde::{Deserialize, Serialize};
 /// Timings and bounds of one Raft peer. Times are in milliseconds of the clock the caller passes in.
 ///
 /// ```
-/// use hamok_runtime::raft::RaftConfig;
-/// let config = RaftConfig { election_timeout_ms: 300, ..RaftConfig::default() };
+/// use hamok_runtime::raft::{RaftConfig, RaftLimits};
+/// let config = RaftConfig {
+///     election_timeout_ms: 300,
+///     limits: RaftLimits { max_inflight_appends: 16, ..RaftLimits::default() },
+///     ..RaftConfig::default()
+/// };
 /// assert!(config.validate().is_ok());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,30 +21,8 @@ pub struct RaftConfig {
     pub election_timeout_ms: u64,
     /// How often a leader sends heartbeats. Must be well under the election timeout.
     pub heartbeat_interval_ms: u64,
-    /// Most entries in one AppendEntries message.
-    pub max_entries_per_append: usize,
-    /// Most payload bytes in one AppendEntries message (a single larger entry is sent alone).
-    pub max_bytes_per_append: usize,
-    /// Most AppendEntries messages in flight to one follower (the pipeline window).
-    pub max_inflight_appends: usize,
-    /// Most entries the leader holds beyond the commit index; further proposals get `Busy` (backpressure).
-    pub max_uncommitted_entries: usize,
-    /// Most bytes the leader holds beyond the commit index; further proposals get `Busy`.
-    pub max_uncommitted_bytes: usize,
-    /// Most committed entries handed out in one `Ready`.
-    pub max_apply_batch: usize,
-    /// Size of one snapshot chunk.
-    pub snapshot_chunk_bytes: usize,
-    /// Most snapshot chunks in flight to one peer.
-    pub max_inflight_snapshot_chunks: usize,
-    /// Largest snapshot a peer accepts from a leader.
-    pub max_snapshot_bytes: u64,
-    /// Most ReadIndex requests waiting for leadership confirmation.
-    pub max_pending_reads: usize,
-    /// Largest single command accepted by `propose`. The default, 512 KiB, keeps every append (framing
-    /// included) under NATS's default 1 MiB payload limit: a larger entry could be proposed but never
-    /// delivered, stalling replication behind it.
-    pub max_command_bytes: usize,
+    /// Every bound on the engine's queues and batches.
+    pub limits: RaftLimits,
 }
 
 impl Default for RaftConfig {
@@ -48,6 +30,75 @@ impl Default for RaftConfig {
         RaftConfig {
             election_timeout_ms: 300,
             heartbeat_interval_ms: 50,
+            limits: RaftLimits::default(),
+        }
+    }
+}
+
+/// Every bound on the engine's queues and batches: past one, the engine refuses (`Busy`,
+/// `CommandTooLarge`) or waits, it never grows. A hamok peer reads them from the `[raft]` table of its
+/// configuration (`raft.max_inflight_appends`, `HAMOK_RAFT__MAX_INFLIGHT_APPENDS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftLimits {
+    /// Most entries in one AppendEntries message.
+    ///
+    /// Why 1024: catches a lagging follower up in few round trips while keeping one message's decoding
+    /// short.
+    pub max_entries_per_append: usize,
+    /// Most payload bytes in one AppendEntries message (a single larger entry is sent alone).
+    ///
+    /// Why 512 KiB: large enough for throughput, small enough to fit common broker message limits
+    /// (NATS: 1 MiB) with room for headers.
+    pub max_bytes_per_append: usize,
+    /// Most AppendEntries messages in flight to one follower (the pipeline window).
+    ///
+    /// Why 64: keeps the link busy under sustained writes without waiting for each acknowledgement, while
+    /// bounding what must be resent after a loss.
+    pub max_inflight_appends: usize,
+    /// Most entries the leader holds beyond the commit index; further proposals get `Busy`
+    /// (backpressure).
+    ///
+    /// Why 50 000: backpressure that only triggers when followers cannot keep up, bounding the leader's
+    /// memory.
+    pub max_uncommitted_entries: usize,
+    /// Most bytes the leader holds beyond the commit index; further proposals get `Busy`.
+    ///
+    /// Why 64 MiB: same backpressure, for large entries. Must be at least `max_command_bytes`.
+    pub max_uncommitted_bytes: usize,
+    /// Most committed entries handed out in one `Ready`.
+    ///
+    /// Why 4096: amortises the per-batch cost without stalling the driver on one huge batch.
+    pub max_apply_batch: usize,
+    /// Size of one snapshot chunk.
+    ///
+    /// Why 256 KiB: fits broker message limits with a wide margin; a snapshot streams as many chunks.
+    pub snapshot_chunk_bytes: usize,
+    /// Most snapshot chunks in flight to one peer.
+    ///
+    /// Why 4: pipelines the transfer (1 MiB in flight) without flooding a peer that is catching up.
+    pub max_inflight_snapshot_chunks: usize,
+    /// Largest snapshot a peer accepts from a leader.
+    ///
+    /// Why 4 GiB: a sanity bound against a corrupt or hostile size, far above any in-memory state a
+    /// replica is expected to hold.
+    pub max_snapshot_bytes: u64,
+    /// Most ReadIndex requests waiting for leadership confirmation.
+    ///
+    /// Why 100 000: reads are cheap and batched per confirmation round; the bound only stops runaway
+    /// callers.
+    pub max_pending_reads: usize,
+    /// Largest single command accepted by `propose`.
+    ///
+    /// Why 512 KiB: generous for collection operations, and an append carrying one such command (framing
+    /// included) stays under NATS's default 1 MiB message limit: a larger entry could be proposed but
+    /// never delivered, stalling replication behind it. Must not exceed `max_uncommitted_bytes`.
+    pub max_command_bytes: usize,
+}
+
+impl Default for RaftLimits {
+    fn default() -> Self {
+        RaftLimits {
             max_entries_per_append: 1024,
             max_bytes_per_append: 512 * 1024,
             max_inflight_appends: 64,
@@ -74,7 +125,7 @@ pub struct RaftConfigError {
 }
 
 impl RaftConfig {
-    /// Checks every field; the first problem found is returned.
+    /// Checks the timings and every limit; the first problem found is returned.
     pub fn validate(&self) -> Result<(), RaftConfigError> {
         let fail = |field, reason| Err(RaftConfigError { field, reason });
         if self.heartbeat_interval_ms == 0 {
@@ -86,6 +137,14 @@ impl RaftConfig {
                 "must be at least twice heartbeat_interval_ms",
             );
         }
+        self.limits.validate()
+    }
+}
+
+impl RaftLimits {
+    /// Checks every bound; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), RaftConfigError> {
+        let fail = |field, reason| Err(RaftConfigError { field, reason });
         let positive = [
             ("max_entries_per_append", self.max_entries_per_append),
             ("max_bytes_per_append", self.max_bytes_per_append),

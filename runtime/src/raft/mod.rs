@@ -7,9 +7,10 @@
 //! [`RaftNode::take_ready`], which says what to persist, what to send after that, what to apply and which
 //! reads may be served.
 //!
-//! One concept per file: [`raft_log`] the in-memory log, [`progress`] a follower's replication state seen
-//! from the leader, [`read_only`] ReadIndex bookkeeping, [`votes`] election tallies, [`snapshot`] chunked
-//! snapshot transfer, [`membership`] configurations and quorums, [`node`] the protocol itself.
+//! One concept per file (private; the public surface is the items re-exported here): `raft_log` the
+//! in-memory log, `progress` a follower's replication state seen from the leader, `read_only` ReadIndex
+//! bookkeeping, `votes` election tallies, `snapshot` chunked snapshot transfer, `membership`
+//! configurations and quorums, `node` the protocol itself.
 //!
 //! ```
 //! use hamok_runtime::raft::{Membership, PeerId, PersistedState, RaftConfig, RaftNode, Role};
@@ -27,22 +28,22 @@
 
 mod config;
 mod error;
-pub mod membership;
+mod membership;
 mod message;
 mod node;
-pub mod progress;
-pub mod raft_log;
-pub mod read_only;
+mod progress;
+mod raft_log;
+mod read_only;
 mod ready;
 mod rng;
-pub mod snapshot;
+mod snapshot;
 mod types;
-pub mod votes;
+mod votes;
 
 #[cfg(test)]
 mod fault_tests;
 
-pub use config::{RaftConfig, RaftConfigError};
+pub use config::{RaftConfig, RaftConfigError, RaftLimits};
 pub use error::RaftError;
 pub use membership::{Membership, MembershipChange, MembershipError};
 pub use message::{Message, MessageBody};

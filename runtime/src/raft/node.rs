@@ -324,13 +324,13 @@ impl RaftNode {
     pub fn propose(&mut self, now_ms: u64, data: Bytes) -> Result<(LogIndex, Term), RaftError> {
         self.advance_clock(now_ms);
         self.check_can_propose()?;
-        if data.len() > self.config.max_command_bytes {
+        if data.len() > self.config.limits.max_command_bytes {
             return Err(RaftError::CommandTooLarge {
                 size: data.len(),
-                limit: self.config.max_command_bytes,
+                limit: self.config.limits.max_command_bytes,
             });
         }
-        if self.log.uncommitted_bytes() + data.len() > self.config.max_uncommitted_bytes {
+        if self.log.uncommitted_bytes() + data.len() > self.config.limits.max_uncommitted_bytes {
             return Err(RaftError::Busy);
         }
         Ok(self.append_own(EntryPayload::Command(data)))
@@ -480,7 +480,7 @@ impl RaftNode {
             Some((from, entries)) => (Some(from), entries),
             None => (None, Vec::new()),
         };
-        let committed = self.log.next_committed(self.config.max_apply_batch);
+        let committed = self.log.next_committed(self.config.limits.max_apply_batch);
         self.check_invariants();
         Ready {
             soft_state,
@@ -830,7 +830,7 @@ impl RaftNode {
             return Err(RaftError::TransferInProgress);
         }
         let uncommitted = self.log.last_index() - self.log.commit_index();
-        if uncommitted >= self.config.max_uncommitted_entries as u64 {
+        if uncommitted >= self.config.limits.max_uncommitted_entries as u64 {
             return Err(RaftError::Busy);
         }
         Ok(())
@@ -1169,7 +1169,7 @@ impl RaftNode {
             if pr.state == ProgressState::Snapshot {
                 return self.send_snapshot_chunks(peer) || sent;
             }
-            if !pr.can_send(self.config.max_inflight_appends) {
+            if !pr.can_send(self.config.limits.max_inflight_appends) {
                 return sent;
             }
             let wanted = match pr.state {
@@ -1194,8 +1194,8 @@ impl RaftNode {
             };
             let entries = self.log.slice(
                 pr.next_index,
-                self.config.max_entries_per_append,
-                self.config.max_bytes_per_append,
+                self.config.limits.max_entries_per_append,
+                self.config.limits.max_bytes_per_append,
             );
             let last_sent = prev_index + entries.len() as u64;
             pr.on_sent(last_sent, self.now_ms);
@@ -1233,8 +1233,8 @@ impl RaftNode {
         let mut chunks = Vec::new();
         while let Some(chunk) = sender.next_chunk(
             &data,
-            self.config.snapshot_chunk_bytes,
-            self.config.max_inflight_snapshot_chunks,
+            self.config.limits.snapshot_chunk_bytes,
+            self.config.limits.max_inflight_snapshot_chunks,
         ) {
             chunks.push(chunk);
         }
@@ -1528,7 +1528,7 @@ impl RaftNode {
             offset,
             &data,
             done,
-            self.config.max_snapshot_bytes,
+            self.config.limits.max_snapshot_bytes,
         );
         match outcome {
             ChunkOutcome::Partial(held) => respond(self, held, false),
@@ -1561,7 +1561,7 @@ impl RaftNode {
     // Reads
 
     fn leader_read(&mut self, ctx: u64, from: Option<PeerId>) -> Result<(), RaftError> {
-        if self.read_only.len() >= self.config.max_pending_reads {
+        if self.read_only.len() >= self.config.limits.max_pending_reads {
             return Err(RaftError::Busy);
         }
         if !self.committed_in_term() {

@@ -133,9 +133,4 @@ impl Progress {
     pub fn oldest_inflight_ms(&self) -> Option<u64> {
         self.inflight.front().map(|&(_, sent)| sent)
     }
-
-    /// Number of appends in flight.
-    pub fn inflight_len(&self) -> usize {
-        self.inflight.len()
-    }
 }

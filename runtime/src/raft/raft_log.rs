@@ -63,11 +63,6 @@ impl RaftLog {
         self.snapshot_index
     }
 
-    /// Term at the snapshot's last index.
-    pub fn snapshot_term(&self) -> Term {
-        self.snapshot_term
-    }
-
     /// Highest index known committed.
     pub fn commit_index(&self) -> LogIndex {
         self.commit

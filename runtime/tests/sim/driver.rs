@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::raft::{
-    Membership, MembershipChange, PeerId, PersistedState, RaftConfig, RaftNode, Role,
+    Membership, MembershipChange, PeerId, PersistedState, RaftConfig, RaftLimits, RaftNode, Role,
 };
 
 use super::checks::{ensure, violation, Check, Registry};
@@ -78,17 +78,19 @@ pub fn config_for(rng: &mut Rng) -> RaftConfig {
     RaftConfig {
         election_timeout_ms,
         heartbeat_interval_ms,
-        max_entries_per_append: rng.between(4, 64) as usize,
-        max_bytes_per_append: rng.between(256, 4096) as usize,
-        max_inflight_appends: rng.between(2, 8) as usize,
-        max_uncommitted_entries: rng.between(32, 512) as usize,
-        max_uncommitted_bytes: 1 << 20,
-        max_apply_batch: rng.between(2, 64) as usize,
-        snapshot_chunk_bytes: rng.between(64, 512) as usize,
-        max_inflight_snapshot_chunks: rng.between(1, 4) as usize,
-        max_snapshot_bytes: 1 << 20,
-        max_pending_reads: rng.between(8, 256) as usize,
-        max_command_bytes: 1024,
+        limits: RaftLimits {
+            max_entries_per_append: rng.between(4, 64) as usize,
+            max_bytes_per_append: rng.between(256, 4096) as usize,
+            max_inflight_appends: rng.between(2, 8) as usize,
+            max_uncommitted_entries: rng.between(32, 512) as usize,
+            max_uncommitted_bytes: 1 << 20,
+            max_apply_batch: rng.between(2, 64) as usize,
+            snapshot_chunk_bytes: rng.between(64, 512) as usize,
+            max_inflight_snapshot_chunks: rng.between(1, 4) as usize,
+            max_snapshot_bytes: 1 << 20,
+            max_pending_reads: rng.between(8, 256) as usize,
+            max_command_bytes: 1024,
+        },
     }
 }
 
@@ -164,10 +166,10 @@ impl Cluster {
             plan.chaos_ms,
             c.election_timeout_ms,
             c.heartbeat_interval_ms,
-            c.max_entries_per_append,
-            c.max_inflight_appends,
-            c.snapshot_chunk_bytes,
-            c.max_apply_batch,
+            c.limits.max_entries_per_append,
+            c.limits.max_inflight_appends,
+            c.limits.snapshot_chunk_bytes,
+            c.limits.max_apply_batch,
             self.compact_min,
             self.compact_max
         );

@@ -268,18 +268,18 @@ pub fn stats_line(s: &HamokStats) -> String {
     format!(
         "{}: role {:?} term {} commit {} in {} out {} malformed {} foreign {} version {} \
          inbound_full {} outbound {} connects {}",
-        s.peer_id,
-        s.role,
-        s.term,
-        s.commit_index,
-        s.frames_in,
-        s.frames_out,
-        s.dropped_malformed,
-        s.dropped_foreign_cluster,
-        s.dropped_version,
-        s.dropped_inbound_full,
-        s.dropped_outbound,
-        s.transport_connects
+        s.status.raft.id,
+        s.status.raft.role,
+        s.status.raft.term,
+        s.status.raft.commit_index,
+        s.counters.frames_in,
+        s.counters.frames_out,
+        s.counters.dropped_malformed,
+        s.counters.dropped_foreign_cluster,
+        s.counters.dropped_version,
+        s.counters.dropped_inbound_full,
+        s.counters.dropped_outbound,
+        s.counters.transport_connects
     )
 }
 
@@ -371,7 +371,9 @@ pub async fn three_peers<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
         let s = p.stats();
         println!("[{tag}] {}", stats_line(&s));
         assert_eq!(
-            s.dropped_malformed + s.dropped_foreign_cluster + s.dropped_version,
+            s.counters.dropped_malformed
+                + s.counters.dropped_foreign_cluster
+                + s.counters.dropped_version,
             0
         );
     }
@@ -415,12 +417,12 @@ pub async fn two_clusters<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
     for p in pa.iter().chain(&pb) {
         let s = p.stats();
         assert_eq!(
-            s.dropped_foreign_cluster,
+            s.counters.dropped_foreign_cluster,
             0,
             "no frame of the other cluster reaches a peer: {}",
             stats_line(&s)
         );
-        assert_eq!(s.remote_peers, 2);
+        assert_eq!(s.status.remote_peers(), 2);
     }
     for t in ta.iter().chain(&tb) {
         assert_eq!(t.stats().dropped, 0, "{:?}", t.stats());
@@ -566,9 +568,9 @@ where
             || {
                 let s = p2.stats();
                 async move {
-                    (s.dropped_malformed >= 2 * per_kind
-                        && s.dropped_foreign_cluster >= per_kind
-                        && s.dropped_version >= per_kind)
+                    (s.counters.dropped_malformed >= 2 * per_kind
+                        && s.counters.dropped_foreign_cluster >= per_kind
+                        && s.counters.dropped_version >= per_kind)
                         .then_some(())
                 }
             },
@@ -595,10 +597,23 @@ where
         let s = p.stats();
         println!("[{tag}] {}", stats_line(&s));
         let per_kind = if i == 1 { 2 * ROUNDS } else { ROUNDS };
-        assert_eq!(s.dropped_foreign_cluster, per_kind, "{}", stats_line(&s));
-        assert_eq!(s.dropped_version, per_kind, "{}", stats_line(&s));
-        assert!(s.dropped_malformed >= 2 * per_kind, "{}", stats_line(&s));
-        assert_eq!(s.remote_peers, 2, "the intruder never became a member");
+        assert_eq!(
+            s.counters.dropped_foreign_cluster,
+            per_kind,
+            "{}",
+            stats_line(&s)
+        );
+        assert_eq!(s.counters.dropped_version, per_kind, "{}", stats_line(&s));
+        assert!(
+            s.counters.dropped_malformed >= 2 * per_kind,
+            "{}",
+            stats_line(&s)
+        );
+        assert_eq!(
+            s.status.remote_peers(),
+            2,
+            "the intruder never became a member"
+        );
     }
     for (i, t) in transports.iter().enumerate() {
         println!("[{tag}] transport {}: {:?}", pid(i), t.stats());

@@ -162,14 +162,14 @@ mod tests {
         (raft, membership)
     }
 
-    fn silent(out: &mut Output) -> Vec<String> {
-        out.events
-            .drain(..)
-            .filter_map(|e| match e {
-                HamokEvent::NoHeartbeatFrom(p) => Some(p.to_string()),
-                _ => None,
-            })
-            .collect()
+    fn silent(received: &mut tokio::sync::broadcast::Receiver<HamokEvent>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(e) = received.try_recv() {
+            if let HamokEvent::NoHeartbeatFrom(p) = e {
+                out.push(p.to_string());
+            }
+        }
+        out
     }
 
     /// Silence is judged from the start of this peer's leadership: what it heard (or did not) as a
@@ -180,15 +180,16 @@ mod tests {
     fn a_new_leader_gives_every_member_a_full_idle_period() {
         let (mut raft, membership) = leader();
         let mut admission = Admission::new(PeerId::from("a"), 1_000);
-        let mut out = Output::default();
+        let (events, mut received) = tokio::sync::broadcast::channel(64);
+        let mut out = Output::new(events);
         admission.on_membership(0, &membership);
         // Long after the membership was applied, this peer starts leading.
         admission.duties(10_000, &mut raft, &mut out);
-        assert!(silent(&mut out).is_empty());
+        assert!(silent(&mut received).is_empty());
         admission.heard(&PeerId::from("b"), 10_500);
         admission.duties(11_000, &mut raft, &mut out);
         assert_eq!(
-            silent(&mut out),
+            silent(&mut received),
             ["c"],
             "c said nothing for a whole period of leadership"
         );

@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 
 use super::faults::RuntimeFaults;
 use super::frames::Output;
-use super::view::JoinState;
 use crate::config::HamokConfig;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, RaftNode, ReadState, Role};
+use crate::stats::JoinState;
 use crate::wire::{HamokMessage, Hello};
 
 /// A change of join state the peer must act on.
@@ -374,7 +374,8 @@ mod tests {
         )
         .unwrap();
         let mut hint = None;
-        let mut out = Output::default();
+        let (events, _received) = tokio::sync::broadcast::channel(64);
+        let mut out = Output::new(events);
 
         let mut lonely = Discovery::new(PeerId::from("a"), &config);
         lonely.start(0);

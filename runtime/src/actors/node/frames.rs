@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::broadcast;
 
 use crate::config::HamokConfig;
 use crate::events::HamokEvent;
@@ -12,18 +13,28 @@ use crate::raft::PeerId;
 use crate::stats::Counters;
 use crate::wire::{self, DecodeError, Frame, FrameKey, HamokMessage, PROTOCOL_VERSION};
 
-/// What the peer wants done, collected while it handles one input.
-#[derive(Default)]
+/// What the peer wants done: frames to send and a stop, collected while it handles one input, and
+/// events, reported at once (so an event is out before the answer it goes with: a caller woken by the
+/// answer finds the event already sent).
 pub(crate) struct Output {
     /// Frames to send, in order: to one peer, or to all with `None`.
     pub frames: Vec<(Option<PeerId>, HamokMessage)>,
-    /// Events to report, in order.
-    pub events: Vec<HamokEvent>,
+    /// Where events go (a bounded broadcast: a lagging subscriber loses the oldest; nobody listening is
+    /// fine).
+    events: broadcast::Sender<HamokEvent>,
     /// The peer cannot go on (e.g. a committed storage kind it does not know): stop it.
     pub stop: Option<String>,
 }
 
 impl Output {
+    pub(super) fn new(events: broadcast::Sender<HamokEvent>) -> Self {
+        Output {
+            frames: Vec::new(),
+            events,
+            stop: None,
+        }
+    }
+
     pub(super) fn send(&mut self, to: PeerId, body: HamokMessage) {
         self.frames.push((Some(to), body));
     }
@@ -33,7 +44,7 @@ impl Output {
     }
 
     pub(super) fn emit(&mut self, event: HamokEvent) {
-        self.events.push(event);
+        let _ = self.events.send(event);
     }
 }
 

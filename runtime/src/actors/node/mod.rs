@@ -1,9 +1,9 @@
 //! The Raft node actor: a thin shell around [`Peer`], the peer's pure logic.
 //!
 //! The shell is the only part that reads the clock (tokio's, so a paused test clock drives it), holds
-//! the live transport link and publishes the [`View`] and events. Everything it receives becomes one
+//! the live transport link and publishes the [`PeerStatus`]. Everything it receives becomes one
 //! call on the [`Peer`] with the current time; after each, it sends the frames the peer produced,
-//! forwards its events, publishes the view and, when the engine has output, posts itself a `Flush` (so
+//! publishes the status and, when the engine has output, posts itself a `Flush` (so
 //! a burst of input is processed in batches). One message at a time: no locks.
 //!
 //! The logic lives one concern per file, each owning its fields: [`frames`] (codec and the peer's
@@ -20,7 +20,6 @@ mod leave;
 mod peer;
 mod reads;
 mod requests;
-mod view;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,15 +38,13 @@ pub use faults::RuntimeFaults;
 pub(crate) use peer::DirectFn;
 use peer::{Peer, PeerArgs};
 pub(crate) use reads::{QueryFn, Served};
-pub use view::JoinState;
-pub(crate) use view::View;
 
 use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::PeerId;
 use crate::state_machine::{Op, StateMachineFactory};
-use crate::stats::Counters;
+use crate::stats::{Counters, PeerStatus};
 use crate::store::LogStore;
 use crate::transport::{Inbound, Link};
 
@@ -99,7 +96,7 @@ pub(crate) struct NodeArgs {
     pub store: Box<dyn LogStore>,
     pub kinds: BTreeMap<String, StateMachineFactory>,
     pub inbound: Inbound,
-    pub view: watch::Sender<View>,
+    pub view: watch::Sender<PeerStatus>,
     pub events: broadcast::Sender<HamokEvent>,
     pub counters: Arc<Counters>,
     pub nonce: u64,
@@ -112,8 +109,7 @@ pub(crate) struct NodeState {
     started: Instant,
     link: Option<Arc<dyn Link>>,
     inbound: Inbound,
-    view: watch::Sender<View>,
-    events: broadcast::Sender<HamokEvent>,
+    view: watch::Sender<PeerStatus>,
     counters: Arc<Counters>,
     flush_scheduled: bool,
 }
@@ -142,6 +138,7 @@ impl Actor for NodeActor {
                 nonce: args.nonce,
                 seed: args.seed,
                 faults: args.faults,
+                events: args.events.clone(),
             },
             0,
         )?;
@@ -152,7 +149,6 @@ impl Actor for NodeActor {
             link: None,
             inbound: args.inbound,
             view: args.view,
-            events: args.events,
             counters: args.counters,
             flush_scheduled: false,
         };
@@ -249,7 +245,7 @@ impl NodeState {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Sends what the peer produced and forwards its events; returns its stop request, if any.
+    /// Sends the frames the peer produced; returns its stop request, if any.
     fn drain(&mut self) -> Option<String> {
         let drained = self.peer.drain();
         for (to, bytes) in drained.frames {
@@ -263,15 +259,11 @@ impl NodeState {
                 Err(_) => Counters::bump(&self.counters.dropped_outbound),
             }
         }
-        for event in drained.events {
-            // A lagging subscriber loses the oldest events (bounded channel); nobody listening is fine.
-            let _ = self.events.send(event);
-        }
         drained.stop
     }
 
     fn publish_view(&self) {
-        let view = self.peer.view();
+        let view = self.peer.status();
         self.view.send_if_modified(|v| {
             if *v == view {
                 false

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::broadcast;
 
 use super::admission::Admission;
 use super::apply::{Apply, AttachFn, CommandApplied};
@@ -17,7 +18,6 @@ use super::frames::{Codec, Output};
 use super::leave::{Leave, LeaveReply, LeaveStep};
 use super::reads::{QueryFn, Reads, Served};
 use super::requests::{self, Reply, Requests, Route};
-use super::view::{JoinState, View};
 use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::events::HamokEvent;
@@ -26,7 +26,7 @@ use crate::raft::{
     Role,
 };
 use crate::state_machine::{Applied, ClientId, Op, StateMachineFactory};
-use crate::stats::Counters;
+use crate::stats::{Counters, JoinState, PeerStatus};
 use crate::store::LogStore;
 use crate::wire::HamokMessage;
 
@@ -49,14 +49,14 @@ pub(crate) struct PeerArgs {
     /// Seeds the engine's election timeouts and the read contexts.
     pub seed: u64,
     pub faults: RuntimeFaults,
+    /// Where the peer's events go.
+    pub events: broadcast::Sender<HamokEvent>,
 }
 
 /// Frames encoded for sending, and what else the peer asks of its shell.
 pub(crate) struct Drained {
     /// Encoded frames: to one peer, or to all with `None`.
     pub frames: Vec<(Option<PeerId>, Bytes)>,
-    /// Events to report, in order.
-    pub events: Vec<HamokEvent>,
     /// Stop the peer, for this reason.
     pub stop: Option<String>,
 }
@@ -99,6 +99,7 @@ impl Peer {
             nonce,
             seed,
             faults,
+            events,
         } = args;
         let mut apply = Apply::new(store, kinds, &config);
         let persisted = apply.load()?;
@@ -112,7 +113,7 @@ impl Peer {
             requests: Requests::new(
                 client,
                 config.max_pending_requests,
-                config.raft_config().max_command_bytes,
+                config.raft_config().limits.max_command_bytes,
                 config.election_timeout_ms,
             ),
             reads: Reads::new(seed, config.election_timeout_ms),
@@ -130,7 +131,7 @@ impl Peer {
             last_role: Role::Follower,
             last_leader: None,
             last_heartbeat_event_ms: now_ms,
-            out: Output::default(),
+            out: Output::new(events),
             id,
             config,
             seed,
@@ -145,9 +146,9 @@ impl Peer {
     // What the shell reads
 
     /// What the handle may see.
-    pub(crate) fn view(&self) -> View {
+    pub(crate) fn status(&self) -> PeerStatus {
         let (log_entries, log_bytes) = self.apply.log_size();
-        View {
+        PeerStatus {
             raft: self.raft.status(),
             join_state: self.discovery.state(),
             log_entries,
@@ -164,19 +165,16 @@ impl Peer {
 
     /// Takes what the peer wants done since the last drain, with frames encoded.
     pub(crate) fn drain(&mut self) -> Drained {
-        let out = std::mem::take(&mut self.out);
-        let mut events = out.events;
-        let mut frames = Vec::with_capacity(out.frames.len());
-        for (to, body) in out.frames {
+        let mut frames = Vec::with_capacity(self.out.frames.len());
+        for (to, body) in std::mem::take(&mut self.out.frames) {
             match self.codec.encode(to.clone(), body) {
                 Ok(bytes) => frames.push((to, bytes)),
-                Err(e) => events.push(HamokEvent::Error(format!("encode: {e}"))),
+                Err(e) => self.out.emit(HamokEvent::Error(format!("encode: {e}"))),
             }
         }
         Drained {
             frames,
-            events,
-            stop: out.stop,
+            stop: self.out.stop.take(),
         }
     }
 

@@ -364,7 +364,8 @@ mod tests {
     #[test]
     fn redirects_are_followed_at_most_once_per_timed_send() {
         let mut raft = follower();
-        let mut out = Output::default();
+        let (events, _received) = tokio::sync::broadcast::channel(64);
+        let mut out = Output::new(events);
         let client = ClientId {
             peer: PeerId::from("b"),
             nonce: 1,
