@@ -31,15 +31,14 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Duration, Instant};
 
-use super::{BoxFuture, Inbound, Link, Transport};
+use super::{BoxFuture, CloseSignal, Inbound, Link, Transport};
 use crate::error::HamokError;
 use crate::raft::{PeerId, SeededRng};
 
@@ -55,60 +54,6 @@ pub const DEFAULT_SEED: u64 = 0x6861_6d6f_6b5f_6875; // "hamok_hu"
 /// either completes or changes nothing that matters).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Close signal (shared with the manual transport)
-// ---------------------------------------------------------------------------------------------------
-
-/// The "this link is dead" flag of one link: a fast atomic for the send path plus a watch channel for
-/// [`Link::closed`] futures. The first reason wins.
-#[derive(Debug)]
-pub(super) struct CloseSignal {
-    closed: AtomicBool,
-    reason: watch::Sender<Option<String>>,
-}
-
-impl CloseSignal {
-    /// An open signal.
-    pub(super) fn new() -> Self {
-        CloseSignal {
-            closed: AtomicBool::new(false),
-            reason: watch::Sender::new(None),
-        }
-    }
-
-    /// Marks the link dead with `reason`; returns false if it already was.
-    pub(super) fn close(&self, reason: &str) -> bool {
-        let first = self.reason.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(reason.to_string());
-                true
-            } else {
-                false
-            }
-        });
-        self.closed.store(true, Ordering::Release);
-        first
-    }
-
-    /// Whether the link is dead.
-    pub(super) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Resolves with the reason once the link is dead.
-    pub(super) fn wait(&self) -> impl Future<Output = String> + Send + 'static {
-        let mut rx = self.reason.subscribe();
-        async move {
-            match rx.wait_for(Option::is_some).await {
-                Ok(reason) => reason.clone().unwrap_or_default(),
-                // Unreachable while the signal exists (the receiver keeps nothing alive, but the
-                // sender lives in the signal the link holds); kept total for safety.
-                Err(_) => "link dropped".to_string(),
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------
