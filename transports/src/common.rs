@@ -1,13 +1,9 @@
-//! Pieces both adapters share: the per-transport counters, the "link is dead" signal, id checks and the
-//! bounded outbound queue.
+//! Pieces both adapters share besides the link itself (`link.rs`): the per-transport counters, id
+//! checks and broker URLs from the environment.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hamok_runtime::HamokError;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::stats::TransportStats;
 
@@ -83,86 +79,6 @@ impl Counters {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Close signal
-// ---------------------------------------------------------------------------------------------------
-
-/// The "this link is dead" flag of one link: an atomic for the send path and a watch channel for
-/// `Link::closed` futures. The first reason wins.
-#[derive(Debug)]
-pub(crate) struct CloseSignal {
-    closed: AtomicBool,
-    reason: watch::Sender<Option<String>>,
-}
-
-impl CloseSignal {
-    pub(crate) fn new() -> Self {
-        CloseSignal {
-            closed: AtomicBool::new(false),
-            reason: watch::Sender::new(None),
-        }
-    }
-
-    /// Marks the link dead; returns whether this call did it (false if it already was).
-    pub(crate) fn close(&self, reason: impl Into<String>) -> bool {
-        let mut reason = Some(reason.into());
-        let first = self.reason.send_if_modified(|r| {
-            if r.is_none() {
-                *r = reason.take();
-                true
-            } else {
-                false
-            }
-        });
-        self.closed.store(true, Ordering::Release);
-        first
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Resolves with the reason once the link is dead (at once if it already is).
-    pub(crate) fn wait(&self) -> impl Future<Output = String> + Send + 'static {
-        let mut rx = self.reason.subscribe();
-        async move {
-            match rx.wait_for(Option::is_some).await {
-                Ok(reason) => reason.clone().unwrap_or_default(),
-                Err(_) => "link dropped".to_string(),
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Tasks
-// ---------------------------------------------------------------------------------------------------
-
-/// The background tasks of one link, aborted together when the link is closed or dropped.
-#[derive(Debug, Default)]
-pub(crate) struct Tasks(Mutex<Vec<JoinHandle<()>>>);
-
-impl Tasks {
-    pub(crate) fn push(&self, handle: JoinHandle<()>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(handle);
-    }
-
-    pub(crate) fn abort_all(&self) {
-        for t in self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        self.abort_all();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
 // Ids
 // ---------------------------------------------------------------------------------------------------
 
@@ -199,32 +115,6 @@ pub(crate) fn check_prefix(key: &str, prefix: &str) -> Result<(), HamokError> {
             key: key.to_string(),
             reason: format!("{prefix:?}: use dot-separated tokens of [A-Za-z0-9_-]"),
         })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Outbound queue
-// ---------------------------------------------------------------------------------------------------
-
-/// Queues `item` for the writer task without ever waiting: a full queue drops (and counts) the frame.
-pub(crate) fn enqueue<T>(
-    tx: &mpsc::Sender<T>,
-    item: T,
-    counters: &Arc<Counters>,
-) -> Result<(), HamokError> {
-    match tx.try_send(item) {
-        Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            Counters::bump(&counters.dropped_queue_full);
-            Err(HamokError::Busy("transport outbound queue full"))
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            Counters::bump(&counters.dropped_link_down);
-            Err(HamokError::Transport {
-                context: "link closed".into(),
-                source: None,
-            })
-        }
     }
 }
 
@@ -267,33 +157,5 @@ mod tests {
         assert!(check_prefix("p", "org..hamok").is_err());
         assert!(check_prefix("p", "").is_err());
         assert!(check_prefix("p", "a.*").is_err());
-    }
-
-    #[tokio::test]
-    async fn close_signal_first_reason_wins() {
-        let s = CloseSignal::new();
-        let w = s.wait();
-        assert!(!s.is_closed());
-        assert!(s.close("one"));
-        assert!(!s.close("two"));
-        assert!(s.is_closed());
-        assert_eq!(w.await, "one");
-        assert_eq!(s.wait().await, "one");
-    }
-
-    #[tokio::test]
-    async fn full_queue_drops_and_counts() {
-        let counters = Arc::new(Counters::default());
-        let (tx, rx) = mpsc::channel(2);
-        enqueue(&tx, 1, &counters).unwrap();
-        enqueue(&tx, 2, &counters).unwrap();
-        assert!(enqueue(&tx, 3, &counters).is_err());
-        drop(rx);
-        assert!(enqueue(&tx, 4, &counters).is_err());
-        let s = counters.snapshot();
-        assert_eq!(
-            (s.dropped_queue_full, s.dropped_link_down, s.dropped),
-            (1, 1, 2)
-        );
     }
 }

@@ -14,7 +14,8 @@
 //! The rules both adapters keep:
 //!
 //! - **Never block the peer.** `send` and `broadcast` put the frame in a bounded per-link queue drained by
-//!   a writer task; a full queue refuses the frame at once. Received frames go straight to the peer's
+//!   a writer task; a full queue refuses the frame at once. Both adapters use one link type for this
+//!   and differ only in how a frame is addressed, written and received. Received frames go straight to the peer's
 //!   bounded [`Inbound`](hamok_runtime::transport::Inbound).
 //! - **Count every loss** in [`TransportStats`] (`transport.stats()`), and rely on Raft retransmission,
 //!   never on delivery.
@@ -28,10 +29,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-// The shared link machinery is used only by the adapters; without either feature only `is_valid_token`
-// and the stats type are reachable.
+// The shared link (`link`) and most of `common` are used only by the adapters; without either feature
+// only `is_valid_token` and the stats type are reachable.
 #[cfg_attr(not(any(feature = "nats", feature = "rabbitmq")), allow(dead_code))]
 mod common;
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+mod link;
 #[cfg_attr(not(any(feature = "nats", feature = "rabbitmq")), allow(dead_code))]
 mod stats;
 

@@ -66,11 +66,10 @@ use futures::StreamExt;
 use hamok_runtime::raft::PeerId;
 use hamok_runtime::transport::{BoxFuture, Inbound, Link, Transport};
 use hamok_runtime::HamokError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::common::{
-    check_prefix, check_token, enqueue, env_urls, is_valid_token, CloseSignal, Counters, Tasks,
-};
+use crate::common::{check_prefix, check_token, env_urls, Counters};
+use crate::link::{counted_connect, Bus, BusLink, LinkState, Publisher, Received};
 use crate::stats::TransportStats;
 
 /// The environment variable naming the NATS server(s) (comma-separated) when the builder names none.
@@ -416,60 +415,69 @@ impl Transport for NatsTransport {
     ) -> BoxFuture<Result<Arc<dyn Link>, HamokError>> {
         let inner = self.inner.clone();
         let cluster = cluster.to_string();
-        Box::pin(async move {
-            let result = inner.connect(&cluster, local, inbound).await;
-            if result.is_err() {
-                Counters::bump(&inner.counters.connect_failures);
-            }
-            result.map(|link| link as Arc<dyn Link>)
+        counted_connect(self.inner.counters.clone(), async move {
+            inner.connect(&cluster, local, inbound).await
         })
     }
 }
 
-/// State shared by a link and its tasks (and the client's event callback).
+/// Whether the client of one link is connected, fed by the client's events; shared by the link's
+/// [`NatsBus`], its watchdog and the client's event callback.
 #[derive(Debug)]
-struct Shared {
-    signal: CloseSignal,
-    counters: Arc<Counters>,
+struct Connectivity {
+    link: Arc<LinkState>,
     /// Whether the client is connected to a server (fast path of `send`).
     up: AtomicBool,
     /// The same, for the watchdog.
     up_watch: watch::Sender<bool>,
 }
 
-impl Shared {
-    /// The link failed: resolve `closed()` (counted once).
-    fn die(&self, reason: impl Into<String>) {
-        if self.signal.close(reason) {
-            Counters::bump(&self.counters.links_lost);
-        }
-    }
-
+impl Connectivity {
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Release);
         self.up_watch.send_replace(up);
     }
 
     fn on_event(&self, event: Event) {
+        let counters = self.link.counters();
         match event {
             Event::Connected => {
                 if !self.up.load(Ordering::Acquire) {
-                    Counters::bump(&self.counters.reconnects);
+                    Counters::bump(&counters.reconnects);
                 }
                 self.set_up(true);
             }
             Event::Disconnected => {
                 if self.up.load(Ordering::Acquire) {
-                    Counters::bump(&self.counters.disconnects);
+                    Counters::bump(&counters.disconnects);
                 }
                 self.set_up(false);
             }
-            Event::SlowConsumer(_) => Counters::bump(&self.counters.dropped_slow_consumer),
-            Event::Closed => self.die("NATS connection closed"),
-            Event::ClientError(ClientError::MaxReconnects) => {
-                self.die("NATS client gave up reconnecting (max reconnects)")
-            }
+            Event::SlowConsumer(_) => Counters::bump(&counters.dropped_slow_consumer),
+            Event::Closed => self.link.die("NATS connection closed"),
+            Event::ClientError(ClientError::MaxReconnects) => self
+                .link
+                .die("NATS client gave up reconnecting (max reconnects)"),
             other => tracing::warn!(event = %other, "NATS client event"),
+        }
+    }
+
+    /// The watchdog: a client disconnected for longer than `limit` means a new link.
+    async fn watch(self: Arc<Self>, limit: Duration) {
+        let mut up = self.up_watch.subscribe();
+        loop {
+            if up.wait_for(|up| !*up).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(limit, up.wait_for(|up| *up)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.link
+                        .die(format!("NATS disconnected for more than {limit:?}"));
+                    return;
+                }
+            }
         }
     }
 }
@@ -477,7 +485,7 @@ impl Shared {
 impl NatsInner {
     async fn options(
         &self,
-        shared: &Arc<Shared>,
+        connectivity: &Arc<Connectivity>,
         label: String,
     ) -> Result<ConnectOptions, HamokError> {
         let c = &self.config;
@@ -506,7 +514,7 @@ impl NatsInner {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
         let max_delay = c.reconnect_delay_max;
-        let events = shared.clone();
+        let events = connectivity.clone();
         Ok(opts
             .name(c.name.clone().unwrap_or(label))
             .no_echo()
@@ -529,7 +537,7 @@ impl NatsInner {
         cluster: &str,
         local: PeerId,
         inbound: Inbound,
-    ) -> Result<Arc<NatsLink>, HamokError> {
+    ) -> Result<BusLink<NatsBus>, HamokError> {
         check_token("cluster_id", cluster)?;
         check_token("peer_id", local.as_str())?;
         let c = &self.config;
@@ -538,15 +546,15 @@ impl NatsInner {
         let unicast_prefix = format!("{base}.peer.");
         let mine = format!("{unicast_prefix}{local}");
 
+        let state = LinkState::new(self.counters.clone(), false);
         let (up_watch, _) = watch::channel(true);
-        let shared = Arc::new(Shared {
-            signal: CloseSignal::new(),
-            counters: self.counters.clone(),
+        let connectivity = Arc::new(Connectivity {
+            link: state.clone(),
             up: AtomicBool::new(true),
             up_watch,
         });
         let opts = self
-            .options(&shared, format!("hamok {cluster}/{local}"))
+            .options(&connectivity, format!("hamok {cluster}/{local}"))
             .await?;
         let guard = c.connect_timeout * (c.servers.len() as u32 + 1);
         let client = match tokio::time::timeout(guard, opts.connect(c.servers.clone())).await {
@@ -565,81 +573,27 @@ impl NatsInner {
         sync_with_server(&client, c.connect_timeout).await?;
         let max_payload = client.server_info().max_payload;
 
-        let tasks = Tasks::default();
-        // Reader: straight from the subscriptions into the peer's bounded inbound.
-        {
-            let shared = shared.clone();
-            let mut messages = futures::stream::select(sub_all, sub_me);
-            tasks.push(tokio::spawn(async move {
-                while let Some(msg) = messages.next().await {
-                    let counters = &shared.counters;
-                    Counters::bump(&counters.frames_received);
-                    Counters::add(&counters.bytes_received, msg.payload.len() as u64);
-                    if !inbound.deliver(msg.payload) {
-                        Counters::bump(&counters.dropped_inbound_full);
-                    }
-                }
-                shared.die("NATS subscriptions ended");
-            }));
-        }
-        // Writer: drains the bounded queue into the client.
-        let (tx, mut rx) = mpsc::channel::<(Subject, Bytes)>(c.outbound_capacity);
-        {
-            let shared = shared.clone();
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some((subject, payload)) = rx.recv().await {
-                    let counters = &shared.counters;
-                    if client.connection_state() == State::Disconnected {
-                        // Stale by the time we are back: Raft will resend what matters.
-                        Counters::bump(&counters.dropped_link_down);
-                        continue;
-                    }
-                    let len = payload.len() as u64;
-                    match client.publish(subject, payload).await {
-                        Ok(()) => {
-                            Counters::bump(&counters.frames_sent);
-                            Counters::add(&counters.bytes_sent, len);
-                        }
-                        Err(e) => {
-                            Counters::bump(&counters.dropped_publish_failed);
-                            tracing::debug!(error = %e, "NATS publish failed");
-                        }
-                    }
-                }
-            }));
-        }
-        // Watchdog: a client disconnected for too long means a new link.
+        let received =
+            futures::stream::select(sub_all, sub_me).map(|msg| Received::Frame(msg.payload));
+        let link = BusLink::start(
+            state,
+            NatsBus {
+                connectivity: connectivity.clone(),
+                client: client.clone(),
+                broadcast,
+                unicast_prefix,
+                max_payload,
+            },
+            NatsPublisher { client },
+            c.outbound_capacity,
+            received,
+            inbound,
+            "NATS subscriptions ended",
+        );
         if let Some(limit) = c.max_disconnected {
-            let shared = shared.clone();
-            let mut up = shared.up_watch.subscribe();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    if up.wait_for(|up| !*up).await.is_err() {
-                        return;
-                    }
-                    match tokio::time::timeout(limit, up.wait_for(|up| *up)).await {
-                        Ok(Ok(_)) => continue,
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            shared.die(format!("NATS disconnected for more than {limit:?}"));
-                            return;
-                        }
-                    }
-                }
-            }));
+            link.spawn(connectivity.watch(limit));
         }
-        Counters::bump(&self.counters.links_opened);
-        Ok(Arc::new(NatsLink {
-            shared,
-            tx,
-            client,
-            broadcast,
-            unicast_prefix,
-            max_payload,
-            tasks,
-            torn_down: AtomicBool::new(false),
-        }))
+        Ok(link)
     }
 }
 
@@ -666,28 +620,29 @@ async fn sync_with_server(client: &Client, limit: Duration) -> Result<(), HamokE
     }
 }
 
-/// One peer's connection to NATS.
-struct NatsLink {
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<(Subject, Bytes)>,
+/// How a [`BusLink`] reaches NATS: subjects, the server's payload limit, the client's connection
+/// state, and the client to drain on close.
+struct NatsBus {
+    connectivity: Arc<Connectivity>,
     client: Client,
     broadcast: Subject,
     unicast_prefix: String,
     max_payload: usize,
-    tasks: Tasks,
-    torn_down: AtomicBool,
 }
 
-impl NatsLink {
-    fn queue(&self, subject: Subject, frame: Bytes) -> Result<(), HamokError> {
-        let counters = &self.shared.counters;
-        if self.shared.signal.is_closed() {
-            Counters::bump(&counters.dropped_link_down);
-            return Err(HamokError::Transport {
-                context: "link closed".into(),
-                source: None,
-            });
-        }
+impl Bus for NatsBus {
+    type Address = Subject;
+    const TARGET: &'static str = "a NATS subject token";
+
+    fn unicast(&self, to: &PeerId) -> Subject {
+        Subject::from(format!("{}{}", self.unicast_prefix, to))
+    }
+
+    fn broadcast(&self) -> Subject {
+        self.broadcast.clone()
+    }
+
+    fn admit(&self, frame: &Bytes, counters: &Counters) -> Result<(), HamokError> {
         if frame.len() > self.max_payload {
             Counters::bump(&counters.dropped_too_large);
             return Err(HamokError::TooLarge {
@@ -695,44 +650,17 @@ impl NatsLink {
                 limit: self.max_payload,
             });
         }
-        if !self.shared.up.load(Ordering::Acquire) {
+        if !self.connectivity.up.load(Ordering::Acquire) {
             Counters::bump(&counters.dropped_link_down);
             return Err(HamokError::Transport {
                 context: "disconnected from NATS".into(),
                 source: None,
             });
         }
-        enqueue(&self.tx, (subject, frame), counters)
-    }
-}
-
-impl Link for NatsLink {
-    fn send(&self, to: &PeerId, frame: Bytes) -> Result<(), HamokError> {
-        if !is_valid_token(to.as_str()) {
-            Counters::bump(&self.shared.counters.dropped_invalid_target);
-            return Err(HamokError::Transport {
-                context: format!("peer id {to:?} cannot be a NATS subject token"),
-                source: None,
-            });
-        }
-        let subject = Subject::from(format!("{}{}", self.unicast_prefix, to));
-        self.queue(subject, frame)
+        Ok(())
     }
 
-    fn broadcast(&self, frame: Bytes) -> Result<(), HamokError> {
-        self.queue(self.broadcast.clone(), frame)
-    }
-
-    fn closed(&self) -> BoxFuture<String> {
-        Box::pin(self.shared.signal.wait())
-    }
-
-    fn close(&self) {
-        self.shared.signal.close("closed");
-        if self.torn_down.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.tasks.abort_all();
+    fn shutdown(&self) {
         let client = self.client.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
@@ -743,9 +671,40 @@ impl Link for NatsLink {
     }
 }
 
-impl Drop for NatsLink {
-    fn drop(&mut self) {
-        self.close();
+/// The writer of a NATS link: one frame at a time into the client.
+struct NatsPublisher {
+    client: Client,
+}
+
+impl Publisher<Subject> for NatsPublisher {
+    fn batch_limit(&self) -> usize {
+        1
+    }
+
+    async fn publish(
+        &mut self,
+        batch: &mut Vec<(Subject, Bytes)>,
+        counters: &Counters,
+    ) -> Result<(), String> {
+        for (subject, payload) in batch.drain(..) {
+            if self.client.connection_state() == State::Disconnected {
+                // Stale by the time we are back: Raft will resend what matters.
+                Counters::bump(&counters.dropped_link_down);
+                continue;
+            }
+            let len = payload.len() as u64;
+            match self.client.publish(subject, payload).await {
+                Ok(()) => {
+                    Counters::bump(&counters.frames_sent);
+                    Counters::add(&counters.bytes_sent, len);
+                }
+                Err(e) => {
+                    Counters::bump(&counters.dropped_publish_failed);
+                    tracing::debug!(error = %e, "NATS publish failed");
+                }
+            }
+        }
+        Ok(())
     }
 }
 

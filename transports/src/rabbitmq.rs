@@ -53,12 +53,12 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use hamok_runtime::raft::PeerId;
 use hamok_runtime::transport::{BoxFuture, Inbound, Link, Transport};
 use hamok_runtime::HamokError;
@@ -71,11 +71,9 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use tokio::sync::mpsc;
 
-use crate::common::{
-    check_prefix, check_token, enqueue, env_urls, is_valid_token, CloseSignal, Counters, Tasks,
-};
+use crate::common::{check_prefix, check_token, env_urls, Counters};
+use crate::link::{counted_connect, Bus, BusLink, LinkState, Publisher, Received};
 use crate::stats::TransportStats;
 
 /// The environment variable naming the broker URL(s) (comma-separated) when the builder names none.
@@ -342,12 +340,8 @@ impl Transport for AmqpTransport {
     ) -> BoxFuture<Result<Arc<dyn Link>, HamokError>> {
         let inner = self.inner.clone();
         let cluster = cluster.to_string();
-        Box::pin(async move {
-            let result = inner.connect(&cluster, local, inbound).await;
-            if result.is_err() {
-                Counters::bump(&inner.counters.connect_failures);
-            }
-            result.map(|link| link as Arc<dyn Link>)
+        counted_connect(self.inner.counters.clone(), async move {
+            inner.connect(&cluster, local, inbound).await
         })
     }
 }
@@ -481,13 +475,13 @@ impl AmqpInner {
         cluster: &str,
         local: PeerId,
         inbound: Inbound,
-    ) -> Result<Arc<AmqpLink>, HamokError> {
+    ) -> Result<BusLink<AmqpBus>, HamokError> {
         check_token("cluster_id", cluster)?;
         check_token("peer_id", local.as_str())?;
         let c = &self.config;
         let Opened {
             conn,
-            mut consumer,
+            consumer,
             publisher,
         } = match tokio::time::timeout(c.connect_timeout, self.open(cluster, &local)).await {
             Ok(result) => result?,
@@ -498,210 +492,92 @@ impl AmqpInner {
                 })
             }
         };
-        let shared = Arc::new(Shared {
-            signal: CloseSignal::new(),
-            counters: self.counters.clone(),
-        });
-        let tasks = Tasks::default();
+        // A link cannot outlive its connection here: its death is a lost connection too.
+        let state = LinkState::new(self.counters.clone(), true);
         let me: ShortString = local.as_str().into();
-
-        // Reader: from the consumer straight into the peer's bounded inbound.
-        {
-            let shared = shared.clone();
-            let me = me.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some(delivery) = consumer.next().await {
-                    let counters = &shared.counters;
-                    let delivery = match delivery {
-                        Ok(d) => d,
-                        Err(e) => {
-                            shared.die(format!("AMQP consumer failed: {e}"));
-                            return;
-                        }
-                    };
-                    if delivery.properties.app_id().as_ref() == Some(&me) {
-                        Counters::bump(&counters.self_echo_skipped);
-                        continue;
-                    }
-                    Counters::bump(&counters.frames_received);
-                    Counters::add(&counters.bytes_received, delivery.data.len() as u64);
-                    if !inbound.deliver(Bytes::from(delivery.data)) {
-                        Counters::bump(&counters.dropped_inbound_full);
-                    }
-                }
-                shared.die("AMQP consumer ended");
-            }));
-        }
-
-        // Writer: batches from the bounded queue, each batch written before the next is taken.
-        let (tx, mut rx) = mpsc::channel::<(ShortString, Bytes)>(c.outbound_capacity);
-        {
-            let shared = shared.clone();
-            let exchange: ShortString = format!("{}.{cluster}", c.exchange_prefix).into();
-            let properties = BasicProperties::default().with_app_id(me);
-            let max_batch = c.publish_batch;
-            let confirms = c.publisher_confirms;
-            tasks.push(tokio::spawn(async move {
-                let mut batch = Vec::with_capacity(max_batch);
-                let counters = &shared.counters;
-                loop {
-                    if rx.recv_many(&mut batch, max_batch).await == 0 {
-                        return;
-                    }
-                    let publishes = batch.iter().map(|(key, payload)| {
-                        publisher.basic_publish(
-                            exchange.clone(),
-                            key.clone(),
-                            BasicPublishOptions::default(),
-                            payload,
-                            properties.clone(),
-                        )
-                    });
-                    let results = futures::future::join_all(publishes).await;
-                    let mut failure = None;
-                    let mut pending = Vec::new();
-                    for (result, (_, payload)) in results.into_iter().zip(&batch) {
-                        match result {
-                            Ok(confirm) => {
-                                Counters::bump(&counters.frames_sent);
-                                Counters::add(&counters.bytes_sent, payload.len() as u64);
-                                if confirms {
-                                    pending.push(confirm);
-                                }
-                            }
-                            Err(e) => {
-                                Counters::bump(&counters.dropped_publish_failed);
-                                failure.get_or_insert(e);
-                            }
-                        }
-                    }
-                    for confirmation in futures::future::join_all(pending).await {
-                        match confirmation {
-                            Ok(Confirmation::Nack(_)) => Counters::bump(&counters.dropped_nacked),
-                            Ok(_) => {}
-                            Err(e) => {
-                                failure.get_or_insert(e);
-                            }
-                        }
-                    }
-                    batch.clear();
-                    if let Some(e) = failure {
-                        shared.die(format!("AMQP publish failed: {e}"));
-                        return;
-                    }
-                }
-            }));
-        }
-
-        // Connection events and a status watchdog (heartbeat loss, broker-side close).
-        {
-            let shared = shared.clone();
-            let mut events = conn.events_listener();
-            let status = conn.status().clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
-                loop {
-                    tokio::select! {
-                        event = events.next() => match event {
-                            Some(lapin::Event::Error(e)) => {
-                                shared.die(format!("AMQP connection failed: {e}"));
-                                return;
-                            }
-                            Some(lapin::Event::ConnectionBlocked(reason)) => {
-                                tracing::warn!(%reason, "RabbitMQ blocked the connection");
-                            }
-                            Some(_) => {}
-                            None => {
-                                shared.die("AMQP connection gone");
-                                return;
-                            }
-                        },
-                        _ = tick.tick() => {
-                            if !status.connected() {
-                                shared.die("AMQP connection no longer connected");
-                                return;
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-
-        Counters::bump(&self.counters.links_opened);
-        Ok(Arc::new(AmqpLink {
-            shared,
-            tx,
-            conn: Mutex::new(Some(conn)),
-            tasks,
-            torn_down: AtomicBool::new(false),
-        }))
+        let events = conn.events_listener();
+        let status = conn.status().clone();
+        let publisher = AmqpPublisher {
+            channel: publisher,
+            exchange: format!("{}.{cluster}", c.exchange_prefix).into(),
+            properties: BasicProperties::default().with_app_id(me.clone()),
+            max_batch: c.publish_batch,
+            confirms: c.publisher_confirms,
+        };
+        let received = consumer.map(move |delivery| match delivery {
+            Ok(d) if d.properties.app_id().as_ref() == Some(&me) => Received::OwnEcho,
+            Ok(d) => Received::Frame(Bytes::from(d.data)),
+            Err(e) => Received::Failed(format!("AMQP consumer failed: {e}")),
+        });
+        let link = BusLink::start(
+            state.clone(),
+            AmqpBus {
+                conn: Mutex::new(Some(conn)),
+            },
+            publisher,
+            c.outbound_capacity,
+            received,
+            inbound,
+            "AMQP consumer ended",
+        );
+        link.spawn(watch_connection(events, status, state));
+        Ok(link)
     }
 }
 
-/// State shared by a link and its tasks.
-struct Shared {
-    signal: CloseSignal,
-    counters: Arc<Counters>,
-}
-
-impl Shared {
-    /// The link failed: resolve `closed()` (counted once).
-    fn die(&self, reason: impl Into<String>) {
-        if self.signal.close(reason) {
-            Counters::bump(&self.counters.disconnects);
-            Counters::bump(&self.counters.links_lost);
+/// Connection events and a status watchdog (heartbeat loss, broker-side close): the link dies with
+/// its connection.
+async fn watch_connection(
+    events: impl Stream<Item = lapin::Event>,
+    status: lapin::ConnectionStatus,
+    state: Arc<LinkState>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) => {
+                    state.die(format!("AMQP connection failed: {e}"));
+                    return;
+                }
+                Some(lapin::Event::ConnectionBlocked(reason)) => {
+                    tracing::warn!(%reason, "RabbitMQ blocked the connection");
+                }
+                Some(_) => {}
+                None => {
+                    state.die("AMQP connection gone");
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                if !status.connected() {
+                    state.die("AMQP connection no longer connected");
+                    return;
+                }
+            }
         }
     }
 }
 
-/// One peer's connection to RabbitMQ.
-struct AmqpLink {
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<(ShortString, Bytes)>,
+/// How a [`BusLink`] reaches RabbitMQ: routing keys, and the connection to close.
+struct AmqpBus {
     conn: Mutex<Option<Connection>>,
-    tasks: Tasks,
-    torn_down: AtomicBool,
 }
 
-impl AmqpLink {
-    fn queue(&self, key: ShortString, frame: Bytes) -> Result<(), HamokError> {
-        if self.shared.signal.is_closed() {
-            Counters::bump(&self.shared.counters.dropped_link_down);
-            return Err(HamokError::Transport {
-                context: "link closed".into(),
-                source: None,
-            });
-        }
-        enqueue(&self.tx, (key, frame), &self.shared.counters)
-    }
-}
+impl Bus for AmqpBus {
+    type Address = ShortString;
+    const TARGET: &'static str = "an AMQP routing key";
 
-impl Link for AmqpLink {
-    fn send(&self, to: &PeerId, frame: Bytes) -> Result<(), HamokError> {
-        if !is_valid_token(to.as_str()) {
-            Counters::bump(&self.shared.counters.dropped_invalid_target);
-            return Err(HamokError::Transport {
-                context: format!("peer id {to:?} cannot be an AMQP routing key"),
-                source: None,
-            });
-        }
-        self.queue(peer_routing_key(to.as_str()).into(), frame)
+    fn unicast(&self, to: &PeerId) -> ShortString {
+        peer_routing_key(to.as_str()).into()
     }
 
-    fn broadcast(&self, frame: Bytes) -> Result<(), HamokError> {
-        self.queue(BROADCAST_KEY.into(), frame)
+    fn broadcast(&self) -> ShortString {
+        BROADCAST_KEY.into()
     }
 
-    fn closed(&self) -> BoxFuture<String> {
-        Box::pin(self.shared.signal.wait())
-    }
-
-    fn close(&self) {
-        self.shared.signal.close("closed");
-        if self.torn_down.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.tasks.abort_all();
+    fn shutdown(&self) {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let (Some(conn), Ok(handle)) = (conn, tokio::runtime::Handle::try_current()) {
             handle.spawn(async move {
@@ -718,9 +594,66 @@ impl Link for AmqpLink {
     }
 }
 
-impl Drop for AmqpLink {
-    fn drop(&mut self) {
-        self.close();
+/// The writer of a RabbitMQ link: batches of publishes on one channel, each batch written (and, with
+/// publisher confirms, confirmed) before the next.
+struct AmqpPublisher {
+    channel: Channel,
+    exchange: ShortString,
+    properties: BasicProperties,
+    max_batch: usize,
+    confirms: bool,
+}
+
+impl Publisher<ShortString> for AmqpPublisher {
+    fn batch_limit(&self) -> usize {
+        self.max_batch
+    }
+
+    async fn publish(
+        &mut self,
+        batch: &mut Vec<(ShortString, Bytes)>,
+        counters: &Counters,
+    ) -> Result<(), String> {
+        let publishes = batch.iter().map(|(key, payload)| {
+            self.channel.basic_publish(
+                self.exchange.clone(),
+                key.clone(),
+                BasicPublishOptions::default(),
+                payload,
+                self.properties.clone(),
+            )
+        });
+        let results = futures::future::join_all(publishes).await;
+        let mut failure = None;
+        let mut pending = Vec::new();
+        for (result, (_, payload)) in results.into_iter().zip(batch.iter()) {
+            match result {
+                Ok(confirm) => {
+                    Counters::bump(&counters.frames_sent);
+                    Counters::add(&counters.bytes_sent, payload.len() as u64);
+                    if self.confirms {
+                        pending.push(confirm);
+                    }
+                }
+                Err(e) => {
+                    Counters::bump(&counters.dropped_publish_failed);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        for confirmation in futures::future::join_all(pending).await {
+            match confirmation {
+                Ok(Confirmation::Nack(_)) => Counters::bump(&counters.dropped_nacked),
+                Ok(_) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(format!("AMQP publish failed: {e}")),
+            None => Ok(()),
+        }
     }
 }
 

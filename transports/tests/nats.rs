@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use hamok_transports::nats::{NatsTransport, DEFAULT_NATS_URL, NATS_URL_ENV};
+use hamok_transports::nats::{NatsTransport, NatsTransportBuilder, DEFAULT_NATS_URL, NATS_URL_ENV};
 use hamok_transports::TransportStats;
 
 impl TestTransport for NatsTransport {
@@ -21,23 +21,20 @@ async fn server() -> String {
     require_broker("NATS", NATS_URL_ENV, DEFAULT_NATS_URL, 4222).await
 }
 
+fn builder(url: &str) -> NatsTransportBuilder {
+    NatsTransport::builder().server(url)
+}
+
 fn transport(url: &str) -> NatsTransport {
-    NatsTransport::builder()
-        .server(url)
-        .build()
-        .expect("NATS transport settings")
+    builder(url).build().expect("NATS transport settings")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_peers_join_write_and_survive_leader_loss() {
-    let url = server().await;
-    three_peers("nats3", || transport(&url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clusters_share_a_server() {
-    let url = server().await;
-    two_clusters("nats2", || transport(&url)).await;
+scenario_tests! {
+    broker: server, transport: transport;
+    three_peers_join_write_and_survive_leader_loss => three_peers("nats3"),
+    two_clusters_share_a_server => two_clusters("nats2"),
+    link_routing_echo_and_close => link_routing("natsr"),
+    full_inbound_drops_and_counts => inbound_bound("natsi"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,20 +62,22 @@ async fn garbage_frames_are_dropped_and_counted() {
     raw.flush().await.expect("flush");
 }
 
+/// A transport reaching the server through `proxy` that gives up on a disconnected client after
+/// `max_disconnected`.
+fn through(proxy: &Proxy, max_disconnected: Duration) -> NatsTransport {
+    builder(&format!("nats://{}", proxy.addr))
+        .max_disconnected(Some(max_disconnected))
+        .reconnect_delay_max(Duration::from_millis(250))
+        .build()
+        .unwrap()
+}
+
 /// A short outage: the client reconnects by itself and re-subscribes; the links stay up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_outage_client_reconnects() {
     let url = server().await;
     let proxy = Proxy::start(host_port(&url, 4222)).await;
-    let via = format!("nats://{}", proxy.addr);
-    let make = || {
-        NatsTransport::builder()
-            .server(via.as_str())
-            .max_disconnected(Some(Duration::from_secs(10)))
-            .reconnect_delay_max(Duration::from_millis(250))
-            .build()
-            .unwrap()
-    };
+    let make = || through(&proxy, Duration::from_secs(10));
     let transports = outage("natso", &proxy, Duration::from_millis(1_500), make).await;
     let s = transports[0].stats();
     assert!(s.disconnects >= 1 && s.reconnects >= 1, "{s:?}");
@@ -90,15 +89,7 @@ async fn short_outage_client_reconnects() {
 async fn long_outage_runtime_reconnects() {
     let url = server().await;
     let proxy = Proxy::start(host_port(&url, 4222)).await;
-    let via = format!("nats://{}", proxy.addr);
-    let make = || {
-        NatsTransport::builder()
-            .server(via.as_str())
-            .max_disconnected(Some(Duration::from_millis(500)))
-            .reconnect_delay_max(Duration::from_millis(250))
-            .build()
-            .unwrap()
-    };
+    let make = || through(&proxy, Duration::from_millis(500));
     let transports = outage("natsl", &proxy, Duration::from_millis(2_000), make).await;
     let s = transports[0].stats();
     assert!(s.links_lost >= 1 && s.links_opened >= 2, "{s:?}");
@@ -107,44 +98,18 @@ async fn long_outage_runtime_reconnects() {
 /// A link whose server is gone reports a connect failure; the runtime keeps retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_nothing_fails_fast() {
-    let t = NatsTransport::builder()
-        .server("nats://127.0.0.1:1")
+    let nothing = builder("nats://127.0.0.1:1")
         .connect_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let inbound = hamok_runtime::transport::Inbound::new(8, |_| {});
-    let r = hamok_runtime::transport::Transport::connect(
-        &t,
-        "c",
-        hamok_runtime::raft::PeerId::from("p"),
-        inbound,
-    )
-    .await;
-    assert!(r.is_err());
-    assert_eq!(t.stats().connect_failures, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn link_routing_echo_and_close() {
-    let url = server().await;
-    link_routing("natsr", || transport(&url)).await;
+    unreachable_broker(nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbound_queue_refuses_and_counts() {
     let url = server().await;
-    let small = NatsTransport::builder()
-        .server(url.as_str())
-        .outbound_capacity(8)
-        .build()
-        .unwrap();
+    let small = builder(&url).outbound_capacity(8).build().unwrap();
     outbound_queue_bound("natsq", small, || transport(&url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_inbound_drops_and_counts() {
-    let url = server().await;
-    inbound_bound("natsi", || transport(&url)).await;
 }
 
 /// async-nats drops messages when a subscription's buffer is full: each drop is reported as a slow
@@ -153,11 +118,7 @@ async fn full_inbound_drops_and_counts() {
 async fn slow_consumer_drops_are_counted() {
     let url = server().await;
     let cluster = unique_cluster("natss");
-    let slow = NatsTransport::builder()
-        .server(url.as_str())
-        .subscription_capacity(4)
-        .build()
-        .unwrap();
+    let slow = builder(&url).subscription_capacity(4).build().unwrap();
     // A peer that takes 2 ms per frame (blocking its reader on purpose).
     let inbound = hamok_runtime::transport::Inbound::new(1 << 20, |_| {
         std::thread::sleep(Duration::from_millis(2))

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use hamok_transports::rabbitmq::{
-    peer_routing_key, AmqpTransport, AMQP_URL_ENV, BROADCAST_KEY, DEFAULT_AMQP_URL,
+    peer_routing_key, AmqpTransport, AmqpTransportBuilder, AMQP_URL_ENV, BROADCAST_KEY,
+    DEFAULT_AMQP_URL,
 };
 use hamok_transports::TransportStats;
 use lapin::options::BasicPublishOptions;
@@ -26,11 +27,12 @@ async fn broker() -> String {
     require_broker("RabbitMQ", AMQP_URL_ENV, DEFAULT_AMQP_URL, 5672).await
 }
 
+fn builder(url: &str) -> AmqpTransportBuilder {
+    AmqpTransport::builder().url(url)
+}
+
 fn transport(url: &str) -> AmqpTransport {
-    AmqpTransport::builder()
-        .url(url)
-        .build()
-        .expect("AMQP transport settings")
+    builder(url).build().expect("AMQP transport settings")
 }
 
 /// The URL with its `host:port` replaced by `addr`.
@@ -49,16 +51,12 @@ fn via(url: &str, addr: &str) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_peers_join_write_and_survive_leader_loss() {
-    let url = broker().await;
-    three_peers("amqp3", || transport(&url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clusters_share_a_broker() {
-    let url = broker().await;
-    two_clusters("amqp2", || transport(&url)).await;
+scenario_tests! {
+    broker: broker, transport: transport;
+    three_peers_join_write_and_survive_leader_loss => three_peers("amqp3"),
+    two_clusters_share_a_broker => two_clusters("amqp2"),
+    link_routing_echo_and_close => link_routing("amqpr"),
+    full_inbound_drops_and_counts => inbound_bound("amqpi"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,53 +117,23 @@ async fn broker_outage_links_reconnect() {
 async fn publisher_confirms() {
     let url = broker().await;
     three_peers("amqpc", || {
-        AmqpTransport::builder()
-            .url(url.as_str())
-            .publisher_confirms(true)
-            .build()
-            .unwrap()
+        builder(&url).publisher_confirms(true).build().unwrap()
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_nothing_fails_fast() {
-    let t = AmqpTransport::builder()
-        .url("amqp://guest:guest@127.0.0.1:1/%2f")
+    let nothing = builder("amqp://guest:guest@127.0.0.1:1/%2f")
         .connect_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let inbound = hamok_runtime::transport::Inbound::new(8, |_| {});
-    let r = hamok_runtime::transport::Transport::connect(
-        &t,
-        "c",
-        hamok_runtime::raft::PeerId::from("p"),
-        inbound,
-    )
-    .await;
-    assert!(r.is_err());
-    assert_eq!(t.stats().connect_failures, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn link_routing_echo_and_close() {
-    let url = broker().await;
-    link_routing("amqpr", || transport(&url)).await;
+    unreachable_broker(nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbound_queue_refuses_and_counts() {
     let url = broker().await;
-    let small = AmqpTransport::builder()
-        .url(url.as_str())
-        .outbound_capacity(8)
-        .build()
-        .unwrap();
+    let small = builder(&url).outbound_capacity(8).build().unwrap();
     outbound_queue_bound("amqpq", small, || transport(&url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_inbound_drops_and_counts() {
-    let url = broker().await;
-    inbound_bound("amqpi", || transport(&url)).await;
 }

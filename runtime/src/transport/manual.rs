@@ -42,8 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::memory::CloseSignal;
-use super::{BoxFuture, Inbound, Link, Transport};
+use super::{BoxFuture, CloseSignal, Inbound, Link, Transport};
 use crate::error::HamokError;
 use crate::raft::PeerId;
 

@@ -3,6 +3,9 @@
 //!
 //! Delivery is best effort: a transport may drop, duplicate or reorder frames (Raft retransmits), but it
 //! must never block the caller: every queue is bounded and a full queue drops (and counts) the frame.
+//!
+//! Transports in this crate: the in-process hub ([`memory`]) and hand wiring ([`manual`]); the broker
+//! adapters live in `hamok-transports`. Every link marks its death with a [`CloseSignal`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +17,11 @@ use bytes::Bytes;
 use crate::error::HamokError;
 use crate::raft::PeerId;
 
+mod close;
 pub mod manual;
 pub mod memory;
+
+pub use close::CloseSignal;
 
 /// A boxed future, so transports can be used as trait objects.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -122,6 +122,31 @@ pub async fn require_broker(what: &str, env: &str, default: &str, default_port: 
     }
 }
 
+/// Declares one `#[tokio::test]` per scenario that every broker runs the same way: wait for the
+/// broker (`$broker().await` gives its URL), then run `$scenario($tag, || $transport(&url))`.
+///
+/// ```ignore
+/// scenario_tests! {
+///     broker: server, transport: transport;
+///     three_peers_join_write_and_survive_leader_loss => three_peers("nats3"),
+/// }
+/// ```
+macro_rules! scenario_tests {
+    (
+        broker: $broker:ident, transport: $transport:ident;
+        $($name:ident => $scenario:ident($tag:literal),)+
+    ) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let url = $broker().await;
+                $scenario($tag, || $transport(&url)).await;
+            }
+        )+
+    };
+}
+pub(crate) use scenario_tests;
+
 /// A cluster id no other test, run or process uses.
 pub fn unique_cluster(tag: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -860,6 +885,16 @@ pub async fn link_routing<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
         "{s:?}"
     );
     assert_eq!(s.frames_sent, 2);
+}
+
+/// A transport whose broker is not there: `connect` fails (within the transport's connect timeout)
+/// and the failure is counted.
+pub async fn unreachable_broker<T: TestTransport>(t: T) {
+    let r = t
+        .connect("c", PeerId::from("p"), Inbound::new(8, |_| {}))
+        .await;
+    assert!(r.is_err());
+    assert_eq!(t.stats().connect_failures, 1);
 }
 
 /// Frames beyond the outbound queue are refused at once and counted; the rest go out.
