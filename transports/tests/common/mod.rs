@@ -145,6 +145,8 @@ macro_rules! scenario_tests {
         )+
     };
 }
+// Used by the broker test crates; `tests/multiprocess.rs` includes this file without it.
+#[allow(unused_imports)]
 pub(crate) use scenario_tests;
 
 /// A cluster id no other test, run or process uses.
