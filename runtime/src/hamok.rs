@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
-use crate::actors::node::{NodeArgs, NodeMsg, RuntimeFaults, Served};
+use crate::actors::node::{NodeArgs, NodeMsg, PlantedBugs, Served};
 use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
 use crate::config::HamokConfig;
 use crate::error::HamokError;
@@ -66,7 +66,7 @@ pub struct HamokBuilder {
     error: Option<HamokError>,
     /// Fixed randomness (tests only): see `HamokBuilder::seed`.
     seed: Option<u64>,
-    faults: RuntimeFaults,
+    bugs: PlantedBugs,
 }
 
 impl Default for HamokBuilder {
@@ -88,7 +88,7 @@ impl HamokBuilder {
             seed: None,
             // A unit struct without the `testing` feature.
             #[allow(clippy::default_constructed_unit_structs)]
-            faults: RuntimeFaults::default(),
+            bugs: PlantedBugs::default(),
         }
     }
 
@@ -104,8 +104,8 @@ impl HamokBuilder {
 
     /// Switches on planted bugs (hamok's own simulation tests; `testing` feature only).
     #[cfg(feature = "testing")]
-    pub fn faults(mut self, faults: RuntimeFaults) -> Self {
-        self.faults = faults;
+    pub fn planted_bugs(mut self, bugs: PlantedBugs) -> Self {
+        self.bugs = bugs;
         self
     }
 
@@ -258,7 +258,7 @@ impl HamokBuilder {
             counters: counters.clone(),
             nonce: random as u64,
             seed: (random >> 64) as u64,
-            faults: self.faults,
+            bugs: self.bugs,
         };
         let (node_tx, node_rx) = oneshot::channel();
         let (supervisor, _) = Actor::spawn(

@@ -27,9 +27,9 @@ pub use hamok::{Hamok, HamokBuilder, JoinOptions};
 pub use stats::{CounterValues, HamokStats, JoinState, PeerStatus};
 
 /// Hooks for hamok's own tests (crate feature `testing`, which only the workspace's test crate turns
-/// on): planted bugs in the runtime's decisions, switched on with `HamokBuilder::faults`, and seeded
+/// on): planted bugs in the runtime's decisions, switched on with `HamokBuilder::planted_bugs`, and seeded
 /// peers (`HamokBuilder::seed`). Never for production use.
 #[cfg(feature = "testing")]
 pub mod testing {
-    pub use crate::actors::node::RuntimeFaults;
+    pub use crate::actors::node::PlantedBugs;
 }

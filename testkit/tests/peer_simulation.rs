@@ -3,7 +3,7 @@
 //!
 //! Run with `-- --nocapture` to see the per-seed figures.
 
-use hamok_runtime::testing::RuntimeFaults;
+use hamok_runtime::testing::PlantedBugs;
 use hamok_testkit::sim::{self, SimOptions};
 
 #[test]
@@ -65,8 +65,8 @@ fn same_seed_same_trace() {
     }
 }
 
-/// Runs seeds from 1 with `faults` on until one fails; returns the failures (at most `max` seeds).
-fn catches(faults: RuntimeFaults, max: u64) -> Vec<sim::SimFailure> {
+/// Runs seeds from 1 with the planted `bugs` on until one fails; returns the failures (at most `max` seeds).
+fn catches(bugs: PlantedBugs, max: u64) -> Vec<sim::SimFailure> {
     let threads = sim::threads_from_env();
     let mut failures = Vec::new();
     let mut next = 1;
@@ -76,7 +76,7 @@ fn catches(faults: RuntimeFaults, max: u64) -> Vec<sim::SimFailure> {
         let batch = sim::run_batch(
             &seeds,
             &|seed| SimOptions {
-                faults,
+                bugs,
                 ..SimOptions::new(seed)
             },
             threads,
@@ -86,8 +86,8 @@ fn catches(faults: RuntimeFaults, max: u64) -> Vec<sim::SimFailure> {
     failures
 }
 
-fn assert_caught(name: &str, faults: RuntimeFaults, expected: &[&str]) {
-    let failures = catches(faults, 200);
+fn assert_caught(name: &str, bugs: PlantedBugs, expected: &[&str]) {
+    let failures = catches(bugs, 200);
     let first = failures
         .first()
         .unwrap_or_else(|| panic!("planted bug `{name}` went unnoticed in 200 seeds"));
@@ -110,9 +110,9 @@ fn assert_caught(name: &str, faults: RuntimeFaults, expected: &[&str]) {
 fn planted_read_from_local_state_is_caught() {
     assert_caught(
         "read_falls_back_to_local",
-        RuntimeFaults {
+        PlantedBugs {
             read_falls_back_to_local: true,
-            ..RuntimeFaults::default()
+            ..PlantedBugs::default()
         },
         &["linearizability"],
     );
@@ -123,9 +123,9 @@ fn planted_read_from_local_state_is_caught() {
 fn planted_bootstrap_without_the_lowest_id_rule_is_caught() {
     assert_caught(
         "bootstrap_ignores_lowest_id",
-        RuntimeFaults {
+        PlantedBugs {
             bootstrap_ignores_lowest_id: true,
-            ..RuntimeFaults::default()
+            ..PlantedBugs::default()
         },
         &["election safety", "rejoin bound"],
     );
@@ -136,9 +136,9 @@ fn planted_bootstrap_without_the_lowest_id_rule_is_caught() {
 fn planted_idle_timer_refreshed_by_any_higher_term_is_caught() {
     assert_caught(
         "idle_timer_refreshed_by_any_higher_term",
-        RuntimeFaults {
+        PlantedBugs {
             idle_timer_refreshed_by_any_higher_term: true,
-            ..RuntimeFaults::default()
+            ..PlantedBugs::default()
         },
         &["rejoin bound"],
     );

@@ -41,7 +41,7 @@ mod types;
 mod votes;
 
 #[cfg(test)]
-mod fault_tests;
+mod planted_bug_tests;
 
 pub use config::{RaftConfig, RaftConfigError, RaftLimits};
 pub use error::RaftError;

@@ -28,7 +28,7 @@ use super::votes::{VoteResult, VoteTally};
 /// unit tests: unreachable from the public API.
 #[cfg(test)]
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Faults {
+pub(crate) struct PlantedBugs {
     /// The leader commits its last entry without waiting for a majority.
     pub commit_without_quorum: bool,
     /// Votes (and pre-votes) are granted without the up-to-date log check.
@@ -103,7 +103,7 @@ pub struct RaftNode {
     needs_flush: bool,
 
     #[cfg(test)]
-    faults: Faults,
+    bugs: PlantedBugs,
 }
 
 impl RaftNode {
@@ -163,7 +163,7 @@ impl RaftNode {
             needs_flush: false,
             config,
             #[cfg(test)]
-            faults: Faults::default(),
+            bugs: PlantedBugs::default(),
         };
         node.refresh_committed_config();
         node.reset_election_deadline();
@@ -172,8 +172,8 @@ impl RaftNode {
 
     /// Turns on planted bugs (this crate's unit tests only).
     #[cfg(test)]
-    pub(crate) fn set_faults(&mut self, faults: Faults) {
-        self.faults = faults;
+    pub(crate) fn set_planted_bugs(&mut self, bugs: PlantedBugs) {
+        self.bugs = bugs;
     }
 
     // ------------------------------------------------------------------------------------------------
@@ -754,7 +754,7 @@ impl RaftNode {
         #[allow(unused_mut)]
         let mut up_to_date = self.log.is_up_to_date(last_log_index, last_log_term);
         #[cfg(test)]
-        if self.faults.vote_without_log_check {
+        if self.bugs.vote_without_log_check {
             up_to_date = true;
         }
         let granted = can_vote && up_to_date;
@@ -891,7 +891,7 @@ impl RaftNode {
             }
         });
         #[cfg(test)]
-        if self.faults.commit_without_quorum {
+        if self.bugs.commit_without_quorum {
             index = last;
         }
         // Only an entry of the current term is committed by counting replicas (§5.4.2).

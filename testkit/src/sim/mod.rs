@@ -55,7 +55,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hamok_runtime::testing::RuntimeFaults;
+use hamok_runtime::testing::PlantedBugs;
 
 use linearizability::{check_history, LinError};
 use plan::Plan;
@@ -75,7 +75,7 @@ pub struct SimOptions {
     /// The seed.
     pub seed: u64,
     /// Planted bugs to switch on in every peer.
-    pub faults: RuntimeFaults,
+    pub bugs: PlantedBugs,
     /// Keep the whole trace and print it.
     pub replay: bool,
 }
@@ -85,7 +85,7 @@ impl SimOptions {
     pub fn new(seed: u64) -> Self {
         SimOptions {
             seed,
-            faults: RuntimeFaults::default(),
+            bugs: PlantedBugs::default(),
             replay: false,
         }
     }
@@ -219,8 +219,7 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
         .start_paused(true)
         .build()
         .expect("a current-thread runtime");
-    let world =
-        runtime.block_on(async { World::new(opts.seed, plan, opts.faults, Trace::new(cap)) });
+    let world = runtime.block_on(async { World::new(opts.seed, plan, opts.bugs, Trace::new(cap)) });
     let shared = world.shared();
     let tap = world.tap();
     let watchdog = Watchdog::start(shared.clone(), world.hub(), world.tap());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use hamok_collections::{register_kinds, HamokCollections, HamokMap, HamokQueue};
 use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
 use hamok_runtime::store::{LogStore, MemoryLogStore};
-use hamok_runtime::testing::RuntimeFaults;
+use hamok_runtime::testing::PlantedBugs;
 use hamok_runtime::transport::memory::InProcessHub;
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
 use tokio::task::JoinHandle;
@@ -224,7 +224,7 @@ struct Net {
 pub struct World {
     seed: u64,
     plan: Plan,
-    faults: RuntimeFaults,
+    bugs: PlantedBugs,
     hub: InProcessHub,
     tap: Tap,
     slots: BTreeMap<String, Slot>,
@@ -238,7 +238,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, plan: Plan, faults: RuntimeFaults, trace: Trace) -> World {
+    pub fn new(seed: u64, plan: Plan, bugs: PlantedBugs, trace: Trace) -> World {
         let shared = Shared {
             t0: Instant::now(),
             clock: 0,
@@ -260,7 +260,7 @@ impl World {
         let hub = InProcessHub::with_seed(mix64(seed ^ 0x0068_7562));
         World {
             seed,
-            faults,
+            bugs,
             tap: Tap::new(hub.clone()),
             hub,
             slots: BTreeMap::new(),
@@ -313,7 +313,7 @@ impl World {
             .cluster_id(CLUSTER)
             .transport(self.tap.clone())
             .seed(seed)
-            .faults(self.faults)
+            .planted_bugs(self.bugs)
             .election_timeout_ms(p.election_timeout_ms)
             .heartbeat_interval_ms(p.heartbeat_interval_ms)
             .peer_max_idle_ms(p.peer_max_idle_ms)

@@ -15,8 +15,8 @@
 
 use std::collections::BTreeMap;
 
-use super::faults::RuntimeFaults;
 use super::frames::Output;
+use super::planted_bugs::PlantedBugs;
 use crate::config::HamokConfig;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, RaftNode, ReadState, Role};
@@ -186,8 +186,8 @@ impl Discovery {
     }
 
     /// The planted bug: any higher-term message counts as leader contact.
-    pub(super) fn on_higher_term(&mut self, now_ms: u64, faults: RuntimeFaults) {
-        if faults.idle_timer_refreshed_by_any_higher_term() {
+    pub(super) fn on_higher_term(&mut self, now_ms: u64, bugs: PlantedBugs) {
+        if bugs.idle_timer_refreshed_by_any_higher_term() {
             self.last_leader_contact_ms = now_ms;
         }
     }
@@ -280,12 +280,7 @@ impl Discovery {
     /// whole discovery window), has never been part of one (no configuration in its log: a peer that
     /// left keeps its log), may lead, and has the lowest id among the peers it heard looking (that may
     /// lead): it founds a cluster of one. Everyone else waits for it.
-    pub(super) fn should_bootstrap(
-        &self,
-        now_ms: u64,
-        raft: &RaftNode,
-        faults: RuntimeFaults,
-    ) -> bool {
+    pub(super) fn should_bootstrap(&self, now_ms: u64, raft: &RaftNode, bugs: PlantedBugs) -> bool {
         let pristine =
             raft.last_index() == 0 && raft.term() == 0 && raft.membership().voters.is_empty();
         if self.state != JoinState::Discovering
@@ -296,7 +291,7 @@ impl Discovery {
         {
             return false;
         }
-        if faults.bootstrap_ignores_lowest_id() {
+        if bugs.bootstrap_ignores_lowest_id() {
             return true;
         }
         let lowest = self
@@ -379,11 +374,7 @@ mod tests {
 
         let mut lonely = Discovery::new(PeerId::from("a"), &config);
         lonely.start(0);
-        assert!(lonely.should_bootstrap(
-            config.discovery_window_ms,
-            &raft,
-            RuntimeFaults::default()
-        ));
+        assert!(lonely.should_bootstrap(config.discovery_window_ms, &raft, PlantedBugs::default()));
 
         let mut discovery = Discovery::new(PeerId::from("a"), &config);
         discovery.start(0);
@@ -397,6 +388,6 @@ mod tests {
         discovery.left();
         discovery.start(10_000);
         let later = 10_000 + 10 * config.discovery_window_ms;
-        assert!(!discovery.should_bootstrap(later, &raft, RuntimeFaults::default()));
+        assert!(!discovery.should_bootstrap(later, &raft, PlantedBugs::default()));
     }
 }

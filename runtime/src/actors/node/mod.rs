@@ -14,10 +14,10 @@
 mod admission;
 mod apply;
 mod discovery;
-mod faults;
 mod frames;
 mod leave;
 mod peer;
+mod planted_bugs;
 mod reads;
 mod requests;
 
@@ -31,12 +31,12 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 pub(crate) use apply::AttachFn;
-#[cfg(not(feature = "testing"))]
-pub(crate) use faults::RuntimeFaults;
-#[cfg(feature = "testing")]
-pub use faults::RuntimeFaults;
 pub(crate) use peer::DirectFn;
 use peer::{Peer, PeerArgs};
+#[cfg(not(feature = "testing"))]
+pub(crate) use planted_bugs::PlantedBugs;
+#[cfg(feature = "testing")]
+pub use planted_bugs::PlantedBugs;
 pub(crate) use reads::{QueryFn, Served};
 
 use crate::config::HamokConfig;
@@ -101,7 +101,7 @@ pub(crate) struct NodeArgs {
     pub counters: Arc<Counters>,
     pub nonce: u64,
     pub seed: u64,
-    pub faults: RuntimeFaults,
+    pub bugs: PlantedBugs,
 }
 
 pub(crate) struct NodeState {
@@ -137,7 +137,7 @@ impl Actor for NodeActor {
                 counters: args.counters.clone(),
                 nonce: args.nonce,
                 seed: args.seed,
-                faults: args.faults,
+                bugs: args.bugs,
                 events: args.events.clone(),
             },
             0,

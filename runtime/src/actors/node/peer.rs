@@ -13,9 +13,9 @@ use tokio::sync::broadcast;
 use super::admission::Admission;
 use super::apply::{Apply, AttachFn, CommandApplied};
 use super::discovery::{Discovery, Transition};
-use super::faults::RuntimeFaults;
 use super::frames::{Codec, Output};
 use super::leave::{Leave, LeaveReply, LeaveStep};
+use super::planted_bugs::PlantedBugs;
 use super::reads::{QueryFn, Reads, Served};
 use super::requests::{self, Reply, Requests, Route};
 use crate::config::HamokConfig;
@@ -48,7 +48,7 @@ pub(crate) struct PeerArgs {
     pub nonce: u64,
     /// Seeds the engine's election timeouts and the read contexts.
     pub seed: u64,
-    pub faults: RuntimeFaults,
+    pub bugs: PlantedBugs,
     /// Where the peer's events go.
     pub events: broadcast::Sender<HamokEvent>,
 }
@@ -65,7 +65,7 @@ pub(crate) struct Peer {
     id: PeerId,
     config: HamokConfig,
     seed: u64,
-    faults: RuntimeFaults,
+    bugs: PlantedBugs,
     counters: Arc<Counters>,
     raft: RaftNode,
     codec: Codec,
@@ -98,7 +98,7 @@ impl Peer {
             counters,
             nonce,
             seed,
-            faults,
+            bugs,
             events,
         } = args;
         let mut apply = Apply::new(store, kinds, &config);
@@ -135,7 +135,7 @@ impl Peer {
             id,
             config,
             seed,
-            faults,
+            bugs,
             counters,
             raft,
             apply,
@@ -261,7 +261,7 @@ impl Peer {
             return;
         }
         if msg.term > self.raft.term() {
-            self.discovery.on_higher_term(now_ms, self.faults);
+            self.discovery.on_higher_term(now_ms, self.bugs);
         }
         let (from, term) = (msg.from.clone(), msg.term);
         let from_a_leader = matches!(
@@ -320,7 +320,7 @@ impl Peer {
             now_ms,
             self.raft.applied_index(),
             self.apply.storages(),
-            self.faults,
+            self.bugs,
         );
     }
 
@@ -615,7 +615,7 @@ impl Peer {
         self.update_join_state(now_ms);
         if self
             .discovery
-            .should_bootstrap(now_ms, &self.raft, self.faults)
+            .should_bootstrap(now_ms, &self.raft, self.bugs)
         {
             self.bootstrap(now_ms);
         }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::faults::RuntimeFaults;
+use super::planted_bugs::PlantedBugs;
 use crate::error::HamokError;
 use crate::raft::{LogIndex, RaftNode, ReadState, SeededRng};
 use crate::state_machine::{StateMachine, Storages};
@@ -151,7 +151,7 @@ impl Reads {
         now_ms: u64,
         applied: LogIndex,
         storages: &Storages,
-        faults: RuntimeFaults,
+        bugs: PlantedBugs,
     ) {
         let expired: Vec<u64> = self
             .pending
@@ -161,7 +161,7 @@ impl Reads {
             .collect();
         for ctx in expired {
             if let Some(r) = self.pending.remove(&ctx) {
-                if faults.read_falls_back_to_local() {
+                if bugs.read_falls_back_to_local() {
                     (r.f)(Ok(Served {
                         applied_index: applied,
                         machine: storages.get(&r.storage),

@@ -1,14 +1,14 @@
 //! Planted bugs in the runtime's decisions, so that hamok's own whole-peer simulation can show its
-//! checks catch them (as `raft::fault_tests` does for the engine).
+//! checks catch them (as `raft::planted_bug_tests` does for the engine).
 //!
 //! The switches exist only with the crate feature `testing`, which only hamok's test crate turns on;
-//! without it [`RuntimeFaults`] is an empty type whose every switch is the constant `false`, so the
+//! without it [`PlantedBugs`] is an empty type whose every switch is the constant `false`, so the
 //! planted branches are compiled out of every build a user makes.
 
 /// Which planted bugs are on (all off by default).
 #[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RuntimeFaults {
+pub struct PlantedBugs {
     /// A linearizable read that cannot get a read index before its deadline answers from the local
     /// state instead of failing (the bug of issue 10).
     pub read_falls_back_to_local: bool,
@@ -23,10 +23,10 @@ pub struct RuntimeFaults {
 /// Which planted bugs are on: none can be, without the `testing` feature.
 #[cfg(not(feature = "testing"))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct RuntimeFaults;
+pub(crate) struct PlantedBugs;
 
 #[cfg(feature = "testing")]
-impl RuntimeFaults {
+impl PlantedBugs {
     pub(crate) fn read_falls_back_to_local(&self) -> bool {
         self.read_falls_back_to_local
     }
@@ -39,7 +39,7 @@ impl RuntimeFaults {
 }
 
 #[cfg(not(feature = "testing"))]
-impl RuntimeFaults {
+impl PlantedBugs {
     pub(crate) const fn read_falls_back_to_local(&self) -> bool {
         false
     }

@@ -1,25 +1,25 @@
 //! Fault-switch proof: the deterministic simulation (`tests/sim`, shared with the `simulation` integration
 //! test) must notice when the engine is made unsafe on purpose. Each test plants one bug in every peer
-//! through [`Faults`] and runs the default seeds until one fails; it asserts that one does, and reports
+//! through [`PlantedBugs`] and runs the default seeds until one fails; it asserts that one does, and reports
 //! how many seeds it took and what caught the bug (a checker invariant or an engine assertion).
 
 #[path = "../../tests/sim/mod.rs"]
 mod sim;
 
-use super::node::Faults;
+use super::node::PlantedBugs;
 use super::RaftNode;
 
 fn commit_without_quorum(node: &mut RaftNode) {
-    node.set_faults(Faults {
+    node.set_planted_bugs(PlantedBugs {
         commit_without_quorum: true,
-        ..Faults::default()
+        ..PlantedBugs::default()
     });
 }
 
 fn vote_without_log_check(node: &mut RaftNode) {
-    node.set_faults(Faults {
+    node.set_planted_bugs(PlantedBugs {
         vote_without_log_check: true,
-        ..Faults::default()
+        ..PlantedBugs::default()
     });
 }
 
@@ -29,7 +29,7 @@ fn assert_caught(name: &str, hook: fn(&mut RaftNode)) {
     let (seeds, replay) = sim::seeds_from_env();
     let all = std::env::var("HAMOK_SIM_FAULT_ALL").is_ok_and(|v| v != "0");
     let replay_command = format!(
-        "HAMOK_SIM_SEED={{seed}} cargo test -p hamok-runtime --lib raft::fault_tests::{name} -- --nocapture"
+        "HAMOK_SIM_SEED={{seed}} cargo test -p hamok-runtime --lib raft::planted_bug_tests::{name} -- --nocapture"
     );
     let batch = sim::run_batch(
         &seeds,
