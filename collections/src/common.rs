@@ -20,16 +20,20 @@
 //! per local handle group (a subscriber that falls behind by more than [`EVENT_CAPACITY`] events gets
 //! [`RecvError::Lagged`]). Nothing is encoded or copied for events when nobody subscribed.
 
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::StateMachine;
+use hamok_runtime::state_machine::{Op, StateMachine};
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+
+use crate::machine::{Logic, Machine};
 
 /// Most events buffered per subscriber of a collection's events; a subscriber that falls further behind
 /// loses the oldest and is told how many with [`RecvError::Lagged`].
@@ -47,9 +51,10 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HamokError>
 
 /// The envelope of every collection command: `Init` marks the collection as created (the first `Init`
 /// applied answers `true`, which is how `create_*` tells "created" from "already existed" without a
-/// race), `Op` carries the collection's own command.
+/// race), `Op` carries the collection's own command. (Not to be confused with the runtime's frame
+/// codec, `hamok_runtime::wire`: this is the payload of one log command.)
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Wire<C> {
+pub(crate) enum Envelope<C> {
     Init,
     Op(C),
 }
@@ -139,7 +144,7 @@ impl<T> Events<T> {
     }
 }
 
-fn read_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockReadGuard<'_, S> {
+pub(crate) fn read_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockReadGuard<'_, S> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -151,8 +156,8 @@ pub(crate) fn write_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockWriteGuard<'_,
 /// the same id). `X` holds what a collection adds (the emitter's handlers, the remote map's executor).
 pub(crate) struct Local<S, X> {
     pub(crate) id: String,
-    slot: RwLock<Arc<RwLock<S>>>,
-    events: broadcast::Sender<Raw>,
+    pub(crate) slot: RwLock<Arc<RwLock<S>>>,
+    pub(crate) events: broadcast::Sender<Raw>,
     closed: AtomicBool,
     /// Whether a task watches the peer for `Close` (started with the first event stream).
     watching: AtomicBool,
@@ -210,142 +215,88 @@ impl<S, X> Local<S, X> {
     }
 }
 
-/// The part of a state machine that links it to local handles: its shared state and its observers.
-pub(crate) struct Core<S, X> {
-    pub(crate) state: Arc<RwLock<S>>,
-    observers: Vec<Weak<Local<S, X>>>,
-    /// Whether an `Init` was applied (replicated, part of the snapshot).
-    pub(crate) initialized: bool,
+/// Whether opening a collection may find it already created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// `create_*`: fail with [`HamokError::Rejected`] if the collection exists.
+    Create,
+    /// `get_or_create_*`: open it either way.
+    GetOrCreate,
 }
 
-impl<S: Default, X> Default for Core<S, X> {
-    fn default() -> Self {
-        Core {
-            state: Arc::new(RwLock::new(S::default())),
-            observers: Vec::new(),
-            initialized: false,
-        }
-    }
+/// A typed collection handle, as the one open path ([`open`]) builds it.
+pub(crate) trait Opened: Sized {
+    /// The collection's logic (its state machine is `Machine<Self::Logic>`).
+    type Logic: Logic;
+    /// What opening takes besides the id (a record's initial object).
+    type Options: Send;
+    /// The kind collection `id` is registered under.
+    fn kind(id: &str) -> String;
+    /// The fresh local part of a handle group for `id` (used when this peer has none yet).
+    fn extra(id: &str) -> <Self::Logic as Logic>::Extra;
+    /// Builds the handle on an open handle group: starts background work, applies options.
+    fn finish(
+        handle: LogicHandle<Self::Logic>,
+        options: Self::Options,
+    ) -> impl Future<Output = Result<Self, HamokError>> + Send;
 }
 
-impl<S, X> Core<S, X> {
-    /// Applies `Init`: answers whether this is the first.
-    pub(crate) fn init(&mut self) -> Result<Bytes, HamokError> {
-        let first = !self.initialized;
-        self.initialized = true;
-        encode(&first)
-    }
+/// The untyped handle of a collection with logic `L`.
+pub(crate) type LogicHandle<L> = Handle<<L as Logic>::State, <L as Logic>::Extra>;
 
-    /// Whether any local subscriber listens (events are only built then).
-    pub(crate) fn listening(&self) -> bool {
-        self.observers
-            .iter()
-            .any(|w| w.upgrade().is_some_and(|l| l.events.receiver_count() > 0))
-    }
-
-    /// Sends events to the local subscribers.
-    pub(crate) fn emit(&self, events: Vec<Raw>) {
-        if events.is_empty() {
-            return;
-        }
-        for weak in &self.observers {
-            if let Some(local) = weak.upgrade() {
-                if local.events.receiver_count() > 0 {
-                    for e in &events {
-                        let _ = local.events.send(e.clone());
-                    }
-                }
-            }
-        }
-    }
-
-    /// The local handles' shared part, if one is alive (and not closed) on this peer.
-    pub(crate) fn live_local(&self) -> Option<Arc<Local<S, X>>> {
-        self.observers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|l| !l.is_closed())
-    }
-
-    /// Links a local handle group to this machine: it reads this machine's state from now on.
-    fn observe(&mut self, local: &Arc<Local<S, X>>) {
-        *write_lock(&local.slot) = self.state.clone();
-        self.observers.retain(|w| w.strong_count() > 0);
-        if !self
-            .observers
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(local)))
-        {
-            self.observers.push(Arc::downgrade(local));
-        }
-    }
-}
-
-/// A collection's state machine, as the shared machinery sees it.
-pub(crate) trait Collection: StateMachine + Sized {
-    type State: Default + Send + Sync + 'static;
-    type Extra: Send + Sync + 'static;
-    fn core(&self) -> &Core<Self::State, Self::Extra>;
-    fn core_mut(&mut self) -> &mut Core<Self::State, Self::Extra>;
-}
-
-/// Creates (through the log) or finds collection `id` of `kind`, and returns the local handle group of
-/// this peer for it. `strict`: fail if the collection already existed.
-pub(crate) async fn open<M: Collection>(
+/// The one way every collection is opened: creates it through the log (or finds it), joins this peer's
+/// handle group for it, and lets the handle type finish.
+pub(crate) async fn open<H: Opened>(
     hamok: &Hamok,
     id: &str,
-    kind: &str,
-    strict: bool,
-    extra: impl FnOnce() -> M::Extra,
-) -> Result<Handle<M::State, M::Extra>, HamokError> {
-    let local = open_local::<M>(hamok, id, kind, strict, extra).await?;
-    Ok(Handle {
+    mode: OpenMode,
+    options: H::Options,
+) -> Result<H, HamokError> {
+    let local = open_local::<H::Logic>(hamok, id, &H::kind(id), mode, || H::extra(id)).await?;
+    let handle = Handle {
         hamok: hamok.clone(),
         local,
-    })
+        timeout: None,
+    };
+    H::finish(handle, options).await
 }
 
 /// The shared local part of collection `id` on this peer (see [`open`]).
-async fn open_local<M: Collection>(
+async fn open_local<L: Logic>(
     hamok: &Hamok,
     id: &str,
     kind: &str,
-    strict: bool,
-    extra: impl FnOnce() -> M::Extra,
-) -> Result<Arc<Local<M::State, M::Extra>>, HamokError> {
+    mode: OpenMode,
+    extra: impl FnOnce() -> L::Extra,
+) -> Result<Arc<Local<L::State, L::Extra>>, HamokError> {
     hamok.create_storage(id, kind).await?;
-    let init: Wire<()> = Wire::Init;
+    let init: Envelope<()> = Envelope::Init;
     let first: bool = decode(&hamok.submit(id, encode(&init)?).await?)?;
-    if strict && !first {
+    if mode == OpenMode::Create && !first {
         return Err(HamokError::Rejected(format!(
             "collection `{id}` already exists"
         )));
     }
     // One local handle group per collection and peer: reuse a live one.
-    let existing = hamok
-        .query(id, false, |m| {
-            m.and_then(|m| m.as_any().downcast_ref::<M>())
-                .and_then(|m| m.core().live_local())
-        })
-        .await?;
-    if let Some(local) = existing {
+    let live = |m: Option<&dyn StateMachine>| {
+        m.and_then(|m| m.as_any().downcast_ref::<Machine<L>>())
+            .and_then(|m| m.core().live_local())
+    };
+    if let Some(local) = hamok.query(id, false, live).await? {
         return Ok(local);
     }
     let local = Arc::new(Local::new(id, extra()));
     let weak = Arc::downgrade(&local);
     hamok.attach(id, move |machine| {
-        if let (Some(m), Some(local)) = (machine.as_any_mut().downcast_mut::<M>(), weak.upgrade()) {
+        if let (Some(m), Some(local)) = (
+            machine.as_any_mut().downcast_mut::<Machine<L>>(),
+            weak.upgrade(),
+        ) {
             m.core_mut().observe(&local);
         }
     })?;
     // The node handles its mailbox in order: once this query ran, so did the attach hook.
-    let attached = hamok
-        .query(id, false, |m| {
-            m.and_then(|m| m.as_any().downcast_ref::<M>())
-                .and_then(|m| m.core().live_local())
-        })
-        .await?;
-    if let Some(other) = attached {
+    if let Some(other) = hamok.query(id, false, live).await? {
         if !Arc::ptr_eq(&other, &local) {
             // Another task of this peer opened the same collection at the same moment: use its group.
             return Ok(other);
@@ -379,10 +330,12 @@ fn watch_close<S: Send + Sync + 'static, X: Send + Sync + 'static>(
     });
 }
 
-/// A typed handle's link to its collection: the peer and the shared local part.
+/// A typed handle's link to its collection: the peer, the shared local part, and the bound of each call.
 pub(crate) struct Handle<S, X> {
     pub(crate) hamok: Hamok,
     pub(crate) local: Arc<Local<S, X>>,
+    /// Bounds each call through the log or the leader (`None`: the peer's `request_timeout_ms`).
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl<S, X> Clone for Handle<S, X> {
@@ -390,19 +343,41 @@ impl<S, X> Clone for Handle<S, X> {
         Handle {
             hamok: self.hamok.clone(),
             local: self.local.clone(),
+            timeout: self.timeout,
         }
     }
 }
 
 impl<S, X> Handle<S, X> {
+    /// The same handle group, with each call bounded by `timeout`.
+    pub(crate) fn with_timeout(&self, timeout: Duration) -> Self {
+        Handle {
+            timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    /// The bound of one call.
+    pub(crate) fn call_timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or_else(|| Duration::from_millis(self.hamok.config().request_timeout_ms))
+    }
+
     /// Submits a command through the log and decodes the machine's response.
     pub(crate) async fn submit<C: Serialize, R: DeserializeOwned>(
         &self,
         cmd: C,
     ) -> Result<R, HamokError> {
         self.local.check_open()?;
-        let bytes = encode(&Wire::Op(cmd))?;
-        let response = self.hamok.submit(&self.local.id, bytes.to_vec()).await?;
+        let payload = encode(&Envelope::Op(cmd))?.to_vec();
+        let op = Op::Apply {
+            storage: self.local.id.clone(),
+            payload,
+        };
+        let response = self
+            .hamok
+            .submit_op_with_timeout(op, self.call_timeout())
+            .await?;
         // The command was applied: a response that does not decode says so.
         decode(&response).map_err(HamokError::after_apply)
     }
@@ -423,16 +398,73 @@ impl<S, X> Handle<S, X> {
     /// Waits until this peer has applied every write acknowledged anywhere before the call.
     pub(crate) async fn sync(&self) -> Result<(), HamokError> {
         self.local.check_open()?;
-        let timeout = std::time::Duration::from_millis(self.hamok.config().request_timeout_ms);
         self.hamok
-            .wait_until_linearizable(timeout)
+            .wait_until_linearizable(self.call_timeout())
             .await
             .map(|_| ())
     }
 }
 
+/// [`Opened`] for a handle built from the handle group alone (no options, no per-peer extra, no
+/// background work): `plain_opened!(HamokSet<T>, SetLogic, SET_KIND)`.
+macro_rules! plain_opened {
+    ($name:ident<$($t:ident),+>, $logic:ty, $kind:expr) => {
+        impl<$($t),+> $crate::common::Opened for $name<$($t),+>
+        where
+            $($t: serde::Serialize + serde::de::DeserializeOwned,)+
+        {
+            type Logic = $logic;
+            type Options = ();
+
+            fn kind(_id: &str) -> String {
+                $kind.to_string()
+            }
+
+            fn extra(_id: &str) {}
+
+            async fn finish(
+                handle: $crate::common::LogicHandle<$logic>,
+                _options: (),
+            ) -> Result<Self, hamok_runtime::HamokError> {
+                Ok($name::new(handle))
+            }
+        }
+    };
+}
+pub(crate) use plain_opened;
+
+/// What every typed handle has alike: its id, and a copy bounded by a per-call timeout. The handle type
+/// has a `handle: Handle<..>` field and implements `Clone`.
+macro_rules! handle_basics {
+    ($name:ident<$($t:ident),+>) => {
+        impl<$($t),+> $name<$($t),+> {
+            /// The collection's id.
+            pub fn id(&self) -> &str {
+                &self.handle.local.id
+            }
+
+            /// A handle to the same collection (same local state, events and background work) whose
+            /// every call through the log or the leader (writes, `sync`, linearizable reads) is bounded
+            /// by `timeout` instead of the peer's `request_timeout_ms`. A call that runs out fails with
+            /// [`HamokError::Timeout`](hamok_runtime::HamokError::Timeout) (it may still take effect:
+            /// see [`HamokError::may_have_taken_effect`](hamok_runtime::HamokError::may_have_taken_effect)),
+            /// or [`HamokError::NoQuorum`](hamok_runtime::HamokError::NoQuorum) if it never reached a
+            /// leader. Other clones keep their own bound.
+            pub fn with_timeout(&self, timeout: std::time::Duration) -> Self {
+                Self {
+                    handle: self.handle.with_timeout(timeout),
+                    ..self.clone()
+                }
+            }
+        }
+    };
+}
+pub(crate) use handle_basics;
+
 /// Decodes a machine's command envelope; an undecodable command is a deterministic rejection.
-pub(crate) fn decode_command<C: DeserializeOwned>(command: &[u8]) -> Result<Wire<C>, HamokError> {
+pub(crate) fn decode_command<C: DeserializeOwned>(
+    command: &[u8],
+) -> Result<Envelope<C>, HamokError> {
     rmp_serde::from_slice(command).map_err(|e| HamokError::codec(format!("bad command: {e}"), None))
 }
 
@@ -580,10 +612,10 @@ mod tests {
 
     #[test]
     fn init_encodes_alike_for_every_command_type() {
-        let a = encode(&Wire::<()>::Init).unwrap();
-        let b = encode(&Wire::<Vec<(Bytes, Bytes)>>::Init).unwrap();
+        let a = encode(&Envelope::<()>::Init).unwrap();
+        let b = encode(&Envelope::<Vec<(Bytes, Bytes)>>::Init).unwrap();
         assert_eq!(a, b);
-        let w: Wire<String> = decode_command(&a).unwrap();
-        assert!(matches!(w, Wire::Init));
+        let w: Envelope<String> = decode_command(&a).unwrap();
+        assert!(matches!(w, Envelope::Init));
     }
 }

@@ -52,6 +52,7 @@
 
 mod common;
 pub mod emitter;
+mod machine;
 pub mod map;
 pub mod queue;
 pub mod record;
@@ -80,7 +81,8 @@ pub use remote_map::{
 };
 pub use set::{HamokSet, SetEvent, SET_KIND};
 
-use common::open;
+use common::{open, OpenMode};
+use machine::Machine;
 
 /// Registers the kinds of every collection but remote maps (see [`register_remote_map`]). Every peer
 /// of a cluster must register the same kinds.
@@ -103,10 +105,10 @@ pub fn register_remote_map(
     let kind = remote_map_kind(id);
     let factory_kind = kind.clone();
     builder.register_kind(&kind, move || {
-        Box::new(remote_map::RemoteMapMachine::new(
+        Box::new(Machine::new(remote_map::RemoteMapLogic::new(
             factory_kind.clone(),
             store.clone(),
-        ))
+        )))
     })
 }
 
@@ -228,67 +230,14 @@ pub trait HamokCollections {
         V: Serialize + DeserializeOwned;
 }
 
-async fn open_record<T>(
-    hamok: &Hamok,
-    id: &str,
-    strict: bool,
-    initial: Option<T>,
-) -> Result<HamokRecord<T>, HamokError>
-where
-    T: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    let handle = open::<record::RecordMachine>(hamok, id, RECORD_KIND, strict, || ()).await?;
-    let record = HamokRecord::new(handle, initial);
-    if let Some(initial) = record.initial_object() {
-        record.insert_instance(initial).await?;
-    }
-    Ok(record)
-}
-
-async fn open_emitter<E, M>(
-    hamok: &Hamok,
-    id: &str,
-    strict: bool,
-) -> Result<HamokEmitter<E, M>, HamokError>
-where
-    E: Serialize + DeserializeOwned + 'static,
-    M: Serialize + DeserializeOwned,
-{
-    let handle = open::<emitter::EmitterMachine>(hamok, id, EMITTER_KIND, strict, || {
-        emitter::EmitterExtra::new(id)
-    })
-    .await?;
-    emitter::start(hamok, &handle.local)?;
-    Ok(HamokEmitter::new(handle))
-}
-
-async fn open_remote_map<K, V>(
-    hamok: &Hamok,
-    id: &str,
-    strict: bool,
-) -> Result<HamokRemoteMap<K, V>, HamokError>
-where
-    K: Serialize + DeserializeOwned,
-    V: Serialize + DeserializeOwned,
-{
-    let kind = remote_map_kind(id);
-    let handle = open::<remote_map::RemoteMapMachine>(hamok, id, &kind, strict, || {
-        remote_map::new_extra(id)
-    })
-    .await?;
-    remote_map::start(hamok, &handle.local).await?;
-    Ok(HamokRemoteMap::new(handle))
-}
-
+// Every method is the one open path (`common::open`); the handle type says what is particular.
 impl HamokCollections for Hamok {
     async fn create_map<K, V>(&self, id: &str) -> Result<HamokMap<K, V>, HamokError>
     where
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        Ok(HamokMap::new(
-            open::<map::MapMachine>(self, id, MAP_KIND, true, || ()).await?,
-        ))
+        open(self, id, OpenMode::Create, ()).await
     }
 
     async fn get_or_create_map<K, V>(&self, id: &str) -> Result<HamokMap<K, V>, HamokError>
@@ -296,59 +245,49 @@ impl HamokCollections for Hamok {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        Ok(HamokMap::new(
-            open::<map::MapMachine>(self, id, MAP_KIND, false, || ()).await?,
-        ))
+        open(self, id, OpenMode::GetOrCreate, ()).await
     }
 
     async fn create_set<T>(&self, id: &str) -> Result<HamokSet<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        Ok(HamokSet::new(
-            open::<set::SetMachine>(self, id, SET_KIND, true, || ()).await?,
-        ))
+        open(self, id, OpenMode::Create, ()).await
     }
 
     async fn get_or_create_set<T>(&self, id: &str) -> Result<HamokSet<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        Ok(HamokSet::new(
-            open::<set::SetMachine>(self, id, SET_KIND, false, || ()).await?,
-        ))
+        open(self, id, OpenMode::GetOrCreate, ()).await
     }
 
     async fn create_queue<T>(&self, id: &str) -> Result<HamokQueue<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        Ok(HamokQueue::new(
-            open::<queue::QueueMachine>(self, id, QUEUE_KIND, true, || ()).await?,
-        ))
+        open(self, id, OpenMode::Create, ()).await
     }
 
     async fn get_or_create_queue<T>(&self, id: &str) -> Result<HamokQueue<T>, HamokError>
     where
         T: Serialize + DeserializeOwned,
     {
-        Ok(HamokQueue::new(
-            open::<queue::QueueMachine>(self, id, QUEUE_KIND, false, || ()).await?,
-        ))
+        open(self, id, OpenMode::GetOrCreate, ()).await
     }
 
     async fn create_record<T>(&self, id: &str) -> Result<HamokRecord<T>, HamokError>
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        open_record(self, id, true, None).await
+        open(self, id, OpenMode::Create, None).await
     }
 
     async fn get_or_create_record<T>(&self, id: &str) -> Result<HamokRecord<T>, HamokError>
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        open_record(self, id, false, None).await
+        open(self, id, OpenMode::GetOrCreate, None).await
     }
 
     async fn get_or_create_record_with<T>(
@@ -359,7 +298,7 @@ impl HamokCollections for Hamok {
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        open_record(self, id, false, Some(initial)).await
+        open(self, id, OpenMode::GetOrCreate, Some(initial)).await
     }
 
     async fn create_emitter<E, M>(&self, id: &str) -> Result<HamokEmitter<E, M>, HamokError>
@@ -367,7 +306,7 @@ impl HamokCollections for Hamok {
         E: Serialize + DeserializeOwned + 'static,
         M: Serialize + DeserializeOwned,
     {
-        open_emitter(self, id, true).await
+        open(self, id, OpenMode::Create, ()).await
     }
 
     async fn get_or_create_emitter<E, M>(&self, id: &str) -> Result<HamokEmitter<E, M>, HamokError>
@@ -375,7 +314,7 @@ impl HamokCollections for Hamok {
         E: Serialize + DeserializeOwned + 'static,
         M: Serialize + DeserializeOwned,
     {
-        open_emitter(self, id, false).await
+        open(self, id, OpenMode::GetOrCreate, ()).await
     }
 
     async fn create_remote_map<K, V>(&self, id: &str) -> Result<HamokRemoteMap<K, V>, HamokError>
@@ -383,7 +322,7 @@ impl HamokCollections for Hamok {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        open_remote_map(self, id, true).await
+        open(self, id, OpenMode::Create, ()).await
     }
 
     async fn get_or_create_remote_map<K, V>(
@@ -394,6 +333,6 @@ impl HamokCollections for Hamok {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        open_remote_map(self, id, false).await
+        open(self, id, OpenMode::GetOrCreate, ()).await
     }
 }

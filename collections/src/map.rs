@@ -13,26 +13,28 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
+use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    decode, decode_command, encode, write_lock, Collection, Core, Events, Handle, Raw, Types, Wire,
+    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
 };
+use crate::machine::{Core, Logic, Machine};
 
 /// The kind a map is registered under.
 pub const MAP_KIND: &str = "hamok.map";
 
 /// The replicated content of a map.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub(crate) struct MapState {
     pub(crate) entries: BTreeMap<Bytes, Bytes>,
 }
 
 #[derive(Serialize, Deserialize)]
-enum MapCmd {
+pub(crate) enum MapCmd {
     Set(Vec<(Bytes, Bytes)>),
     Insert(Vec<(Bytes, Bytes)>),
     Delete(Vec<Bytes>),
@@ -50,26 +52,29 @@ enum MapCmd {
     Import(Vec<(Bytes, Bytes)>),
 }
 
-/// The state machine of a map.
+/// What is particular to a map's state machine ([`Machine`]`<MapLogic>`).
 #[derive(Default)]
-pub(crate) struct MapMachine {
-    core: Core<MapState, ()>,
-}
+pub(crate) struct MapLogic;
 
-impl Collection for MapMachine {
+/// The state machine of a map.
+pub(crate) type MapMachine = Machine<MapLogic>;
+
+impl Logic for MapLogic {
     type State = MapState;
     type Extra = ();
-    fn core(&self) -> &Core<MapState, ()> {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core<MapState, ()> {
-        &mut self.core
-    }
-}
+    type Command = MapCmd;
 
-impl MapMachine {
-    fn exec(&mut self, cmd: MapCmd) -> Result<Bytes, HamokError> {
-        let listening = self.core.listening();
+    fn kind(&self) -> &str {
+        MAP_KIND
+    }
+
+    fn exec(
+        &self,
+        core: &Core<MapState, ()>,
+        _ctx: &ApplyContext,
+        cmd: MapCmd,
+    ) -> Result<Bytes, HamokError> {
+        let listening = core.listening();
         let mut events = Vec::new();
         let mut ev = |e: Raw| {
             if listening {
@@ -77,7 +82,7 @@ impl MapMachine {
             }
         };
         let response = {
-            let mut state = write_lock(&self.core.state);
+            let mut state = write_lock(&core.state);
             let map = &mut state.entries;
             match cmd {
                 MapCmd::Set(entries) => {
@@ -174,41 +179,8 @@ impl MapMachine {
                 }
             }
         };
-        self.core.emit(events);
+        core.emit(events);
         response
-    }
-}
-
-impl StateMachine for MapMachine {
-    fn kind(&self) -> &str {
-        MAP_KIND
-    }
-
-    fn apply(&mut self, _ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
-        match decode_command(command)? {
-            Wire::Init => self.core.init(),
-            Wire::Op(cmd) => self.exec(cmd),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Bytes, HamokError> {
-        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
-        encode(&(self.core.initialized, &state.entries))
-    }
-
-    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
-        let (initialized, entries): (bool, BTreeMap<Bytes, Bytes>) = decode(data)?;
-        self.core.initialized = initialized;
-        write_lock(&self.core.state).entries = entries;
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
 
@@ -328,12 +300,10 @@ fn pairs<K: Serialize, V: Serialize>(
         .collect()
 }
 
-impl<K, V> HamokMap<K, V> {
-    /// The map's id.
-    pub fn id(&self) -> &str {
-        &self.handle.local.id
-    }
+plain_opened!(HamokMap<K, V>, MapLogic, MAP_KIND);
+handle_basics!(HamokMap<K, V>);
 
+impl<K, V> HamokMap<K, V> {
     /// Number of entries (local).
     pub fn len(&self) -> usize {
         self.handle.local.read(|s| s.entries.len())

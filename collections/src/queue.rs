@@ -11,14 +11,15 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
+use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    decode, decode_command, encode, write_lock, Collection, Core, Events, Handle, Raw, Types, Wire,
+    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
 };
+use crate::machine::{Core, Logic, Machine};
 
 /// The kind a queue is registered under.
 pub const QUEUE_KIND: &str = "hamok.queue";
@@ -34,36 +35,39 @@ pub(crate) struct QueueState {
 }
 
 #[derive(Serialize, Deserialize)]
-enum QueueCmd {
+pub(crate) enum QueueCmd {
     Push(Vec<Bytes>),
     Pop(u32),
     Clear,
     SetCapacity(Option<u64>),
 }
 
-/// The state machine of a queue.
+/// What is particular to a queue's state machine ([`Machine`]`<QueueLogic>`).
 #[derive(Default)]
-pub(crate) struct QueueMachine {
-    core: Core<QueueState, ()>,
-}
+pub(crate) struct QueueLogic;
 
-impl Collection for QueueMachine {
+/// The state machine of a queue.
+pub(crate) type QueueMachine = Machine<QueueLogic>;
+
+impl Logic for QueueLogic {
     type State = QueueState;
     type Extra = ();
-    fn core(&self) -> &Core<QueueState, ()> {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core<QueueState, ()> {
-        &mut self.core
-    }
-}
+    type Command = QueueCmd;
 
-impl QueueMachine {
-    fn exec(&mut self, cmd: QueueCmd) -> Result<Bytes, HamokError> {
-        let listening = self.core.listening();
+    fn kind(&self) -> &str {
+        QUEUE_KIND
+    }
+
+    fn exec(
+        &self,
+        core: &Core<QueueState, ()>,
+        _ctx: &ApplyContext,
+        cmd: QueueCmd,
+    ) -> Result<Bytes, HamokError> {
+        let listening = core.listening();
         let mut events = Vec::new();
         let response = {
-            let mut state = write_lock(&self.core.state);
+            let mut state = write_lock(&core.state);
             match cmd {
                 QueueCmd::Push(values) => {
                     let after = state.items.len() as u64 + values.len() as u64;
@@ -118,41 +122,8 @@ impl QueueMachine {
                 }
             }
         };
-        self.core.emit(events);
+        core.emit(events);
         response
-    }
-}
-
-impl StateMachine for QueueMachine {
-    fn kind(&self) -> &str {
-        QUEUE_KIND
-    }
-
-    fn apply(&mut self, _ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
-        match decode_command(command)? {
-            Wire::Init => self.core.init(),
-            Wire::Op(cmd) => self.exec(cmd),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Bytes, HamokError> {
-        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
-        encode(&(self.core.initialized, &*state))
-    }
-
-    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
-        let (initialized, state): (bool, QueueState) = decode(data)?;
-        self.core.initialized = initialized;
-        *write_lock(&self.core.state) = state;
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
 
@@ -211,12 +182,10 @@ impl<T> std::fmt::Debug for HamokQueue<T> {
     }
 }
 
-impl<T> HamokQueue<T> {
-    /// The queue's id.
-    pub fn id(&self) -> &str {
-        &self.handle.local.id
-    }
+plain_opened!(HamokQueue<T>, QueueLogic, QUEUE_KIND);
+handle_basics!(HamokQueue<T>);
 
+impl<T> HamokQueue<T> {
     /// Number of items (local).
     pub fn len(&self) -> usize {
         self.handle.local.read(|s| s.items.len())

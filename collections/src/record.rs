@@ -32,15 +32,16 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
+use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    build_map, decode, decode_command, encode, split_map, write_lock, Collection, Core, Events,
-    Handle, Raw, Wire,
+    build_map, decode, encode, handle_basics, split_map, write_lock, Events, Handle, LogicHandle,
+    Opened, Raw,
 };
+use crate::machine::{Core, Logic, Machine};
 
 /// The kind a record is registered under.
 pub const RECORD_KIND: &str = "hamok.record";
@@ -209,13 +210,14 @@ impl<T> Patch<T> {
 }
 
 /// The replicated content of a record.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub(crate) struct RecordState {
     fields: BTreeMap<String, Bytes>,
 }
 
 #[derive(Serialize, Deserialize)]
-enum RecordCmd {
+pub(crate) enum RecordCmd {
     /// Set (`Some`) or delete (`None`) each field; answers the previous values.
     Set(Vec<(String, Option<Bytes>)>),
     /// Set each absent field; answers the existing values (`None` = inserted).
@@ -228,22 +230,12 @@ enum RecordCmd {
     Clear,
 }
 
-/// The state machine of a record.
+/// What is particular to a record's state machine ([`Machine`]`<RecordLogic>`).
 #[derive(Default)]
-pub(crate) struct RecordMachine {
-    core: Core<RecordState, ()>,
-}
+pub(crate) struct RecordLogic;
 
-impl Collection for RecordMachine {
-    type State = RecordState;
-    type Extra = ();
-    fn core(&self) -> &Core<RecordState, ()> {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core<RecordState, ()> {
-        &mut self.core
-    }
-}
+/// The state machine of a record.
+pub(crate) type RecordMachine = Machine<RecordLogic>;
 
 fn set_fields(
     fields: &mut BTreeMap<String, Bytes>,
@@ -284,11 +276,24 @@ fn set_fields(
     olds
 }
 
-impl RecordMachine {
-    fn exec(&mut self, cmd: RecordCmd) -> Result<Bytes, HamokError> {
-        let mut events = self.core.listening().then(Vec::new);
+impl Logic for RecordLogic {
+    type State = RecordState;
+    type Extra = ();
+    type Command = RecordCmd;
+
+    fn kind(&self) -> &str {
+        RECORD_KIND
+    }
+
+    fn exec(
+        &self,
+        core: &Core<RecordState, ()>,
+        _ctx: &ApplyContext,
+        cmd: RecordCmd,
+    ) -> Result<Bytes, HamokError> {
+        let mut events = core.listening().then(Vec::new);
         let response = {
-            let mut state = write_lock(&self.core.state);
+            let mut state = write_lock(&core.state);
             let fields = &mut state.fields;
             match cmd {
                 RecordCmd::Set(new) => encode(&set_fields(fields, new, &mut events)),
@@ -328,41 +333,8 @@ impl RecordMachine {
                 }
             }
         };
-        self.core.emit(events.unwrap_or_default());
+        core.emit(events.unwrap_or_default());
         response
-    }
-}
-
-impl StateMachine for RecordMachine {
-    fn kind(&self) -> &str {
-        RECORD_KIND
-    }
-
-    fn apply(&mut self, _ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
-        match decode_command(command)? {
-            Wire::Init => self.core.init(),
-            Wire::Op(cmd) => self.exec(cmd),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Bytes, HamokError> {
-        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
-        encode(&(self.core.initialized, &state.fields))
-    }
-
-    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
-        let (initialized, fields): (bool, BTreeMap<String, Bytes>) = decode(data)?;
-        self.core.initialized = initialized;
-        write_lock(&self.core.state).fields = fields;
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
 
@@ -500,12 +472,35 @@ impl<T> std::fmt::Debug for HamokRecord<T> {
     }
 }
 
-impl<T> HamokRecord<T> {
-    /// The record's id.
-    pub fn id(&self) -> &str {
-        &self.handle.local.id
+impl<T> Opened for HamokRecord<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Logic = RecordLogic;
+    /// The initial object (`get_or_create_record_with`).
+    type Options = Option<T>;
+
+    fn kind(_id: &str) -> String {
+        RECORD_KIND.to_string()
     }
 
+    fn extra(_id: &str) {}
+
+    async fn finish(
+        handle: LogicHandle<RecordLogic>,
+        initial: Option<T>,
+    ) -> Result<Self, HamokError> {
+        let record = HamokRecord::new(handle, initial);
+        if let Some(initial) = record.initial_object() {
+            record.insert_instance(initial).await?;
+        }
+        Ok(record)
+    }
+}
+
+handle_basics!(HamokRecord<T>);
+
+impl<T> HamokRecord<T> {
     /// The initial object this handle was opened with (inserted, field by field where absent, when the
     /// handle was opened; see [`HamokCollections::get_or_create_record_with`](crate::HamokCollections)).
     pub fn initial_object(&self) -> Option<&T> {

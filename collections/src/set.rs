@@ -7,54 +7,59 @@
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
+use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    decode, decode_command, encode, write_lock, Collection, Core, Events, Handle, Raw, Types, Wire,
+    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
 };
+use crate::machine::{Core, Logic, Machine};
 
 /// The kind a set is registered under.
 pub const SET_KIND: &str = "hamok.set";
 
 /// The replicated content of a set.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub(crate) struct SetState {
     members: BTreeSet<Bytes>,
 }
 
 #[derive(Serialize, Deserialize)]
-enum SetCmd {
+pub(crate) enum SetCmd {
     Add(Vec<Bytes>),
     Remove(Vec<Bytes>),
     Clear,
 }
 
-/// The state machine of a set.
+/// What is particular to a set's state machine ([`Machine`]`<SetLogic>`).
 #[derive(Default)]
-pub(crate) struct SetMachine {
-    core: Core<SetState, ()>,
-}
+pub(crate) struct SetLogic;
 
-impl Collection for SetMachine {
+/// The state machine of a set.
+pub(crate) type SetMachine = Machine<SetLogic>;
+
+impl Logic for SetLogic {
     type State = SetState;
     type Extra = ();
-    fn core(&self) -> &Core<SetState, ()> {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core<SetState, ()> {
-        &mut self.core
-    }
-}
+    type Command = SetCmd;
 
-impl SetMachine {
-    fn exec(&mut self, cmd: SetCmd) -> Result<Bytes, HamokError> {
-        let listening = self.core.listening();
+    fn kind(&self) -> &str {
+        SET_KIND
+    }
+
+    fn exec(
+        &self,
+        core: &Core<SetState, ()>,
+        _ctx: &ApplyContext,
+        cmd: SetCmd,
+    ) -> Result<Bytes, HamokError> {
+        let listening = core.listening();
         let mut events = Vec::new();
         let response = {
-            let mut state = write_lock(&self.core.state);
+            let mut state = write_lock(&core.state);
             let set = &mut state.members;
             match cmd {
                 SetCmd::Add(values) => {
@@ -94,41 +99,8 @@ impl SetMachine {
                 }
             }
         };
-        self.core.emit(events);
+        core.emit(events);
         response
-    }
-}
-
-impl StateMachine for SetMachine {
-    fn kind(&self) -> &str {
-        SET_KIND
-    }
-
-    fn apply(&mut self, _ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
-        match decode_command(command)? {
-            Wire::Init => self.core.init(),
-            Wire::Op(cmd) => self.exec(cmd),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Bytes, HamokError> {
-        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
-        encode(&(self.core.initialized, &state.members))
-    }
-
-    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
-        let (initialized, members): (bool, BTreeSet<Bytes>) = decode(data)?;
-        self.core.initialized = initialized;
-        write_lock(&self.core.state).members = members;
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
     }
 }
 
@@ -182,12 +154,10 @@ fn encode_all<T: Serialize>(values: impl IntoIterator<Item = T>) -> Result<Vec<B
     values.into_iter().map(|v| encode(&v)).collect()
 }
 
-impl<T> HamokSet<T> {
-    /// The set's id.
-    pub fn id(&self) -> &str {
-        &self.handle.local.id
-    }
+plain_opened!(HamokSet<T>, SetLogic, SET_KIND);
+handle_basics!(HamokSet<T>);
 
+impl<T> HamokSet<T> {
     /// Number of members (local).
     pub fn len(&self) -> usize {
         self.handle.local.read(|s| s.members.len())

@@ -197,8 +197,14 @@ impl HamokError {
         }
     }
 
-    /// A timeout of `after`.
-    pub(crate) fn timeout(after: std::time::Duration) -> Self {
+    /// [`HamokError::Timeout`] for a call bounded by `after` (milliseconds, saturating).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use hamok_runtime::HamokError;
+    /// assert_eq!(HamokError::timeout(Duration::from_millis(250)), HamokError::Timeout { after_ms: 250 });
+    /// ```
+    pub fn timeout(after: std::time::Duration) -> Self {
         HamokError::Timeout {
             after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
         }

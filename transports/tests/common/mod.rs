@@ -131,6 +131,7 @@ pub async fn require_broker(what: &str, env: &str, default: &str, default_port: 
 ///     three_peers_join_write_and_survive_leader_loss => three_peers("nats3"),
 /// }
 /// ```
+#[allow(unused_macros)] // see the re-export below
 macro_rules! scenario_tests {
     (
         broker: $broker:ident, transport: $transport:ident;

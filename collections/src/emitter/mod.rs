@@ -25,300 +25,31 @@
 //! — the only code that can panic — are isolated with `catch_unwind`, and the replicated state lives in
 //! the node actor, which the runtime supervises.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hamok_runtime::raft::PeerId;
-use hamok_runtime::state_machine::{ApplyContext, StateMachine};
-use hamok_runtime::{Hamok, HamokError, HamokEvent};
+use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::common::{
-    decode, decode_command, encode, write_lock, Collection, Core, Events, Handle, Local, Raw,
-    Types, Wire,
+    decode, encode, handle_basics, Events, Handle, LogicHandle, Opened, Raw, Types,
 };
+
+mod dispatch;
+mod machine;
+
+use dispatch::{lock, start, DirectMsg, EmitterExtra, LocalEvent, PendingPublish, RawHandler};
+pub(crate) use machine::EmitterMachine;
+use machine::{EmitterCmd, EmitterLogic, EmitterState};
 
 /// The kind an emitter is registered under.
 pub const EMITTER_KIND: &str = "hamok.emitter";
-
-/// How often the leader checks the subscription table for peers that are no longer members.
-const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Most direct messages queued for an emitter's task on one peer; beyond it they are dropped (a
-/// publisher then sees no ack from this peer).
-const INBOX_CAPACITY: usize = 4096;
-
-/// The replicated subscription table.
-#[derive(Default)]
-pub(crate) struct EmitterState {
-    subs: BTreeMap<String, BTreeMap<PeerId, Bytes>>,
-}
-
-#[derive(Serialize, Deserialize)]
-enum EmitterCmd {
-    /// Subscribes the submitting peer to `event` (no change if already subscribed); answers whether it
-    /// was added.
-    Subscribe { event: String, metadata: Bytes },
-    /// Unsubscribes the submitting peer from `event`; answers whether it was subscribed.
-    Unsubscribe { event: String },
-    /// Unsubscribes the submitting peer from every event; answers how many subscriptions went.
-    UnsubscribeAll,
-    /// Sets the submitting peer's metadata for `event` if it is subscribed and (when given) the current
-    /// metadata equals `expected`; answers whether it did.
-    UpdateMetadata {
-        event: String,
-        new: Bytes,
-        expected: Option<Bytes>,
-    },
-    /// Removes every subscription of `peers` (cleanup of departed peers); answers how many went.
-    RemovePeers(Vec<PeerId>),
-}
-
-/// Direct (not replicated) messages between the emitter tasks of two peers.
-#[derive(Serialize, Deserialize)]
-enum DirectMsg {
-    Publish {
-        req: u64,
-        event: String,
-        payload: Bytes,
-    },
-    Notify {
-        event: String,
-        payload: Bytes,
-    },
-    Ack {
-        req: u64,
-    },
-}
-
-type RawHandler = Arc<dyn Fn(&PeerId, &[u8]) + Send + Sync>;
-
-struct LocalEvent {
-    metadata: Bytes,
-    handlers: Vec<(u64, RawHandler)>,
-}
-
-struct PendingPublish {
-    remaining: BTreeSet<PeerId>,
-    acked: Vec<PeerId>,
-    done: Option<oneshot::Sender<()>>,
-}
-
-/// What the emitter's handles on one peer share besides the table.
-pub(crate) struct EmitterExtra {
-    channel: String,
-    local_events: Mutex<BTreeMap<String, LocalEvent>>,
-    next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, PendingPublish>>,
-    inbox: Mutex<Option<mpsc::Receiver<(PeerId, Bytes)>>>,
-    inbox_tx: mpsc::Sender<(PeerId, Bytes)>,
-    received: AtomicU64,
-    sent: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl EmitterExtra {
-    pub(crate) fn new(id: &str) -> Self {
-        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-        EmitterExtra {
-            channel: format!("hamok.emitter/{id}"),
-            local_events: Mutex::new(BTreeMap::new()),
-            next_id: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
-            inbox: Mutex::new(Some(rx)),
-            inbox_tx: tx,
-            received: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-        }
-    }
-
-    /// Runs the local handlers of `event`; answers whether there was any.
-    fn dispatch(&self, from: &PeerId, event: &str, payload: &[u8]) -> bool {
-        let handlers: Vec<RawHandler> = lock(&self.local_events)
-            .get(event)
-            .map(|e| e.handlers.iter().map(|(_, h)| h.clone()).collect())
-            .unwrap_or_default();
-        for h in &handlers {
-            if std::panic::catch_unwind(AssertUnwindSafe(|| h(from, payload))).is_err() {
-                tracing::warn!(event, "an emitter handler panicked");
-            }
-        }
-        self.received.fetch_add(1, Ordering::Relaxed);
-        !handlers.is_empty()
-    }
-
-    fn on_ack(&self, from: PeerId, req: u64) {
-        let mut pending = lock(&self.pending);
-        if let Some(p) = pending.get_mut(&req) {
-            if p.remaining.remove(&from) {
-                p.acked.push(from);
-            }
-            if p.remaining.is_empty() {
-                if let Some(done) = p.done.take() {
-                    let _ = done.send(());
-                }
-            }
-        }
-    }
-}
-
-/// The state machine of an emitter.
-#[derive(Default)]
-pub(crate) struct EmitterMachine {
-    core: Core<EmitterState, EmitterExtra>,
-}
-
-impl Collection for EmitterMachine {
-    type State = EmitterState;
-    type Extra = EmitterExtra;
-    fn core(&self) -> &Core<EmitterState, EmitterExtra> {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core<EmitterState, EmitterExtra> {
-        &mut self.core
-    }
-}
-
-fn sub_key(event: &str, peer: &PeerId) -> Result<Bytes, HamokError> {
-    encode(&(event, peer))
-}
-
-impl EmitterMachine {
-    fn exec(&mut self, client: &PeerId, cmd: EmitterCmd) -> Result<Bytes, HamokError> {
-        let mut events = self.core.listening().then(Vec::new);
-        let response = {
-            let mut state = write_lock(&self.core.state);
-            let subs = &mut state.subs;
-            match cmd {
-                EmitterCmd::Subscribe { event, metadata } => {
-                    let peers = subs.entry(event.clone()).or_default();
-                    let added = !peers.contains_key(client);
-                    if added {
-                        peers.insert(client.clone(), metadata.clone());
-                        if let Some(ev) = events.as_mut() {
-                            ev.push(Raw::Insert {
-                                key: sub_key(&event, client)?,
-                                value: metadata,
-                            });
-                        }
-                    }
-                    encode(&added)
-                }
-                EmitterCmd::Unsubscribe { event } => {
-                    let old = subs.get_mut(&event).and_then(|p| p.remove(client));
-                    if subs.get(&event).is_some_and(|p| p.is_empty()) {
-                        subs.remove(&event);
-                    }
-                    if let (Some(ev), Some(value)) = (events.as_mut(), &old) {
-                        ev.push(Raw::Remove {
-                            key: sub_key(&event, client)?,
-                            value: value.clone(),
-                        });
-                    }
-                    encode(&old.is_some())
-                }
-                EmitterCmd::UnsubscribeAll => {
-                    let n = remove_peers(subs, std::slice::from_ref(client), &mut events)?;
-                    encode(&n)
-                }
-                EmitterCmd::RemovePeers(peers) => {
-                    let n = remove_peers(subs, &peers, &mut events)?;
-                    encode(&n)
-                }
-                EmitterCmd::UpdateMetadata {
-                    event,
-                    new,
-                    expected,
-                } => {
-                    let current = subs.get_mut(&event).and_then(|p| p.get_mut(client));
-                    let hit = match current {
-                        Some(current) if expected.as_ref().is_none_or(|e| e == current) => {
-                            let old = std::mem::replace(current, new.clone());
-                            if let Some(ev) = events.as_mut() {
-                                ev.push(Raw::Update {
-                                    key: sub_key(&event, client)?,
-                                    old,
-                                    new,
-                                });
-                            }
-                            true
-                        }
-                        _ => false,
-                    };
-                    encode(&hit)
-                }
-            }
-        };
-        self.core.emit(events.unwrap_or_default());
-        response
-    }
-}
-
-fn remove_peers(
-    subs: &mut BTreeMap<String, BTreeMap<PeerId, Bytes>>,
-    peers: &[PeerId],
-    events: &mut Option<Vec<Raw>>,
-) -> Result<u64, HamokError> {
-    let mut n = 0;
-    for (event, subscribers) in subs.iter_mut() {
-        for peer in peers {
-            if let Some(value) = subscribers.remove(peer) {
-                n += 1;
-                if let Some(ev) = events.as_mut() {
-                    ev.push(Raw::Remove {
-                        key: sub_key(event, peer)?,
-                        value,
-                    });
-                }
-            }
-        }
-    }
-    subs.retain(|_, p| !p.is_empty());
-    Ok(n)
-}
-
-impl StateMachine for EmitterMachine {
-    fn kind(&self) -> &str {
-        EMITTER_KIND
-    }
-
-    fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
-        match decode_command(command)? {
-            Wire::Init => self.core.init(),
-            Wire::Op(cmd) => self.exec(&ctx.client, cmd),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Bytes, HamokError> {
-        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
-        encode(&(self.core.initialized, &state.subs))
-    }
-
-    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
-        let (initialized, subs): (bool, BTreeMap<String, BTreeMap<PeerId, Bytes>>) = decode(data)?;
-        self.core.initialized = initialized;
-        write_lock(&self.core.state).subs = subs;
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
 /// A change of an emitter's replicated subscription table, as applied on this peer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SubscriptionEvent<M> {
@@ -441,134 +172,31 @@ pub struct EmitterStats {
     /// Publish/notify messages this peer sent (one per target peer).
     pub sent: u64,
 }
+impl<E, M> Opened for HamokEmitter<E, M>
+where
+    E: Serialize + DeserializeOwned + 'static,
+    M: Serialize + DeserializeOwned,
+{
+    type Logic = EmitterLogic;
+    type Options = ();
 
-type EmitterLocal = Local<EmitterState, EmitterExtra>;
+    fn kind(_id: &str) -> String {
+        EMITTER_KIND.to_string()
+    }
 
-/// Starts the emitter's background task on this peer (once per local handle group).
-pub(crate) fn start(hamok: &Hamok, local: &Arc<EmitterLocal>) -> Result<(), HamokError> {
-    let Some(mut inbox) = lock(&local.extra.inbox).take() else {
-        return Ok(()); // already started
-    };
-    let tx = local.extra.inbox_tx.clone();
-    hamok.on_direct(&local.extra.channel, move |from, payload| {
-        // Runs inside the node actor: never block, never run user code here.
-        let _ = tx.try_send((from, payload));
-    })?;
-    let weak = Arc::downgrade(local);
-    let hamok = hamok.clone();
-    let mut events = hamok.events();
-    tokio::spawn(async move {
-        let mut cleanup = tokio::time::interval(CLEANUP_INTERVAL);
-        cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut rejoining = false;
-        loop {
-            tokio::select! {
-                msg = inbox.recv() => {
-                    let Some((from, bytes)) = msg else { return };
-                    let Some(local) = weak.upgrade() else { return };
-                    on_direct(&hamok, &local, from, &bytes);
-                }
-                _ = cleanup.tick() => {
-                    let Some(local) = weak.upgrade() else { return };
-                    if hamok.is_closed() { return; }
-                    cleanup_departed(&hamok, &local).await;
-                }
-                ev = events.recv() => {
-                    let Some(local) = weak.upgrade() else { return };
-                    match ev {
-                        Ok(HamokEvent::Close) | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                        Ok(HamokEvent::RemotePeerLeft(_)) | Ok(HamokEvent::Leader) => {
-                            cleanup_departed(&hamok, &local).await;
-                        }
-                        Ok(HamokEvent::Rejoining) => rejoining = true,
-                        Ok(HamokEvent::Joined) if rejoining => {
-                            rejoining = false;
-                            resubscribe(&hamok, &local).await;
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-    });
-    Ok(())
-}
+    fn extra(id: &str) -> EmitterExtra {
+        EmitterExtra::new(id)
+    }
 
-fn on_direct(hamok: &Hamok, local: &EmitterLocal, from: PeerId, bytes: &[u8]) {
-    let msg: DirectMsg = match decode(bytes) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::debug!(%from, "undecodable emitter message: {e}");
-            return;
-        }
-    };
-    match msg {
-        DirectMsg::Publish {
-            req,
-            event,
-            payload,
-        } => {
-            if local.extra.dispatch(&from, &event, &payload) {
-                if let Ok(ack) = encode(&DirectMsg::Ack { req }) {
-                    let _ = hamok.send_direct(Some(from), &local.extra.channel, ack);
-                }
-            }
-        }
-        DirectMsg::Notify { event, payload } => {
-            local.extra.dispatch(&from, &event, &payload);
-        }
-        DirectMsg::Ack { req } => local.extra.on_ack(from, req),
+    async fn finish(handle: LogicHandle<EmitterLogic>, _options: ()) -> Result<Self, HamokError> {
+        start(&handle.hamok, &handle.local)?;
+        Ok(HamokEmitter::new(handle))
     }
 }
 
-/// Leader only: removes the subscriptions of peers that are no longer members.
-async fn cleanup_departed(hamok: &Hamok, local: &EmitterLocal) {
-    if !hamok.is_leader() {
-        return;
-    }
-    let mut members: BTreeSet<PeerId> = hamok.remote_peer_ids().into_iter().collect();
-    members.insert(hamok.local_peer_id().clone());
-    let departed: Vec<PeerId> = local.read(|s| {
-        s.subs
-            .values()
-            .flat_map(|p| p.keys())
-            .filter(|p| !members.contains(*p))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect()
-    });
-    if departed.is_empty() {
-        return;
-    }
-    let Ok(cmd) = encode(&Wire::Op(EmitterCmd::RemovePeers(departed))) else {
-        return;
-    };
-    if let Err(e) = hamok.submit(&local.id, cmd.to_vec()).await {
-        tracing::debug!("emitter cleanup not applied (retried later): {e}");
-    }
-}
-
-/// After this peer was removed and joined again: subscribe again to every event with local handlers.
-async fn resubscribe(hamok: &Hamok, local: &EmitterLocal) {
-    let wanted: Vec<(String, Bytes)> = lock(&local.extra.local_events)
-        .iter()
-        .filter(|(_, e)| !e.handlers.is_empty())
-        .map(|(event, e)| (event.clone(), e.metadata.clone()))
-        .collect();
-    for (event, metadata) in wanted {
-        if let Ok(cmd) = encode(&Wire::Op(EmitterCmd::Subscribe { event, metadata })) {
-            let _ = hamok.submit(&local.id, cmd.to_vec()).await;
-        }
-    }
-}
+handle_basics!(HamokEmitter<E, M>);
 
 impl<E, M> HamokEmitter<E, M> {
-    /// The emitter's id.
-    pub fn id(&self) -> &str {
-        &self.handle.local.id
-    }
-
     /// The same emitter with another publish timeout (default: the peer's `request_timeout_ms`).
     pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;

@@ -1,0 +1,252 @@
+//! The one [`StateMachine`] of every collection: [`Machine<L>`] does what all collections do alike
+//! (the `Init | Op` envelope, snapshot and restore of the replicated state, the link to the local
+//! handles, `as_any`), and a per-collection [`Logic`] says what is particular: the replicated state,
+//! the command, and how a command changes the state.
+//!
+//! A collection is therefore three small things: its `State` (serde, the snapshot is its encoding), its
+//! `Command` enum, and one `exec` function. Adding a collection adds no state-machine boilerplate.
+
+use std::sync::{Arc, RwLock, Weak};
+
+use bytes::Bytes;
+use hamok_runtime::state_machine::{ApplyContext, StateMachine};
+use hamok_runtime::HamokError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::common::{decode, decode_command, encode, read_lock, write_lock, Envelope, Local, Raw};
+
+/// What is particular to one kind of collection.
+///
+/// `exec` must be deterministic (same state and command, same result and new state, on every peer) and
+/// must leave the state unchanged when it answers `Err` (a rejection is part of the replicated history).
+pub(crate) trait Logic: Send + 'static {
+    /// The replicated state. Its encoding is the collection's snapshot.
+    type State: Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What the local handles of one peer share besides the state (an executor's wake-up, waiters for
+    /// results...): never replicated, never in a snapshot.
+    type Extra: Send + Sync + 'static;
+    /// The collection's own command (the `Op` of the envelope).
+    type Command: DeserializeOwned;
+
+    /// The kind this collection is registered under.
+    fn kind(&self) -> &str;
+
+    /// Applies one command: changes the state through `core.state` (write lock), emits events through
+    /// `core` (only built when [`Core::listening`]), and answers the caller's response.
+    fn exec(
+        &self,
+        core: &Core<Self::State, Self::Extra>,
+        ctx: &ApplyContext,
+        cmd: Self::Command,
+    ) -> Result<Bytes, HamokError>;
+}
+
+/// The state machine of one collection: its logic and its [`Core`].
+pub(crate) struct Machine<L: Logic> {
+    logic: L,
+    core: Core<L::State, L::Extra>,
+}
+
+impl<L: Logic + Default> Default for Machine<L> {
+    fn default() -> Self {
+        Machine::new(L::default())
+    }
+}
+
+impl<L: Logic> Machine<L> {
+    /// An empty machine (no `Init` applied yet).
+    pub(crate) fn new(logic: L) -> Self {
+        Machine {
+            logic,
+            core: Core::default(),
+        }
+    }
+
+    pub(crate) fn logic(&self) -> &L {
+        &self.logic
+    }
+
+    pub(crate) fn core(&self) -> &Core<L::State, L::Extra> {
+        &self.core
+    }
+
+    pub(crate) fn core_mut(&mut self) -> &mut Core<L::State, L::Extra> {
+        &mut self.core
+    }
+}
+
+impl<L: Logic> StateMachine for Machine<L> {
+    fn kind(&self) -> &str {
+        self.logic.kind()
+    }
+
+    fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
+        match decode_command(command)? {
+            Envelope::Init => self.core.init(),
+            Envelope::Op(cmd) => self.logic.exec(&self.core, ctx, cmd),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Bytes, HamokError> {
+        let state = read_lock(&self.core.state);
+        encode(&(self.core.initialized, &*state))
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
+        let (initialized, state): (bool, L::State) = decode(data)?;
+        self.core.initialized = initialized;
+        // In place: the local handles hold this `Arc`.
+        *write_lock(&self.core.state) = state;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// The part of a state machine that links it to local handles: its shared state and its observers.
+pub(crate) struct Core<S, X> {
+    pub(crate) state: Arc<RwLock<S>>,
+    observers: Vec<Weak<Local<S, X>>>,
+    /// Whether an `Init` was applied (replicated, part of the snapshot).
+    pub(crate) initialized: bool,
+}
+
+impl<S: Default, X> Default for Core<S, X> {
+    fn default() -> Self {
+        Core {
+            state: Arc::new(RwLock::new(S::default())),
+            observers: Vec::new(),
+            initialized: false,
+        }
+    }
+}
+
+impl<S, X> Core<S, X> {
+    /// Applies `Init`: answers whether this is the first.
+    fn init(&mut self) -> Result<Bytes, HamokError> {
+        let first = !self.initialized;
+        self.initialized = true;
+        encode(&first)
+    }
+
+    /// Whether any local subscriber listens (events are only built then).
+    pub(crate) fn listening(&self) -> bool {
+        self.observers
+            .iter()
+            .any(|w| w.upgrade().is_some_and(|l| l.events.receiver_count() > 0))
+    }
+
+    /// Sends events to the local subscribers.
+    pub(crate) fn emit(&self, events: Vec<Raw>) {
+        if events.is_empty() {
+            return;
+        }
+        for weak in &self.observers {
+            if let Some(local) = weak.upgrade() {
+                if local.events.receiver_count() > 0 {
+                    for e in &events {
+                        let _ = local.events.send(e.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The local handles' shared part, if one is alive (and not closed) on this peer.
+    pub(crate) fn live_local(&self) -> Option<Arc<Local<S, X>>> {
+        self.observers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|l| !l.is_closed())
+    }
+
+    /// Links a local handle group to this machine: it reads this machine's state from now on.
+    pub(crate) fn observe(&mut self, local: &Arc<Local<S, X>>) {
+        *write_lock(&local.slot) = self.state.clone();
+        self.observers.retain(|w| w.strong_count() > 0);
+        if !self
+            .observers
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(local)))
+        {
+            self.observers.push(Arc::downgrade(local));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Default, Serialize, Deserialize, PartialEq, Debug)]
+    struct Count(u64);
+
+    #[derive(Default)]
+    struct Counter;
+
+    impl Logic for Counter {
+        type State = Count;
+        type Extra = ();
+        type Command = u64;
+        fn kind(&self) -> &str {
+            "test.counter"
+        }
+        fn exec(
+            &self,
+            core: &Core<Count, ()>,
+            _ctx: &ApplyContext,
+            add: u64,
+        ) -> Result<Bytes, HamokError> {
+            let mut state = write_lock(&core.state);
+            state.0 = state
+                .0
+                .checked_add(add)
+                .ok_or(HamokError::Busy("overflow"))?;
+            encode(&state.0)
+        }
+    }
+
+    fn ctx(index: u64) -> ApplyContext {
+        ApplyContext {
+            index,
+            term: 1,
+            client: "p".into(),
+            local: true,
+        }
+    }
+
+    #[test]
+    fn envelope_snapshot_and_restore_are_shared() {
+        let mut m = Machine::<Counter>::default();
+        assert_eq!(m.kind(), "test.counter");
+        let init = encode(&Envelope::<u64>::Init).unwrap();
+        assert!(decode::<bool>(&m.apply(&ctx(1), &init).unwrap()).unwrap());
+        assert!(!decode::<bool>(&m.apply(&ctx(2), &init).unwrap()).unwrap());
+        let op = encode(&Envelope::Op(5u64)).unwrap();
+        assert_eq!(decode::<u64>(&m.apply(&ctx(3), &op).unwrap()).unwrap(), 5);
+        // A rejected command leaves the state alone.
+        let huge = encode(&Envelope::Op(u64::MAX)).unwrap();
+        assert!(m.apply(&ctx(4), &huge).is_err());
+        // Garbage is a deterministic rejection, not a panic.
+        assert!(m.apply(&ctx(5), b"\xc1garbage").is_err());
+
+        let snap = m.snapshot().unwrap();
+        let mut other = Machine::<Counter>::default();
+        let shared = other.core().state.clone();
+        other.restore(&snap).unwrap();
+        assert_eq!(*read_lock(&shared), Count(5), "restored in place");
+        assert!(
+            !decode::<bool>(&other.apply(&ctx(6), &init).unwrap()).unwrap(),
+            "the Init flag travels in the snapshot"
+        );
+        assert!(other.restore(b"\x01\x02").is_err());
+    }
+}
