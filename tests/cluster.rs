@@ -282,6 +282,7 @@ async fn rolling_replacement_loses_no_acknowledged_write() {
                     let op = hamok::runtime::state_machine::Op::Apply {
                         storage: STORAGE.to_string(),
                         payload: cmd,
+                        fence: None,
                     };
                     match peer
                         .submit_op_with_timeout(op, Duration::from_secs(2))
@@ -487,6 +488,7 @@ async fn partition_minority_cannot_commit_and_heal_converges() {
                 let op = hamok::runtime::state_machine::Op::Apply {
                     storage: STORAGE.to_string(),
                     payload: put_cmd(&format!("minority-{i}"), "lost"),
+                    fence: None,
                 };
                 p.submit_op_with_timeout(op, short).await
             })
@@ -714,6 +716,7 @@ async fn forced_leader_change_applies_no_increment_twice() {
                 let op = hamok::runtime::state_machine::Op::Apply {
                     storage: STORAGE.to_string(),
                     payload: incr_cmd(id),
+                    fence: None,
                 };
                 if follower
                     .submit_op_with_timeout(op, Duration::from_secs(3))

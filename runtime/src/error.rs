@@ -138,6 +138,18 @@ pub enum HamokError {
     /// through the log but changed nothing: **not applied**, on every peer alike.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// A fenced write was refused at apply time: lock `name` is no longer held under `token` (released,
+    /// or granted again under a newer token). The command went through the log and changed nothing:
+    /// **not applied**, on every peer alike. The caller lost the lock; it must not retry under this token.
+    #[error("stale fence: lock `{name}` is not held under token {token} (now: {current:?})")]
+    StaleFence {
+        /// The lock's name.
+        name: String,
+        /// The token the write carried.
+        token: u64,
+        /// The lock's token now, if it is held.
+        current: Option<u64>,
+    },
     /// The write was **applied** exactly once, but its response is gone: this peer caught up from a
     /// snapshot that already contained it, and the response was not in the snapshot's bounded response
     /// cache (or the command was rejected). Do not retry it; read the state to learn the outcome.

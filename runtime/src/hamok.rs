@@ -19,7 +19,7 @@ use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, Role};
 use crate::state_machine::{Op, StateMachine, StateMachineFactory};
-use crate::stats::{Counters, HamokStats, JoinState, PeerStatus};
+use crate::stats::{Counters, HamokStats, JoinState, LeaderContact, PeerStatus};
 use crate::store::{LogStore, MemoryLogStore};
 use crate::transport::memory::InProcessHub;
 use crate::transport::{Inbound, Transport};
@@ -238,6 +238,7 @@ impl HamokBuilder {
         let (view_tx, view_rx) = watch::channel(PeerStatus::initial());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let counters = Arc::new(Counters::default());
+        let contact = Arc::new(LeaderContact::new());
 
         // Frames reach the node actor straight from the transport, bounded by `max_inbound_frames`.
         let node_slot: Arc<OnceLock<ActorRef<NodeMsg>>> = Arc::new(OnceLock::new());
@@ -256,6 +257,7 @@ impl HamokBuilder {
             view: view_tx,
             events: events.clone(),
             counters: counters.clone(),
+            contact: contact.clone(),
             nonce: random as u64,
             seed: (random >> 64) as u64,
             bugs: self.bugs,
@@ -287,6 +289,7 @@ impl HamokBuilder {
                 view: view_rx,
                 events,
                 counters,
+                contact,
                 inbound,
             }),
         })
@@ -304,6 +307,7 @@ struct Inner {
     view: watch::Receiver<PeerStatus>,
     events: broadcast::Sender<HamokEvent>,
     counters: Arc<Counters>,
+    contact: Arc<LeaderContact>,
     inbound: Inbound,
 }
 
@@ -533,6 +537,14 @@ impl Hamok {
         &self.inner.config
     }
 
+    /// How long ago this peer last heard from the leader of its cluster (zero while it leads). A peer
+    /// that has not heard from a leader for `peer_max_idle_ms` is removed by the cluster; a lock holder
+    /// watches this to let go of its lock before that can happen (see the lock table of
+    /// `hamok-collections`).
+    pub fn leader_contact_age(&self) -> Duration {
+        self.inner.contact.age()
+    }
+
     /// This peer's published status and its counters.
     pub fn stats(&self) -> HamokStats {
         HamokStats {
@@ -584,6 +596,7 @@ impl Hamok {
         self.submit_op(Op::Apply {
             storage: storage.to_string(),
             payload: command.into(),
+            fence: None,
         })
         .await
     }

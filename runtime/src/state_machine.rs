@@ -5,14 +5,14 @@
 //! so a snapshot of this layer ([`Storages::snapshot`]) is the whole replicated state.
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::HamokError;
-use crate::raft::{LogIndex, PeerId, Term};
+use crate::raft::{LogIndex, PeerId, SnapshotMeta, Term};
 pub use crate::session::SeqStatus;
 use crate::session::{Session, MAX_RESPONSE_CACHE_BYTES};
 
@@ -45,6 +45,34 @@ pub trait StateMachine: Send + 'static {
     fn as_any(&self) -> &dyn Any;
     /// For typed handles that attach local observers (event senders) to their state machine.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// The cluster's members (voters and learners) changed, at log index `index`: called on every peer
+    /// in log order, between the commands before and after that index, and once with the members in
+    /// force when the machine is created or restored. Deterministic like `apply` (a lock table
+    /// releases the locks of removed peers here). Default: nothing.
+    fn on_members(&mut self, index: LogIndex, members: &BTreeSet<PeerId>) {
+        let _ = (index, members);
+    }
+
+    /// For a lock table: the fencing token of lock `name` if it is held (see [`Fence`]). A fenced
+    /// command is applied only while this answers its token. Default: not a lock table.
+    fn current_fence(&self, name: &str) -> Option<u64> {
+        let _ = name;
+        None
+    }
+}
+
+/// A fence carried by a command: apply it only if lock `name` of the lock table `table` is still held
+/// under `token`, else refuse it with [`HamokError::StaleFence`] — decided at apply time, in log
+/// order, on every peer alike, so a holder that lost the lock cannot overwrite what a newer holder did.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    /// The id of the lock table's collection.
+    pub table: String,
+    /// The lock's name.
+    pub name: String,
+    /// The fencing token the holder was granted.
+    pub token: u64,
 }
 
 /// Builds an empty state machine of one kind. Registered on the builder for every kind a cluster uses,
@@ -91,6 +119,8 @@ pub enum Op {
         /// The collection's command.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
+        /// Apply only while this fence holds (see [`Fence`]).
+        fence: Option<Fence>,
     },
     /// A command with no effect (used to measure and to barrier).
     Noop,
@@ -122,6 +152,8 @@ pub struct Storages {
     sessions: BTreeMap<ClientId, Session>,
     /// Bytes of cached responses over all sessions (bounded by `MAX_RESPONSE_CACHE_BYTES`).
     response_cache_bytes: usize,
+    /// The members in force as of the last applied entry (from membership entries and snapshots).
+    members: BTreeSet<PeerId>,
 }
 
 /// The serialized form of [`Storages`]: the runtime's part of every Raft snapshot.
@@ -139,7 +171,19 @@ impl Storages {
             machines: BTreeMap::new(),
             sessions: BTreeMap::new(),
             response_cache_bytes: 0,
+            members: BTreeSet::new(),
         }
+    }
+
+    /// The members changed at `index` (a membership entry was applied): every machine hears of it.
+    pub fn apply_members(&mut self, index: LogIndex, members: BTreeSet<PeerId>) {
+        if members == self.members {
+            return;
+        }
+        for machine in self.machines.values_mut() {
+            machine.on_members(index, &members);
+        }
+        self.members = members;
     }
 
     /// The state machine of `storage`, if it exists.
@@ -189,7 +233,7 @@ impl Storages {
         }
         let inserted = session.insert(seq);
         debug_assert!(inserted, "status was New");
-        let result = apply_op(&mut self.machines, &self.kinds, &ctx, op);
+        let result = apply_op(&mut self.machines, &self.kinds, &self.members, &ctx, op);
         if let Ok(response) = &result {
             let delta = session.cache_response(seq, response.clone());
             self.response_cache_bytes = self.response_cache_bytes.saturating_add_signed(delta);
@@ -262,8 +306,10 @@ impl Storages {
     pub fn restore(
         &mut self,
         data: &[u8],
+        meta: &SnapshotMeta,
         mut reattach: impl FnMut(&str, &mut dyn StateMachine),
     ) -> Result<(), HamokError> {
+        self.members = meta.membership.members().cloned().collect();
         if data.is_empty() {
             // The genesis snapshot: nothing yet.
             self.machines.clear();
@@ -281,6 +327,7 @@ impl Storages {
             })?;
             let mut machine = factory();
             machine.restore(&bytes)?;
+            machine.on_members(meta.last_index, &self.members);
             reattach(&id, machine.as_mut());
             machines.insert(id, machine);
         }
@@ -313,6 +360,7 @@ impl Storages {
 fn apply_op(
     machines: &mut BTreeMap<String, Box<dyn StateMachine>>,
     kinds: &BTreeMap<String, StateMachineFactory>,
+    members: &BTreeSet<PeerId>,
     ctx: &ApplyContext,
     op: Op,
 ) -> Result<Bytes, HamokError> {
@@ -331,13 +379,33 @@ fn apply_op(
             let factory = kinds
                 .get(&kind)
                 .ok_or_else(|| HamokError::Rejected(format!("unknown storage kind `{kind}`")))?;
-            machines.insert(storage, factory());
+            let mut machine = factory();
+            machine.on_members(ctx.index, members);
+            machines.insert(storage, machine);
             Ok(Bytes::new())
         }
-        Op::Apply { storage, payload } => match machines.get_mut(&storage) {
-            Some(machine) => machine.apply(ctx, &payload),
-            None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
-        },
+        Op::Apply {
+            storage,
+            payload,
+            fence,
+        } => {
+            if let Some(fence) = fence {
+                let current = machines
+                    .get(&fence.table)
+                    .and_then(|table| table.current_fence(&fence.name));
+                if current != Some(fence.token) {
+                    return Err(HamokError::StaleFence {
+                        name: fence.name,
+                        token: fence.token,
+                        current,
+                    });
+                }
+            }
+            match machines.get_mut(&storage) {
+                Some(machine) => machine.apply(ctx, &payload),
+                None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
+            }
+        }
     }
 }
 
@@ -394,6 +462,7 @@ mod tests {
         Op::Apply {
             storage: "c".into(),
             payload: n.to_le_bytes().to_vec(),
+            fence: None,
         }
     }
 
@@ -456,7 +525,8 @@ mod tests {
         ));
         let snap = s.snapshot().unwrap();
         let mut t = storages();
-        t.restore(&snap, |_, _| {}).unwrap();
+        t.restore(&snap, &SnapshotMeta::default(), |_, _| {})
+            .unwrap();
         // The response cache travels with the snapshot; its size is recounted, not stored.
         assert!(s.response_cache_bytes > 0);
         assert_eq!(t.response_cache_bytes, s.response_cache_bytes);
@@ -474,5 +544,142 @@ mod tests {
             t.apply(4, 2, cmd(3, 1, add(7)), true),
             Applied::Duplicate
         ));
+    }
+
+    /// A lock table stub: holds lock "l" under the token in its state while `holder` is a member.
+    #[derive(Default)]
+    struct Table {
+        token: Option<u64>,
+        holder: Option<PeerId>,
+        heard: Vec<(LogIndex, usize)>,
+    }
+    impl StateMachine for Table {
+        fn kind(&self) -> &str {
+            "table"
+        }
+        fn apply(&mut self, ctx: &ApplyContext, _: &[u8]) -> Result<Bytes, HamokError> {
+            self.token = Some(ctx.index);
+            self.holder = Some(ctx.client.clone());
+            Ok(Bytes::new())
+        }
+        fn snapshot(&self) -> Result<Bytes, HamokError> {
+            Ok(Bytes::new())
+        }
+        fn restore(&mut self, _: &[u8]) -> Result<(), HamokError> {
+            Ok(())
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+        fn on_members(&mut self, index: LogIndex, members: &BTreeSet<PeerId>) {
+            self.heard.push((index, members.len()));
+            if self.holder.as_ref().is_some_and(|h| !members.contains(h)) {
+                self.holder = None;
+                self.token = None;
+            }
+        }
+        fn current_fence(&self, name: &str) -> Option<u64> {
+            (name == "l").then_some(self.token).flatten()
+        }
+    }
+
+    fn fenced(n: i64, token: u64) -> Op {
+        Op::Apply {
+            storage: "c".into(),
+            payload: n.to_le_bytes().to_vec(),
+            fence: Some(Fence {
+                table: "t".into(),
+                name: "l".into(),
+                token,
+            }),
+        }
+    }
+
+    #[test]
+    fn fenced_writes_apply_only_under_the_current_token_and_members_reach_every_machine() {
+        let mut s = storages();
+        s.register_kind("table", Arc::new(|| Box::<Table>::default()));
+        s.apply_members(1, [PeerId::from("a"), PeerId::from("b")].into());
+        let create = |id: &str, kind: &str| Op::Create {
+            storage: id.into(),
+            kind: kind.into(),
+        };
+        assert!(matches!(
+            s.apply(2, 1, cmd(1, 1, create("c", "counter")), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(3, 1, cmd(2, 1, create("t", "table")), true),
+            Applied::Done(Ok(_))
+        ));
+        let table = |s: &Storages| {
+            s.get("t")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Table>()
+                .unwrap()
+                .heard
+                .clone()
+        };
+        assert_eq!(
+            table(&s),
+            vec![(3, 2)],
+            "a new machine hears the members in force"
+        );
+        // No holder yet: a fenced write is refused, changes nothing.
+        assert!(matches!(
+            s.apply(4, 1, cmd(3, 1, fenced(5, 4)), true),
+            Applied::Done(Err(HamokError::StaleFence { current: None, .. }))
+        ));
+        // `a` takes the lock at index 5: token 5.
+        let grab = Op::Apply {
+            storage: "t".into(),
+            payload: vec![],
+            fence: None,
+        };
+        assert!(matches!(
+            s.apply(5, 1, cmd(4, 1, grab), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(6, 1, cmd(5, 1, fenced(5, 5)), true),
+            Applied::Done(Ok(_))
+        ));
+        assert!(matches!(
+            s.apply(7, 1, cmd(6, 1, fenced(5, 4)), true),
+            Applied::Done(Err(HamokError::StaleFence {
+                current: Some(5),
+                ..
+            }))
+        ));
+        // `a` is removed: the table releases in log order, and `a`'s token no longer writes.
+        s.apply_members(8, [PeerId::from("b")].into());
+        assert_eq!(table(&s), vec![(3, 2), (8, 1)]);
+        assert!(matches!(
+            s.apply(9, 1, cmd(7, 1, fenced(5, 5)), true),
+            Applied::Done(Err(HamokError::StaleFence { current: None, .. }))
+        ));
+        let total = s
+            .get("c")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Counter>()
+            .unwrap()
+            .0;
+        assert_eq!(total, 5, "only the write under the current token applied");
+        // A snapshot restore tells every machine the members as of the snapshot.
+        let snap = s.snapshot().unwrap();
+        let mut t = storages();
+        t.register_kind("table", Arc::new(|| Box::<Table>::default()));
+        let meta = SnapshotMeta {
+            last_index: 9,
+            last_term: 1,
+            membership: crate::raft::Membership::with_voters([PeerId::from("b")]),
+        };
+        t.restore(&snap, &meta, |_, _| {}).unwrap();
+        assert_eq!(table(&t), vec![(9, 1)]);
     }
 }

@@ -142,3 +142,40 @@ pub struct HamokStats {
     /// The counters since the peer started.
     pub counters: CounterValues,
 }
+
+/// When this peer last heard from the leader of its cluster, or last led it, in the peer's own time
+/// base (milliseconds since it started). The node writes it after every message it handles; handles read
+/// it without a message (a lock holder polls it to learn, before the cluster can remove it, that it may
+/// have lost its lock). One atomic store per message: cheaper than publishing it through the status.
+#[derive(Debug)]
+pub(crate) struct LeaderContact {
+    started: tokio::time::Instant,
+    at_ms: AtomicU64,
+}
+
+impl LeaderContact {
+    /// Starts the peer's clock now.
+    pub(crate) fn new() -> Self {
+        LeaderContact {
+            started: tokio::time::Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The instant the peer's time base counts from.
+    pub(crate) fn started(&self) -> tokio::time::Instant {
+        self.started
+    }
+
+    /// Records the latest contact (never moves back).
+    pub(crate) fn record(&self, at_ms: u64) {
+        self.at_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the latest contact was.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        let at =
+            self.started + std::time::Duration::from_millis(self.at_ms.load(Ordering::Relaxed));
+        tokio::time::Instant::now().saturating_duration_since(at)
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::HamokConfig;
 use crate::error::HamokError;
-use crate::raft::{LogIndex, PersistedState, RaftNode, Ready, Snapshot, Term};
+use crate::raft::{LogIndex, Membership, PersistedState, RaftNode, Ready, Snapshot, Term};
 use crate::state_machine::{
     Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, Storages,
 };
@@ -60,7 +60,11 @@ impl Apply {
     /// Loads what the store holds and restores the storages from its snapshot.
     pub(super) fn load(&mut self) -> Result<PersistedState, HamokError> {
         let persisted = self.store.load()?;
-        self.storages.restore(&persisted.snapshot.data, |_, _| {})?;
+        self.storages.restore(
+            &persisted.snapshot.data,
+            &persisted.snapshot.meta,
+            |_, _| {},
+        )?;
         Ok(persisted)
     }
 
@@ -102,11 +106,12 @@ impl Apply {
     /// Replaces every storage with a received snapshot's, running the attach hooks.
     pub(super) fn install(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
         let hooks = &self.attach_hooks;
-        self.storages.restore(&snapshot.data, |id, machine| {
-            for hook in hooks.get(id).into_iter().flatten() {
-                hook(machine);
-            }
-        })
+        self.storages
+            .restore(&snapshot.data, &snapshot.meta, |id, machine| {
+                for hook in hooks.get(id).into_iter().flatten() {
+                    hook(machine);
+                }
+            })
     }
 
     /// Applies one committed command.
@@ -147,6 +152,12 @@ impl Apply {
             seq,
             applied,
         }
+    }
+
+    /// A membership entry was applied at `index`: the state machines hear of the new members.
+    pub(super) fn apply_members(&mut self, index: LogIndex, membership: &Membership) {
+        self.storages
+            .apply_members(index, membership.members().cloned().collect());
     }
 
     /// Registers a hook run on `storage`'s state machine whenever it is (re)created, and now if it

@@ -136,6 +136,11 @@ impl Discovery {
         self.discovered.remove(from);
     }
 
+    /// When this peer last heard from its leader (or became one, or joined).
+    pub(super) fn last_leader_contact_ms(&self) -> u64 {
+        self.last_leader_contact_ms
+    }
+
     /// A message from the leader of the current term (judged by the engine after stepping it).
     pub(super) fn on_leader_contact(&mut self, now_ms: u64) {
         self.last_leader_contact_ms = now_ms;

@@ -44,7 +44,7 @@ use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::PeerId;
 use crate::state_machine::{Op, StateMachineFactory};
-use crate::stats::{Counters, PeerStatus};
+use crate::stats::{Counters, LeaderContact, PeerStatus};
 use crate::store::LogStore;
 use crate::transport::{Inbound, Link};
 
@@ -99,6 +99,7 @@ pub(crate) struct NodeArgs {
     pub view: watch::Sender<PeerStatus>,
     pub events: broadcast::Sender<HamokEvent>,
     pub counters: Arc<Counters>,
+    pub contact: Arc<LeaderContact>,
     pub nonce: u64,
     pub seed: u64,
     pub bugs: PlantedBugs,
@@ -111,6 +112,7 @@ pub(crate) struct NodeState {
     inbound: Inbound,
     view: watch::Sender<PeerStatus>,
     counters: Arc<Counters>,
+    contact: Arc<LeaderContact>,
     flush_scheduled: bool,
 }
 
@@ -145,11 +147,12 @@ impl Actor for NodeActor {
         myself.send_interval(tick, || NodeMsg::Tick);
         let state = NodeState {
             peer,
-            started: Instant::now(),
+            started: args.contact.started(),
             link: None,
             inbound: args.inbound,
             view: args.view,
             counters: args.counters,
+            contact: args.contact,
             flush_scheduled: false,
         };
         state.publish_view();
@@ -219,6 +222,7 @@ impl Actor for NodeActor {
                 payload,
             } => peer.send_direct(to, channel, payload),
         }
+        state.contact.record(state.peer.leader_contact_ms(now_ms));
         let stop = state.drain();
         if publish {
             state.publish_view();

@@ -493,10 +493,23 @@ impl Peer {
         self.apply.maybe_snapshot(&mut self.raft, &self.counters)
     }
 
+    /// When this peer last heard from its leader, or `now_ms` while it leads a cluster it joined
+    /// (a leader cut off from its quorum steps down within an election timeout, and stops counting).
+    pub(crate) fn leader_contact_ms(&self, now_ms: u64) -> u64 {
+        if self.raft.role() == Role::Leader && self.discovery.state() == JoinState::Joined {
+            now_ms
+        } else {
+            self.discovery.last_leader_contact_ms()
+        }
+    }
+
     fn apply_entry(&mut self, now_ms: u64, entry: Entry) {
         let bytes = match entry.payload {
             EntryPayload::Noop => return,
-            EntryPayload::Membership(_) => return self.on_membership_applied(now_ms),
+            EntryPayload::Membership(membership) => {
+                self.apply.apply_members(entry.index, &membership);
+                return self.on_membership_applied(now_ms);
+            }
             EntryPayload::Command(bytes) => bytes,
         };
         match self
