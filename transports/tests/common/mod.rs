@@ -131,6 +131,8 @@ pub async fn require_broker(what: &str, env: &str, default: &str, default_port: 
 ///     three_peers_join_write_and_survive_leader_loss => three_peers("nats3"),
 /// }
 /// ```
+// Invoked by the broker test crates; `tests/multiprocess.rs` includes this file without invoking it.
+#[allow(unused_macros)]
 macro_rules! scenario_tests {
     (
         broker: $broker:ident, transport: $transport:ident;
