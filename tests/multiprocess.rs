@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use hamok::transports::nats::{DEFAULT_NATS_URL, NATS_URL_ENV};
 use tokio::sync::mpsc;
 
-/// The broker tests' helpers (`require_broker`, `unique_cluster`), shared with `transports/tests/`.
+/// The broker tests' helpers (`require_broker`, `unique_id`), shared with `transports/tests/`.
 #[path = "../transports/tests/common/mod.rs"]
 mod common;
 
-use common::{require_broker, unique_cluster};
+use common::{require_broker, unique_id};
 
 /// Bound of one answer from a peer process.
 const ANSWER: Duration = Duration::from_secs(8);
@@ -239,7 +239,7 @@ async fn rabbitmq_leader_kill_and_follower_pause_lose_no_acknowledged_write() {
 
 /// The scenario over `transport` (`nats` or `rabbitmq`) at `url`.
 async fn scenario(transport: &str, url: &str) {
-    let cluster = unique_cluster(&format!("mp{transport}"));
+    let cluster = unique_id(&format!("mp{transport}"));
     let started = Instant::now();
     let mut peers: Vec<Peer> = ["p0", "p1", "p2"]
         .iter()

@@ -1,21 +1,22 @@
 //! Helpers of the cluster-level integration tests: a tiny deterministic state machine, peers built on a
-//! fresh [`InProcessHub`] with a unique cluster id, and bounded waits.
+//! fresh [`InProcessHub`] with a unique cluster id, and the bounded waits and cluster helpers of
+//! `hamok-testkit` (re-exported).
 //!
 //! Time in these tests is only ever a bound on a wait: no test asserts how long something took.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hamok::runtime::raft::PeerId;
 use hamok::runtime::state_machine::{ApplyContext, StateMachine};
 use hamok::runtime::transport::memory::InProcessHub;
 use hamok::runtime::{Hamok, HamokError, HamokEvent};
+pub use hamok_testkit::cluster::{
+    agreed_leader, close_all, join_all_at_once, pid, unique_id, wait_membership,
+};
+pub use hamok_testkit::wait::{eventually, wait_until, WAIT};
 
 // -------------------------------------------------------------------------------------------------
 // The test state machine
@@ -187,20 +188,6 @@ impl StateMachine for TestSm {
 // Building peers
 // -------------------------------------------------------------------------------------------------
 
-/// A cluster id no other test (or earlier run) uses.
-pub fn unique_cluster_id(name: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{name}-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 /// Settings of a test peer: short timings so failures are detected in fractions of a second.
 #[derive(Clone, Debug)]
 pub struct Opts {
@@ -237,7 +224,7 @@ impl TestCluster {
     pub fn new(name: &str, opts: Opts) -> Self {
         TestCluster {
             hub: InProcessHub::new(),
-            cluster_id: unique_cluster_id(name),
+            cluster_id: unique_id(name),
             opts,
         }
     }
@@ -278,99 +265,9 @@ impl TestCluster {
     }
 }
 
-/// `p00`, `p01`, ...: ids ordered as numbered (the lowest founds a cluster).
-pub fn pid(n: usize) -> String {
-    format!("p{n:02}")
-}
-
-/// Joins every peer concurrently (each in its own task) and panics if one fails.
-pub async fn join_all_at_once(peers: &[Hamok]) {
-    let tasks: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { (p.local_peer_id().clone(), p.join().await) }))
-        .collect();
-    for t in tasks {
-        let (id, result) = t.await.expect("join task");
-        result.unwrap_or_else(|e| panic!("join of {id} failed: {e}"));
-    }
-}
-
-/// Closes every peer.
-pub async fn close_all(peers: &[Hamok]) {
-    for p in peers {
-        p.close().await;
-    }
-}
-
 // -------------------------------------------------------------------------------------------------
-// Waiting
+// Reading and writing the test storage
 // -------------------------------------------------------------------------------------------------
-
-/// The bound of most waits: far above what any step needs, so only a real failure reaches it.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-/// Polls `f` every 10 ms until it returns `Some`, and panics naming `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Polls a condition every 10 ms until it holds, and panics naming `what` after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    eventually(what, timeout, || {
-        let ok = cond();
-        async move { ok.then_some(()) }
-    })
-    .await
-}
-
-/// Waits until every peer of `peers` knows the same leader, that leader is one of them and says it
-/// leads; returns its position in `peers`.
-pub async fn agreed_leader(peers: &[Hamok]) -> usize {
-    let ids: Vec<PeerId> = peers.iter().map(|p| p.local_peer_id().clone()).collect();
-    eventually("all peers agree on one leader among them", WAIT, || {
-        let leaders: BTreeSet<Option<PeerId>> = peers.iter().map(|p| p.leader_id()).collect();
-        let found = match leaders.into_iter().collect::<Vec<_>>().as_slice() {
-            [Some(l)] => ids
-                .iter()
-                .position(|id| id == l)
-                .filter(|&i| peers[i].is_leader()),
-            _ => None,
-        };
-        async move { found }
-    })
-    .await
-}
-
-/// Waits until every peer of `peers` has exactly the others as its remote peers.
-pub async fn wait_membership(peers: &[Hamok]) {
-    let all: BTreeSet<PeerId> = peers.iter().map(|p| p.local_peer_id().clone()).collect();
-    wait_until(
-        &format!("every peer's remote peers are the others of {all:?}"),
-        WAIT,
-        || {
-            peers.iter().all(|p| {
-                let mut expected = all.clone();
-                expected.remove(p.local_peer_id());
-                p.remote_peer_ids().into_iter().collect::<BTreeSet<_>>() == expected
-            })
-        },
-    )
-    .await
-}
 
 /// The test state machine's state on `peer` (`None` if the storage does not exist there).
 pub async fn read_state(peer: &Hamok, linearizable: bool) -> Result<Option<SmState>, HamokError> {

@@ -117,7 +117,7 @@ async fn full_outbound_queue_refuses_and_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_drops_are_counted() {
     let url = server().await;
-    let cluster = unique_cluster("natss");
+    let cluster = unique_id("natss");
     let slow = builder(&url).subscription_capacity(4).build().unwrap();
     // A peer that takes 2 ms per frame (blocking its reader on purpose).
     let inbound = hamok_runtime::transport::Inbound::new(1 << 20, |_| {

@@ -1,33 +1,14 @@
 //! Helpers of the collection tests: peers on a fresh in-process hub with a unique cluster id and short
-//! timings, and bounded waits. Time only bounds waits; no test asserts how long something took.
+//! timings, and the bounded waits and cluster helpers of `hamok-testkit` (re-exported). Time only
+//! bounds waits; no test asserts how long something took.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::collections::BTreeSet;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
 use hamok_collections::register_kinds;
-use hamok_runtime::raft::PeerId;
 use hamok_runtime::transport::memory::InProcessHub;
 use hamok_runtime::{Hamok, HamokBuilder};
-
-/// The bound of most waits: far above what any step needs, so only a real failure reaches it.
-pub const WAIT: Duration = Duration::from_secs(15);
-
-/// A cluster id no other test (or earlier run) uses.
-pub fn unique_id(name: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{name}-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use hamok_testkit::cluster::unique_id;
+use hamok_testkit::cluster::{close_all, join_all_at_once, known_leader, membership_complete, pid};
+pub use hamok_testkit::wait::{wait_until, WAIT};
 
 /// Peers of one cluster on a hub of their own.
 pub struct Cluster {
@@ -66,17 +47,10 @@ impl Cluster {
         let id = unique_id(name);
         let mut peers = Vec::new();
         for i in 0..n {
-            let b = f(builder(&hub, &id, &format!("p{i:02}")));
+            let b = f(builder(&hub, &id, &pid(i)));
             peers.push(b.build().await.expect("build peer"));
         }
-        let tasks: Vec<_> = peers
-            .iter()
-            .cloned()
-            .map(|p| tokio::spawn(async move { p.join().await }))
-            .collect();
-        for t in tasks {
-            t.await.expect("join task").expect("join");
-        }
+        join_all_at_once(&peers).await;
         let cluster = Cluster { hub, id, peers };
         cluster.wait_stable().await;
         cluster
@@ -84,21 +58,8 @@ impl Cluster {
 
     /// Waits until every peer knows the same leader and every other peer as a member.
     pub async fn wait_stable(&self) {
-        let all: BTreeSet<PeerId> = self
-            .peers
-            .iter()
-            .map(|p| p.local_peer_id().clone())
-            .collect();
         wait_until("a stable cluster", WAIT, || {
-            let leaders: BTreeSet<Option<PeerId>> =
-                self.peers.iter().map(|p| p.leader_id()).collect();
-            leaders.len() == 1
-                && leaders.iter().next().unwrap().is_some()
-                && self.peers.iter().all(|p| {
-                    let mut expected = all.clone();
-                    expected.remove(p.local_peer_id());
-                    p.remote_peer_ids().into_iter().collect::<BTreeSet<_>>() == expected
-                })
+            known_leader(&self.peers).is_some() && membership_complete(&self.peers)
         })
         .await;
     }
@@ -139,38 +100,10 @@ impl Cluster {
         p
     }
 
+    /// Closes every peer.
     pub async fn close(&self) {
-        for p in &self.peers {
-            p.close().await;
-        }
+        close_all(&self.peers).await;
     }
-}
-
-/// Polls `f` every 10 ms until it returns `Some`, and panics naming `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Polls a condition every 10 ms until it holds, and panics naming `what` after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    eventually(what, timeout, || {
-        let ok = cond();
-        async move { ok.then_some(()) }
-    })
-    .await
 }
 
 /// Receives the next event within [`WAIT`].

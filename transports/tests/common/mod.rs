@@ -1,9 +1,9 @@
 //! Helpers of the broker tests: a counter state machine, peers with short Raft timings on a transport,
-//! the scenarios both brokers run, garbage frames and a TCP proxy that can cut the broker off.
+//! the scenarios both brokers run, garbage frames and a TCP proxy that can cut the broker off; the
+//! bounded waits and cluster helpers of `hamok-testkit` (re-exported).
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::any::Any;
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,10 @@ use hamok_runtime::state_machine::{ApplyContext, StateMachine};
 use hamok_runtime::transport::{Inbound, Link, Transport};
 use hamok_runtime::wire::{encode, Frame, HamokMessage, Hello, PROTOCOL_VERSION};
 use hamok_runtime::{Hamok, HamokError, HamokStats};
+pub use hamok_testkit::cluster::{
+    agreed_leader, close_all, join_all_at_once, pid, unique_id, wait_membership,
+};
+pub use hamok_testkit::wait::{eventually, WAIT};
 use hamok_transports::TransportStats;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -131,7 +135,8 @@ pub async fn require_broker(what: &str, env: &str, default: &str, default_port: 
 ///     three_peers_join_write_and_survive_leader_loss => three_peers("nats3"),
 /// }
 /// ```
-#[allow(unused_macros)] // see the re-export below
+// Invoked by the broker test crates; `tests/multiprocess.rs` includes this file without invoking it.
+#[allow(unused_macros)]
 macro_rules! scenario_tests {
     (
         broker: $broker:ident, transport: $transport:ident;
@@ -149,17 +154,6 @@ macro_rules! scenario_tests {
 // Used by the broker test crates; `tests/multiprocess.rs` includes this file without it.
 #[allow(unused_imports)]
 pub(crate) use scenario_tests;
-
-/// A cluster id no other test, run or process uses.
-pub fn unique_cluster(tag: &str) -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("t-{tag}-{}", &id[..12])
-}
-
-/// `p0`, `p1`, ...
-pub fn pid(i: usize) -> String {
-    format!("p{i}")
-}
 
 /// Builds (does not join) peer `id` of `cluster` over `transport`, with short Raft timings.
 pub async fn build_peer<T: Transport>(cluster: &str, id: &str, transport: T) -> Hamok {
@@ -190,82 +184,13 @@ pub async fn start<T: TestTransport>(
         peers.push(build_peer(cluster, &pid(i), t.clone()).await);
         transports.push(t);
     }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { (p.local_peer_id().clone(), p.join().await) }))
-        .collect();
-    for j in joins {
-        let (id, result) = j.await.expect("join task");
-        result.unwrap_or_else(|e| panic!("{id} could not join {cluster}: {e}"));
-    }
+    join_all_at_once(&peers).await;
     (peers, transports)
-}
-
-pub async fn close_all(peers: &[Hamok]) {
-    for p in peers {
-        p.close().await;
-    }
 }
 
 // -------------------------------------------------------------------------------------------------
 // Waiting
 // -------------------------------------------------------------------------------------------------
-
-/// The bound of the waits: far above what a step needs, so only a real failure reaches it.
-pub const WAIT: Duration = Duration::from_secs(15);
-
-/// Polls `f` every 10 ms until it returns `Some`; panics naming `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until all `peers` know the same leader, which is one of them and leads; returns its index.
-pub async fn agreed_leader(peers: &[Hamok]) -> usize {
-    eventually("the peers to agree on a leader among them", WAIT, || {
-        let leaders: BTreeSet<Option<PeerId>> = peers.iter().map(|p| p.leader_id()).collect();
-        let found = match leaders.into_iter().collect::<Vec<_>>().as_slice() {
-            [Some(l)] => peers
-                .iter()
-                .position(|p| p.local_peer_id() == l)
-                .filter(|&i| peers[i].is_leader()),
-            _ => None,
-        };
-        async move { found }
-    })
-    .await
-}
-
-/// Waits until every peer's remote peers are exactly the others.
-pub async fn wait_membership(peers: &[Hamok]) {
-    let all: BTreeSet<PeerId> = peers.iter().map(|p| p.local_peer_id().clone()).collect();
-    eventually(
-        "every peer to see exactly the others as members",
-        WAIT,
-        || {
-            let ok = peers.iter().all(|p| {
-                let mut expected = all.clone();
-                expected.remove(p.local_peer_id());
-                p.remote_peer_ids().into_iter().collect::<BTreeSet<_>>() == expected
-            });
-            async move { ok.then_some(()) }
-        },
-    )
-    .await
-}
 
 /// Waits until every peer reads `want`: a linearizable read, then the local applied state.
 pub async fn wait_value(peers: &[Hamok], want: i64) {
@@ -317,7 +242,7 @@ pub fn stats_line(s: &HamokStats) -> String {
 
 /// 3 peers: join, a write from each, read back everywhere, lose the leader, write again.
 pub async fn three_peers<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
-    let cluster = unique_cluster(tag);
+    let cluster = unique_id(tag);
     let started = Instant::now();
     let (peers, transports) = start(&cluster, 3, &make).await;
     let leader = agreed_leader(&peers).await;
@@ -415,8 +340,8 @@ pub async fn three_peers<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
 
 /// Two clusters with the same peer ids on one broker: each keeps its own members and state.
 pub async fn two_clusters<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
-    let a = unique_cluster(&format!("{tag}a"));
-    let b = unique_cluster(&format!("{tag}b"));
+    let a = unique_id(&format!("{tag}a"));
+    let b = unique_id(&format!("{tag}b"));
     let ((pa, ta), (pb, tb)) = tokio::join!(start(&a, 3, &make), start(&b, 3, &make));
     agreed_leader(&pa).await;
     agreed_leader(&pb).await;
@@ -533,7 +458,7 @@ where
     P: Fn(String, Target, Bytes) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let cluster = unique_cluster(tag);
+    let cluster = unique_id(tag);
     let (peers, transports) = start(&cluster, 3, &make).await;
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
@@ -731,7 +656,7 @@ pub async fn outage<T: TestTransport>(
     down: Duration,
     make: impl Fn() -> T,
 ) -> Vec<T> {
-    let cluster = unique_cluster(tag);
+    let cluster = unique_id(tag);
     let (peers, transports) = start(&cluster, 3, &make).await;
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
@@ -823,8 +748,8 @@ fn sorted(v: &Arc<Mutex<Vec<Bytes>>>) -> Vec<Bytes> {
 /// Broadcast reaches every other peer of the cluster and not the sender; unicast reaches only its
 /// target; another cluster with the same peer ids hears nothing; a closed link refuses and says why.
 pub async fn link_routing<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
-    let cluster = unique_cluster(tag);
-    let other = unique_cluster(tag);
+    let cluster = unique_id(tag);
+    let other = unique_id(tag);
     let (ta, tb, tc, td) = (make(), make(), make(), make());
     let (ia, got_a) = collector(1024);
     let (ib, got_b) = collector(1024);
@@ -906,7 +831,7 @@ pub async fn outbound_queue_bound<T: TestTransport>(
     small_queue: T,
     make: impl Fn() -> T,
 ) {
-    let cluster = unique_cluster(tag);
+    let cluster = unique_id(tag);
     let (ia, _) = collector(1 << 20);
     let (ib, got_b) = collector(1 << 20);
     let a = connect(&small_queue, &cluster, "a", ia).await;
@@ -941,7 +866,7 @@ pub async fn outbound_queue_bound<T: TestTransport>(
 
 /// A peer that processes nothing: frames beyond its inbound bound are dropped and counted.
 pub async fn inbound_bound<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
-    let cluster = unique_cluster(tag);
+    let cluster = unique_id(tag);
     let (tx_t, rx_t) = (make(), make());
     let (ia, _) = collector(16);
     let (ib, got_b) = collector(5);
