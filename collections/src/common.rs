@@ -27,7 +27,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::{Op, StateMachine};
+use hamok_runtime::state_machine::{Fence, Op, StateMachine};
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -257,6 +257,7 @@ pub(crate) async fn open<H: Opened>(
         hamok: hamok.clone(),
         local,
         timeout: None,
+        fence: None,
     };
     H::finish(handle, options).await
 }
@@ -292,7 +293,7 @@ async fn open_local<L: Logic>(
             machine.as_any_mut().downcast_mut::<Machine<L>>(),
             weak.upgrade(),
         ) {
-            m.core_mut().observe(&local);
+            m.observe(&local);
         }
     })?;
     // The node handles its mailbox in order: once this query ran, so did the attach hook.
@@ -336,6 +337,8 @@ pub(crate) struct Handle<S, X> {
     pub(crate) local: Arc<Local<S, X>>,
     /// Bounds each call through the log or the leader (`None`: the peer's `request_timeout_ms`).
     pub(crate) timeout: Option<Duration>,
+    /// Carried by every write: applied only while this lock is held under its token.
+    pub(crate) fence: Option<Fence>,
 }
 
 impl<S, X> Clone for Handle<S, X> {
@@ -344,6 +347,7 @@ impl<S, X> Clone for Handle<S, X> {
             hamok: self.hamok.clone(),
             local: self.local.clone(),
             timeout: self.timeout,
+            fence: self.fence.clone(),
         }
     }
 }
@@ -353,6 +357,14 @@ impl<S, X> Handle<S, X> {
     pub(crate) fn with_timeout(&self, timeout: Duration) -> Self {
         Handle {
             timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    /// The same handle group, every write carrying `fence`.
+    pub(crate) fn with_fence(&self, fence: Fence) -> Self {
+        Handle {
+            fence: Some(fence),
             ..self.clone()
         }
     }
@@ -373,6 +385,7 @@ impl<S, X> Handle<S, X> {
         let op = Op::Apply {
             storage: self.local.id.clone(),
             payload,
+            fence: self.fence.clone(),
         };
         let response = self
             .hamok
@@ -453,6 +466,19 @@ macro_rules! handle_basics {
             pub fn with_timeout(&self, timeout: std::time::Duration) -> Self {
                 Self {
                     handle: self.handle.with_timeout(timeout),
+                    ..self.clone()
+                }
+            }
+
+            /// A handle to the same collection whose every write carries `fence` (from a lock
+            /// guard: [`LockGuard::fence`](crate::LockGuard::fence)): the write is applied only while
+            /// that lock is still held under that token, decided at apply time in log order, and is
+            /// otherwise refused with
+            /// [`HamokError::StaleFence`](hamok_runtime::HamokError::StaleFence) (not applied). A holder
+            /// that lost its lock can therefore not overwrite what the next holder wrote.
+            pub fn fenced(&self, fence: hamok_runtime::state_machine::Fence) -> Self {
+                Self {
+                    handle: self.handle.with_fence(fence),
                     ..self.clone()
                 }
             }

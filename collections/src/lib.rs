@@ -1,5 +1,6 @@
 //! hamok collections: replicated [`HamokMap`], [`HamokRecord`], [`HamokQueue`], [`HamokEmitter`],
-//! [`HamokSet`] and [`HamokRemoteMap`], each a deterministic state machine on the Raft log of a
+//! [`HamokSet`], [`HamokRemoteMap`], the fenced lock table [`HamokLock`] (with [`LeaderJob`]) and
+//! [`SharedConfig`], each a deterministic state machine on the Raft log of a
 //! [`Hamok`] peer plus a typed handle.
 //!
 //! ```
@@ -51,7 +52,10 @@
 #![warn(missing_docs)]
 
 mod common;
+pub mod config;
 pub mod emitter;
+pub mod job;
+pub mod lock;
 mod machine;
 pub mod map;
 pub mod queue;
@@ -69,7 +73,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use common::{Events, RecvError, EVENT_CAPACITY};
+pub use config::{ConfigWatch, SharedConfig, Versioned, CONFIG_KIND, MAX_HISTORY};
 pub use emitter::{EmitterStats, HamokEmitter, HandlerId, SubscriptionEvent, EMITTER_KIND};
+pub use job::{leadership, JobContext, JobState, LeaderJob};
+pub use lock::{
+    FenceGate, HamokLock, LockEvent, LockGuard, LockHolder, LockOptions, LOCK_KIND, MAX_LOCKS,
+    MAX_WAITERS_PER_LOCK,
+};
 pub use map::{HamokMap, MapEvent, MapSnapshot, MAP_KIND};
 pub use queue::{HamokQueue, QueueEvent, QUEUE_FULL, QUEUE_KIND};
 pub use record::{Field, FieldValue, HamokRecord, Patch, RecordEvent, RECORD_KIND};
@@ -93,6 +103,8 @@ pub fn register_kinds(builder: HamokBuilder) -> HamokBuilder {
         .register_kind(QUEUE_KIND, || Box::<queue::QueueMachine>::default())
         .register_kind(RECORD_KIND, || Box::<record::RecordMachine>::default())
         .register_kind(EMITTER_KIND, || Box::<emitter::EmitterMachine>::default())
+        .register_kind(LOCK_KIND, || Box::<lock::LockMachine>::default())
+        .register_kind(CONFIG_KIND, || Box::<config::ConfigMachine>::default())
 }
 
 /// Registers the remote map `id` with its store. Every peer of the cluster must register it (with a
@@ -210,6 +222,34 @@ pub trait HamokCollections {
         E: Serialize + DeserializeOwned + 'static,
         M: Serialize + DeserializeOwned;
 
+    /// Creates the shared config `id` (see [`SharedConfig`]).
+    fn create_config<T>(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<SharedConfig<T>, HamokError>> + Send
+    where
+        T: Serialize + DeserializeOwned;
+
+    /// Opens the shared config `id`, creating it if absent.
+    fn get_or_create_config<T>(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<SharedConfig<T>, HamokError>> + Send
+    where
+        T: Serialize + DeserializeOwned;
+
+    /// Creates the lock table `id` (see [`HamokLock`]).
+    fn create_lock_table(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<HamokLock, HamokError>> + Send;
+
+    /// Opens the lock table `id`, creating it if absent.
+    fn get_or_create_lock_table(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<HamokLock, HamokError>> + Send;
+
     /// Creates the remote map `id` (registered with [`register_remote_map`] on every peer).
     fn create_remote_map<K, V>(
         &self,
@@ -314,6 +354,28 @@ impl HamokCollections for Hamok {
         E: Serialize + DeserializeOwned + 'static,
         M: Serialize + DeserializeOwned,
     {
+        open(self, id, OpenMode::GetOrCreate, ()).await
+    }
+
+    async fn create_config<T>(&self, id: &str) -> Result<SharedConfig<T>, HamokError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        open(self, id, OpenMode::Create, ()).await
+    }
+
+    async fn get_or_create_config<T>(&self, id: &str) -> Result<SharedConfig<T>, HamokError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        open(self, id, OpenMode::GetOrCreate, ()).await
+    }
+
+    async fn create_lock_table(&self, id: &str) -> Result<HamokLock, HamokError> {
+        open(self, id, OpenMode::Create, ()).await
+    }
+
+    async fn get_or_create_lock_table(&self, id: &str) -> Result<HamokLock, HamokError> {
         open(self, id, OpenMode::GetOrCreate, ()).await
     }
 

@@ -6,9 +6,11 @@
 //! A collection is therefore three small things: its `State` (serde, the snapshot is its encoding), its
 //! `Command` enum, and one `exec` function. Adding a collection adds no state-machine boilerplate.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock, Weak};
 
 use bytes::Bytes;
+use hamok_runtime::raft::{LogIndex, PeerId};
 use hamok_runtime::state_machine::{ApplyContext, StateMachine};
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
@@ -40,6 +42,33 @@ pub(crate) trait Logic: Send + 'static {
         ctx: &ApplyContext,
         cmd: Self::Command,
     ) -> Result<Bytes, HamokError>;
+
+    /// The cluster's members changed at `index` (see [`StateMachine::on_members`]). Default: nothing.
+    fn on_members(
+        &self,
+        core: &Core<Self::State, Self::Extra>,
+        index: LogIndex,
+        members: &BTreeSet<PeerId>,
+    ) {
+        let _ = (core, index, members);
+    }
+
+    /// A local handle group was linked to this machine (its first open here, or this machine replaced
+    /// the one it read: created through the log or rebuilt from a snapshot). For collections that
+    /// publish their state to the group (a config's watch). Default: nothing.
+    fn on_observe(
+        &self,
+        core: &Core<Self::State, Self::Extra>,
+        local: &Local<Self::State, Self::Extra>,
+    ) {
+        let _ = (core, local);
+    }
+
+    /// For a lock table: the token lock `name` is held under (see [`StateMachine::current_fence`]).
+    fn current_fence(&self, core: &Core<Self::State, Self::Extra>, name: &str) -> Option<u64> {
+        let _ = (core, name);
+        None
+    }
 }
 
 /// The state machine of one collection: its logic and its [`Core`].
@@ -71,8 +100,10 @@ impl<L: Logic> Machine<L> {
         &self.core
     }
 
-    pub(crate) fn core_mut(&mut self) -> &mut Core<L::State, L::Extra> {
-        &mut self.core
+    /// Links a local handle group to this machine (see [`Logic::on_observe`]).
+    pub(crate) fn observe(&mut self, local: &Arc<Local<L::State, L::Extra>>) {
+        self.core.observe(local);
+        self.logic.on_observe(&self.core, local);
     }
 }
 
@@ -107,6 +138,14 @@ impl<L: Logic> StateMachine for Machine<L> {
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+
+    fn on_members(&mut self, index: LogIndex, members: &BTreeSet<PeerId>) {
+        self.logic.on_members(&self.core, index, members);
+    }
+
+    fn current_fence(&self, name: &str) -> Option<u64> {
+        self.logic.current_fence(&self.core, name)
     }
 }
 
@@ -168,7 +207,7 @@ impl<S, X> Core<S, X> {
     }
 
     /// Links a local handle group to this machine: it reads this machine's state from now on.
-    pub(crate) fn observe(&mut self, local: &Arc<Local<S, X>>) {
+    fn observe(&mut self, local: &Arc<Local<S, X>>) {
         *write_lock(&local.slot) = self.state.clone();
         self.observers.retain(|w| w.strong_count() > 0);
         if !self

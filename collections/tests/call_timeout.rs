@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use hamok_collections::*;
 use hamok_runtime::HamokError;
+use hamok_testkit::wait::eventually;
 
 const BOUND: Duration = Duration::from_millis(300);
 

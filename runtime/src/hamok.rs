@@ -553,6 +553,12 @@ impl Hamok {
         }
     }
 
+    /// A watch of this peer's published status (role, term, leader, indices, membership, join state):
+    /// latest-value semantics, never lagging, fed by the node itself.
+    pub fn status_watch(&self) -> watch::Receiver<PeerStatus> {
+        self.inner.view.clone()
+    }
+
     /// Subscribes to this peer's events.
     pub fn events(&self) -> broadcast::Receiver<HamokEvent> {
         self.inner.events.subscribe()

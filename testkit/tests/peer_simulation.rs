@@ -143,3 +143,17 @@ fn planted_idle_timer_refreshed_by_any_higher_term_is_caught() {
         &["rejoin bound"],
     );
 }
+
+/// Fenced writes applied without checking the lock's current token: a sloppy holder's write lands
+/// after the next holder's.
+#[test]
+fn planted_fence_not_checked_is_caught() {
+    assert_caught(
+        "fence_not_checked",
+        PlantedBugs {
+            fence_not_checked: true,
+            ..PlantedBugs::default()
+        },
+        &["fences"],
+    );
+}

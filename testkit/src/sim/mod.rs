@@ -109,6 +109,8 @@ pub struct Counts {
     pub writes: usize,
     pub reads_checked: usize,
     pub pushes_acked: usize,
+    /// Writes accepted under a lock's fence.
+    pub fenced_writes: usize,
     pub queue_items: usize,
     pub partitions: usize,
     pub long_partitions: usize,
@@ -144,7 +146,7 @@ impl fmt::Display for SimReport {
         let c = &self.counts;
         write!(
             f,
-            "seed {:>5}: {:>6} sim-ms | requests {:>4} (writes {:>4}, reads checked {:>4}, pushes acked {:>3}) lin ops {:>4} | \
+            "seed {:>5}: {:>6} sim-ms | requests {:>4} (writes {:>4}, reads checked {:>4}, pushes acked {:>3}, fenced {:>3}) lin ops {:>4} | \
              partitions {:>2} (long {:>2}, groups {:>2}) crashes {:>2} leaves {:>2} added {:>2} | removals {:>2} rejoins {:>2} joins {:>2} | \
              converged {:>5} ms | {:.2}s",
             self.seed,
@@ -153,6 +155,7 @@ impl fmt::Display for SimReport {
             c.writes,
             c.reads_checked,
             c.pushes_acked,
+            c.fenced_writes,
             self.lin_ops,
             c.partitions,
             c.long_partitions,

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hamok_collections::{register_kinds, HamokCollections, HamokMap, HamokQueue};
+use hamok_collections::{
+    register_kinds, HamokCollections, HamokLock, HamokMap, HamokQueue, LockOptions,
+};
 use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
 use hamok_runtime::store::{LogStore, MemoryLogStore};
 use hamok_runtime::testing::PlantedBugs;
@@ -557,6 +559,7 @@ impl World {
         }
         if converged {
             self.final_state().await;
+            self.check_fences().await;
         }
         let ids: Vec<String> = self.slots.keys().cloned().collect();
         for id in ids {
@@ -902,6 +905,30 @@ impl World {
     }
 }
 
+impl World {
+    /// No fenced write under an older token landed after one under a newer token: the fenced queue,
+    /// in log order, never goes down.
+    async fn check_fences(&mut self) {
+        let Some(hamok) = self.slots.keys().find_map(|id| self.handle(id)) else {
+            return;
+        };
+        let Ok(fenced) = hamok.get_or_create_queue::<u64>("fenced").await else {
+            return;
+        };
+        let items: Vec<u64> = fenced.iter().collect();
+        let mut s = lock(&self.shared);
+        if let Some(w) = items.windows(2).find(|w| w[1] < w[0]) {
+            s.violation(
+                "fences",
+                format!(
+                    "a write under token {} landed after one under token {}: {items:?}",
+                    w[1], w[0]
+                ),
+            );
+        }
+    }
+}
+
 /// One replica's final state: its id, its map entries and its queue.
 type ReplicaState = (String, Vec<(u8, u64)>, Vec<u64>);
 
@@ -1004,7 +1031,7 @@ async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
 /// One client: bound to one peer id (whichever incarnation is up), it writes, compare-and-sets,
 /// reads linearizably and pushes, through the public API, until told to stop.
 async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
-    let mut open: Option<(u64, HamokMap<u8, u64>, HamokQueue<u64>)> = None;
+    let mut open: Option<Opened> = None;
     let mut seen: BTreeMap<u8, u64> = BTreeMap::new();
     loop {
         sleep(Duration::from_millis(rng.between(2, 30))).await;
@@ -1019,20 +1046,24 @@ async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
             sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if open.as_ref().is_none_or(|(i, _, _)| *i != inc) {
-            let map = hamok.get_or_create_map::<u8, u64>("kv").await;
-            let queue = hamok.get_or_create_queue::<u64>("q").await;
-            match (map, queue) {
-                (Ok(m), Ok(q)) => open = Some((inc, m, q)),
-                _ => {
+        if open.as_ref().is_none_or(|o| o.inc != inc) {
+            match Opened::open(inc, &hamok).await {
+                Ok(o) => open = Some(o),
+                Err(_) => {
                     sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             }
         }
-        let (_, map, queue) = open.as_ref().expect("opened above");
+        let Opened {
+            map,
+            queue,
+            locks,
+            fenced,
+            ..
+        } = open.as_ref().expect("opened above");
         let key = rng.index(usize::from(KEYS)) as u8;
-        match rng.weighted(&[40, 20, 30, 10]) {
+        match rng.weighted(&[40, 20, 30, 10, 8]) {
             0 => {
                 if let Ok(v) = put(&shared, c, &peer, map, key).await {
                     seen.insert(key, v);
@@ -1049,9 +1080,69 @@ async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
                     seen.insert(key, v);
                 }
             }
-            _ => push(&shared, c, &peer, queue).await,
+            3 => push(&shared, c, &peer, queue).await,
+            _ => locked(&shared, c, &peer, locks, fenced, &mut rng).await,
         }
     }
+}
+
+/// What a client opens on its peer (again after each restart of the peer).
+struct Opened {
+    inc: u64,
+    map: HamokMap<u8, u64>,
+    queue: HamokQueue<u64>,
+    locks: HamokLock,
+    /// Written only under the lock `FENCED_LOCK`, each item the writer's fencing token.
+    fenced: HamokQueue<u64>,
+}
+
+impl Opened {
+    async fn open(inc: u64, hamok: &Hamok) -> Result<Opened, HamokError> {
+        Ok(Opened {
+            inc,
+            map: hamok.get_or_create_map("kv").await?,
+            queue: hamok.get_or_create_queue("q").await?,
+            locks: hamok.get_or_create_lock_table("locks").await?,
+            fenced: hamok.get_or_create_queue("fenced").await?,
+        })
+    }
+}
+
+/// The lock the fenced writers take.
+const FENCED_LOCK: &str = "L";
+
+/// A sloppy lock holder: takes the lock, pushes its token under the fence, and then pushes again at the
+/// same time as it unlocks (so the second push may be ordered after the release, or retried after the
+/// lock moved on), ignoring `lost()`. Fencing must keep every item of the queue in token order anyway.
+async fn locked(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    locks: &HamokLock,
+    fenced: &HamokQueue<u64>,
+    rng: &mut Rng,
+) {
+    let wait = Duration::from_millis(lock(shared).answer_bound_ms);
+    let guard = match locks
+        .lock_with(FENCED_LOCK, LockOptions::wait_timeout(wait))
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            lock(shared).note(format!("client {c} on {peer}: lock -> {e}"));
+            return;
+        }
+    };
+    let token = guard.token();
+    let writer = fenced.fenced(guard.fence());
+    let first = writer.push_one(token).await;
+    sleep(Duration::from_millis(rng.between(0, 40))).await;
+    let (second, unlocked) = tokio::join!(writer.push_one(token), guard.unlock());
+    let mut s = lock(shared);
+    s.note(format!(
+        "client {c} on {peer}: locked token {token}: push {first:?}, push {second:?}, unlock {unlocked:?}"
+    ));
+    s.counts.fenced_writes += usize::from(first.is_ok()) + usize::from(second.is_ok());
 }
 
 /// Starts recording an operation: its id and call stamp.

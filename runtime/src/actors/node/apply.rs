@@ -57,6 +57,11 @@ impl Apply {
         }
     }
 
+    /// The planted bug `fence_not_checked` (see `PlantedBugs`).
+    pub(super) fn plant_fence_not_checked(&mut self) {
+        self.storages.fence_not_checked = true;
+    }
+
     /// Loads what the store holds and restores the storages from its snapshot.
     pub(super) fn load(&mut self) -> Result<PersistedState, HamokError> {
         let persisted = self.store.load()?;

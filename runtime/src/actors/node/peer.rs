@@ -102,6 +102,9 @@ impl Peer {
             events,
         } = args;
         let mut apply = Apply::new(store, kinds, &config);
+        if bugs.fence_not_checked() {
+            apply.plant_fence_not_checked();
+        }
         let persisted = apply.load()?;
         let raft = RaftNode::new(id.clone(), config.raft_config(), seed, now_ms, persisted)?;
         let client = ClientId {

@@ -18,6 +18,8 @@ pub struct PlantedBugs {
     /// Any message of a higher term (a stray candidate's pre-vote, say) counts as contact with the
     /// leader, so a cut-off peer may never notice that it was removed (the other bug of issue 10).
     pub idle_timer_refreshed_by_any_higher_term: bool,
+    /// Fenced commands are applied without checking the lock's current token.
+    pub fence_not_checked: bool,
 }
 
 /// Which planted bugs are on: none can be, without the `testing` feature.
@@ -36,6 +38,9 @@ impl PlantedBugs {
     pub(crate) fn idle_timer_refreshed_by_any_higher_term(&self) -> bool {
         self.idle_timer_refreshed_by_any_higher_term
     }
+    pub(crate) fn fence_not_checked(&self) -> bool {
+        self.fence_not_checked
+    }
 }
 
 #[cfg(not(feature = "testing"))]
@@ -47,6 +52,9 @@ impl PlantedBugs {
         false
     }
     pub(crate) const fn idle_timer_refreshed_by_any_higher_term(&self) -> bool {
+        false
+    }
+    pub(crate) const fn fence_not_checked(&self) -> bool {
         false
     }
 }

@@ -1,0 +1,333 @@
+//! A lock table's state machine: per lock name, the holder (peer, owner, fencing token) and a FIFO of
+//! waiters; grants, releases and the release of removed members, all in log order.
+//!
+//! **Fencing tokens.** A grant's token is the log index of the entry that granted it (an `Acquire` that
+//! found the lock free, or the `Release`, `Cancel` or membership entry that handed it to the next
+//! waiter). Log indices only grow, on every peer alike, across leader changes and snapshots, so each
+//! lock's tokens strictly increase, and so does every token the table hands out. (With the in-memory
+//! log store a whole-cluster restart starts a new log: see the module documentation of the handle.)
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use hamok_runtime::raft::{LogIndex, PeerId};
+use hamok_runtime::state_machine::ApplyContext;
+use hamok_runtime::HamokError;
+use serde::{Deserialize, Serialize};
+
+use super::local::LockExtra;
+use super::LOCK_KIND;
+use crate::common::{encode, write_lock, Raw};
+use crate::machine::{Core, Logic};
+
+/// Most waiters one lock queues; further `lock` calls are refused with [`HamokError::Busy`] (a queue
+/// this long means callers wait far longer than any sensible timeout anyway).
+pub const MAX_WAITERS_PER_LOCK: usize = 1024;
+
+/// Most lock names with a holder or waiters in one table; further acquisitions of new names are
+/// refused with [`HamokError::Busy`]. A free lock with no waiters takes no room.
+pub const MAX_LOCKS: usize = 100_000;
+
+/// Who holds a lock, under which token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Grant {
+    pub(crate) peer: PeerId,
+    /// The waiting call on that peer (random per call).
+    pub(crate) owner: u64,
+    pub(crate) token: u64,
+}
+
+/// A waiting `lock` call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Waiter {
+    pub(crate) peer: PeerId,
+    pub(crate) owner: u64,
+}
+
+/// One lock: its holder and its queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LockEntry {
+    pub(crate) holder: Option<Grant>,
+    pub(crate) waiters: VecDeque<Waiter>,
+}
+
+/// The replicated table.
+#[derive(Default, Serialize, Deserialize)]
+pub(crate) struct LockState {
+    pub(crate) locks: BTreeMap<String, LockEntry>,
+    /// The members in force (a lock is held only by a member: the default lease); empty until the
+    /// cluster's first membership change.
+    pub(crate) members: BTreeSet<PeerId>,
+}
+
+impl LockState {
+    /// The holder of `name`.
+    pub(crate) fn holder(&self, name: &str) -> Option<&Grant> {
+        self.locks.get(name)?.holder.as_ref()
+    }
+}
+
+/// A lock table's commands.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum LockCmd {
+    /// Take `name` for (submitter, `owner`); if it is held, queue (`wait`) or answer `Busy`.
+    Acquire {
+        name: String,
+        owner: u64,
+        wait: bool,
+    },
+    /// Let go of `name` if it is held under `token`.
+    Release { name: String, token: u64 },
+    /// The call (submitter, `owner`) stopped waiting: drop it from the queue, or release the lock if it
+    /// was granted meanwhile.
+    Cancel { name: String, owner: u64 },
+}
+
+/// What an `Acquire` got.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Acquired {
+    /// Held, under this token.
+    Granted(u64),
+    /// Queued behind the holder (a later grant reaches the caller through the apply path).
+    Queued,
+    /// Held by another and the caller would not wait.
+    Busy(Grant),
+}
+
+/// What is particular to a lock table's state machine ([`Machine`](crate::machine::Machine)`<LockLogic>`).
+#[derive(Default)]
+pub(crate) struct LockLogic;
+
+/// Grants `name` to the first waiter that is a member, under `token`; records events and notifies a
+/// waiting call of this peer.
+fn grant_next(
+    name: &str,
+    entry: &mut LockEntry,
+    members: &BTreeSet<PeerId>,
+    token: u64,
+    notes: &mut Notes,
+) {
+    debug_assert!(entry.holder.is_none());
+    while let Some(w) = entry.waiters.pop_front() {
+        if !members.contains(&w.peer) {
+            continue;
+        }
+        let grant = Grant {
+            peer: w.peer,
+            owner: w.owner,
+            token,
+        };
+        notes.granted(name, &grant);
+        entry.holder = Some(grant);
+        return;
+    }
+}
+
+/// Takes the holder of `name` off (it is released); the next waiter gets the lock under `token`.
+fn release(
+    name: &str,
+    entry: &mut LockEntry,
+    members: &BTreeSet<PeerId>,
+    token: u64,
+    notes: &mut Notes,
+) {
+    if let Some(old) = entry.holder.take() {
+        notes.released(name, &old);
+    }
+    grant_next(name, entry, members, token, notes);
+}
+
+/// What applying one entry changed that this peer's handles must hear of: grants and releases (for
+/// waiting calls, `lost()` and the event stream).
+#[derive(Default)]
+pub(crate) struct Notes {
+    pub(crate) granted: Vec<(String, Grant)>,
+    pub(crate) released: Vec<(String, Grant)>,
+    /// Waiters dropped because their peer is no longer a member.
+    pub(crate) dropped: Vec<Waiter>,
+}
+
+impl Notes {
+    fn granted(&mut self, name: &str, grant: &Grant) {
+        self.granted.push((name.to_string(), grant.clone()));
+    }
+    fn released(&mut self, name: &str, grant: &Grant) {
+        self.released.push((name.to_string(), grant.clone()));
+    }
+
+    /// The events for subscribers: an insert per grant (key: name, value: the grant), a remove per
+    /// release.
+    fn events(&self) -> Vec<Raw> {
+        let mut events = Vec::new();
+        for (name, grant) in &self.released {
+            if let (Ok(key), Ok(value)) = (encode(name), encode(grant)) {
+                events.push(Raw::Remove { key, value });
+            }
+        }
+        for (name, grant) in &self.granted {
+            if let (Ok(key), Ok(value)) = (encode(name), encode(grant)) {
+                events.push(Raw::Insert { key, value });
+            }
+        }
+        events
+    }
+}
+
+/// Hands the notes to this peer's handles (waiting calls, holders, subscribers).
+fn deliver(core: &Core<LockState, LockExtra>, notes: Notes) {
+    if notes.granted.is_empty() && notes.released.is_empty() && notes.dropped.is_empty() {
+        return;
+    }
+    if core.listening() {
+        core.emit(notes.events());
+    }
+    if let Some(local) = core.live_local() {
+        local.extra.on_applied(&notes);
+    }
+}
+
+impl Logic for LockLogic {
+    type State = LockState;
+    type Extra = LockExtra;
+    type Command = LockCmd;
+
+    fn kind(&self) -> &str {
+        LOCK_KIND
+    }
+
+    fn exec(
+        &self,
+        core: &Core<LockState, LockExtra>,
+        ctx: &ApplyContext,
+        cmd: LockCmd,
+    ) -> Result<Bytes, HamokError> {
+        let mut notes = Notes::default();
+        let response = {
+            let mut guard = write_lock(&core.state);
+            let state = &mut *guard;
+            match cmd {
+                LockCmd::Acquire { name, owner, wait } => {
+                    // Empty: no membership change applied yet (a cluster that never grew past its
+                    // founder), so nobody can have been removed either.
+                    if !state.members.is_empty() && !state.members.contains(&ctx.client) {
+                        return Err(HamokError::Rejected(format!(
+                            "lock `{name}`: peer `{}` is not a member of the cluster",
+                            ctx.client
+                        )));
+                    }
+                    if !state.locks.contains_key(&name) && state.locks.len() >= MAX_LOCKS {
+                        return Err(HamokError::Busy("lock table full"));
+                    }
+                    let entry = state.locks.entry(name.clone()).or_default();
+                    match &entry.holder {
+                        None => {
+                            let grant = Grant {
+                                peer: ctx.client.clone(),
+                                owner,
+                                token: ctx.index,
+                            };
+                            notes.granted(&name, &grant);
+                            entry.holder = Some(grant);
+                            encode(&Acquired::Granted(ctx.index))
+                        }
+                        Some(holder) if !wait => encode(&Acquired::Busy(holder.clone())),
+                        Some(_) => {
+                            if entry.waiters.len() >= MAX_WAITERS_PER_LOCK {
+                                return Err(HamokError::Busy("too many waiters for this lock"));
+                            }
+                            entry.waiters.push_back(Waiter {
+                                peer: ctx.client.clone(),
+                                owner,
+                            });
+                            encode(&Acquired::Queued)
+                        }
+                    }
+                }
+                LockCmd::Release { name, token } => {
+                    let members = &state.members;
+                    let released = match state.locks.get_mut(&name) {
+                        Some(entry) if entry.holder.as_ref().is_some_and(|h| h.token == token) => {
+                            release(&name, entry, members, ctx.index, &mut notes);
+                            true
+                        }
+                        _ => false,
+                    };
+                    encode(&released)
+                }
+                LockCmd::Cancel { name, owner } => {
+                    let members = &state.members;
+                    let mut done = false;
+                    if let Some(entry) = state.locks.get_mut(&name) {
+                        let before = entry.waiters.len();
+                        entry
+                            .waiters
+                            .retain(|w| !(w.peer == ctx.client && w.owner == owner));
+                        done = entry.waiters.len() != before;
+                        let holds = entry
+                            .holder
+                            .as_ref()
+                            .is_some_and(|h| h.peer == ctx.client && h.owner == owner);
+                        if holds {
+                            release(&name, entry, members, ctx.index, &mut notes);
+                            done = true;
+                        }
+                    }
+                    encode(&done)
+                }
+            }
+        };
+        prune(&mut write_lock(&core.state));
+        deliver(core, notes);
+        response
+    }
+
+    fn on_members(
+        &self,
+        core: &Core<LockState, LockExtra>,
+        index: LogIndex,
+        members: &BTreeSet<PeerId>,
+    ) {
+        let mut notes = Notes::default();
+        if members.is_empty() {
+            // Not known yet (see `StateMachine::on_members`): nothing to release.
+            return;
+        }
+        {
+            let mut guard = write_lock(&core.state);
+            let state = &mut *guard;
+            state.members = members.clone();
+            for (name, entry) in state.locks.iter_mut() {
+                let (stay, gone): (VecDeque<Waiter>, VecDeque<Waiter>) = entry
+                    .waiters
+                    .drain(..)
+                    .partition(|w| members.contains(&w.peer));
+                entry.waiters = stay;
+                notes.dropped.extend(gone);
+                // The default lease: a lock is held only by a member. The removal that ends a
+                // holder's membership releases its locks, in that entry's log order.
+                if entry
+                    .holder
+                    .as_ref()
+                    .is_some_and(|h| !members.contains(&h.peer))
+                {
+                    release(name, entry, members, index, &mut notes);
+                }
+            }
+            prune(state);
+        }
+        deliver(core, notes);
+    }
+
+    fn current_fence(&self, core: &Core<LockState, LockExtra>, name: &str) -> Option<u64> {
+        crate::common::read_lock(&core.state)
+            .holder(name)
+            .map(|g| g.token)
+    }
+}
+
+/// Drops entries with no holder and no waiters (a free lock takes no room).
+fn prune(state: &mut LockState) {
+    state
+        .locks
+        .retain(|_, e| e.holder.is_some() || !e.waiters.is_empty());
+}

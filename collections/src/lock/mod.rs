@@ -1,0 +1,528 @@
+//! [`HamokLock`]: a replicated table of named, fenced locks.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use hamok_collections::{register_kinds, HamokCollections};
+//! use hamok_runtime::Hamok;
+//!
+//! let hamok = register_kinds(Hamok::builder().cluster_id("doc-lock")).build().await?;
+//! hamok.join().await?;
+//! let locks = hamok.get_or_create_lock_table("locks").await?;
+//! let state = hamok.get_or_create_map::<String, u64>("state").await?;
+//!
+//! let guard = locks.lock("migration").await?;
+//! // Writes under the fence are refused once the lock has moved on (see `fenced`).
+//! state.fenced(guard.fence()).set("step".into(), 1).await?;
+//! assert!(guard.check().await?);
+//! guard.unlock().await?;
+//! hamok.close().await;
+//! # Ok::<(), hamok_runtime::HamokError>(()) }).unwrap();
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **One holder at a time, FIFO.** Grants happen in log order: `lock` queues behind the holder and is
+//!   granted when the lock is released; `try_lock` never queues. A `lock` future that is dropped (or
+//!   times out) leaves no grant behind: its cancel goes through the log and releases the lock if it was
+//!   granted meanwhile, and a grant that reaches this peer for a call nobody waits for is given back at
+//!   once.
+//! - **Fencing tokens** ([`LockGuard::token`]) strictly increase per lock (and over the whole table): a
+//!   token is the log index of the entry that granted it, so it cannot go backwards across leader
+//!   changes or snapshots. Across a whole-cluster restart it holds only with a durable log store (the
+//!   in-memory store starts a new log); a resource that outlives the cluster should key its high-water
+//!   mark ([`FenceGate`]) by cluster as well.
+//! - **Fenced writes**: a collection handle's [`fenced`](crate::HamokMap::fenced) copy carries the
+//!   guard's fence with every write; the write is applied only while the lock is still held under that
+//!   token, decided at apply time in the same log as the grants, else refused with
+//!   [`HamokError::StaleFence`]. A paused or cut-off holder can therefore never overwrite what the next
+//!   holder wrote. For resources outside hamok, [`FenceGate`] keeps the highest token seen per lock and
+//!   rejects older ones.
+//! - **The lease is the holder's membership.** The cluster releases a holder's locks in the same log
+//!   entry that removes the holder (a dead or cut-off peer is removed after `peer_max_idle_ms` of
+//!   silence), so there is no keep-alive per lock. [`LockGuard::lost`] fires on the holder as soon as it
+//!   can no longer be sure it holds the lock: the cluster released it, or this peer has not heard from a
+//!   leader for half of `peer_max_idle_ms` (before the cluster can remove it, when the election timeout
+//!   is well below that, as with the defaults), or it left or closed. A holder must stop acting when
+//!   `lost` fires; fencing covers the moments before it notices.
+//! - **Bounded**: at most [`MAX_WAITERS_PER_LOCK`] waiters per lock and [`MAX_LOCKS`] held or awaited
+//!   names per table ([`HamokError::Busy`] beyond).
+//!
+//! Not reentrant: a second `lock` of a held name queues behind the first, even on the same peer.
+
+mod local;
+mod machine;
+
+use std::time::Duration;
+
+use hamok_runtime::raft::PeerId;
+use hamok_runtime::state_machine::Fence;
+use hamok_runtime::{Hamok, HamokError};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+pub(crate) use local::LockExtra;
+use local::{submit_in_background, WaitOutcome};
+use machine::{Acquired, Grant, LockCmd};
+pub(crate) use machine::{LockLogic, LockState};
+pub use machine::{MAX_LOCKS, MAX_WAITERS_PER_LOCK};
+
+use crate::common::{decode, Events, Handle, LogicHandle, Opened, Raw};
+use crate::machine::Machine;
+
+/// The kind a lock table is registered under.
+pub const LOCK_KIND: &str = "hamok.lock";
+
+/// The state machine of a lock table.
+pub(crate) type LockMachine = Machine<LockLogic>;
+
+/// Who holds a lock, and under which fencing token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    /// The holding peer.
+    pub peer: PeerId,
+    /// The fencing token of its grant.
+    pub token: u64,
+}
+
+impl From<&Grant> for LockHolder {
+    fn from(g: &Grant) -> Self {
+        LockHolder {
+            peer: g.peer.clone(),
+            token: g.token,
+        }
+    }
+}
+
+/// A change of a lock, as applied on this peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockEvent {
+    /// `name` was granted.
+    Acquired {
+        /// The lock.
+        name: String,
+        /// To whom, under which token.
+        holder: LockHolder,
+    },
+    /// `name` was released (unlocked, cancelled, or its holder was removed from the cluster).
+    Released {
+        /// The lock.
+        name: String,
+        /// Who held it.
+        holder: LockHolder,
+    },
+    /// The handle (or its peer) was closed.
+    Close,
+}
+
+fn decode_event(raw: Raw) -> Result<LockEvent, HamokError> {
+    Ok(match raw {
+        Raw::Insert { key, value }
+        | Raw::Update {
+            key, new: value, ..
+        } => LockEvent::Acquired {
+            name: decode(&key)?,
+            holder: LockHolder::from(&decode::<Grant>(&value)?),
+        },
+        Raw::Remove { key, value } => LockEvent::Released {
+            name: decode(&key)?,
+            holder: LockHolder::from(&decode::<Grant>(&value)?),
+        },
+        Raw::Clear | Raw::Empty | Raw::NotEmpty | Raw::Close => LockEvent::Close,
+    })
+}
+
+/// How [`HamokLock::lock_with`] waits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockOptions {
+    /// Give up (with [`HamokError::Timeout`]) if not granted within this; `None` waits until granted,
+    /// or until this peer leaves the cluster ([`HamokError::NotJoined`]) or closes.
+    pub wait_timeout: Option<Duration>,
+}
+
+impl LockOptions {
+    /// Waits at most `timeout`.
+    pub fn wait_timeout(timeout: Duration) -> Self {
+        LockOptions {
+            wait_timeout: Some(timeout),
+        }
+    }
+}
+
+/// A replicated table of named locks (see the [module documentation](self)). Cheap to clone.
+pub struct HamokLock {
+    handle: Handle<LockState, LockExtra>,
+}
+
+impl Clone for HamokLock {
+    fn clone(&self) -> Self {
+        HamokLock {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HamokLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HamokLock")
+            .field("id", &self.handle.local.id)
+            .finish()
+    }
+}
+
+impl Opened for HamokLock {
+    type Logic = LockLogic;
+    type Options = ();
+
+    fn kind(_id: &str) -> String {
+        LOCK_KIND.to_string()
+    }
+
+    fn extra(id: &str) -> LockExtra {
+        LockExtra::new(id)
+    }
+
+    async fn finish(handle: LogicHandle<LockLogic>, _options: ()) -> Result<Self, HamokError> {
+        handle.local.extra.bind(&handle.hamok);
+        Ok(HamokLock { handle })
+    }
+}
+
+impl HamokLock {
+    /// The table's id.
+    pub fn id(&self) -> &str {
+        &self.handle.local.id
+    }
+
+    /// The same table with each call through the log bounded by `timeout` (see
+    /// [`HamokMap::with_timeout`](crate::HamokMap::with_timeout)); a waiting `lock` is bounded by its
+    /// [`LockOptions`] instead.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        HamokLock {
+            handle: self.handle.with_timeout(timeout),
+        }
+    }
+
+    /// Takes lock `name`, waiting (FIFO) until it is granted; see [`HamokLock::lock_with`].
+    pub async fn lock(&self, name: &str) -> Result<LockGuard, HamokError> {
+        self.lock_with(name, LockOptions::default()).await
+    }
+
+    /// Takes lock `name` if it is free now; `Ok(None)` if another holds it.
+    pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>, HamokError> {
+        self.acquire(name, false, LockOptions::default()).await
+    }
+
+    /// Takes lock `name`, waiting as `options` say. Dropping the returned future before it resolves
+    /// leaves no grant behind.
+    pub async fn lock_with(
+        &self,
+        name: &str,
+        options: LockOptions,
+    ) -> Result<LockGuard, HamokError> {
+        match self.acquire(name, true, options).await? {
+            Some(guard) => Ok(guard),
+            None => Err(HamokError::Rejected(format!(
+                "lock `{name}` was not granted"
+            ))),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        name: &str,
+        wait: bool,
+        options: LockOptions,
+    ) -> Result<Option<LockGuard>, HamokError> {
+        let started = tokio::time::Instant::now();
+        let extra = &self.handle.local.extra;
+        let (owner, granted) = extra.wait();
+        // Armed until the call ends with a guard or certainly left nothing in the table.
+        let mut pending = PendingWait {
+            table: self,
+            name,
+            owner,
+            armed: true,
+        };
+        let cmd = LockCmd::Acquire {
+            name: name.to_string(),
+            owner,
+            wait,
+        };
+        let acquired: Acquired = match self.handle.submit(cmd).await {
+            Ok(a) => a,
+            Err(e) => {
+                pending.armed = e.may_have_taken_effect();
+                return Err(e);
+            }
+        };
+        let token = match acquired {
+            Acquired::Granted(token) => token,
+            Acquired::Busy(_) => {
+                pending.armed = false;
+                return Ok(None);
+            }
+            Acquired::Queued => {
+                let outcome = match options.wait_timeout {
+                    Some(limit) => {
+                        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), granted)
+                            .await
+                        {
+                            Ok(outcome) => outcome,
+                            Err(_) => return Err(HamokError::timeout(limit)),
+                        }
+                    }
+                    None => granted.await,
+                };
+                match outcome {
+                    Ok(WaitOutcome::Granted(token)) => token,
+                    Ok(WaitOutcome::Dropped) => {
+                        pending.armed = false;
+                        return Err(HamokError::NotJoined);
+                    }
+                    // The table's local part is gone: the peer closed.
+                    Err(_) => return Err(HamokError::Closed),
+                }
+            }
+        };
+        pending.armed = false;
+        extra.stop_waiting(owner);
+        Ok(Some(LockGuard::new(self.clone(), name, token)))
+    }
+
+    /// Who holds `name`, as applied on this peer (a local read).
+    pub fn holder(&self, name: &str) -> Option<LockHolder> {
+        self.handle
+            .local
+            .read(|s| s.holder(name).map(LockHolder::from))
+    }
+
+    /// Who holds `name`, reflecting every grant and release acknowledged anywhere before the call.
+    pub async fn holder_linearizable(&self, name: &str) -> Result<Option<LockHolder>, HamokError> {
+        self.handle.sync().await?;
+        Ok(self.holder(name))
+    }
+
+    /// How many callers wait for `name` (local).
+    pub fn waiting(&self, name: &str) -> usize {
+        self.handle
+            .local
+            .read(|s| s.locks.get(name).map_or(0, |e| e.waiters.len()))
+    }
+
+    /// This peer's lock events (every grant and release of the table, in log order).
+    pub fn events(&self) -> Events<LockEvent> {
+        self.handle.events(decode_event)
+    }
+
+    fn hamok(&self) -> &Hamok {
+        &self.handle.hamok
+    }
+}
+
+/// Cancels a `lock` call that ends without a guard (dropped, timed out) and may have left a waiter or a
+/// grant in the table.
+struct PendingWait<'a> {
+    table: &'a HamokLock,
+    name: &'a str,
+    owner: u64,
+    armed: bool,
+}
+
+impl Drop for PendingWait<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let extra = &self.table.handle.local.extra;
+        extra.stop_waiting(self.owner);
+        submit_in_background(
+            self.table.hamok(),
+            self.table.id(),
+            LockCmd::Cancel {
+                name: self.name.to_string(),
+                owner: self.owner,
+            },
+        );
+    }
+}
+
+/// A held lock. Released by [`LockGuard::unlock`], or in the background when dropped.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct LockGuard {
+    table: HamokLock,
+    name: String,
+    token: u64,
+    lost: CancellationToken,
+    released: bool,
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("table", &self.table.id())
+            .field("name", &self.name)
+            .field("token", &self.token)
+            .field("lost", &self.lost.is_cancelled())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    fn new(table: HamokLock, name: &str, token: u64) -> Self {
+        let lost = table.handle.local.extra.hold(token);
+        // Released before this guard existed (a race with the cluster): lost at once.
+        if table.holder(name).is_none_or(|h| h.token != token) {
+            lost.cancel();
+        }
+        watch_contact(table.hamok().clone(), lost.clone());
+        LockGuard {
+            table,
+            name: name.to_string(),
+            token,
+            lost,
+            released: false,
+        }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token of this grant (greater than every earlier grant's of this table).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The fence to give fenced writes ([`HamokMap::fenced`](crate::HamokMap::fenced)).
+    pub fn fence(&self) -> Fence {
+        Fence {
+            table: self.table.id().to_string(),
+            name: self.name.clone(),
+            token: self.token,
+        }
+    }
+
+    /// Resolves when this peer can no longer be sure it holds the lock (see the
+    /// [module documentation](self)); stop acting on the lock's behalf then.
+    pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        self.lost.clone().cancelled_owned()
+    }
+
+    /// A token cancelled when [`LockGuard::lost`] resolves (to hand to tasks working under the lock).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Whether [`LockGuard::lost`] has fired.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Confirms through the leader (a linearizable read) that this grant still holds.
+    pub async fn check(&self) -> Result<bool, HamokError> {
+        let holder = self.table.holder_linearizable(&self.name).await?;
+        Ok(holder.is_some_and(|h| {
+            h.token == self.token && &h.peer == self.table.hamok().local_peer_id()
+        }))
+    }
+
+    /// Releases the lock; `Ok(false)` if it had already been released by the cluster.
+    pub async fn unlock(mut self) -> Result<bool, HamokError> {
+        self.released = true;
+        self.lost.cancel();
+        self.table.handle.local.extra.unhold(self.token);
+        self.table
+            .handle
+            .submit(LockCmd::Release {
+                name: self.name.clone(),
+                token: self.token,
+            })
+            .await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.lost.cancel();
+        self.table.handle.local.extra.unhold(self.token);
+        submit_in_background(
+            self.table.hamok(),
+            self.table.id(),
+            LockCmd::Release {
+                name: self.name.clone(),
+                token: self.token,
+            },
+        );
+    }
+}
+
+/// Fires `lost` when this peer has gone half of `peer_max_idle_ms` without a leader (the cluster removes
+/// a peer after the whole of it), or is no longer joined, or closed. Ends when `lost` fires.
+fn watch_contact(hamok: Hamok, lost: CancellationToken) {
+    let bound = Duration::from_millis(hamok.config().peer_max_idle_ms / 2);
+    let period = (bound / 4).max(Duration::from_millis(5));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = lost.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if hamok.is_closed() || !hamok.is_joined() || hamok.leader_contact_age() >= bound {
+                lost.cancel();
+                return;
+            }
+        }
+    });
+}
+
+/// Keeps the highest fencing token seen per lock and rejects older ones: the check a resource outside
+/// hamok (a file, a database row, an external API) makes so a holder that lost its lock cannot act on
+/// it. Share one gate per resource (it is `Sync`).
+///
+/// ```
+/// use hamok_collections::FenceGate;
+/// let gate = FenceGate::default();
+/// assert!(gate.admit("job", 7).is_ok());
+/// assert!(gate.admit("job", 9).is_ok());
+/// assert!(gate.admit("job", 7).is_err(), "an older holder is refused");
+/// assert!(gate.admit("job", 9).is_ok(), "the current holder may write again");
+/// ```
+#[derive(Debug, Default)]
+pub struct FenceGate {
+    highest: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl FenceGate {
+    /// Admits `token` for lock `name` if no greater token was seen (and remembers it), else
+    /// [`HamokError::StaleFence`].
+    pub fn admit(&self, name: &str, token: u64) -> Result<(), HamokError> {
+        let mut highest = self
+            .highest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let seen = highest.entry(name.to_string()).or_insert(0);
+        if token < *seen {
+            return Err(HamokError::StaleFence {
+                name: name.to_string(),
+                token,
+                current: Some(*seen),
+            });
+        }
+        *seen = token;
+        Ok(())
+    }
+
+    /// The highest token seen for `name`.
+    pub fn highest(&self, name: &str) -> Option<u64> {
+        self.highest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied()
+    }
+}
