@@ -34,7 +34,7 @@ use hamok::runtime::state_machine::{ApplyContext, StateMachine};
 use hamok::runtime::{Hamok, HamokError, HamokEvent};
 
 const KIND: &str = "example-counter";
-const STORAGE: &str = "counter";
+const COLLECTION: &str = "counter";
 
 /// The replicated state: a total; each command adds a little-endian i64 and answers the new total.
 #[derive(Default)]
@@ -157,7 +157,7 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
 
 async fn read(hamok: &Hamok, linearizable: bool) -> Result<i64, HamokError> {
     hamok
-        .query(STORAGE, linearizable, |sm| {
+        .query(COLLECTION, linearizable, |sm| {
             sm.and_then(|m| m.as_any().downcast_ref::<Counter>())
                 .map_or(0, |c| c.0)
         })
@@ -172,7 +172,7 @@ async fn command(hamok: Hamok, line: String) {
             let tag = rest.first().copied().unwrap_or("-");
             let result = match n.parse::<i64>() {
                 Ok(n) => hamok
-                    .submit(STORAGE, n.to_le_bytes().to_vec())
+                    .submit(COLLECTION, n.to_le_bytes().to_vec())
                     .await
                     .and_then(|r| le_i64(&r)),
                 Err(e) => Err(HamokError::codec(e.to_string(), None)),
@@ -254,12 +254,12 @@ pub async fn run(argv: Vec<String>) -> i32 {
         eprintln!("cannot join cluster {}: {e}", args.cluster);
         return 1;
     }
-    // Every peer creates the storage: a no-op once it exists.
+    // Every peer creates the collection: a no-op once it exists.
     loop {
-        match hamok.create_storage(STORAGE, KIND).await {
+        match hamok.create_collection(COLLECTION, KIND).await {
             Ok(()) => break,
             Err(e) => {
-                eprintln!("create storage: {e} (retrying)");
+                eprintln!("create collection: {e} (retrying)");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }

@@ -66,7 +66,7 @@ async fn three_peers_started_together_form_one_cluster() {
             assert_eq!(p.stats().status.remote_peers(), 2);
         }
 
-        create_storage(&peers[0]).await;
+        create_collection(&peers[0]).await;
         let mut last_index = 0;
         for (i, p) in peers.iter().enumerate() {
             let index = put(p, &format!("from-{i}"), &format!("v{i}"))
@@ -119,7 +119,7 @@ async fn join_leave_rejoin() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
     put(&peers[0], "before", "1").await.expect("write before");
 
     let logs: Vec<EventLog> = peers.iter().map(EventLog::collect).collect();
@@ -206,7 +206,7 @@ async fn reelection_after_leader_leaves_ten_rounds() {
     let mut peers = cluster.start(&["p00", "p01", "p02"]).await;
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
     for round in 0..10 {
         let leader = agreed_leader(&peers).await;
         let old = peers.remove(leader);
@@ -255,7 +255,7 @@ async fn rolling_replacement_loses_no_acknowledged_write() {
     let initial = cluster.start(&["p00", "p01", "p02"]).await;
     agreed_leader(&initial).await;
     wait_membership(&initial).await;
-    create_storage(&initial[0]).await;
+    create_collection(&initial[0]).await;
 
     let members = Arc::new(Mutex::new(initial.clone()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -280,7 +280,7 @@ async fn rolling_replacement_loses_no_acknowledged_write() {
                     };
                     let cmd = put_cmd(&key, &key);
                     let op = hamok::runtime::state_machine::Op::Apply {
-                        storage: STORAGE.to_string(),
+                        collection: COLLECTION.to_string(),
                         payload: cmd,
                         fence: None,
                     };
@@ -387,7 +387,7 @@ async fn late_peer_catches_up_from_snapshot_after_compaction() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
 
     // 20 concurrent writers of 100 sequential writes each, spread over the three peers.
     let mut tasks = Vec::new();
@@ -459,7 +459,7 @@ async fn partition_minority_cannot_commit_and_heal_converges() {
     let peers = cluster.start(&names).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
     let mut acked: Vec<(String, String)> = Vec::new();
     for (i, p) in peers.iter().enumerate() {
         let (k, v) = (format!("before-{i}"), format!("{i}"));
@@ -486,7 +486,7 @@ async fn partition_minority_cannot_commit_and_heal_converges() {
             let p = p.clone();
             tokio::spawn(async move {
                 let op = hamok::runtime::state_machine::Op::Apply {
-                    storage: STORAGE.to_string(),
+                    collection: COLLECTION.to_string(),
                     payload: put_cmd(&format!("minority-{i}"), "lost"),
                     fence: None,
                 };
@@ -584,7 +584,7 @@ async fn write_covered_by_an_installed_snapshot_is_answered() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[leader]).await;
+    create_collection(&peers[leader]).await;
     let follower = (leader + 1) % 3;
     let ids = ids(&peers);
     // Everything of the current term is applied on the follower before the cut.
@@ -650,13 +650,13 @@ async fn duplicated_frames_apply_each_increment_once() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
 
     cluster.hub.set_duplicate_rate(1.0);
     let follower = &peers[(leader + 1) % 3];
     for id in 0..N {
         follower
-            .submit(STORAGE, incr_cmd(id))
+            .submit(COLLECTION, incr_cmd(id))
             .await
             .unwrap_or_else(|e| panic!("increment {id}: {e}"));
     }
@@ -695,7 +695,7 @@ async fn forced_leader_change_applies_no_increment_twice() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
     cluster.hub.set_duplicate_rate(1.0);
 
     let follower = peers[(leader + 1) % 3].clone();
@@ -714,7 +714,7 @@ async fn forced_leader_change_applies_no_increment_twice() {
             while !stop.load(Ordering::Relaxed) {
                 submitted.store(id + 1, Ordering::Relaxed);
                 let op = hamok::runtime::state_machine::Op::Apply {
-                    storage: STORAGE.to_string(),
+                    collection: COLLECTION.to_string(),
                     payload: incr_cmd(id),
                     fence: None,
                 };
@@ -814,7 +814,7 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
     let peers = cluster.start(&["p00", "p01", "p02"]).await;
     let leader = agreed_leader(&peers).await;
     wait_membership(&peers).await;
-    create_storage(&peers[0]).await;
+    create_collection(&peers[0]).await;
 
     // The intruder: a link on the same hub and cluster that swallows what it receives.
     let slot: Arc<OnceLock<Inbound>> = Arc::new(OnceLock::new());
@@ -1006,7 +1006,7 @@ async fn only_follower_never_leads_and_events_are_emitted() {
     assert!(leader < 3, "the leader is a voter");
     wait_membership(&all).await;
     assert!(learner.is_joined() && !learner.is_leader());
-    create_storage(&voters[0]).await;
+    create_collection(&voters[0]).await;
     let index = put(&learner, "from-learner", "1")
         .await
         .expect("write from the learner");

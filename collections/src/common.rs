@@ -270,7 +270,7 @@ async fn open_local<L: Logic>(
     mode: OpenMode,
     extra: impl FnOnce() -> L::Extra,
 ) -> Result<Arc<Local<L::State, L::Extra>>, HamokError> {
-    hamok.create_storage(id, kind).await?;
+    hamok.create_collection(id, kind).await?;
     let init: Envelope<()> = Envelope::Init;
     let first: bool = decode(&hamok.submit(id, encode(&init)?).await?)?;
     if mode == OpenMode::Create && !first {
@@ -383,7 +383,7 @@ impl<S, X> Handle<S, X> {
         self.local.check_open()?;
         let payload = encode(&Envelope::Op(cmd))?.to_vec();
         let op = Op::Apply {
-            storage: self.local.id.clone(),
+            collection: self.local.id.clone(),
             payload,
             fence: self.fence.clone(),
         };

@@ -232,3 +232,57 @@ fn fence_gate_keeps_the_highest_token() {
     assert_eq!(gate.highest("a"), Some(6));
     assert_eq!(gate.highest("b"), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_lease_expires_unless_renewed() {
+    let c = Cluster::start("lock-ttl", 3).await;
+    let locks = tables(&c, "locks").await;
+    let lease = Duration::from_millis(300);
+    let opts = LockOptions::default().with_lease(lease);
+    // Renewed every 100 ms for a second: still held, never lost.
+    let kept = locks[1].lock_with("kept", opts).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(kept.renew().await.unwrap(), "renewed while held");
+    }
+    assert!(!kept.is_lost());
+    assert!(kept.check().await.unwrap());
+    assert!(kept.unlock().await.unwrap());
+    // Not renewed: the holder learns it lost, then the cluster releases it, and a waiter gets it.
+    let lapsed = locks[1].lock_with("lapsed", opts).await.unwrap();
+    let token = lapsed.token();
+    let waiter = locks[2].clone();
+    let next = tokio::spawn(async move {
+        let g = waiter.lock("lapsed").await;
+        (Instant::now(), g)
+    });
+    lapsed.lost().await;
+    let lost_at = Instant::now();
+    let (granted_at, granted) = next.await.unwrap();
+    let granted = granted.unwrap();
+    assert!(
+        lost_at <= granted_at,
+        "the holder knows before the lock moves"
+    );
+    assert!(granted.token() > token);
+    assert!(
+        !lapsed.renew().await.unwrap(),
+        "an expired grant cannot be renewed"
+    );
+    // A queued grant with a lease is renewed at once, so it is timed from then.
+    let queued = {
+        let l0 = locks[0].clone();
+        let w = tokio::spawn(async move { l0.lock_with("lapsed", opts).await });
+        eventually("queued", WAIT, || async {
+            (locks[0].waiting("lapsed") == 1).then_some(())
+        })
+        .await;
+        assert!(granted.unlock().await.unwrap());
+        w.await.unwrap().unwrap()
+    };
+    assert!(!queued.is_lost());
+    assert!(queued.renew().await.unwrap());
+    assert!(queued.unlock().await.unwrap());
+    drop(lapsed);
+    c.close().await;
+}

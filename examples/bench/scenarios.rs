@@ -24,6 +24,7 @@ pub const ALL: &[&str] = &[
     "failover",
     "catchup",
     "scale",
+    "locks",
 ];
 
 /// Operation counts: the issue's, or much smaller ones with `--quick`.
@@ -167,8 +168,147 @@ impl Ctx {
                 Ok(())
             }
             "read" => self.read().await,
+            "locks" => self.locks().await,
             other => Err(format!("unknown scenario {other:?}").into()),
         }
+    }
+
+    /// `locks`: uncontended `lock` + `unlock` from the leader and from a follower; the hand-over to a
+    /// waiter on another peer when the holder unlocks and when its peer crashes (closes without
+    /// leaving: the cluster removes it after `peer_max_idle_ms`); a leader job's failover when its
+    /// runner's peer crashes.
+    async fn locks(&mut self) -> Res<()> {
+        if self.peers < 3 {
+            eprintln!("  locks: skipped, it needs at least 3 peers");
+            return Ok(());
+        }
+        let net = Net::fresh(self.kind);
+        let (cluster, _) = Cluster::start(&net, "locks", self.peers).await?;
+        let mut tables = Vec::new();
+        for p in &cluster.peers {
+            tables.push(p.get_or_create_lock_table("bench").await?);
+        }
+        let leader = cluster.leader_index();
+        let follower = cluster.follower_index();
+        let n = (self.sizes.latency_n / 2).max(50);
+        for (from, at) in [("leader", leader), ("follower", follower)] {
+            let hist = Hist::default();
+            let progress = Progress::new(n, &format!("locks: uncontended, from {from}"));
+            for _ in 0..n {
+                let started = Instant::now();
+                let guard = tables[at].lock("uncontended").await?;
+                hist.record(started.elapsed());
+                guard.unlock().await?;
+                progress.inc(1);
+            }
+            progress.finish();
+            let mut r = self
+                .record("locks", self.peers, from, "lock() uncontended")
+                .config("metric", "lock() call to guard; each followed by unlock()");
+            r.summary = hist.summary();
+            self.emit(r);
+        }
+        // Hand-over on unlock: holder on the leader, waiter on a follower.
+        let hist = Hist::default();
+        let reps = (n / 5).max(10);
+        for _ in 0..reps {
+            let guard = tables[leader].lock("handover").await?;
+            let waiter = tables[follower].clone();
+            let granted = tokio::spawn(async move {
+                let g = waiter.lock("handover").await;
+                (Instant::now(), g)
+            });
+            while tables[leader].waiting("handover") == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let started = Instant::now();
+            guard.unlock().await?;
+            let (at, g) = granted.await?;
+            hist.record(at.saturating_duration_since(started));
+            g?.unlock().await?;
+        }
+        let mut r = self
+            .record("locks", self.peers, "follower", "hand-over on unlock")
+            .config(
+                "metric",
+                "holder's unlock() call to the waiter's grant (holder: leader)",
+            );
+        r.summary = hist.summary();
+        self.emit(r);
+        cluster.close().await;
+
+        // Hand-over when the holder's peer crashes, and a leader job's failover.
+        let idle = hamok::runtime::HamokConfig::default().peer_max_idle_ms;
+        for what in [
+            "hand-over on holder crash",
+            "leader job failover on runner crash",
+        ] {
+            let hist = Hist::default();
+            let progress = Progress::new(self.sizes.failover_reps, &format!("locks: {what}"));
+            for _ in 0..self.sizes.failover_reps {
+                let (cluster, _) = Cluster::start(&net, "locks-crash", self.peers).await?;
+                let mut tables = Vec::new();
+                for p in &cluster.peers {
+                    tables.push(p.get_or_create_lock_table("bench").await?);
+                }
+                let victim = cluster.follower_index();
+                let other = (0..cluster.peers.len())
+                    .find(|i| *i != victim && *i != cluster.leader_index())
+                    .unwrap_or(cluster.leader_index());
+                let took_over = if what.starts_with("hand-over") {
+                    let guard = tables[victim].lock("crash").await?;
+                    std::mem::forget(guard); // a crashed process releases nothing
+                    let waiter = tables[other].clone();
+                    let next = tokio::spawn(async move { waiter.lock("crash").await });
+                    while tables[other].waiting("crash") == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    let started = Instant::now();
+                    cluster.peers[victim].close().await;
+                    let _granted = next.await??;
+                    started.elapsed()
+                } else {
+                    let runner = hamok::collections::LeaderJob::start(
+                        &tables[victim],
+                        "job",
+                        |ctx| async move {
+                            ctx.cancelled().await;
+                        },
+                    );
+                    runner.wait_running().await;
+                    let standby = hamok::collections::LeaderJob::start(
+                        &tables[other],
+                        "job",
+                        |ctx| async move {
+                            ctx.cancelled().await;
+                        },
+                    );
+                    let started = Instant::now();
+                    cluster.peers[victim].close().await;
+                    standby.wait_running().await;
+                    let elapsed = started.elapsed();
+                    standby.stop().await;
+                    drop(runner);
+                    elapsed
+                };
+                hist.record(took_over);
+                cluster.close().await;
+                progress.inc(1);
+            }
+            progress.finish();
+            let mut r = self
+                .record("locks", self.peers, "survivor", what)
+                .config("peer_max_idle_ms", idle)
+                .config(
+                    "metric",
+                    "the holder's peer closes without leaving, to the grant on another peer (the \
+                     cluster removes the silent peer after peer_max_idle_ms and releases its locks in \
+                     that log entry)",
+                );
+            r.summary = hist.summary();
+            self.emit(r);
+        }
+        Ok(())
     }
 
     /// `election`: cold start of N peers to the first leader, repeated.

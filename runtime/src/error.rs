@@ -126,10 +126,10 @@ pub enum HamokError {
         /// The configured limit.
         limit: usize,
     },
-    /// A storage id is used for another kind of collection. **Not applied.**
-    #[error("storage `{id}` exists with another kind ({existing})")]
+    /// A collection id is used for another kind of collection. **Not applied.**
+    #[error("collection `{id}` exists with another kind ({existing})")]
     KindMismatch {
-        /// The storage id.
+        /// The collection id.
         id: String,
         /// The kind it already has.
         existing: String,

@@ -593,25 +593,25 @@ impl Hamok {
         }
     }
 
-    /// Submits an opaque command to the state machine of `storage`.
+    /// Submits an opaque command to the state machine of `collection`.
     pub async fn submit(
         &self,
-        storage: &str,
+        collection: &str,
         command: impl Into<Vec<u8>>,
     ) -> Result<Bytes, HamokError> {
         self.submit_op(Op::Apply {
-            storage: storage.to_string(),
+            collection: collection.to_string(),
             payload: command.into(),
             fence: None,
         })
         .await
     }
 
-    /// Creates storage `id` of `kind` through the log (a no-op if it exists with that kind; an error if it
+    /// Creates collection `id` of `kind` through the log (a no-op if it exists with that kind; an error if it
     /// exists with another).
-    pub async fn create_storage(&self, id: &str, kind: &str) -> Result<(), HamokError> {
+    pub async fn create_collection(&self, id: &str, kind: &str) -> Result<(), HamokError> {
         self.submit_op(Op::Create {
-            storage: id.to_string(),
+            collection: id.to_string(),
             kind: kind.to_string(),
         })
         .await
@@ -620,32 +620,32 @@ impl Hamok {
 
     fn query_raw(
         &self,
-        storage: &str,
+        collection: &str,
         linearizable: bool,
         timeout: Duration,
         f: impl FnOnce(Result<Served<'_>, HamokError>) + Send + 'static,
     ) -> Result<(), HamokError> {
         self.send(NodeMsg::Query {
-            storage: storage.to_string(),
+            collection: collection.to_string(),
             linearizable,
             timeout,
             f: Box::new(f),
         })
     }
 
-    /// Runs `f` on the state machine of `storage` inside the node and returns its result. With
+    /// Runs `f` on the state machine of `collection` inside the node and returns its result. With
     /// `linearizable`, `f` runs only after a ReadIndex round, so it sees every write acknowledged before
     /// the call; otherwise it sees this peer's applied state (fast, possibly stale).
     pub async fn query<R: Send + 'static>(
         &self,
-        storage: &str,
+        collection: &str,
         linearizable: bool,
         f: impl FnOnce(Option<&dyn StateMachine>) -> R + Send + 'static,
     ) -> Result<R, HamokError> {
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
         let _permit = self.permit(timeout).await?;
         let (tx, rx) = oneshot::channel();
-        self.query_raw(storage, linearizable, timeout, move |r| {
+        self.query_raw(collection, linearizable, timeout, move |r| {
             let _ = tx.send(r.map(|served| f(served.machine)));
         })?;
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
@@ -655,15 +655,15 @@ impl Hamok {
         }
     }
 
-    /// Runs `hook` on the state machine of `storage` now (if it exists) and whenever it is recreated
+    /// Runs `hook` on the state machine of `collection` now (if it exists) and whenever it is recreated
     /// (created through the log, or restored from a snapshot). Collections attach local observers so.
     pub fn attach(
         &self,
-        storage: &str,
+        collection: &str,
         hook: impl Fn(&mut dyn StateMachine) + Send + Sync + 'static,
     ) -> Result<(), HamokError> {
         self.send(NodeMsg::Attach {
-            storage: storage.to_string(),
+            collection: collection.to_string(),
             hook: Arc::new(hook),
         })
     }

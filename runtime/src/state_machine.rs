@@ -1,8 +1,8 @@
-//! The state-machine layer: replicated state machines registered under storage ids, the command
+//! The state-machine layer: replicated state machines registered under collection ids, the command
 //! envelope every log command travels in, and at-most-once application of client requests.
 //!
-//! Every peer applies every committed command, whether or not it made a local handle for the storage,
-//! so a snapshot of this layer ([`Storages::snapshot`]) is the whole replicated state.
+//! Every peer applies every committed command, whether or not it made a local handle for the collection,
+//! so a snapshot of this layer ([`StateMachines::snapshot`]) is the whole replicated state.
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,7 +32,7 @@ pub struct ApplyContext {
 /// A deterministic replicated state machine. `apply` must give the same result and the same new state on
 /// every peer for the same sequence of commands: no clock, no randomness, no I/O that can differ.
 pub trait StateMachine: Send + 'static {
-    /// The kind of collection (e.g. `"map"`), checked when a storage id is reused.
+    /// The kind of collection (e.g. `"map"`), checked when a collection id is reused.
     fn kind(&self) -> &str;
     /// Applies one command and returns the response for the caller. An `Err` is a deterministic
     /// rejection (the same on every peer) returned to the caller; the state must be unchanged by it.
@@ -79,7 +79,7 @@ pub struct Fence {
 }
 
 /// Builds an empty state machine of one kind. Registered on the builder for every kind a cluster uses,
-/// so a peer can rebuild storages it learns of from the log or from a snapshot.
+/// so a peer can rebuild state machines it learns of from the log or from a snapshot.
 pub type StateMachineFactory = Arc<dyn Fn() -> Box<dyn StateMachine> + Send + Sync>;
 
 /// A client: one peer during one run of its process (the nonce tells runs apart, so a restarted peer's
@@ -108,17 +108,17 @@ pub struct LogCommand {
 /// A runtime-level operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Creates storage `storage` of `kind` if absent. Fails if it exists with another kind.
+    /// Creates collection `collection` of `kind` if absent. Fails if it exists with another kind.
     Create {
-        /// The storage id.
-        storage: String,
+        /// The collection id.
+        collection: String,
         /// Its kind.
         kind: String,
     },
-    /// Applies `payload` to storage `storage`.
+    /// Applies `payload` to collection `collection`.
     Apply {
-        /// The storage id.
-        storage: String,
+        /// The collection id.
+        collection: String,
         /// The collection's command.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
@@ -148,8 +148,8 @@ pub enum Applied {
     Forgotten,
 }
 
-/// All storages of a peer, and the client sessions that make requests at-most-once.
-pub struct Storages {
+/// All state machines of a peer, and the client sessions that make requests at-most-once.
+pub struct StateMachines {
     kinds: BTreeMap<String, StateMachineFactory>,
     machines: BTreeMap<String, Box<dyn StateMachine>>,
     sessions: BTreeMap<ClientId, Session>,
@@ -163,19 +163,19 @@ pub struct Storages {
     pub(crate) fence_not_checked: bool,
 }
 
-/// The serialized form of [`Storages`]: the runtime's part of every Raft snapshot.
+/// The serialized form of [`StateMachines`]: the runtime's part of every Raft snapshot.
 #[derive(Serialize, Deserialize)]
-struct StoragesSnapshot {
+struct MachinesSnapshot {
     sessions: Vec<(ClientId, Session)>,
     machines: Vec<(String, String, Bytes)>,
-    /// The members as of the snapshot's last entry (see `Storages::apply_members`).
+    /// The members as of the snapshot's last entry (see `StateMachines::apply_members`).
     members: Vec<PeerId>,
 }
 
-impl Storages {
-    /// No storages; `kinds` tells how to build each kind.
+impl StateMachines {
+    /// No state machines; `kinds` tells how to build each kind.
     pub fn new(kinds: BTreeMap<String, StateMachineFactory>) -> Self {
-        Storages {
+        StateMachines {
             kinds,
             machines: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -196,17 +196,17 @@ impl Storages {
         self.members = members;
     }
 
-    /// The state machine of `storage`, if it exists.
-    pub fn get(&self, storage: &str) -> Option<&dyn StateMachine> {
-        self.machines.get(storage).map(|m| m.as_ref())
+    /// The state machine of `collection`, if it exists.
+    pub fn get(&self, collection: &str) -> Option<&dyn StateMachine> {
+        self.machines.get(collection).map(|m| m.as_ref())
     }
 
-    /// The state machine of `storage`, mutably (to attach local observers).
-    pub fn get_mut(&mut self, storage: &str) -> Option<&mut (dyn StateMachine + 'static)> {
-        self.machines.get_mut(storage).map(|m| m.as_mut())
+    /// The state machine of `collection`, mutably (to attach local observers).
+    pub fn get_mut(&mut self, collection: &str) -> Option<&mut (dyn StateMachine + 'static)> {
+        self.machines.get_mut(collection).map(|m| m.as_mut())
     }
 
-    /// Storage ids and kinds.
+    /// Collection ids and kinds.
     pub fn list(&self) -> Vec<(String, String)> {
         self.machines
             .iter()
@@ -302,13 +302,13 @@ impl Storages {
         self.sessions.get(client)?.response(seq).cloned()
     }
 
-    /// Serializes every storage and every session.
+    /// Serializes every collection and every session.
     pub fn snapshot(&self) -> Result<Bytes, HamokError> {
         let mut machines = Vec::with_capacity(self.machines.len());
         for (id, m) in &self.machines {
             machines.push((id.clone(), m.kind().to_string(), m.snapshot()?));
         }
-        let snap = StoragesSnapshot {
+        let snap = MachinesSnapshot {
             sessions: self
                 .sessions
                 .iter()
@@ -320,7 +320,7 @@ impl Storages {
         Ok(Bytes::from(rmp_serde::to_vec(&snap)?))
     }
 
-    /// Replaces everything with a snapshot. Storages of kinds not registered here are an error.
+    /// Replaces everything with a snapshot. StateMachines of kinds not registered here are an error.
     /// Local observers attached to existing machines are carried over by `reattach`.
     pub fn restore(
         &mut self,
@@ -336,13 +336,13 @@ impl Storages {
             self.response_cache_bytes = 0;
             return Ok(());
         }
-        let snap: StoragesSnapshot = rmp_serde::from_slice(data)?;
+        let snap: MachinesSnapshot = rmp_serde::from_slice(data)?;
         self.members = snap.members.into_iter().collect();
         let mut machines: BTreeMap<String, Box<dyn StateMachine>> = BTreeMap::new();
         for (id, kind, bytes) in snap.machines {
             let factory = self.kinds.get(&kind).ok_or_else(|| {
                 HamokError::Rejected(format!(
-                    "snapshot has storage `{id}` of unknown kind `{kind}`"
+                    "snapshot has collection `{id}` of unknown kind `{kind}`"
                 ))
             })?;
             let mut machine = factory();
@@ -376,7 +376,7 @@ impl Storages {
     }
 }
 
-/// Applies one runtime operation to the machines (the part of [`Storages::apply`] after dedup).
+/// Applies one runtime operation to the machines (the part of [`StateMachines::apply`] after dedup).
 fn apply_op(
     machines: &mut BTreeMap<String, Box<dyn StateMachine>>,
     kinds: &BTreeMap<String, StateMachineFactory>,
@@ -387,11 +387,11 @@ fn apply_op(
 ) -> Result<Bytes, HamokError> {
     match op {
         Op::Noop => Ok(Bytes::new()),
-        Op::Create { storage, kind } => {
-            if let Some(existing) = machines.get(&storage) {
+        Op::Create { collection, kind } => {
+            if let Some(existing) = machines.get(&collection) {
                 if existing.kind() != kind {
                     return Err(HamokError::KindMismatch {
-                        id: storage,
+                        id: collection,
                         existing: existing.kind().to_string(),
                     });
                 }
@@ -399,14 +399,14 @@ fn apply_op(
             }
             let factory = kinds
                 .get(&kind)
-                .ok_or_else(|| HamokError::Rejected(format!("unknown storage kind `{kind}`")))?;
+                .ok_or_else(|| HamokError::Rejected(format!("unknown collection kind `{kind}`")))?;
             let mut machine = factory();
             machine.on_members(ctx.index, members);
-            machines.insert(storage, machine);
+            machines.insert(collection, machine);
             Ok(Bytes::new())
         }
         Op::Apply {
-            storage,
+            collection,
             payload,
             fence,
         } => {
@@ -422,9 +422,11 @@ fn apply_op(
                     });
                 }
             }
-            match machines.get_mut(&storage) {
+            match machines.get_mut(&collection) {
                 Some(machine) => machine.apply(ctx, &payload),
-                None => Err(HamokError::Rejected(format!("no storage `{storage}`"))),
+                None => Err(HamokError::Rejected(format!(
+                    "no collection `{collection}`"
+                ))),
             }
         }
     }
@@ -461,10 +463,10 @@ mod tests {
         }
     }
 
-    fn storages() -> Storages {
+    fn state_machines() -> StateMachines {
         let mut kinds: BTreeMap<String, StateMachineFactory> = BTreeMap::new();
         kinds.insert("counter".into(), Arc::new(|| Box::new(Counter(0))));
-        Storages::new(kinds)
+        StateMachines::new(kinds)
     }
 
     fn cmd(seq: u64, floor: u64, op: Op) -> LogCommand {
@@ -481,7 +483,7 @@ mod tests {
 
     fn add(n: i64) -> Op {
         Op::Apply {
-            storage: "c".into(),
+            collection: "c".into(),
             payload: n.to_le_bytes().to_vec(),
             fence: None,
         }
@@ -489,9 +491,9 @@ mod tests {
 
     #[test]
     fn retried_request_applies_once_even_out_of_order() {
-        let mut s = storages();
+        let mut s = state_machines();
         let create = Op::Create {
-            storage: "c".into(),
+            collection: "c".into(),
             kind: "counter".into(),
         };
         assert!(matches!(
@@ -527,9 +529,9 @@ mod tests {
 
     #[test]
     fn kind_mismatch_is_an_error_and_snapshot_round_trips() {
-        let mut s = storages();
+        let mut s = state_machines();
         let create = |kind: &str| Op::Create {
-            storage: "c".into(),
+            collection: "c".into(),
             kind: kind.into(),
         };
         assert!(matches!(
@@ -545,7 +547,7 @@ mod tests {
             Applied::Done(Ok(_))
         ));
         let snap = s.snapshot().unwrap();
-        let mut t = storages();
+        let mut t = state_machines();
         t.restore(&snap, &SnapshotMeta::default(), |_, _| {})
             .unwrap();
         // The response cache travels with the snapshot; its size is recounted, not stored.
@@ -609,7 +611,7 @@ mod tests {
 
     fn fenced(n: i64, token: u64) -> Op {
         Op::Apply {
-            storage: "c".into(),
+            collection: "c".into(),
             payload: n.to_le_bytes().to_vec(),
             fence: Some(Fence {
                 table: "t".into(),
@@ -621,11 +623,11 @@ mod tests {
 
     #[test]
     fn fenced_writes_apply_only_under_the_current_token_and_members_reach_every_machine() {
-        let mut s = storages();
+        let mut s = state_machines();
         s.register_kind("table", Arc::new(|| Box::<Table>::default()));
         s.apply_members(1, [PeerId::from("a"), PeerId::from("b")].into());
         let create = |id: &str, kind: &str| Op::Create {
-            storage: id.into(),
+            collection: id.into(),
             kind: kind.into(),
         };
         assert!(matches!(
@@ -636,7 +638,7 @@ mod tests {
             s.apply(3, 1, cmd(2, 1, create("t", "table")), true),
             Applied::Done(Ok(_))
         ));
-        let table = |s: &Storages| {
+        let table = |s: &StateMachines| {
             s.get("t")
                 .unwrap()
                 .as_any()
@@ -657,7 +659,7 @@ mod tests {
         ));
         // `a` takes the lock at index 5: token 5.
         let grab = Op::Apply {
-            storage: "t".into(),
+            collection: "t".into(),
             payload: vec![],
             fence: None,
         };
@@ -693,7 +695,7 @@ mod tests {
         assert_eq!(total, 5, "only the write under the current token applied");
         // A snapshot restore tells every machine the members as of the snapshot.
         let snap = s.snapshot().unwrap();
-        let mut t = storages();
+        let mut t = state_machines();
         t.register_kind("table", Arc::new(|| Box::<Table>::default()));
         let meta = SnapshotMeta {
             last_index: 9,

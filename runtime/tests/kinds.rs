@@ -1,4 +1,4 @@
-//! Storage kinds must be registered on every peer: an unknown kind is refused before it enters the log,
+//! Collection kinds must be registered on every peer: an unknown kind is refused before it enters the log,
 //! and a peer that meets a kind it lacks stops loudly rather than diverge.
 
 use std::any::Any;
@@ -56,14 +56,14 @@ async fn unknown_kinds_are_refused_and_a_peer_missing_one_stops() {
     ja.unwrap();
     jb.unwrap();
 
-    let refused = a.create_storage("x", "no-such-kind").await;
+    let refused = a.create_collection("x", "no-such-kind").await;
     assert!(
         matches!(refused, Err(HamokError::Rejected(_))),
         "{refused:?}"
     );
 
     let mut b_events = b.events();
-    a.create_storage("f", "flag").await.unwrap();
+    a.create_collection("f", "flag").await.unwrap();
     // `b` cannot build a `flag`: it reports why and stops instead of silently diverging.
     let stopped = tokio::time::timeout(Duration::from_secs(5), async {
         loop {

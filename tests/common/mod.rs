@@ -24,8 +24,8 @@ pub use hamok_testkit::wait::{eventually, wait_until, WAIT};
 
 /// The kind the test state machine is registered under.
 pub const KIND: &str = "test-sm";
-/// The storage every test uses.
-pub const STORAGE: &str = "t";
+/// The collection every test uses.
+pub const COLLECTION: &str = "t";
 
 /// What the test state machine holds: a string map, a counter and the ids of every increment applied
 /// (in apply order, duplicates kept, so a double apply is visible).
@@ -266,27 +266,27 @@ impl TestCluster {
 }
 
 // -------------------------------------------------------------------------------------------------
-// Reading and writing the test storage
+// Reading and writing the test collection
 // -------------------------------------------------------------------------------------------------
 
-/// The test state machine's state on `peer` (`None` if the storage does not exist there).
+/// The test state machine's state on `peer` (`None` if the collection does not exist there).
 pub async fn read_state(peer: &Hamok, linearizable: bool) -> Result<Option<SmState>, HamokError> {
-    peer.query(STORAGE, linearizable, |sm| {
+    peer.query(COLLECTION, linearizable, |sm| {
         sm.and_then(|m| m.as_any().downcast_ref::<TestSm>())
             .map(|t| t.state.clone())
     })
     .await
 }
 
-/// The state on `peer` after a linearizable read; panics if the read fails or the storage is missing.
+/// The state on `peer` after a linearizable read; panics if the read fails or the collection is missing.
 pub async fn lin_state(peer: &Hamok) -> SmState {
     read_state(peer, true)
         .await
         .unwrap_or_else(|e| panic!("linearizable read on {}: {e}", peer.local_peer_id()))
-        .unwrap_or_else(|| panic!("storage missing on {}", peer.local_peer_id()))
+        .unwrap_or_else(|| panic!("collection missing on {}", peer.local_peer_id()))
 }
 
-/// The state on `peer`, local read; the default state if the storage does not exist there yet.
+/// The state on `peer`, local read; the default state if the collection does not exist there yet.
 pub async fn local_state(peer: &Hamok) -> SmState {
     read_state(peer, false)
         .await
@@ -294,16 +294,16 @@ pub async fn local_state(peer: &Hamok) -> SmState {
         .unwrap_or_default()
 }
 
-/// Creates the test storage through `peer`.
-pub async fn create_storage(peer: &Hamok) {
-    peer.create_storage(STORAGE, KIND)
+/// Creates the test collection through `peer`.
+pub async fn create_collection(peer: &Hamok) {
+    peer.create_collection(COLLECTION, KIND)
         .await
-        .unwrap_or_else(|e| panic!("create storage on {}: {e}", peer.local_peer_id()));
+        .unwrap_or_else(|e| panic!("create collection on {}: {e}", peer.local_peer_id()));
 }
 
 /// Submits a put through `peer`; returns the log index it was applied at.
 pub async fn put(peer: &Hamok, key: &str, value: &str) -> Result<u64, HamokError> {
-    peer.submit(STORAGE, put_cmd(key, value))
+    peer.submit(COLLECTION, put_cmd(key, value))
         .await
         .map(|r| response_index(&r))
 }

@@ -6,7 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use hamok_runtime::raft::PeerId;
@@ -14,8 +14,8 @@ use hamok_runtime::{Hamok, HamokError};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::machine::{LockCmd, Notes};
-use crate::common::{encode, Envelope};
+use super::machine::{LockCmd, LockState, Notes};
+use crate::common::{encode, Envelope, Local};
 
 /// How a waiting `lock` call learns its fate from the apply path.
 pub(crate) enum WaitOutcome {
@@ -42,6 +42,8 @@ pub(crate) struct LockExtra {
     /// Guards held here, by token: cancelled when the apply path releases the grant.
     held: Mutex<HashMap<u64, CancellationToken>>,
     next_owner: AtomicU64,
+    /// Whether this group's lease timer runs.
+    lease_timer: std::sync::atomic::AtomicBool,
 }
 
 impl LockExtra {
@@ -54,6 +56,19 @@ impl LockExtra {
             waiting: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             next_owner: AtomicU64::new(start),
+            lease_timer: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Starts this group's lease timer (once).
+    pub(crate) fn start_lease_timer(&self, local: &Arc<LockLocal>) {
+        if self.lease_timer.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some((_, hamok)) = self.peer.get() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(lease_timer(hamok.clone(), Arc::downgrade(local)));
+            }
         }
     }
 
@@ -123,9 +138,14 @@ pub(crate) fn submit_in_background(hamok: &Hamok, id: &str, cmd: LockCmd) {
     let Ok(bytes) = encode(&Envelope::Op(cmd)) else {
         return;
     };
+    // A guard dropped outside any runtime (after it shut down) cannot submit: the membership lease
+    // frees the lock once this peer is gone.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let hamok = hamok.clone();
     let id = id.to_string();
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let mut backoff = Duration::from_millis(20);
         for _ in 0..CLEANUP_ATTEMPTS {
             match hamok.submit(&id, bytes.to_vec()).await {
@@ -138,4 +158,71 @@ pub(crate) fn submit_in_background(hamok: &Hamok, id: &str, cmd: LockCmd) {
             }
         }
     });
+}
+
+/// How long after a grant or renewal a peer's timer asks to expire a lease of `lease_ms`: the lease
+/// plus a margin for clock drift and scheduling (a tenth, at least 20 ms), so the holder, which counts
+/// the bare lease from before its request, always lets go first.
+pub(crate) fn expiry_after(lease_ms: u64) -> Duration {
+    let lease = Duration::from_millis(lease_ms);
+    lease + (lease / 10).max(Duration::from_millis(20))
+}
+
+/// How often a lease timer looks at the table.
+const LEASE_TICK: Duration = Duration::from_millis(20);
+
+/// The handle group of a lock table on one peer.
+pub(crate) type LockLocal = Local<LockState, LockExtra>;
+
+/// Every joined peer with the table open times the TTL leases it sees, from the moment it applied the
+/// grant (or its latest renewal), and asks the cluster to expire one that ran out. Expiry is therefore
+/// never earlier than the lease after the grant on any peer's clock (a lower bound, like every lease
+/// without synchronised clocks); the first expiry applied wins and later ones do nothing (they name the
+/// token and the renewal count). Ends when the handle group is gone or the peer closed. Bounded: one
+/// entry per held lock with a lease.
+async fn lease_timer(hamok: Hamok, local: Weak<LockLocal>) {
+    let mut seen: HashMap<(String, u64, u64), (tokio::time::Instant, bool)> = HashMap::new();
+    loop {
+        tokio::time::sleep(LEASE_TICK).await;
+        let Some(local) = local.upgrade() else { return };
+        if hamok.is_closed() {
+            return;
+        }
+        if !hamok.is_joined() {
+            seen.clear();
+            continue;
+        }
+        let leased: Vec<(String, u64, u64, u64)> = local.read(|s| {
+            s.locks
+                .iter()
+                .filter_map(|(name, e)| {
+                    let h = e.holder.as_ref().filter(|h| h.timed)?;
+                    Some((name.clone(), h.token, h.renewals, h.lease_ms?))
+                })
+                .collect()
+        });
+        let now = tokio::time::Instant::now();
+        let current: std::collections::HashSet<(String, u64, u64)> = leased
+            .iter()
+            .map(|(n, t, r, _)| (n.clone(), *t, *r))
+            .collect();
+        seen.retain(|k, _| current.contains(k));
+        for (name, token, renewals, lease_ms) in leased {
+            let (since, asked) = seen
+                .entry((name.clone(), token, renewals))
+                .or_insert((now, false));
+            if !*asked && now.saturating_duration_since(*since) >= expiry_after(lease_ms) {
+                *asked = true;
+                submit_in_background(
+                    &hamok,
+                    &local.id,
+                    LockCmd::Expire {
+                        name,
+                        token,
+                        renewals,
+                    },
+                );
+            }
+        }
+    }
 }

@@ -35,6 +35,14 @@ pub(crate) struct Grant {
     /// The waiting call on that peer (random per call).
     pub(crate) owner: u64,
     pub(crate) token: u64,
+    /// A TTL lease (milliseconds), if the holder asked for one.
+    pub(crate) lease_ms: Option<u64>,
+    /// How many times the holder renewed its lease (an expiry names the count it timed).
+    pub(crate) renewals: u64,
+    /// Whether the lease's timers run: from a direct grant, or from the holder's first renewal of a
+    /// grant it got from the queue (it could not know when that grant happened, so it renews at once
+    /// and its lease, like everyone's timers, counts from that renewal).
+    pub(crate) timed: bool,
 }
 
 /// A waiting `lock` call.
@@ -42,6 +50,7 @@ pub(crate) struct Grant {
 pub(crate) struct Waiter {
     pub(crate) peer: PeerId,
     pub(crate) owner: u64,
+    pub(crate) lease_ms: Option<u64>,
 }
 
 /// One lock: its holder and its queue.
@@ -75,12 +84,22 @@ pub(crate) enum LockCmd {
         name: String,
         owner: u64,
         wait: bool,
+        lease_ms: Option<u64>,
     },
     /// Let go of `name` if it is held under `token`.
     Release { name: String, token: u64 },
     /// The call (submitter, `owner`) stopped waiting: drop it from the queue, or release the lock if it
     /// was granted meanwhile.
     Cancel { name: String, owner: u64 },
+    /// The holder under `token` renews its TTL lease.
+    Renew { name: String, token: u64 },
+    /// A peer's timer says the lease of `token` ran out after `renewals` renewals: release it if it is
+    /// still that grant, not renewed since.
+    Expire {
+        name: String,
+        token: u64,
+        renewals: u64,
+    },
 }
 
 /// What an `Acquire` got.
@@ -116,6 +135,9 @@ fn grant_next(
             peer: w.peer,
             owner: w.owner,
             token,
+            lease_ms: w.lease_ms,
+            renewals: 0,
+            timed: false,
         };
         notes.granted(name, &grant);
         entry.holder = Some(grant);
@@ -206,7 +228,12 @@ impl Logic for LockLogic {
             let mut guard = write_lock(&core.state);
             let state = &mut *guard;
             match cmd {
-                LockCmd::Acquire { name, owner, wait } => {
+                LockCmd::Acquire {
+                    name,
+                    owner,
+                    wait,
+                    lease_ms,
+                } => {
                     // Empty: no membership change applied yet (a cluster that never grew past its
                     // founder), so nobody can have been removed either.
                     if !state.members.is_empty() && !state.members.contains(&ctx.client) {
@@ -225,6 +252,9 @@ impl Logic for LockLogic {
                                 peer: ctx.client.clone(),
                                 owner,
                                 token: ctx.index,
+                                lease_ms,
+                                renewals: 0,
+                                timed: true,
                             };
                             notes.granted(&name, &grant);
                             entry.holder = Some(grant);
@@ -238,6 +268,7 @@ impl Logic for LockLogic {
                             entry.waiters.push_back(Waiter {
                                 peer: ctx.client.clone(),
                                 owner,
+                                lease_ms,
                             });
                             encode(&Acquired::Queued)
                         }
@@ -273,6 +304,41 @@ impl Logic for LockLogic {
                         }
                     }
                     encode(&done)
+                }
+                LockCmd::Renew { name, token } => {
+                    let holder = state
+                        .locks
+                        .get_mut(&name)
+                        .and_then(|e| e.holder.as_mut())
+                        .filter(|h| h.token == token && h.peer == ctx.client);
+                    let renewed = match holder {
+                        Some(h) => {
+                            h.renewals += 1;
+                            h.timed = true;
+                            true
+                        }
+                        None => false,
+                    };
+                    encode(&renewed)
+                }
+                LockCmd::Expire {
+                    name,
+                    token,
+                    renewals,
+                } => {
+                    let members = &state.members;
+                    let expired = match state.locks.get_mut(&name) {
+                        Some(entry)
+                            if entry.holder.as_ref().is_some_and(|h| {
+                                h.token == token && h.renewals == renewals && h.lease_ms.is_some()
+                            }) =>
+                        {
+                            release(&name, entry, members, ctx.index, &mut notes);
+                            true
+                        }
+                        _ => false,
+                    };
+                    encode(&expired)
                 }
             }
         };

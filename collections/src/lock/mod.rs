@@ -44,6 +44,11 @@
 //!   leader for half of `peer_max_idle_ms` (before the cluster can remove it, when the election timeout
 //!   is well below that, as with the defaults), or it left or closed. A holder must stop acting when
 //!   `lost` fires; fencing covers the moments before it notices.
+//! - **An optional TTL lease** ([`LockOptions::lease`], renewed with [`LockGuard::renew`]): the cluster
+//!   also releases the lock when it is not renewed in time. Every peer with the table open times it on
+//!   its own clock from when it applied the grant or the latest renewal, plus a margin (a tenth of the
+//!   lease, at least 20 ms), so it is a lower bound (never released earlier); the holder's `lost()`
+//!   fires at the bare lease counted from before its own request, so before any peer's timer.
 //! - **Bounded**: at most [`MAX_WAITERS_PER_LOCK`] waiters per lock and [`MAX_LOCKS`] held or awaited
 //!   names per table ([`HamokError::Busy`] beyond).
 //!
@@ -52,6 +57,7 @@
 mod local;
 mod machine;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hamok_runtime::raft::PeerId;
@@ -137,6 +143,12 @@ pub struct LockOptions {
     /// Give up (with [`HamokError::Timeout`]) if not granted within this; `None` waits until granted,
     /// or until this peer leaves the cluster ([`HamokError::NotJoined`]) or closes.
     pub wait_timeout: Option<Duration>,
+    /// A TTL lease on top of the membership lease: unless renewed ([`LockGuard::renew`]) within this,
+    /// the cluster releases the lock. The cluster's timers run on the peers' clocks from when each
+    /// applied the grant or renewal, so the lease is a **lower bound**: the lock is never released
+    /// earlier, maybe somewhat later; the holder's `lost()` fires at the lease measured from before its
+    /// request, so first.
+    pub lease: Option<Duration>,
 }
 
 impl LockOptions {
@@ -144,6 +156,15 @@ impl LockOptions {
     pub fn wait_timeout(timeout: Duration) -> Self {
         LockOptions {
             wait_timeout: Some(timeout),
+            ..LockOptions::default()
+        }
+    }
+
+    /// These options with a TTL lease of `lease`.
+    pub fn with_lease(self, lease: Duration) -> Self {
+        LockOptions {
+            lease: Some(lease),
+            ..self
         }
     }
 }
@@ -243,10 +264,17 @@ impl HamokLock {
             owner,
             armed: true,
         };
+        let lease_ms = options
+            .lease
+            .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX).max(1));
+        if lease_ms.is_some() {
+            extra.start_lease_timer(&self.handle.local);
+        }
         let cmd = LockCmd::Acquire {
             name: name.to_string(),
             owner,
             wait,
+            lease_ms,
         };
         let acquired: Acquired = match self.handle.submit(cmd).await {
             Ok(a) => a,
@@ -255,8 +283,8 @@ impl HamokLock {
                 return Err(e);
             }
         };
-        let token = match acquired {
-            Acquired::Granted(token) => token,
+        let (token, queued) = match acquired {
+            Acquired::Granted(token) => (token, false),
             Acquired::Busy(_) => {
                 pending.armed = false;
                 return Ok(None);
@@ -274,7 +302,7 @@ impl HamokLock {
                     None => granted.await,
                 };
                 match outcome {
-                    Ok(WaitOutcome::Granted(token)) => token,
+                    Ok(WaitOutcome::Granted(token)) => (token, true),
                     Ok(WaitOutcome::Dropped) => {
                         pending.armed = false;
                         return Err(HamokError::NotJoined);
@@ -286,7 +314,24 @@ impl HamokLock {
         };
         pending.armed = false;
         extra.stop_waiting(owner);
-        Ok(Some(LockGuard::new(self.clone(), name, token)))
+        // The holder's lease runs from before its request: it ends no later than anyone's timer. (A
+        // grant from the queue is timed by nobody until the renewal below, which restarts it.)
+        let base = if queued {
+            tokio::time::Instant::now()
+        } else {
+            started
+        };
+        let lease = options.lease.map(|l| Lease {
+            length: l,
+            deadline: Arc::new(std::sync::Mutex::new(base + l)),
+        });
+        let guard = LockGuard::new(self.clone(), name, token, lease);
+        if queued && guard.lease.is_some() {
+            // Granted from the queue at a moment this peer cannot know: the lease starts with a
+            // renewal (no timer runs on the grant before it).
+            guard.renew().await?;
+        }
+        Ok(Some(guard))
     }
 
     /// Who holds `name`, as applied on this peer (a local read).
@@ -353,7 +398,24 @@ pub struct LockGuard {
     name: String,
     token: u64,
     lost: CancellationToken,
+    lease: Option<Lease>,
     released: bool,
+}
+
+/// A guard's TTL lease: its length, and when it runs out on the holder's clock.
+#[derive(Clone)]
+struct Lease {
+    length: Duration,
+    deadline: Arc<std::sync::Mutex<tokio::time::Instant>>,
+}
+
+impl Lease {
+    fn deadline(&self) -> tokio::time::Instant {
+        *self
+            .deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -368,20 +430,48 @@ impl std::fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    fn new(table: HamokLock, name: &str, token: u64) -> Self {
+    fn new(table: HamokLock, name: &str, token: u64, lease: Option<Lease>) -> Self {
         let lost = table.handle.local.extra.hold(token);
         // Released before this guard existed (a race with the cluster): lost at once.
         if table.holder(name).is_none_or(|h| h.token != token) {
             lost.cancel();
         }
-        watch_contact(table.hamok().clone(), lost.clone());
+        watch_contact(table.hamok().clone(), lost.clone(), lease.clone());
         LockGuard {
             table,
             name: name.to_string(),
             token,
             lost,
+            lease,
             released: false,
         }
+    }
+
+    /// Renews the TTL lease (see [`LockOptions::lease`]); `Ok(false)` if the lock is no longer held
+    /// under this guard's token (or it has no lease). The new lease runs from before the call.
+    pub async fn renew(&self) -> Result<bool, HamokError> {
+        let Some(lease) = &self.lease else {
+            return Ok(false);
+        };
+        let started = tokio::time::Instant::now();
+        if self.lost.is_cancelled() {
+            return Ok(false);
+        }
+        let renewed: bool = self
+            .table
+            .handle
+            .submit(LockCmd::Renew {
+                name: self.name.clone(),
+                token: self.token,
+            })
+            .await?;
+        if renewed && !self.lost.is_cancelled() {
+            *lease
+                .deadline
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = started + lease.length;
+        }
+        Ok(renewed)
     }
 
     /// The lock's name.
@@ -461,18 +551,35 @@ impl Drop for LockGuard {
 }
 
 /// Fires `lost` when this peer has gone half of `peer_max_idle_ms` without a leader (the cluster removes
-/// a peer after the whole of it), or is no longer joined, or closed. Ends when `lost` fires.
-fn watch_contact(hamok: Hamok, lost: CancellationToken) {
+/// a peer after the whole of it), or is no longer joined, or closed, or its TTL lease ran out on its
+/// own clock. Ends when `lost` fires.
+fn watch_contact(hamok: Hamok, lost: CancellationToken, lease: Option<Lease>) {
     let bound = Duration::from_millis(hamok.config().peer_max_idle_ms / 2);
     let period = (bound / 4).max(Duration::from_millis(5));
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        lost.cancel();
+        return;
+    };
+    runtime.spawn(async move {
         loop {
+            // Wake at the lease's deadline exactly, not up to a period after it.
+            let mut wake = tokio::time::Instant::now() + period;
+            if let Some(l) = &lease {
+                wake = wake.min(l.deadline());
+            }
             tokio::select! {
                 biased;
                 _ = lost.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
-            if hamok.is_closed() || !hamok.is_joined() || hamok.leader_contact_age() >= bound {
+            let expired = lease
+                .as_ref()
+                .is_some_and(|l| tokio::time::Instant::now() >= l.deadline());
+            if expired
+                || hamok.is_closed()
+                || !hamok.is_joined()
+                || hamok.leader_contact_age() >= bound
+            {
                 lost.cancel();
                 return;
             }

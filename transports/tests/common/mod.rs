@@ -30,8 +30,8 @@ use tokio::task::JoinHandle;
 
 /// The kind the counter is registered under.
 pub const KIND: &str = "tcounter";
-/// The storage the tests write to.
-pub const STORAGE: &str = "counter";
+/// The collection the tests write to.
+pub const COLLECTION: &str = "counter";
 
 /// Adds the little-endian i64 of each command; answers the new total.
 #[derive(Default)]
@@ -71,13 +71,13 @@ impl StateMachine for Counter {
 
 /// Adds `n` through `peer`; returns the total the write produced.
 pub async fn add(peer: &Hamok, n: i64) -> Result<i64, HamokError> {
-    let response = peer.submit(STORAGE, n.to_le_bytes().to_vec()).await?;
+    let response = peer.submit(COLLECTION, n.to_le_bytes().to_vec()).await?;
     le_i64(&response)
 }
 
-/// The counter on `peer` (`None` when the storage does not exist there).
+/// The counter on `peer` (`None` when the collection does not exist there).
 pub async fn read(peer: &Hamok, linearizable: bool) -> Result<Option<i64>, HamokError> {
-    peer.query(STORAGE, linearizable, |sm| {
+    peer.query(COLLECTION, linearizable, |sm| {
         sm.and_then(|m| m.as_any().downcast_ref::<Counter>())
             .map(|c| c.total)
     })
@@ -254,9 +254,9 @@ pub async fn three_peers<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
     );
 
     peers[(leader + 1) % 3]
-        .create_storage(STORAGE, KIND)
+        .create_collection(COLLECTION, KIND)
         .await
-        .expect("create storage through a follower");
+        .expect("create collection through a follower");
     for (i, p) in peers.iter().enumerate() {
         add(p, i as i64 + 1)
             .await
@@ -348,8 +348,14 @@ pub async fn two_clusters<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
     wait_membership(&pa).await;
     wait_membership(&pb).await;
 
-    pa[0].create_storage(STORAGE, KIND).await.expect("create a");
-    pb[2].create_storage(STORAGE, KIND).await.expect("create b");
+    pa[0]
+        .create_collection(COLLECTION, KIND)
+        .await
+        .expect("create a");
+    pb[2]
+        .create_collection(COLLECTION, KIND)
+        .await
+        .expect("create b");
     let (ra, rb) = tokio::join!(
         async {
             for p in &pa {
@@ -463,7 +469,7 @@ where
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
     peers[0]
-        .create_storage(STORAGE, KIND)
+        .create_collection(COLLECTION, KIND)
         .await
         .expect("create");
 
@@ -661,7 +667,7 @@ pub async fn outage<T: TestTransport>(
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
     peers[0]
-        .create_storage(STORAGE, KIND)
+        .create_collection(COLLECTION, KIND)
         .await
         .expect("create");
     let mut acked = 0;
@@ -700,7 +706,7 @@ pub async fn outage<T: TestTransport>(
     let total = read(&peers[0], true)
         .await
         .expect("linearizable read after the outage")
-        .expect("storage");
+        .expect("collection");
     assert!(
         (acked..=acked + unknown).contains(&total),
         "total {total}: {acked} acknowledged writes, {unknown} of unknown outcome"

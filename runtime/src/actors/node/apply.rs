@@ -1,4 +1,4 @@
-//! The apply path: the log store (what each `Ready` asks to persist), the storages (the state
+//! The apply path: the log store (what each `Ready` asks to persist), the state machines (the state
 //! machines every committed command is applied to, at most once per request), the attach hooks of
 //! local handles, and snapshots with log compaction by log size.
 
@@ -9,19 +9,19 @@ use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::raft::{LogIndex, Membership, PersistedState, RaftNode, Ready, Snapshot, Term};
 use crate::state_machine::{
-    Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, Storages,
+    Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, StateMachines,
 };
 use crate::stats::Counters;
 use crate::store::LogStore;
 
-/// A hook run on a storage's state machine whenever it is (re)created (to attach local observers).
+/// A hook run on a collection's state machine whenever it is (re)created (to attach local observers).
 pub(crate) type AttachFn = Arc<dyn Fn(&mut dyn StateMachine) + Send + Sync>;
 
 /// What applying one committed command did.
 pub(super) enum CommandApplied {
     /// The command does not decode: skipped identically on every peer (determinism holds).
     Undecodable(String),
-    /// The command creates a storage of a kind this peer has not registered: it cannot follow the
+    /// The command creates a collection of a kind this peer has not registered: it cannot follow the
     /// cluster and must stop rather than diverge.
     UnknownKind(String),
     /// Applied, or recognised as a retry.
@@ -36,7 +36,7 @@ pub(super) enum CommandApplied {
 
 pub(super) struct Apply {
     store: Box<dyn LogStore>,
-    storages: Storages,
+    state_machines: StateMachines,
     attach_hooks: BTreeMap<String, Vec<AttachFn>>,
     snapshot_after_entries: u64,
     snapshot_after_bytes: u64,
@@ -50,7 +50,7 @@ impl Apply {
     ) -> Self {
         Apply {
             store,
-            storages: Storages::new(kinds),
+            state_machines: StateMachines::new(kinds),
             attach_hooks: BTreeMap::new(),
             snapshot_after_entries: config.snapshot_after_entries,
             snapshot_after_bytes: config.snapshot_after_bytes,
@@ -59,13 +59,13 @@ impl Apply {
 
     /// The planted bug `fence_not_checked` (see `PlantedBugs`).
     pub(super) fn plant_fence_not_checked(&mut self) {
-        self.storages.fence_not_checked = true;
+        self.state_machines.fence_not_checked = true;
     }
 
-    /// Loads what the store holds and restores the storages from its snapshot.
+    /// Loads what the store holds and restores the state machines from its snapshot.
     pub(super) fn load(&mut self) -> Result<PersistedState, HamokError> {
         let persisted = self.store.load()?;
-        self.storages.restore(
+        self.state_machines.restore(
             &persisted.snapshot.data,
             &persisted.snapshot.meta,
             |_, _| {},
@@ -73,12 +73,12 @@ impl Apply {
         Ok(persisted)
     }
 
-    pub(super) fn storages(&self) -> &Storages {
-        &self.storages
+    pub(super) fn state_machines(&self) -> &StateMachines {
+        &self.state_machines
     }
 
     pub(super) fn knows_kind(&self, kind: &str) -> bool {
-        self.storages.knows_kind(kind)
+        self.state_machines.knows_kind(kind)
     }
 
     /// Entries and bytes in the log store.
@@ -108,10 +108,10 @@ impl Apply {
         Ok(())
     }
 
-    /// Replaces every storage with a received snapshot's, running the attach hooks.
+    /// Replaces every collection with a received snapshot's, running the attach hooks.
     pub(super) fn install(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
         let hooks = &self.attach_hooks;
-        self.storages
+        self.state_machines
             .restore(&snapshot.data, &snapshot.meta, |id, machine| {
                 for hook in hooks.get(id).into_iter().flatten() {
                     hook(machine);
@@ -132,25 +132,25 @@ impl Apply {
             Err(e) => return CommandApplied::Undecodable(format!("undecodable command: {e}")),
         };
         let created = match &cmd.op {
-            Op::Create { storage, kind } => {
-                if !self.storages.knows_kind(kind) {
+            Op::Create { collection, kind } => {
+                if !self.state_machines.knows_kind(kind) {
                     // The submitter knew this kind (it checks before submitting), so the others build
                     // it: this peer would silently diverge.
                     return CommandApplied::UnknownKind(format!(
-                        "storage `{storage}` has kind `{kind}`, which this peer has not registered: \
+                        "collection `{collection}` has kind `{kind}`, which this peer has not registered: \
                          it cannot follow the cluster and stops"
                     ));
                 }
-                Some(storage.clone())
+                Some(collection.clone())
             }
             _ => None,
         };
         let client = cmd.client.clone();
         let seq = cmd.seq;
         let is_local = client == *local;
-        let applied = self.storages.apply(index, term, cmd, is_local);
-        if let Some(storage) = created {
-            self.run_attach_hooks(&storage);
+        let applied = self.state_machines.apply(index, term, cmd, is_local);
+        if let Some(collection) = created {
+            self.run_attach_hooks(&collection);
         }
         CommandApplied::Done {
             client,
@@ -161,24 +161,24 @@ impl Apply {
 
     /// A membership entry was applied at `index`: the state machines hear of the new members.
     pub(super) fn apply_members(&mut self, index: LogIndex, membership: &Membership) {
-        self.storages
+        self.state_machines
             .apply_members(index, membership.members().cloned().collect());
     }
 
-    /// Registers a hook run on `storage`'s state machine whenever it is (re)created, and now if it
+    /// Registers a hook run on `collection`'s state machine whenever it is (re)created, and now if it
     /// exists.
-    pub(super) fn attach(&mut self, storage: String, hook: AttachFn) {
-        if let Some(machine) = self.storages.get_mut(&storage) {
+    pub(super) fn attach(&mut self, collection: String, hook: AttachFn) {
+        if let Some(machine) = self.state_machines.get_mut(&collection) {
             hook(machine);
         }
-        self.attach_hooks.entry(storage).or_default().push(hook);
+        self.attach_hooks.entry(collection).or_default().push(hook);
     }
 
-    fn run_attach_hooks(&mut self, storage: &str) {
-        let Some(hooks) = self.attach_hooks.get(storage) else {
+    fn run_attach_hooks(&mut self, collection: &str) {
+        let Some(hooks) = self.attach_hooks.get(collection) else {
             return;
         };
-        if let Some(machine) = self.storages.get_mut(storage) {
+        if let Some(machine) = self.state_machines.get_mut(collection) {
             for hook in hooks {
                 hook(machine);
             }
@@ -208,7 +208,7 @@ impl Apply {
         {
             return Ok(());
         }
-        let data = self.storages.snapshot()?;
+        let data = self.state_machines.snapshot()?;
         raft.compact(applied, data)?;
         self.store.save_snapshot(raft.snapshot())?;
         Counters::bump(&counters.snapshots_taken);

@@ -22,7 +22,7 @@ pub(crate) struct Output {
     /// Where events go (a bounded broadcast: a lagging subscriber loses the oldest; nobody listening is
     /// fine).
     events: broadcast::Sender<HamokEvent>,
-    /// The peer cannot go on (e.g. a committed storage kind it does not know): stop it.
+    /// The peer cannot go on (e.g. a committed collection kind it does not know): stop it.
     pub stop: Option<String>,
 }
 

@@ -7,7 +7,7 @@
 //! a burst of input is processed in batches). One message at a time: no locks.
 //!
 //! The logic lives one concern per file, each owning its fields: [`frames`] (codec and the peer's
-//! output), [`apply`] (log store, storages, snapshots), [`requests`], [`reads`], [`discovery`]
+//! output), [`apply`] (log store, state machines, snapshots), [`requests`], [`reads`], [`discovery`]
 //! (join and rejoin rules, bootstrap), [`admission`] (the leader's membership duties), [`leave`],
 //! composed by [`peer`].
 
@@ -70,15 +70,15 @@ pub(crate) enum NodeMsg {
         timeout: Duration,
         reply: oneshot::Sender<Result<Bytes, HamokError>>,
     },
-    /// Run a closure on a storage, after a ReadIndex barrier if `linearizable`.
+    /// Run a closure on a collection, after a ReadIndex barrier if `linearizable`.
     Query {
-        storage: String,
+        collection: String,
         linearizable: bool,
         timeout: Duration,
         f: QueryFn,
     },
-    /// Register a hook run on a storage's state machine whenever it is (re)created, and now if it exists.
-    Attach { storage: String, hook: AttachFn },
+    /// Register a hook run on a collection's state machine whenever it is (re)created, and now if it exists.
+    Attach { collection: String, hook: AttachFn },
     /// Register the handler of a direct-message channel.
     OnDirect { channel: String, handler: DirectFn },
     /// Send a direct message to one peer, or to all with `None`.
@@ -206,15 +206,15 @@ impl Actor for NodeActor {
                 publish = false;
             }
             NodeMsg::Query {
-                storage,
+                collection,
                 linearizable,
                 timeout,
                 f,
             } => {
-                peer.query(now_ms, storage, linearizable, duration_ms(timeout), f);
+                peer.query(now_ms, collection, linearizable, duration_ms(timeout), f);
                 publish = false;
             }
-            NodeMsg::Attach { storage, hook } => peer.attach(storage, hook),
+            NodeMsg::Attach { collection, hook } => peer.attach(collection, hook),
             NodeMsg::OnDirect { channel, handler } => peer.on_direct(channel, handler),
             NodeMsg::SendDirect {
                 to,

@@ -322,7 +322,7 @@ impl Peer {
         self.reads.expire(
             now_ms,
             self.raft.applied_index(),
-            self.apply.storages(),
+            self.apply.state_machines(),
             self.bugs,
         );
     }
@@ -386,7 +386,7 @@ impl Peer {
                 // Never put a kind into the log that this peer cannot even build (a typo, a missing
                 // registration): it is refused here, before any peer applies it.
                 let _ = reply.send(Err(HamokError::Rejected(format!(
-                    "unknown storage kind `{kind}` (register it on every peer's builder)"
+                    "unknown collection kind `{kind}` (register it on every peer's builder)"
                 ))));
                 return;
             }
@@ -399,11 +399,11 @@ impl Peer {
             .submit(now_ms, op, timeout_ms, reply, route, &mut self.out);
     }
 
-    /// Runs `f` on `storage`: now on the local state, or after a ReadIndex round if `linearizable`.
+    /// Runs `f` on `collection`: now on the local state, or after a ReadIndex round if `linearizable`.
     pub(crate) fn query(
         &mut self,
         now_ms: u64,
-        storage: String,
+        collection: String,
         linearizable: bool,
         timeout_ms: u64,
         f: QueryFn,
@@ -411,7 +411,7 @@ impl Peer {
         if !linearizable {
             f(Ok(Served {
                 applied_index: self.raft.applied_index(),
-                machine: self.apply.storages().get(&storage),
+                machine: self.apply.state_machines().get(&collection),
             }));
             return;
         }
@@ -420,12 +420,12 @@ impl Peer {
             return;
         }
         self.reads
-            .start(now_ms, storage, timeout_ms, f, &mut self.raft);
+            .start(now_ms, collection, timeout_ms, f, &mut self.raft);
     }
 
-    /// Registers a hook on `storage`'s state machine (now, and whenever it is recreated).
-    pub(crate) fn attach(&mut self, storage: String, hook: AttachFn) {
-        self.apply.attach(storage, hook);
+    /// Registers a hook on `collection`'s state machine (now, and whenever it is recreated).
+    pub(crate) fn attach(&mut self, collection: String, hook: AttachFn) {
+        self.apply.attach(collection, hook);
     }
 
     /// Registers the handler of a direct-message channel.
@@ -473,7 +473,7 @@ impl Peer {
             self.apply.install(&snapshot)?;
             Counters::bump(&self.counters.snapshots_installed);
             self.requests
-                .answer_applied_in_snapshot(self.apply.storages());
+                .answer_applied_in_snapshot(self.apply.state_machines());
             self.on_membership_applied(now_ms);
         }
         if let Some(last) = committed.last().map(|e| e.index) {
@@ -489,7 +489,7 @@ impl Peer {
             }
         }
         self.reads
-            .serve(self.raft.applied_index(), self.apply.storages());
+            .serve(self.raft.applied_index(), self.apply.state_machines());
         if let Some(soft) = soft_state {
             self.on_soft_state(now_ms, soft.role, soft.leader, soft.term);
         }
@@ -541,7 +541,7 @@ impl Peer {
                     // so this is only a fallback): never leave it unanswered.
                     Applied::Duplicate => self
                         .apply
-                        .storages()
+                        .state_machines()
                         .cached_response(&client, seq)
                         .ok_or(HamokError::AppliedResponseLost),
                     Applied::Forgotten => Err(HamokError::OutcomeUnknown),

@@ -10,22 +10,22 @@ use std::collections::BTreeMap;
 use super::planted_bugs::PlantedBugs;
 use crate::error::HamokError;
 use crate::raft::{LogIndex, RaftNode, ReadState, SeededRng};
-use crate::state_machine::{StateMachine, Storages};
+use crate::state_machine::{StateMachine, StateMachines};
 
 /// What a served query sees.
 pub(crate) struct Served<'a> {
     /// This peer's applied index when the query ran (at or above the read index for a linearizable
     /// read).
     pub applied_index: LogIndex,
-    /// The state machine of the storage asked for, if it exists.
+    /// The state machine of the collection asked for, if it exists.
     pub machine: Option<&'a dyn StateMachine>,
 }
 
-/// A closure run against a storage's state machine inside the node.
+/// A closure run against a collection's state machine inside the node.
 pub(crate) type QueryFn = Box<dyn FnOnce(Result<Served<'_>, HamokError>) + Send>;
 
 struct PendingRead {
-    storage: String,
+    collection: String,
     timeout_ms: u64,
     f: QueryFn,
     deadline_ms: u64,
@@ -62,11 +62,11 @@ impl Reads {
         ctx
     }
 
-    /// Starts a linearizable read of `storage` (the caller checked that the peer is joined).
+    /// Starts a linearizable read of `collection` (the caller checked that the peer is joined).
     pub(super) fn start(
         &mut self,
         now_ms: u64,
-        storage: String,
+        collection: String,
         timeout_ms: u64,
         f: QueryFn,
         raft: &mut RaftNode,
@@ -75,7 +75,7 @@ impl Reads {
         self.pending.insert(
             ctx,
             PendingRead {
-                storage,
+                collection,
                 timeout_ms,
                 f,
                 deadline_ms: now_ms.saturating_add(timeout_ms),
@@ -128,7 +128,7 @@ impl Reads {
     }
 
     /// Serves every read whose index this peer has applied.
-    pub(super) fn serve(&mut self, applied: LogIndex, storages: &Storages) {
+    pub(super) fn serve(&mut self, applied: LogIndex, state_machines: &StateMachines) {
         let ready: Vec<u64> = self
             .pending
             .iter()
@@ -139,7 +139,7 @@ impl Reads {
             if let Some(read) = self.pending.remove(&ctx) {
                 (read.f)(Ok(Served {
                     applied_index: applied,
-                    machine: storages.get(&read.storage),
+                    machine: state_machines.get(&read.collection),
                 }));
             }
         }
@@ -150,7 +150,7 @@ impl Reads {
         &mut self,
         now_ms: u64,
         applied: LogIndex,
-        storages: &Storages,
+        state_machines: &StateMachines,
         bugs: PlantedBugs,
     ) {
         let expired: Vec<u64> = self
@@ -164,7 +164,7 @@ impl Reads {
                 if bugs.read_falls_back_to_local() {
                     (r.f)(Ok(Served {
                         applied_index: applied,
-                        machine: storages.get(&r.storage),
+                        machine: state_machines.get(&r.collection),
                     }));
                 } else {
                     (r.f)(Err(HamokError::Timeout {

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::frames::Output;
 use crate::error::HamokError;
 use crate::raft::{PeerId, RaftError, RaftNode, Role};
-use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, Storages};
+use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, StateMachines};
 use crate::stats::Counters;
 use crate::wire::HamokMessage;
 
@@ -254,17 +254,17 @@ impl Requests {
 
     /// After a snapshot install: local requests the snapshot already applied will never be applied
     /// here one by one, so they are answered now (from the sessions' response cache).
-    pub(super) fn answer_applied_in_snapshot(&mut self, storages: &Storages) {
+    pub(super) fn answer_applied_in_snapshot(&mut self, state_machines: &StateMachines) {
         let done: Vec<(u64, SeqStatus)> = self
             .pending
             .keys()
-            .map(|&seq| (seq, storages.request_status(&self.client, seq)))
+            .map(|&seq| (seq, state_machines.request_status(&self.client, seq)))
             .filter(|(_, status)| *status != SeqStatus::New)
             .collect();
         for (seq, status) in done {
             let answer = match status {
                 SeqStatus::Forgotten => Err(HamokError::OutcomeUnknown),
-                _ => storages
+                _ => state_machines
                     .cached_response(&self.client, seq)
                     .ok_or(HamokError::AppliedResponseLost),
             };
