@@ -29,14 +29,20 @@ pub use hamok_transports as transports;
 ///
 /// The [`HamokCollections`](hamok_collections::HamokCollections) extension trait (so `create_map` and
 /// friends are methods of [`Hamok`](hamok_runtime::Hamok)), [`register_kinds`](hamok_collections::register_kinds)
-/// for the builder, and the collection, event and error types.
+/// for the builder, the collection, event and error types, and the coordination primitives (locks,
+/// leader jobs, shared config).
 pub mod prelude {
     pub use hamok_collections::RedisRemoteMap;
+    pub use hamok_collections::{
+        leadership, ConfigWatch, FenceGate, HamokLock, JobContext, JobState, LeaderJob, LockEvent,
+        LockGuard, LockHolder, LockOptions, SharedConfig, Versioned,
+    };
     pub use hamok_collections::{
         register_kinds, register_remote_map, Events, Field, HamokCollections, HamokEmitter,
         HamokMap, HamokQueue, HamokRecord, HamokRemoteMap, HamokSet, MapEvent, MemoryRemoteMap,
         Patch, QueueEvent, RecordEvent, RecvError, RemoteMap, SetEvent, SubscriptionEvent,
     };
     pub use hamok_runtime::raft::PeerId;
+    pub use hamok_runtime::state_machine::Fence;
     pub use hamok_runtime::{Hamok, HamokBuilder, HamokError, HamokEvent};
 }

@@ -5,7 +5,6 @@
 //! answer fails the test with a message saying so: it never skips.
 
 #[path = "../transports/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod broker;
 
 use std::time::Duration;

@@ -402,10 +402,19 @@ impl<S, X> Handle<S, X> {
         S: Send + Sync + 'static,
         X: Send + Sync + 'static,
     {
+        self.watch_close();
+        Events::new(&self.local, decode)
+    }
+
+    /// Starts watching the peer for `Close` (once per handle group), so the group learns it is closed.
+    pub(crate) fn watch_close(&self)
+    where
+        S: Send + Sync + 'static,
+        X: Send + Sync + 'static,
+    {
         if !self.local.watching.swap(true, Ordering::AcqRel) {
             watch_close(&self.hamok, &self.local);
         }
-        Events::new(&self.local, decode)
     }
 
     /// Waits until this peer has applied every write acknowledged anywhere before the call.

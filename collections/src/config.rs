@@ -361,6 +361,8 @@ where
 
     /// A watch of the value (see [`ConfigWatch`]).
     pub fn watch(&self) -> ConfigWatch<T> {
+        // The watch ends when the peer closes: the group must learn of it.
+        self.handle.watch_close();
         ConfigWatch {
             rx: self.handle.local.extra.latest.subscribe(),
             keep: self.handle.local.clone(),

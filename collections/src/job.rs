@@ -3,7 +3,7 @@
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use hamok_collections::{register_kinds, HamokCollections, LeaderJob};
-//! use hamok_runtime::Hamok;
+//! use hamok_runtime::{Hamok, HamokError};
 //!
 //! let hamok = register_kinds(Hamok::builder().cluster_id("doc-job")).build().await?;
 //! hamok.join().await?;
@@ -30,7 +30,8 @@
 //! - **Losing the job cancels the run**: when the lock is lost ([`LockGuard::lost`](crate::LockGuard)),
 //!   the context's [`JobContext::cancelled`] fires; the closure must return promptly.
 //! - **It campaigns again by itself** after a loss or after the closure returned (no process exit
-//!   needed), until [`LeaderJob::stop`], which cancels the run, awaits the closure and resigns.
+//!   needed), until [`LeaderJob::stop`], which cancels the run, awaits the closure and resigns, or until
+//!   the peer closes.
 //! - The closure runs on a task of its own: a panic in it ends that run (logged) like a return.
 //!
 //! Several named jobs spread over peers as their locks are granted: nothing ties them to the Raft
@@ -42,7 +43,7 @@ use std::time::Duration;
 
 use hamok_runtime::raft::PeerId;
 use hamok_runtime::state_machine::Fence;
-use hamok_runtime::Hamok;
+use hamok_runtime::{Hamok, HamokError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -172,8 +173,19 @@ async fn campaign<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(10);
+    let set = |next: JobState| {
+        // A repeated state (campaigning again after a failed attempt) is not a change.
+        state.send_if_modified(|s| {
+            let changed = *s != next;
+            *s = next;
+            changed
+        });
+    };
     loop {
-        state.send_replace(JobState::Campaigning);
+        if locks.is_closed() {
+            break;
+        }
+        set(JobState::Campaigning);
         let guard = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -181,6 +193,7 @@ async fn campaign<F, Fut>(
         };
         let guard = match guard {
             Ok(g) => g,
+            Err(HamokError::Closed) => break,
             Err(e) => {
                 tracing::debug!("job `{name}`: campaign failed (retrying): {e}");
                 tokio::select! {
@@ -198,7 +211,7 @@ async fn campaign<F, Fut>(
             fence: guard.fence(),
             cancel: cancel.clone(),
         };
-        state.send_replace(JobState::Running { token });
+        set(JobState::Running { token });
         let mut run = tokio::spawn((job)(ctx));
         let stopping = tokio::select! {
             biased;
@@ -219,12 +232,12 @@ async fn campaign<F, Fut>(
             }
         }
         let _ = guard.unlock().await;
-        state.send_replace(JobState::Stopped { token });
+        set(JobState::Stopped { token });
         if stopping {
             break;
         }
     }
-    state.send_replace(JobState::Finished);
+    set(JobState::Finished);
 }
 
 /// A watch of who leads this peer's Raft cluster (`None` while nobody does, as far as it knows). The

@@ -78,7 +78,7 @@ pub use emitter::{EmitterStats, HamokEmitter, HandlerId, SubscriptionEvent, EMIT
 pub use job::{leadership, JobContext, JobState, LeaderJob};
 pub use lock::{
     FenceGate, HamokLock, LockEvent, LockGuard, LockHolder, LockOptions, LOCK_KIND, MAX_LOCKS,
-    MAX_WAITERS_PER_LOCK,
+    MAX_WAITERS_PER_LOCK, TOKENS_PER_MS,
 };
 pub use map::{HamokMap, MapEvent, MapSnapshot, MAP_KIND};
 pub use queue::{HamokQueue, QueueEvent, QUEUE_FULL, QUEUE_KIND};

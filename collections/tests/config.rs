@@ -165,5 +165,12 @@ async fn watches_start_with_the_current_value_coalesce_and_agree_after_a_partiti
             "peer {i}"
         );
     }
+    // A watch ends when its peer closes.
+    let mut closing = cfg[0].watch();
+    closing.next().await.unwrap().unwrap();
     c.close().await;
+    let end = tokio::time::timeout(WAIT, closing.next())
+        .await
+        .expect("the watch ends");
+    assert!(end.is_none(), "{end:?}");
 }

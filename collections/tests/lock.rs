@@ -286,3 +286,29 @@ async fn a_ttl_lease_expires_unless_renewed() {
     drop(lapsed);
     c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_growing_across_a_whole_cluster_restart() {
+    // A cluster with the in-memory store: a restart of every peer is a new, empty log.
+    let c = Cluster::start("lock-restart", 3).await;
+    let locks = tables(&c, "locks").await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let g = locks[1].lock("r").await.unwrap();
+        assert!(g.token() > last);
+        last = g.token();
+        assert!(g.unlock().await.unwrap());
+    }
+    c.close().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = Cluster::start("lock-restart", 3).await;
+    let locks = tables(&again, "locks").await;
+    let g = locks[2].lock("r").await.unwrap();
+    assert!(
+        g.token() > last,
+        "token {} after the restart, {last} before",
+        g.token()
+    );
+    assert!(g.unlock().await.unwrap());
+    again.close().await;
+}

@@ -281,6 +281,7 @@ impl HamokBuilder {
         let _ = node_slot.set(node.clone());
         Ok(Hamok {
             inner: Arc::new(Inner {
+                seeded: self.seed.is_some(),
                 in_flight: Semaphore::new(config.max_pending_requests),
                 peer_id,
                 config,
@@ -297,6 +298,8 @@ impl HamokBuilder {
 }
 
 struct Inner {
+    /// A seeded peer (hamok's own simulation) reads a wall clock derived from its paused clock.
+    seeded: bool,
     /// Requests and linearizable reads in flight through this peer. The node actor's mailbox is not
     /// bounded, so callers wait here (backpressure) rather than queue there without limit.
     in_flight: Semaphore,
@@ -535,6 +538,21 @@ impl Hamok {
     /// The configuration in force.
     pub fn config(&self) -> &HamokConfig {
         &self.inner.config
+    }
+
+    /// Wall-clock time in milliseconds since the Unix epoch, as this peer reads it (for stamps that
+    /// must be deterministic in the log: the reader puts the value in its command). A peer built with a
+    /// seed (hamok's own simulation) reads a fixed epoch plus its tokio clock, so its runs repeat.
+    pub fn wall_clock_ms(&self) -> u64 {
+        if self.inner.seeded {
+            /// 2023-11-14T22:13:20Z: any fixed instant will do.
+            const SEEDED_EPOCH_MS: u64 = 1_700_000_000_000;
+            let elapsed = self.inner.contact.started().elapsed().as_millis();
+            return SEEDED_EPOCH_MS.saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        }
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// How long ago this peer last heard from the leader of its cluster (zero while it leads). A peer

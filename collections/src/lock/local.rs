@@ -14,7 +14,7 @@ use hamok_runtime::{Hamok, HamokError};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::machine::{LockCmd, LockState, Notes};
+use super::machine::{LockCmd, LockState, Notes, Stamped};
 use crate::common::{encode, Envelope, Local};
 
 /// How a waiting `lock` call learns its fate from the apply path.
@@ -135,7 +135,7 @@ impl LockExtra {
 /// Submits a release or cancel from a task, retrying a few times with backoff (it is idempotent: a
 /// release names its token, a cancel its owner).
 pub(crate) fn submit_in_background(hamok: &Hamok, id: &str, cmd: LockCmd) {
-    let Ok(bytes) = encode(&Envelope::Op(cmd)) else {
+    let Ok(bytes) = encode(&Envelope::Op(Stamped::now(hamok, cmd))) else {
         return;
     };
     // A guard dropped outside any runtime (after it shut down) cannot submit: the membership lease

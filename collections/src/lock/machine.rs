@@ -1,11 +1,12 @@
 //! A lock table's state machine: per lock name, the holder (peer, owner, fencing token) and a FIFO of
 //! waiters; grants, releases and the release of removed members, all in log order.
 //!
-//! **Fencing tokens.** A grant's token is the log index of the entry that granted it (an `Acquire` that
-//! found the lock free, or the `Release`, `Cancel` or membership entry that handed it to the next
-//! waiter). Log indices only grow, on every peer alike, across leader changes and snapshots, so each
-//! lock's tokens strictly increase, and so does every token the table hands out. (With the in-memory
-//! log store a whole-cluster restart starts a new log: see the module documentation of the handle.)
+//! **Fencing tokens.** Each grant's token is greater than every token the table handed out before
+//! (the last one is replicated state, in the snapshot: so across leader changes and snapshots), and not
+//! below the granting command's wall-clock stamp times [`TOKENS_PER_MS`]: after a whole-cluster restart
+//! (a new log, with the in-memory store) the first grants are stamped later than every grant of the
+//! earlier cluster, so their tokens are greater too, as long as the peers' clocks did not go back by
+//! more than the restart took. Deterministic: the stamp is in the log.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -67,12 +68,33 @@ pub(crate) struct LockState {
     /// The members in force (a lock is held only by a member: the default lease); empty until the
     /// cluster's first membership change.
     pub(crate) members: BTreeSet<PeerId>,
+    /// The last fencing token handed out.
+    pub(crate) last_token: u64,
 }
 
 impl LockState {
     /// The holder of `name`.
     pub(crate) fn holder(&self, name: &str) -> Option<&Grant> {
         self.locks.get(name)?.holder.as_ref()
+    }
+}
+
+/// A lock table's command, stamped with the submitter's wall clock (milliseconds since the Unix epoch),
+/// which only sets a floor under the tokens it grants (see [`Tokens`]): deterministic, since the stamp
+/// is in the log.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Stamped {
+    pub(crate) wall_ms: u64,
+    pub(crate) cmd: LockCmd,
+}
+
+impl Stamped {
+    /// `cmd`, stamped with `hamok`'s wall clock now.
+    pub(crate) fn now(hamok: &hamok_runtime::Hamok, cmd: LockCmd) -> Self {
+        Stamped {
+            wall_ms: hamok.wall_clock_ms(),
+            cmd,
+        }
     }
 }
 
@@ -117,13 +139,31 @@ pub(crate) enum Acquired {
 #[derive(Default)]
 pub(crate) struct LockLogic;
 
-/// Grants `name` to the first waiter that is a member, under `token`; records events and notifies a
-/// waiting call of this peer.
+/// Hands out fencing tokens: each greater than the last one of the table and not below `floor` (the
+/// submitter's wall clock, in milliseconds, times [`TOKENS_PER_MS`]; 0 for a membership entry).
+pub(crate) struct Tokens<'a> {
+    last: &'a mut u64,
+    floor: u64,
+}
+
+/// How many tokens one millisecond of wall clock leaves room for: a table grants at most one lock per
+/// log entry, and no cluster commits a thousand entries in a millisecond.
+pub const TOKENS_PER_MS: u64 = 1_000;
+
+impl Tokens<'_> {
+    fn next(&mut self) -> u64 {
+        *self.last = self.last.saturating_add(1).max(self.floor);
+        *self.last
+    }
+}
+
+/// Grants `name` to the first waiter that is a member, under the next token; records events and
+/// notifies a waiting call of this peer.
 fn grant_next(
     name: &str,
     entry: &mut LockEntry,
     members: &BTreeSet<PeerId>,
-    token: u64,
+    tokens: &mut Tokens<'_>,
     notes: &mut Notes,
 ) {
     debug_assert!(entry.holder.is_none());
@@ -134,7 +174,7 @@ fn grant_next(
         let grant = Grant {
             peer: w.peer,
             owner: w.owner,
-            token,
+            token: tokens.next(),
             lease_ms: w.lease_ms,
             renewals: 0,
             timed: false,
@@ -145,18 +185,18 @@ fn grant_next(
     }
 }
 
-/// Takes the holder of `name` off (it is released); the next waiter gets the lock under `token`.
+/// Takes the holder of `name` off (it is released); the next waiter gets the lock under the next token.
 fn release(
     name: &str,
     entry: &mut LockEntry,
     members: &BTreeSet<PeerId>,
-    token: u64,
+    tokens: &mut Tokens<'_>,
     notes: &mut Notes,
 ) {
     if let Some(old) = entry.holder.take() {
         notes.released(name, &old);
     }
-    grant_next(name, entry, members, token, notes);
+    grant_next(name, entry, members, tokens, notes);
 }
 
 /// What applying one entry changed that this peer's handles must hear of: grants and releases (for
@@ -211,7 +251,7 @@ fn deliver(core: &Core<LockState, LockExtra>, notes: Notes) {
 impl Logic for LockLogic {
     type State = LockState;
     type Extra = LockExtra;
-    type Command = LockCmd;
+    type Command = Stamped;
 
     fn kind(&self) -> &str {
         LOCK_KIND
@@ -221,13 +261,18 @@ impl Logic for LockLogic {
         &self,
         core: &Core<LockState, LockExtra>,
         ctx: &ApplyContext,
-        cmd: LockCmd,
+        stamped: Stamped,
     ) -> Result<Bytes, HamokError> {
         let mut notes = Notes::default();
+        let floor = stamped.wall_ms.saturating_mul(TOKENS_PER_MS);
         let response = {
             let mut guard = write_lock(&core.state);
             let state = &mut *guard;
-            match cmd {
+            let mut tokens = Tokens {
+                last: &mut state.last_token,
+                floor,
+            };
+            match stamped.cmd {
                 LockCmd::Acquire {
                     name,
                     owner,
@@ -248,17 +293,18 @@ impl Logic for LockLogic {
                     let entry = state.locks.entry(name.clone()).or_default();
                     match &entry.holder {
                         None => {
+                            let token = tokens.next();
                             let grant = Grant {
                                 peer: ctx.client.clone(),
                                 owner,
-                                token: ctx.index,
+                                token,
                                 lease_ms,
                                 renewals: 0,
                                 timed: true,
                             };
                             notes.granted(&name, &grant);
                             entry.holder = Some(grant);
-                            encode(&Acquired::Granted(ctx.index))
+                            encode(&Acquired::Granted(token))
                         }
                         Some(holder) if !wait => encode(&Acquired::Busy(holder.clone())),
                         Some(_) => {
@@ -278,7 +324,7 @@ impl Logic for LockLogic {
                     let members = &state.members;
                     let released = match state.locks.get_mut(&name) {
                         Some(entry) if entry.holder.as_ref().is_some_and(|h| h.token == token) => {
-                            release(&name, entry, members, ctx.index, &mut notes);
+                            release(&name, entry, members, &mut tokens, &mut notes);
                             true
                         }
                         _ => false,
@@ -299,7 +345,7 @@ impl Logic for LockLogic {
                             .as_ref()
                             .is_some_and(|h| h.peer == ctx.client && h.owner == owner);
                         if holds {
-                            release(&name, entry, members, ctx.index, &mut notes);
+                            release(&name, entry, members, &mut tokens, &mut notes);
                             done = true;
                         }
                     }
@@ -333,7 +379,7 @@ impl Logic for LockLogic {
                                 h.token == token && h.renewals == renewals && h.lease_ms.is_some()
                             }) =>
                         {
-                            release(&name, entry, members, ctx.index, &mut notes);
+                            release(&name, entry, members, &mut tokens, &mut notes);
                             true
                         }
                         _ => false,
@@ -362,6 +408,11 @@ impl Logic for LockLogic {
             let mut guard = write_lock(&core.state);
             let state = &mut *guard;
             state.members = members.clone();
+            let mut tokens = Tokens {
+                last: &mut state.last_token,
+                floor: 0,
+            };
+            let _ = index;
             for (name, entry) in state.locks.iter_mut() {
                 let (stay, gone): (VecDeque<Waiter>, VecDeque<Waiter>) = entry
                     .waiters
@@ -376,7 +427,7 @@ impl Logic for LockLogic {
                     .as_ref()
                     .is_some_and(|h| !members.contains(&h.peer))
                 {
-                    release(name, entry, members, index, &mut notes);
+                    release(name, entry, members, &mut tokens, &mut notes);
                 }
             }
             prune(state);

@@ -26,11 +26,11 @@
 //!   times out) leaves no grant behind: its cancel goes through the log and releases the lock if it was
 //!   granted meanwhile, and a grant that reaches this peer for a call nobody waits for is given back at
 //!   once.
-//! - **Fencing tokens** ([`LockGuard::token`]) strictly increase per lock (and over the whole table): a
-//!   token is the log index of the entry that granted it, so it cannot go backwards across leader
-//!   changes or snapshots. Across a whole-cluster restart it holds only with a durable log store (the
-//!   in-memory store starts a new log); a resource that outlives the cluster should key its high-water
-//!   mark ([`FenceGate`]) by cluster as well.
+//! - **Fencing tokens** ([`LockGuard::token`]) strictly increase per lock (and over the whole table):
+//!   each is greater than the table's last one (replicated state: across leader changes and
+//!   snapshots) and not below the granting command's wall-clock stamp times [`TOKENS_PER_MS`], so after
+//!   a whole-cluster restart (a new, empty log with the in-memory store) new tokens are still greater
+//!   than every earlier one, provided the peers' clocks did not go back by more than the restart took.
 //! - **Fenced writes**: a collection handle's [`fenced`](crate::HamokMap::fenced) copy carries the
 //!   guard's fence with every write; the write is applied only while the lock is still held under that
 //!   token, decided at apply time in the same log as the grants, else refused with
@@ -68,9 +68,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub(crate) use local::LockExtra;
 use local::{submit_in_background, WaitOutcome};
-use machine::{Acquired, Grant, LockCmd};
+use machine::{Acquired, Grant, LockCmd, Stamped};
 pub(crate) use machine::{LockLogic, LockState};
-pub use machine::{MAX_LOCKS, MAX_WAITERS_PER_LOCK};
+pub use machine::{MAX_LOCKS, MAX_WAITERS_PER_LOCK, TOKENS_PER_MS};
 
 use crate::common::{decode, Events, Handle, LogicHandle, Opened, Raw};
 use crate::machine::Machine;
@@ -276,7 +276,7 @@ impl HamokLock {
             wait,
             lease_ms,
         };
-        let acquired: Acquired = match self.handle.submit(cmd).await {
+        let acquired: Acquired = match self.handle.submit(Stamped::now(self.hamok(), cmd)).await {
             Ok(a) => a,
             Err(e) => {
                 pending.armed = e.may_have_taken_effect();
@@ -361,6 +361,11 @@ impl HamokLock {
 
     fn hamok(&self) -> &Hamok {
         &self.handle.hamok
+    }
+
+    /// Whether this table's peer closed.
+    pub fn is_closed(&self) -> bool {
+        self.handle.hamok.is_closed() || self.handle.local.is_closed()
     }
 }
 
@@ -460,10 +465,13 @@ impl LockGuard {
         let renewed: bool = self
             .table
             .handle
-            .submit(LockCmd::Renew {
-                name: self.name.clone(),
-                token: self.token,
-            })
+            .submit(Stamped::now(
+                self.table.hamok(),
+                LockCmd::Renew {
+                    name: self.name.clone(),
+                    token: self.token,
+                },
+            ))
             .await?;
         if renewed && !self.lost.is_cancelled() {
             *lease
@@ -524,10 +532,13 @@ impl LockGuard {
         self.table.handle.local.extra.unhold(self.token);
         self.table
             .handle
-            .submit(LockCmd::Release {
-                name: self.name.clone(),
-                token: self.token,
-            })
+            .submit(Stamped::now(
+                self.table.hamok(),
+                LockCmd::Release {
+                    name: self.name.clone(),
+                    token: self.token,
+                },
+            ))
             .await
     }
 }
