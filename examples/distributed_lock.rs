@@ -18,6 +18,9 @@ use hamok::collections::{FenceGate, HamokLock, LockEvent};
 use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 
+#[path = "common/mod.rs"]
+mod common;
+
 const LOCK: &str = "counter";
 const ROUNDS: u64 = 2;
 const WORKERS_PER_PEER: usize = 2;
@@ -45,25 +48,8 @@ async fn main() -> Result<(), HamokError> {
     let start = Instant::now();
     let at = move || format!("{:>5} ms", start.elapsed().as_millis());
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(name)
-                .cluster_id("distributed-lock")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers =
+        common::start_replicas(&hub, "distributed-lock", ["alice", "bob", "carol"], |b| b).await?;
     let leader = peers[0].wait_until_leader(Duration::from_secs(5)).await?;
     println!("{} leader: {leader}", at());
 

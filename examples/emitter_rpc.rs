@@ -16,6 +16,9 @@ use hamok::runtime::transport::memory::InProcessHub;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Msg {
     Request { id: u64, n: u64 },
@@ -33,25 +36,13 @@ type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<(String, u64)>>>>;
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["client", "worker-1", "worker-2"] {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(name)
-                .cluster_id("emitter-rpc")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers = common::start_replicas(
+        &hub,
+        "emitter-rpc",
+        ["client", "worker-1", "worker-2"],
+        |b| b,
+    )
+    .await?;
 
     // Workers: answer every request by notifying `response`.
     for (i, p) in peers.iter().enumerate().skip(1) {

@@ -15,6 +15,9 @@ use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 use serde::{Deserialize, Serialize};
 
+#[path = "common/mod.rs"]
+mod common;
+
 const JOBS: usize = 30;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,25 +123,13 @@ async fn work(hamok: &Hamok, jobs: &Jobs) -> Result<Vec<String>, HamokError> {
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for i in 0..5 {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(format!("replica-{i}"))
-                .cluster_id("job-manager")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers = common::start_replicas(
+        &hub,
+        "job-manager",
+        (0..5).map(|i| format!("replica-{i}")),
+        |b| b,
+    )
+    .await?;
     peers[0].wait_until_leader(Duration::from_secs(5)).await?;
     let leader = peers.iter().position(|p| p.is_leader()).expect("a leader");
     // The replica that will stop working and leave: any follower.

@@ -28,6 +28,9 @@ use hamok::collections::{leadership, HamokLock, JobState, LeaderJob};
 use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 
+#[path = "common/mod.rs"]
+mod common;
+
 const JOB: &str = "report";
 
 /// Starts job `report` on `locks`: while this replica runs it, every `period` it prints a heartbeat and
@@ -161,25 +164,8 @@ async fn main() {
 async fn in_process() -> Result<(), HamokError> {
     let started = Instant::now();
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(name)
-                .cluster_id("leader-job")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers =
+        common::start_replicas(&hub, "leader-job", ["alice", "bob", "carol"], |b| b).await?;
     peers[0].wait_until_leader(Duration::from_secs(5)).await?;
     let mut jobs = Vec::new();
     for p in &peers {

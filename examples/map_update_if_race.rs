@@ -10,6 +10,9 @@ use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 use serde::{Deserialize, Serialize};
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 enum Job {
     Pending,
@@ -18,25 +21,13 @@ enum Job {
 
 async fn start(n: usize) -> Result<Vec<Hamok>, HamokError> {
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for i in 0..n {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(format!("worker-{i}"))
-                .cluster_id("update-if-race")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers = common::start_replicas(
+        &hub,
+        "update-if-race",
+        (0..n).map(|i| format!("worker-{i}")),
+        |b| b,
+    )
+    .await?;
     Ok(peers)
 }
 

@@ -12,30 +12,21 @@ use std::time::Duration;
 use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 
+#[path = "common/mod.rs"]
+mod common;
+
 const ITEMS: u32 = 2_000;
 
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["producer", "consumer-a", "consumer-b"] {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(name)
-                .cluster_id("queue-example")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers = common::start_replicas(
+        &hub,
+        "queue-example",
+        ["producer", "consumer-a", "consumer-b"],
+        |b| b,
+    )
+    .await?;
     let producer_queue = peers[0].get_or_create_queue::<u32>("work").await?;
 
     // Consumers: pop until the producer is done and the queue is empty; wait for `NotEmpty` otherwise.

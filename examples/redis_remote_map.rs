@@ -13,6 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
     let url = std::env::var("HAMOK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -30,28 +33,11 @@ async fn main() -> Result<(), HamokError> {
     };
 
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["api-1", "api-2", "api-3"] {
-        // Every replica registers the map with a store reaching the same hash.
-        let builder =
-            register_remote_map(register_kinds(Hamok::builder()), "sessions", store.clone());
-        peers.push(
-            builder
-                .peer_id(name)
-                .cluster_id("redis-remote-map")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers =
+        common::start_replicas(&hub, "redis-remote-map", ["api-1", "api-2", "api-3"], |b| {
+            register_remote_map(b, "sessions", store.clone())
+        })
+        .await?;
     // Every replica opens the map at start-up: whichever leads executes the mutations.
     let mut maps = Vec::new();
     for p in &peers {

@@ -16,6 +16,9 @@ use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 use serde::{Deserialize, Serialize};
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Limits {
     max_conns: u32,
@@ -52,25 +55,8 @@ async fn settle(seen: &Seen, revision: u64) {
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
     let hub = InProcessHub::new();
-    let mut peers = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        peers.push(
-            register_kinds(Hamok::builder())
-                .peer_id(name)
-                .cluster_id("shared-config")
-                .transport(hub.clone())
-                .build()
-                .await?,
-        );
-    }
-    let joins: Vec<_> = peers
-        .iter()
-        .cloned()
-        .map(|p| tokio::spawn(async move { p.join().await }))
-        .collect();
-    for j in joins {
-        j.await.expect("join task")?;
-    }
+    let peers =
+        common::start_replicas(&hub, "shared-config", ["alice", "bob", "carol"], |b| b).await?;
     peers[0].wait_until_leader(Duration::from_secs(5)).await?;
 
     let mut configs: Vec<SharedConfig<Limits>> = Vec::new();
