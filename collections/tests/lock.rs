@@ -139,7 +139,14 @@ async fn a_dropped_or_timed_out_wait_leaves_no_grant_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_holder_learns_it_lost_before_the_lock_moves_and_its_fence_is_refused() {
-    let c = Cluster::start("lock-cutoff", 3).await;
+    // With the default timings (the guarantee is stated for them).
+    let d = hamok_runtime::HamokConfig::default();
+    let c = Cluster::start_with("lock-cutoff", 3, |b| {
+        b.election_timeout_ms(d.election_timeout_ms)
+            .heartbeat_interval_ms(d.heartbeat_interval_ms)
+            .peer_max_idle_ms(d.peer_max_idle_ms)
+    })
+    .await;
     let locks = tables(&c, "locks").await;
     let holder_at = c.follower();
     let waiter_at = (0..3).find(|i| *i != holder_at).unwrap();
