@@ -8,13 +8,13 @@
 //!   payload); [`HamokEmitter::unsubscribe`] removes this peer from *that event only* (the reference
 //!   removed it from all of them).
 //! - **Messages are not replicated**: [`HamokEmitter::publish`] and [`HamokEmitter::notify`] send a
-//!   direct message ([`Hamok::send_direct`]) to each subscribed peer. A receiving peer runs its local
+//!   direct message ([`Hamok::send_direct`](hamok_runtime::Hamok::send_direct)) to each subscribed peer. A receiving peer runs its local
 //!   handlers and, for a publish, answers with an ack; `publish` returns the peers that acknowledged
 //!   within its timeout, so a dead subscriber costs the timeout but never fails the call for the living.
 //!   Handlers run on a task of the emitter, never inside the node actor, and a panicking handler is
 //!   caught (logged) without stopping delivery.
 //! - **Dead subscribers are cleaned through the log**: the state machine API has no membership callback
-//!   yet, so the leader checks the table against the cluster's members ([`Hamok::remote_peer_ids`]) when
+//!   yet, so the leader checks the table against the cluster's members ([`Hamok::remote_peer_ids`](hamok_runtime::Hamok::remote_peer_ids)) when
 //!   a peer leaves (`RemotePeerLeft`), when it becomes leader, and every second, and submits a
 //!   `RemovePeers` command for subscribers that are no longer members. A peer that is removed and joins
 //!   again re-submits its subscriptions when it is joined again.
