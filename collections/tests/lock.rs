@@ -319,3 +319,35 @@ async fn tokens_keep_growing_across_a_whole_cluster_restart() {
     assert!(g.unlock().await.unwrap());
     again.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_lock_and_a_job_end_when_their_peer_closes() {
+    let c = Cluster::start("lock-close", 3).await;
+    let locks = tables(&c, "locks").await;
+    let held = locks[0].lock("busy").await.unwrap();
+    let waiter = locks[1].clone();
+    let wait = tokio::spawn(async move { waiter.lock("busy").await });
+    let job = LeaderJob::start(
+        &locks[1],
+        "busy",
+        |ctx| async move { ctx.cancelled().await },
+    );
+    eventually("both queued", WAIT, || async {
+        (locks[0].waiting("busy") == 2).then_some(())
+    })
+    .await;
+    c.peers[1].close().await;
+    let e = tokio::time::timeout(WAIT, wait)
+        .await
+        .expect("the wait ends")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, HamokError::Closed), "{e:?}");
+    let mut state = job.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| *s == JobState::Finished))
+        .await
+        .expect("the job ends with its peer")
+        .unwrap();
+    assert!(held.unlock().await.unwrap());
+    c.close().await;
+}

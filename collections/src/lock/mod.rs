@@ -75,6 +75,9 @@ pub use machine::{MAX_LOCKS, MAX_WAITERS_PER_LOCK, TOKENS_PER_MS};
 use crate::common::{decode, Events, Handle, LogicHandle, Opened, Raw};
 use crate::machine::Machine;
 
+/// How often a waiting `lock` checks whether its peer closed.
+const CLOSE_POLL: Duration = Duration::from_millis(100);
+
 /// The kind a lock table is registered under.
 pub const LOCK_KIND: &str = "hamok.lock";
 
@@ -292,23 +295,24 @@ impl HamokLock {
             Acquired::Queued => {
                 let outcome = match options.wait_timeout {
                     Some(limit) => {
-                        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), granted)
-                            .await
+                        match tokio::time::timeout(
+                            limit.saturating_sub(started.elapsed()),
+                            self.wait_for_grant(granted),
+                        )
+                        .await
                         {
-                            Ok(outcome) => outcome,
+                            Ok(outcome) => outcome?,
                             Err(_) => return Err(HamokError::timeout(limit)),
                         }
                     }
-                    None => granted.await,
+                    None => self.wait_for_grant(granted).await?,
                 };
                 match outcome {
-                    Ok(WaitOutcome::Granted(token)) => (token, true),
-                    Ok(WaitOutcome::Dropped) => {
+                    WaitOutcome::Granted(token) => (token, true),
+                    WaitOutcome::Dropped => {
                         pending.armed = false;
                         return Err(HamokError::NotJoined);
                     }
-                    // The table's local part is gone: the peer closed.
-                    Err(_) => return Err(HamokError::Closed),
                 }
             }
         };
@@ -332,6 +336,23 @@ impl HamokLock {
             guard.renew().await?;
         }
         Ok(Some(guard))
+    }
+
+    /// Waits for the apply path to grant (or drop) a queued call; `Closed` once the peer closed (checked
+    /// every [`CLOSE_POLL`], so a waiting `lock` never outlives its peer).
+    async fn wait_for_grant(
+        &self,
+        mut granted: tokio::sync::oneshot::Receiver<WaitOutcome>,
+    ) -> Result<WaitOutcome, HamokError> {
+        loop {
+            match tokio::time::timeout(CLOSE_POLL, &mut granted).await {
+                Ok(Ok(outcome)) => return Ok(outcome),
+                // The waiting entry is gone without an answer: only when the table's group is.
+                Ok(Err(_)) => return Err(HamokError::Closed),
+                Err(_) if self.is_closed() => return Err(HamokError::Closed),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Who holds `name`, as applied on this peer (a local read).
