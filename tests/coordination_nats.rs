@@ -9,7 +9,7 @@ mod broker;
 
 use std::time::Duration;
 
-use hamok::collections::{register_kinds, HamokCollections, HamokMap, LeaderJob};
+use hamok::collections::{register_kinds, HamokCollections, HamokMap, LeaderJob, LockOptions};
 use hamok::runtime::{Hamok, HamokError};
 use hamok_testkit::cluster::{close_all, join_all_at_once, unique_id};
 use hamok_testkit::wait::{eventually, WAIT};
@@ -69,7 +69,10 @@ async fn locks_jobs_and_config_over_nats() {
         .await
         .unwrap();
     let w = locks[waiter].clone();
-    let next = tokio::spawn(async move { w.lock("resource").await });
+    let next = tokio::spawn(async move {
+        w.lock_with("resource", LockOptions::wait_timeout(WAIT))
+            .await
+    });
 
     // The holder's process dies: its peer stops talking without leaving. The cluster removes it after
     // `peer_max_idle_ms` and, in the same log entry, releases its lock to the waiter.

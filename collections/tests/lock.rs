@@ -175,7 +175,9 @@ async fn a_cut_off_holder_learns_it_lost_before_the_lock_moves_and_its_fence_is_
     });
     let waiter = locks[waiter_at].clone();
     let next = tokio::spawn(async move {
-        let g = waiter.lock("leader-job").await;
+        let g = waiter
+            .lock_with("leader-job", LockOptions::wait_timeout(WAIT))
+            .await;
         (Instant::now(), g)
     });
     eventually("the waiter queued", WAIT, || async {
@@ -259,11 +261,16 @@ async fn a_ttl_lease_expires_unless_renewed() {
     let lapsed = locks[1].lock_with("lapsed", opts).await.unwrap();
     let token = lapsed.token();
     let waiter = locks[2].clone();
+    // Bounded: an expiry that never comes fails the test instead of hanging it.
     let next = tokio::spawn(async move {
-        let g = waiter.lock("lapsed").await;
+        let g = waiter
+            .lock_with("lapsed", LockOptions::wait_timeout(WAIT))
+            .await;
         (Instant::now(), g)
     });
-    lapsed.lost().await;
+    tokio::time::timeout(WAIT, lapsed.lost())
+        .await
+        .expect("lost() fires when the lease runs out");
     let lost_at = Instant::now();
     let (granted_at, granted) = next.await.unwrap();
     let granted = granted.unwrap();

@@ -469,6 +469,14 @@ mod tests {
         StateMachines::new(kinds)
     }
 
+    /// The total of the counter `c`.
+    fn counter_total(s: &StateMachines) -> i64 {
+        s.get("c")
+            .and_then(|m| m.as_any().downcast_ref::<Counter>())
+            .expect("counter c")
+            .0
+    }
+
     fn cmd(seq: u64, floor: u64, op: Op) -> LogCommand {
         LogCommand {
             client: ClientId {
@@ -517,13 +525,7 @@ mod tests {
             s.apply(5, 2, cmd(2, 4, add(5)), true),
             Applied::Duplicate
         ));
-        let total = s
-            .get("c")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<Counter>()
-            .unwrap()
-            .0;
+        let total = counter_total(&s);
         assert_eq!(total, 15);
     }
 
@@ -553,15 +555,7 @@ mod tests {
         // The response cache travels with the snapshot; its size is recounted, not stored.
         assert!(s.response_cache_bytes > 0);
         assert_eq!(t.response_cache_bytes, s.response_cache_bytes);
-        assert_eq!(
-            t.get("c")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Counter>()
-                .unwrap()
-                .0,
-            7
-        );
+        assert_eq!(counter_total(&t), 7);
         // Dedup state travels with the snapshot.
         assert!(matches!(
             t.apply(4, 2, cmd(3, 1, add(7)), true),
@@ -685,13 +679,7 @@ mod tests {
             s.apply(9, 1, cmd(7, 1, fenced(5, 5)), true),
             Applied::Done(Err(HamokError::StaleFence { current: None, .. }))
         ));
-        let total = s
-            .get("c")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<Counter>()
-            .unwrap()
-            .0;
+        let total = counter_total(&s);
         assert_eq!(total, 5, "only the write under the current token applied");
         // A snapshot restore tells every machine the members as of the snapshot.
         let snap = s.snapshot().unwrap();

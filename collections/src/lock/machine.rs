@@ -272,7 +272,7 @@ impl Logic for LockLogic {
                 last: &mut state.last_token,
                 floor,
             };
-            match stamped.cmd {
+            let response = match stamped.cmd {
                 LockCmd::Acquire {
                     name,
                     owner,
@@ -386,9 +386,10 @@ impl Logic for LockLogic {
                     };
                     encode(&expired)
                 }
-            }
+            };
+            prune(state);
+            response
         };
-        prune(&mut write_lock(&core.state));
         deliver(core, notes);
         response
     }
