@@ -7,7 +7,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::raft::{PeerId, RaftConfigError, RaftError};
+use crate::raft::{PeerId, RaftConfigError, RaftError, RaftStartError};
+use crate::store::StorageError;
 
 /// The underlying cause of an error, kept for [`std::error::Error::source`]. Cheap to clone; two causes
 /// compare equal when they print the same.
@@ -163,6 +164,11 @@ pub enum HamokError {
     /// The Raft engine refused the request. **Not applied.**
     #[error("raft: {0}")]
     Raft(#[source] RaftError),
+    /// The peer's durable store refused to open or failed (see [`StorageError`] for each case). Raised
+    /// by [`HamokBuilder::build`](crate::HamokBuilder::build); a store failing while the peer runs
+    /// stops the peer, and its pending requests fail with [`HamokError::Interrupted`].
+    #[error("storage: {0}")]
+    Storage(#[source] StorageError),
 }
 
 impl HamokError {
@@ -255,6 +261,27 @@ impl From<RaftConfigError> for HamokError {
             key: e.field.to_string(),
             reason: e.reason.to_string(),
         }
+    }
+}
+
+impl From<RaftStartError> for HamokError {
+    fn from(e: RaftStartError) -> Self {
+        match e {
+            RaftStartError::Config(e) => e.into(),
+            e @ RaftStartError::LogNotContiguous { .. } => {
+                HamokError::Storage(StorageError::Corrupt {
+                    dir: Default::default(),
+                    detail: e.to_string(),
+                    source: None,
+                })
+            }
+        }
+    }
+}
+
+impl From<StorageError> for HamokError {
+    fn from(e: StorageError) -> Self {
+        HamokError::Storage(e)
     }
 }
 

@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
-use crate::actors::node::{NodeArgs, NodeMsg, PlantedBugs, Served};
+use crate::actors::node::{NodeArgs, NodeMsg, Peer, PeerArgs, PlantedBugs, Served};
 use crate::actors::supervisor::{SupervisorActor, SupervisorArgs, SupervisorMsg};
 use crate::config::HamokConfig;
 use crate::error::HamokError;
@@ -20,7 +20,7 @@ use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, Role};
 use crate::state_machine::{Op, StateMachine, StateMachineFactory};
 use crate::stats::{Counters, HamokStats, JoinState, LeaderContact, PeerStatus};
-use crate::store::{LogStore, MemoryLogStore};
+use crate::store::{FileLogStore, FileLogStoreOptions, LogStore, MemoryLogStore, SyncPolicy};
 use crate::transport::memory::InProcessHub;
 use crate::transport::{Inbound, Transport};
 
@@ -134,6 +134,28 @@ impl HamokBuilder {
         self.set("peer_id", id.into())
     }
 
+    /// Makes the peer durable: term, vote, log and snapshots are kept in `dir` (`storage.dir`), and a
+    /// peer restarted on the same directory resumes from them, with its id. One directory per peer;
+    /// a directory in use by a live peer is refused.
+    ///
+    /// ```no_run
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let hamok = hamok_runtime::HamokBuilder::new()
+    ///     .storage_dir("/var/lib/orders/hamok")
+    ///     .build()
+    ///     .await?;
+    /// # Ok::<(), hamok_runtime::HamokError>(()) }).unwrap();
+    /// ```
+    pub fn storage_dir(self, dir: impl Into<PathBuf>) -> Self {
+        self.set("storage.dir", dir.into())
+    }
+
+    /// When a durable peer syncs its log (`storage.sync`; see [`SyncPolicy`] for what each policy can
+    /// lose).
+    pub fn storage_sync(self, policy: SyncPolicy) -> Self {
+        self.set("storage.sync", policy)
+    }
+
     /// The cluster to join (frames of other clusters on the same bus are ignored).
     pub fn cluster_id(self, id: impl Into<String>) -> Self {
         self.set("cluster_id", id.into())
@@ -223,18 +245,25 @@ impl HamokBuilder {
             }
             None => uuid::Uuid::new_v4().as_u128(),
         };
-        let peer_id = PeerId::from(
-            config
-                .peer_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::from_u128(random).to_string()),
-        );
+        let mut store: Box<dyn LogStore> = match (self.store, &config.storage.dir) {
+            (Some(store), _) => store,
+            (None, Some(dir)) => Box::new(FileLogStore::open(
+                dir,
+                FileLogStoreOptions::from_config(&config.storage),
+            )?),
+            (None, None) => Box::new(MemoryLogStore::new()),
+        };
+        // The configured id, else the one a durable store was written by (a restarted peer keeps its
+        // identity), else a new one.
+        let peer_id = match (&config.peer_id, store.peer_id()) {
+            (Some(id), _) => PeerId::from(id.clone()),
+            (None, Some(stored)) => stored,
+            (None, None) => PeerId::from(uuid::Uuid::from_u128(random).to_string()),
+        };
+        store.bind_peer(&peer_id)?;
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(default_hub()) as Arc<dyn Transport>);
-        let store = self
-            .store
-            .unwrap_or_else(|| Box::new(MemoryLogStore::new()));
         let (view_tx, view_rx) = watch::channel(PeerStatus::initial());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let counters = Arc::new(Counters::default());
@@ -248,19 +277,30 @@ impl HamokBuilder {
                 let _ = node.send_message(NodeMsg::Inbound(frame));
             }
         });
+        // The peer is built here, not in its actor: a store that cannot be loaded fails `build` with
+        // its typed error.
+        let peer = Peer::new(
+            PeerArgs {
+                id: peer_id.clone(),
+                config: config.clone(),
+                store,
+                kinds: self.kinds,
+                counters: counters.clone(),
+                nonce: random as u64,
+                seed: (random >> 64) as u64,
+                bugs: self.bugs,
+                events: events.clone(),
+            },
+            0,
+        )?;
         let node_args = NodeArgs {
-            peer_id: peer_id.clone(),
-            config: config.clone(),
-            store,
-            kinds: self.kinds,
+            peer,
+            tick_interval_ms: config.tick_interval_ms,
             inbound: inbound.clone(),
             view: view_tx,
             events: events.clone(),
             counters: counters.clone(),
             contact: contact.clone(),
-            nonce: random as u64,
-            seed: (random >> 64) as u64,
-            bugs: self.bugs,
         };
         let (node_tx, node_rx) = oneshot::channel();
         let (supervisor, _) = Actor::spawn(

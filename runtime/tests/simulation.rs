@@ -18,6 +18,8 @@
 
 // The harness names engine items as `crate::raft::...`, so that it also compiles inside the library.
 use hamok_runtime::raft;
+use hamok_runtime::store;
+use hamok_runtime::HamokError;
 
 mod sim;
 
@@ -52,6 +54,48 @@ fn simulation_random_seeds() {
             batch.failures.len(),
             batch.total,
             seeds.join(", ")
+        );
+    }
+}
+
+const FILE_REPLAY: &str =
+    "HAMOK_SIM_SEED={seed} cargo test -p hamok-runtime --test simulation simulation_with_the_file_store -- --nocapture";
+
+/// Seeds run with every peer's state also in a real file store ([`store::FileLogStore`], in a temporary
+/// directory): each restart reopens the store, checks that what it loads equals what the peer
+/// persisted, and starts the engine from it (with its commit mark). `HAMOK_SIM_FILE_SEEDS=N` runs
+/// seeds `1..=N` (default 40).
+#[test]
+fn simulation_with_the_file_store() {
+    let (seeds, replay) = match std::env::var("HAMOK_SIM_SEED") {
+        Ok(_) => sim::seeds_from_env(),
+        Err(_) => {
+            let n: u64 = std::env::var("HAMOK_SIM_FILE_SEEDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(40);
+            ((1..=n).collect(), false)
+        }
+    };
+    let threads = if replay { 1 } else { sim::threads_from_env() };
+    let batch = sim::run_batch(
+        &seeds,
+        &|seed| sim::SimOptions {
+            replay,
+            file_store: true,
+            ..sim::SimOptions::new(seed, FILE_REPLAY)
+        },
+        threads,
+        false,
+    );
+    println!("{}", batch.summary(seeds.len() <= 100));
+    let restarts: u64 = batch.reports.iter().map(|r| r.restarts).sum();
+    assert!(restarts > 0, "the seeds restarted peers from their stores");
+    if let Some((_, first)) = batch.failures.first() {
+        panic!(
+            "{} of {} file-store seeds failed.\nFirst failure:\n{first}",
+            batch.failures.len(),
+            batch.total
         );
     }
 }

@@ -59,10 +59,12 @@ mod validate;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::raft::{RaftConfig, RaftLimits};
+use crate::store::SyncPolicy;
 
 /// Prefix of the environment variables read by [`HamokConfig::figment`].
 pub const ENV_PREFIX: &str = "HAMOK_";
@@ -84,7 +86,7 @@ pub const MAX_PENDING_REQUESTS_LIMIT: usize = crate::session::MAX_SEQ_RANGES_PER
 
 /// Keys whose environment values are taken verbatim as strings rather than parsed (a numeric-looking
 /// `HAMOK_PEER_ID=007` must stay `"007"`).
-const ENV_STRING_KEYS: &[&str] = &["cluster_id", "peer_id", "cluster_key"];
+const ENV_STRING_KEYS: &[&str] = &["cluster_id", "peer_id", "cluster_key", "storage.dir"];
 
 /// Free-form string maps: any `<name>.<entry>` key is accepted from the environment, verbatim.
 const ENV_STRING_MAPS: &[&str] = &["app_data"];
@@ -254,6 +256,49 @@ pub struct HamokConfig {
     /// [`RaftLimits`], documented there; the engine's timings are `election_timeout_ms` and
     /// `heartbeat_interval_ms` above.
     pub raft: RaftLimits,
+
+    /// Where this peer keeps its Raft state (`[storage]` table, `HAMOK_STORAGE__<FIELD>` variables).
+    /// In memory by default; `storage.dir` makes the peer durable.
+    pub storage: StorageConfig,
+}
+
+/// Where a peer keeps its term, vote, log and snapshots.
+///
+/// ```
+/// use hamok_runtime::config::StorageConfig;
+/// let storage = StorageConfig { dir: Some("/var/lib/orders/hamok".into()), ..StorageConfig::default() };
+/// assert_eq!(storage.sync, hamok_runtime::store::SyncPolicy::Batch);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// A directory of this peer's own: term, vote, log and snapshots are kept there, and a restarted
+    /// peer resumes from them (with its id, when `peer_id` is not set). `None` keeps everything in
+    /// memory.
+    ///
+    /// Why `None`: an embedded library should not write to disk unasked, and a peer that restarts empty
+    /// is safe (it rejoins and catches up); durability matters when a whole cluster may stop at once.
+    pub dir: Option<PathBuf>,
+    /// When the log is `fdatasync`ed: `batch`, `interval` or `never` (see
+    /// [`SyncPolicy`](crate::store::SyncPolicy) for what each can lose).
+    ///
+    /// Why `batch`: it is the only policy under which an acknowledged write survives a power cut of a
+    /// majority, and one sync per Ready is shared by every write of the batch.
+    pub sync: SyncPolicy,
+    /// With `sync = "interval"`: the longest time between two syncs.
+    ///
+    /// Why 100 ms: a tenth of a second of writes is what a power cut may take, at a tenth of the syncs.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: None,
+            sync: SyncPolicy::Batch,
+            sync_interval_ms: 100,
+        }
+    }
 }
 
 impl Default for HamokConfig {
@@ -281,6 +326,7 @@ impl Default for HamokConfig {
             max_frame_bytes: 8 * 1024 * 1024,
             app_data: BTreeMap::new(),
             raft: RaftLimits::default(),
+            storage: StorageConfig::default(),
         }
     }
 }

@@ -508,3 +508,53 @@ fn known_keys_cover_every_field() {
         }
     }
 }
+
+#[test]
+fn storage_is_in_memory_unless_a_directory_is_given() {
+    let config = load_with(None, &[]).unwrap();
+    assert_eq!(config.storage.dir, None);
+    let config = load_with(
+        Some("[storage]\ndir = \"/var/lib/x\"\nsync = \"interval\"\nsync_interval_ms = 20"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        config.storage.dir.as_deref(),
+        Some(std::path::Path::new("/var/lib/x"))
+    );
+    assert_eq!(config.storage.sync, crate::store::SyncPolicy::Interval);
+    assert_eq!(config.storage.sync_interval_ms, 20);
+    // From the environment, a directory named like a number stays a path.
+    let config = load_with(
+        None,
+        &[
+            ("HAMOK_STORAGE__DIR", "2024"),
+            ("HAMOK_STORAGE__SYNC", "never"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.storage.dir.as_deref(),
+        Some(std::path::Path::new("2024"))
+    );
+    assert_eq!(config.storage.sync, crate::store::SyncPolicy::Never);
+}
+
+#[test]
+fn invalid_storage_settings_name_their_key() {
+    assert_eq!(
+        key_of(load_with(Some("[storage]\nsync = \"sometimes\""), &[])),
+        "storage.sync"
+    );
+    assert_eq!(
+        key_of(load_with(
+            Some("[storage]\nsync = \"interval\"\nsync_interval_ms = 0"),
+            &[]
+        )),
+        "storage.sync_interval_ms"
+    );
+    assert_eq!(
+        key_of(load_with(Some("[storage]\ndir = \"\""), &[])),
+        "storage.dir"
+    );
+}

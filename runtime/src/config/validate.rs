@@ -56,6 +56,25 @@ impl HamokConfig {
                 return fail("peer_id", reason);
             }
         }
+        if self
+            .storage
+            .dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return fail(
+                "storage.dir",
+                "must not be empty (leave it unset to stay in memory)",
+            );
+        }
+        if self.storage.sync == crate::store::SyncPolicy::Interval
+            && self.storage.sync_interval_ms == 0
+        {
+            return fail(
+                "storage.sync_interval_ms",
+                "must be at least 1 with sync = \"interval\"",
+            );
+        }
         let positive = [
             ("request_timeout_ms", self.request_timeout_ms),
             ("join_timeout_ms", self.join_timeout_ms),

@@ -1,5 +1,6 @@
 //! Why an engine call was refused.
 
+use super::config::RaftConfigError;
 use super::membership::MembershipError;
 use super::types::{LogIndex, PeerId};
 
@@ -48,5 +49,22 @@ pub enum RaftError {
         applied: LogIndex,
         /// The current snapshot index.
         snapshot: LogIndex,
+    },
+}
+
+/// Why an engine could not be built from its configuration and persisted state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RaftStartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] RaftConfigError),
+    /// The persisted entries are not contiguous after the snapshot: the store lost or reordered
+    /// entries. The peer must not start on it (what is missing may be committed).
+    #[error("persisted log is not contiguous: entry {found} where {expected} was expected")]
+    LogNotContiguous {
+        /// The index the next entry should have had.
+        expected: LogIndex,
+        /// The index it had.
+        found: LogIndex,
     },
 }

@@ -44,7 +44,7 @@ mod votes;
 mod planted_bug_tests;
 
 pub use config::{RaftConfig, RaftConfigError, RaftLimits};
-pub use error::RaftError;
+pub use error::{RaftError, RaftStartError};
 pub use membership::{Membership, MembershipChange, MembershipError};
 pub use message::{Message, MessageBody};
 pub use node::{RaftNode, Status};

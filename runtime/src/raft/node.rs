@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::config::{RaftConfig, RaftConfigError};
-use super::error::RaftError;
+use super::config::RaftConfig;
+use super::error::{RaftError, RaftStartError};
 use super::membership::{Membership, MembershipChange};
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
@@ -116,10 +116,15 @@ impl RaftNode {
         seed: u64,
         now_ms: u64,
         state: PersistedState,
-    ) -> Result<RaftNode, RaftConfigError> {
+    ) -> Result<RaftNode, RaftStartError> {
         config.validate()?;
         let meta = &state.snapshot.meta;
-        let log = RaftLog::new(meta.last_index, meta.last_term, state.entries);
+        let log = RaftLog::new(
+            meta.last_index,
+            meta.last_term,
+            state.entries,
+            state.committed,
+        )?;
         let mut configs = vec![(meta.last_index, meta.membership.clone())];
         for i in log.first_index()..=log.last_index() {
             if let Some(Entry {

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use super::error::RaftStartError;
 use super::types::{Entry, LogIndex, Term};
 
 /// The log of one peer. Entries are contiguous from `snapshot_index + 1`.
@@ -21,7 +22,12 @@ pub struct RaftLog {
 
 impl RaftLog {
     /// A log whose prefix up to `snapshot_index` is a snapshot, followed by `entries` (already durable).
-    pub fn new(snapshot_index: LogIndex, snapshot_term: Term, entries: Vec<Entry>) -> Self {
+    pub fn new(
+        snapshot_index: LogIndex,
+        snapshot_term: Term,
+        entries: Vec<Entry>,
+        committed: LogIndex,
+    ) -> Result<Self, RaftStartError> {
         let mut log = RaftLog {
             snapshot_index,
             snapshot_term,
@@ -32,15 +38,24 @@ impl RaftLog {
             unpersisted_from: None,
         };
         for entry in entries {
-            assert_eq!(
-                entry.index,
-                log.last_index() + 1,
-                "persisted log is not contiguous"
-            );
+            let expected = log.last_index() + 1;
+            if entry.index != expected {
+                return Err(RaftStartError::LogNotContiguous {
+                    expected,
+                    found: entry.index,
+                });
+            }
             log.uncommitted_bytes += entry.size_bytes();
             log.entries.push_back(entry);
         }
-        log
+        // Entries up to the persisted commit index were committed when it was written: they count as
+        // committed again (and are applied before anything is served). Clamped to the log, so a store
+        // that kept the mark but lost its entries cannot claim more than it holds.
+        let committed = committed.min(log.last_index());
+        if committed > log.commit {
+            log.commit_to(committed);
+        }
+        Ok(log)
     }
 
     /// First index held as an entry (one past the snapshot).

@@ -143,6 +143,10 @@ pub struct PersistedState {
     pub snapshot: Snapshot,
     /// Log entries after `snapshot.meta.last_index`, contiguous.
     pub entries: Vec<Entry>,
+    /// The highest index this peer knew committed when it last persisted (0 when not kept). A restarted
+    /// peer applies up to it before serving anything, so it never serves older state than before its
+    /// restart. Never above the last entry (the engine clamps it).
+    pub committed: LogIndex,
 }
 
 /// The role a peer plays in its current term.
@@ -172,6 +176,7 @@ impl PersistedState {
                 data: Bytes::new(),
             },
             entries: Vec::new(),
+            committed: 0,
         }
     }
 }

@@ -4,6 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::store::{FileLogStore, FileLogStoreOptions, LogStore, SyncPolicy};
+use crate::HamokError;
+
 use crate::raft::{
     Entry, HardState, LogIndex, Membership, PeerId, PersistedState, RaftConfig, RaftNode, Ready,
     Role, Snapshot, SnapshotMeta, Term,
@@ -37,6 +40,7 @@ impl Durable {
             hard_state: self.hard_state.clone(),
             snapshot: self.snapshot.clone(),
             entries: self.log.clone(),
+            committed: 0,
         }
     }
 
@@ -99,6 +103,8 @@ pub struct Slot {
     /// A paused peer (think: a long GC pause or a stalled disk) handles nothing before this time; messages
     /// to it wait.
     pub paused_until: u64,
+    /// With the file store: this incarnation's open store (closed by a crash, reopened by a restart).
+    pub file: Option<FileLogStore>,
 }
 
 /// What an operation is (with its outcome once known).
@@ -240,9 +246,106 @@ pub struct Cluster {
     pub fault_rng: Rng,
     pub compact_min: u64,
     pub compact_max: u64,
+    /// With the file store: the directory holding one [`FileLogStore`] per peer, which mirrors every
+    /// durable write of the model; a restarted peer starts from what the store loads, after checking it
+    /// equals the model.
+    pub file_root: Option<tempfile::TempDir>,
+}
+
+/// Writes what `rd` asks to persist to the peer's file store too (file-store runs only).
+fn mirror_to_file(slot: &mut Slot, rd: &Ready) -> Check {
+    let Some(store) = slot.file.as_mut() else {
+        return Ok(());
+    };
+    let id = &slot.id;
+    let fail = |what: &str, e: HamokError| violation("file store", format!("{id}: {what}: {e}"));
+    if let Some(snap) = &rd.snapshot {
+        store.save_snapshot(snap).map_err(|e| fail("snapshot", e))?;
+    }
+    if let Some(hs) = &rd.hard_state {
+        store
+            .save_hard_state(hs)
+            .map_err(|e| fail("hard state", e))?;
+    }
+    if let Some(from) = rd.entries_from {
+        store
+            .write_entries(from, &rd.entries)
+            .map_err(|e| fail("entries", e))?;
+    }
+    if let Some(last) = rd.committed.last() {
+        store
+            .save_committed(last.index, last.term)
+            .map_err(|e| fail("commit mark", e))?;
+    }
+    store.sync().map_err(|e| fail("sync", e))
 }
 
 impl Cluster {
+    /// What a (re)starting peer starts from: the model's durable state, or, in a file-store run, what
+    /// its reopened store loads, which must equal the model (plus a commit mark).
+    fn reopen_file_store(&mut self, slot: &mut Slot) -> Check<PersistedState> {
+        let model = slot.durable.persisted();
+        let Some(root) = &self.file_root else {
+            return Ok(model);
+        };
+        let id = slot.id.clone();
+        let dir = root.path().join(id.as_str());
+        let fresh = !dir.exists();
+        slot.file = None;
+        let options = FileLogStoreOptions {
+            // The simulation closes stores, it does not cut power: writes that reached the kernel are
+            // what a restart must find (and syncing every Ready would make seeds slow).
+            sync: SyncPolicy::Never,
+            chunk_max_bytes: 64 << 10,
+            ..FileLogStoreOptions::default()
+        };
+        let mut store = FileLogStore::open(&dir, options)
+            .map_err(|e| violation("file store", format!("{id}: open: {e}")))?;
+        let fail =
+            |what: &str, e: HamokError| violation("file store", format!("{id}: {what}: {e}"));
+        if fresh {
+            store
+                .save_snapshot(&model.snapshot)
+                .map_err(|e| fail("snapshot", e))?;
+            store
+                .save_hard_state(&model.hard_state)
+                .map_err(|e| fail("hard state", e))?;
+            if let Some(first) = model.entries.first() {
+                store
+                    .write_entries(first.index, &model.entries)
+                    .map_err(|e| fail("entries", e))?;
+            }
+            store.sync().map_err(|e| fail("sync", e))?;
+            slot.file = Some(store);
+            return Ok(model);
+        }
+        let loaded = store.load().map_err(|e| fail("load", e))?;
+        ensure(
+            loaded.hard_state == model.hard_state
+                && loaded.snapshot == model.snapshot
+                && loaded.entries == model.entries,
+            "file store",
+            || {
+                format!(
+                    "{id} reloaded term {} vote {:?} snapshot {} log {:?}..={:?}, but persisted term {} \
+                     vote {:?} snapshot {} log {:?}..={:?}",
+                    loaded.hard_state.term,
+                    loaded.hard_state.voted_for,
+                    loaded.snapshot.meta.last_index,
+                    loaded.entries.first().map(|e| e.index),
+                    loaded.entries.last().map(|e| e.index),
+                    model.hard_state.term,
+                    model.hard_state.voted_for,
+                    model.snapshot.meta.last_index,
+                    model.entries.first().map(|e| e.index),
+                    model.entries.last().map(|e| e.index),
+                )
+            },
+        )?;
+        slot.file = Some(store);
+        Ok(loaded)
+    }
+
     /// The next history time stamp.
     pub fn next_seq(&mut self) -> u64 {
         self.hseq += 1;
@@ -332,6 +435,7 @@ impl Cluster {
                 status: SlotStatus::Crashed,
                 incarnation: 0,
                 paused_until: 0,
+                file: None,
             }),
         );
         let present = self.present_ids().len();
@@ -345,14 +449,10 @@ impl Cluster {
             slot.incarnation += 1;
             let seed =
                 mix64(c.seed ^ fnv64(slot.id.as_str().as_bytes()) ^ u64::from(slot.incarnation));
-            let mut node = RaftNode::new(
-                slot.id.clone(),
-                c.config.clone(),
-                seed,
-                now,
-                slot.durable.persisted(),
-            )
-            .map_err(|e| violation("harness", format!("RaftNode::new failed: {e}")))?;
+            let persisted = c.reopen_file_store(slot)?;
+            let mut node =
+                RaftNode::new(slot.id.clone(), c.config.clone(), seed, now, persisted)
+                    .map_err(|e| violation("harness", format!("RaftNode::new failed: {e}")))?;
             if let Some(hook) = c.hook {
                 hook(&mut node);
             }
@@ -408,6 +508,8 @@ impl Cluster {
             return;
         };
         let live = slot.live.take();
+        // The process dies: its store is closed (and reopened from disk by a restart).
+        slot.file = None;
         slot.status = if stop {
             SlotStatus::Stopped
         } else {
@@ -718,6 +820,8 @@ impl Cluster {
             );
         }
 
+        mirror_to_file(slot, &rd)?;
+
         // 2. Send.
         for m in rd.messages {
             ensure(m.from == id, "ready contract", || {
@@ -949,6 +1053,11 @@ impl Cluster {
                     data,
                 };
                 slot.durable.log.retain(|e| e.index > applied);
+                if let Some(store) = slot.file.as_mut() {
+                    store
+                        .save_snapshot(&slot.durable.snapshot)
+                        .map_err(|e| violation("file store", format!("{id}: snapshot: {e}")))?;
+                }
                 self.stats.compactions += 1;
                 self.note(format!("{id}: compacted to ({applied}, {term})"));
                 Ok(true)

@@ -143,6 +143,7 @@ impl Cluster {
             fault_rng: Rng::stream(seed, "faults"),
             compact_min: plan_rng.between(4, 24),
             compact_max: plan_rng.between(24, 80),
+            file_root: None,
         };
         for id in genesis.voters.iter() {
             cluster.add_slot(id.clone(), PersistedState::genesis(genesis.clone()));

@@ -67,6 +67,9 @@ pub struct SimOptions {
     pub replay: bool,
     /// The command that replays a seed; `{seed}` is replaced by the seed.
     pub replay_command: String,
+    /// Every peer also keeps its state in a real [`FileLogStore`](crate::store::FileLogStore) (in a
+    /// temporary directory) and restarts from what it loads, checked against the model.
+    pub file_store: bool,
 }
 
 impl SimOptions {
@@ -76,6 +79,7 @@ impl SimOptions {
             hook: None,
             replay: false,
             replay_command: replay_command.to_string(),
+            file_store: false,
         }
     }
 
@@ -237,6 +241,9 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
         TRACE_LINES
     };
     let (mut cluster, plan) = Cluster::build(opts.seed, opts.hook, Trace::new(cap, true));
+    if opts.file_store {
+        cluster.file_root = Some(tempfile::tempdir().expect("a temporary directory"));
+    }
     let mut live = Liveness::default();
     LAST_PANIC.with(|p| *p.borrow_mut() = None);
     let result = catch_unwind(AssertUnwindSafe(|| cluster.run(&plan, &mut live)));

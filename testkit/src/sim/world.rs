@@ -62,6 +62,9 @@ impl LogStore for SharedStore {
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
         self.inner().write_entries(from, entries)
     }
+    fn save_committed(&mut self, index: LogIndex, term: u64) -> Result<(), HamokError> {
+        self.inner().save_committed(index, term)
+    }
     fn sync(&mut self) -> Result<(), HamokError> {
         self.inner().sync()
     }

@@ -91,7 +91,10 @@ impl Apply {
         self.store.save_snapshot(snapshot)
     }
 
-    /// Persists what `ready` asks for, in order, and syncs: before any of its messages leave.
+    /// Persists what `ready` asks for, in order, and syncs once (group commit): before any of its
+    /// messages leave. The commit mark goes with it, so a restarted peer applies as far as it had
+    /// before serving anything (a durable store syncs the mark with the next batch that must be synced,
+    /// as etcd does: a power cut can take the mark back, never an acknowledged entry).
     pub(super) fn persist(&mut self, ready: &Ready) -> Result<(), HamokError> {
         if let Some(snapshot) = &ready.snapshot {
             self.store.save_snapshot(snapshot)?;
@@ -102,10 +105,22 @@ impl Apply {
         if let Some(from) = ready.entries_from {
             self.store.write_entries(from, &ready.entries)?;
         }
-        if ready.snapshot.is_some() || ready.hard_state.is_some() || ready.entries_from.is_some() {
+        if let Some(last) = ready.committed.last() {
+            self.store.save_committed(last.index, last.term)?;
+        }
+        if ready.snapshot.is_some()
+            || ready.hard_state.is_some()
+            || ready.entries_from.is_some()
+            || !ready.committed.is_empty()
+        {
             self.store.sync()?;
         }
         Ok(())
+    }
+
+    /// Time passed: lets a store with an interval sync policy sync writes that wait for it.
+    pub(super) fn tick(&mut self) -> Result<(), HamokError> {
+        self.store.sync()
     }
 
     /// Replaces every collection with a received snapshot's, running the attach hooks.

@@ -21,7 +21,6 @@ mod planted_bugs;
 mod reads;
 mod requests;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,20 +31,18 @@ use tokio::time::Instant;
 
 pub(crate) use apply::AttachFn;
 pub(crate) use peer::DirectFn;
-use peer::{Peer, PeerArgs};
+pub(crate) use peer::{Peer, PeerArgs};
 #[cfg(not(feature = "testing"))]
 pub(crate) use planted_bugs::PlantedBugs;
 #[cfg(feature = "testing")]
 pub use planted_bugs::PlantedBugs;
 pub(crate) use reads::{QueryFn, Served};
 
-use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::PeerId;
-use crate::state_machine::{Op, StateMachineFactory};
+use crate::state_machine::Op;
 use crate::stats::{Counters, LeaderContact, PeerStatus};
-use crate::store::LogStore;
 use crate::transport::{Inbound, Link};
 
 /// Messages of the node actor.
@@ -89,20 +86,16 @@ pub(crate) enum NodeMsg {
     },
 }
 
-/// Everything the node actor starts from.
+/// Everything the node actor starts from. The peer is built (and its store loaded) by the caller, so
+/// a store that cannot be loaded fails `HamokBuilder::build` with its typed error.
 pub(crate) struct NodeArgs {
-    pub peer_id: PeerId,
-    pub config: HamokConfig,
-    pub store: Box<dyn LogStore>,
-    pub kinds: BTreeMap<String, StateMachineFactory>,
+    pub peer: Peer,
+    pub tick_interval_ms: u64,
     pub inbound: Inbound,
     pub view: watch::Sender<PeerStatus>,
     pub events: broadcast::Sender<HamokEvent>,
     pub counters: Arc<Counters>,
     pub contact: Arc<LeaderContact>,
-    pub nonce: u64,
-    pub seed: u64,
-    pub bugs: PlantedBugs,
 }
 
 pub(crate) struct NodeState {
@@ -129,24 +122,10 @@ impl Actor for NodeActor {
         myself: ActorRef<NodeMsg>,
         args: NodeArgs,
     ) -> Result<NodeState, ActorProcessingErr> {
-        let tick = Duration::from_millis(args.config.tick_interval_ms);
-        let peer = Peer::new(
-            PeerArgs {
-                id: args.peer_id,
-                config: args.config,
-                store: args.store,
-                kinds: args.kinds,
-                counters: args.counters.clone(),
-                nonce: args.nonce,
-                seed: args.seed,
-                bugs: args.bugs,
-                events: args.events.clone(),
-            },
-            0,
-        )?;
+        let tick = Duration::from_millis(args.tick_interval_ms);
         myself.send_interval(tick, || NodeMsg::Tick);
         let state = NodeState {
-            peer,
+            peer: args.peer,
             started: args.contact.started(),
             link: None,
             inbound: args.inbound,

@@ -287,6 +287,13 @@ impl Peer {
     /// Time passed: the engine's timers, discovery, join/rejoin judgement, leaving, leader duties,
     /// retries and deadlines.
     pub(crate) fn tick(&mut self, now_ms: u64) {
+        if let Err(e) = self.apply.tick() {
+            // A store that cannot sync cannot be trusted with another write: the peer stops.
+            let reason = format!("storage failed: {e}");
+            self.out.emit(HamokEvent::Error(reason.clone()));
+            self.out.stop = Some(reason);
+            return;
+        }
         if self.discovery.participating() && now_ms >= self.raft.next_deadline_ms() {
             self.raft.tick(now_ms);
         }

@@ -1,30 +1,10 @@
-//! Where a peer keeps its term, vote, snapshot and log: the [`LogStore`] trait, and the in-memory store
-//! that is the embedded default.
-//!
-//! The node actor writes what each [`Ready`](crate::raft::Ready) asks for, in order, before it sends
-//! that Ready's messages; a durable store must have made the writes durable when `sync` returns.
+//! [`MemoryLogStore`]: the embedded default, everything in memory.
 
 use std::collections::VecDeque;
 
+use super::LogStore;
 use crate::error::HamokError;
-use crate::raft::{Entry, HardState, LogIndex, PersistedState, Snapshot};
-
-/// Durable (or not) storage of one peer's Raft state.
-pub trait LogStore: Send + 'static {
-    /// Everything stored, to rebuild the engine after a restart.
-    fn load(&mut self) -> Result<PersistedState, HamokError>;
-    /// Records the term and vote.
-    fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError>;
-    /// Records a snapshot; entries up to its last index are dropped.
-    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError>;
-    /// Drops the entry at `from` and everything after it, then appends `entries` (contiguous from `from`).
-    fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError>;
-    /// Makes every write so far durable (a no-op for the in-memory store).
-    fn sync(&mut self) -> Result<(), HamokError>;
-
-    /// Number of entries and their approximate bytes currently stored.
-    fn size(&self) -> (u64, u64);
-}
+use crate::raft::{Entry, HardState, LogIndex, PersistedState, Snapshot, Term};
 
 /// The embedded default: everything in memory, nothing survives the process. Memory stays bounded
 /// because the node snapshots and compacts by log size.
@@ -34,6 +14,7 @@ pub struct MemoryLogStore {
     snapshot: Snapshot,
     entries: VecDeque<Entry>,
     bytes: u64,
+    committed: LogIndex,
 }
 
 impl MemoryLogStore {
@@ -53,6 +34,7 @@ impl LogStore for MemoryLogStore {
             hard_state: self.hard_state.clone(),
             snapshot: self.snapshot.clone(),
             entries: self.entries.iter().cloned().collect(),
+            committed: self.committed,
         })
     }
 
@@ -100,6 +82,11 @@ impl LogStore for MemoryLogStore {
             self.bytes += e.size_bytes() as u64;
             self.entries.push_back(e.clone());
         }
+        Ok(())
+    }
+
+    fn save_committed(&mut self, index: LogIndex, _term: Term) -> Result<(), HamokError> {
+        self.committed = self.committed.max(index);
         Ok(())
     }
 

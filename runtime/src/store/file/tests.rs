@@ -1,0 +1,337 @@
+//! The file store against its contract and its recovery rules: round trips through a reopen,
+//! truncation, snapshots (also one interrupted by a crash), torn tails, flipped bits, missing chunks,
+//! the directory lock, the peer id, and a failed fsync.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::raft::{Membership, SnapshotMeta};
+
+fn e(index: LogIndex, term: Term, data: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        payload: EntryPayload::Command(Bytes::copy_from_slice(data)),
+    }
+}
+
+fn entries(from: LogIndex, to: LogIndex, term: Term) -> Vec<Entry> {
+    (from..=to)
+        .map(|i| e(i, term, format!("command {i}").as_bytes()))
+        .collect()
+}
+
+fn snapshot(index: LogIndex, term: Term) -> Snapshot {
+    Snapshot {
+        meta: SnapshotMeta {
+            last_index: index,
+            last_term: term,
+            membership: Membership::with_voters([PeerId::from("a")]),
+        },
+        data: Bytes::from(format!("state at {index}")),
+    }
+}
+
+fn open(dir: &Path) -> Result<FileLogStore, HamokError> {
+    FileLogStore::open(dir, FileLogStoreOptions::default())
+}
+
+fn small_chunks(dir: &Path) -> FileLogStore {
+    let options = FileLogStoreOptions {
+        chunk_max_bytes: 4 << 10,
+        ..FileLogStoreOptions::default()
+    };
+    FileLogStore::open(dir, options).unwrap()
+}
+
+fn ids(state: &PersistedState) -> Vec<(LogIndex, Term)> {
+    state.entries.iter().map(|e| (e.index, e.term)).collect()
+}
+
+fn chunk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != "LOCK")
+        .collect();
+    files.sort();
+    files
+}
+
+fn corrupt(result: Result<FileLogStore, HamokError>) -> String {
+    match result {
+        Err(HamokError::Storage(StorageError::Corrupt { detail, source, .. })) => {
+            format!("{detail} {source:?}")
+        }
+        Err(other) => panic!("expected Corrupt, got {other:?}"),
+        Ok(store) => panic!("expected Corrupt, opened {store:?}"),
+    }
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.bind_peer(&PeerId::from("a")).unwrap();
+    s.save_hard_state(&HardState {
+        term: 3,
+        voted_for: Some(PeerId::from("b")),
+    })
+    .unwrap();
+    s.write_entries(1, &entries(1, 10, 2)).unwrap();
+    s.save_committed(7, 2).unwrap();
+    s.sync().unwrap();
+    assert_eq!(s.size().0, 10);
+    drop(s);
+
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(s.peer_id(), Some(PeerId::from("a")));
+    let loaded = s.load().unwrap();
+    assert_eq!(loaded.hard_state.term, 3);
+    assert_eq!(loaded.hard_state.voted_for, Some(PeerId::from("b")));
+    assert_eq!(loaded.entries, entries(1, 10, 2));
+    assert_eq!(loaded.committed, 7);
+    assert_eq!(
+        s.size(),
+        (
+            10,
+            entries(1, 10, 2)
+                .iter()
+                .map(|e| e.size_bytes() as u64)
+                .sum()
+        )
+    );
+}
+
+#[test]
+fn a_conflicting_suffix_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 8, 1)).unwrap();
+    s.save_committed(4, 1).unwrap();
+    s.write_entries(6, &entries(6, 7, 2)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let loaded = open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(
+        ids(&loaded),
+        vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2), (7, 2)]
+    );
+}
+
+#[test]
+fn snapshots_compact_the_log_and_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    s.write_entries(1, &entries(1, 300, 1)).unwrap();
+    s.save_committed(300, 1).unwrap();
+    s.sync().unwrap();
+    let before = chunk_files(dir.path()).len();
+    assert!(before > 3, "small chunks: {before}");
+    s.save_snapshot(&snapshot(250, 1)).unwrap();
+    assert_eq!(s.size().0, 50);
+    drop(s);
+    let after = chunk_files(dir.path()).len();
+    assert!(
+        after < before,
+        "compacted chunks are removed: {before} -> {after}"
+    );
+    let loaded = small_chunks(dir.path()).load().unwrap();
+    assert_eq!(loaded.snapshot, snapshot(250, 1));
+    assert_eq!(loaded.entries.first().map(|e| e.index), Some(251));
+    assert_eq!(loaded.entries.last().map(|e| e.index), Some(300));
+    assert_eq!(loaded.committed, 300);
+}
+
+#[test]
+fn a_snapshot_from_the_leader_replaces_a_conflicting_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 10, 1)).unwrap();
+    s.save_committed(3, 1).unwrap();
+    s.sync().unwrap();
+    // The leader's snapshot at (12, 4): beyond this log, which must not survive above its commit.
+    s.save_snapshot(&snapshot(12, 4)).unwrap();
+    s.write_entries(13, &entries(13, 14, 4)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let loaded = open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(loaded.snapshot.meta.last_index, 12);
+    assert_eq!(ids(&loaded), vec![(13, 4), (14, 4)]);
+    assert_eq!(loaded.committed, 12);
+}
+
+#[test]
+fn a_crash_between_snapshot_and_compaction_is_finished_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 20, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    // The snapshot file was written, the process died before the log was compacted.
+    snapshot::write(dir.path(), &snapshot(15, 1)).unwrap();
+    let loaded = open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(loaded.snapshot.meta.last_index, 15);
+    assert_eq!(loaded.entries.first().map(|e| e.index), Some(16));
+    assert_eq!(loaded.entries.len(), 5);
+    // A temporary snapshot file left by a crash mid-write is ignored and removed.
+    fs::write(dir.path().join("snapshot.tmp"), b"half a snap").unwrap();
+    let loaded = open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(loaded.snapshot.meta.last_index, 15);
+    assert!(!dir.path().join("snapshot.tmp").exists());
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_the_last_whole_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 10, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let last = chunk_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&last).unwrap().len();
+    // The last record (entry 10) lost its last bytes: a write the power cut interrupted.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(ids(&s.load().unwrap()).last(), Some(&(9, 1)));
+    // And the store goes on from there.
+    s.write_entries(10, &entries(10, 11, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    assert_eq!(open(dir.path()).unwrap().load().unwrap().entries.len(), 11);
+}
+
+#[test]
+fn a_flipped_bit_before_the_tail_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 10, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let last = chunk_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&last).unwrap();
+    // Flip a bit in the payload of an entry in the middle ("command 5").
+    let at = bytes
+        .windows(9)
+        .position(|w| w == b"command 5")
+        .expect("the entry is in the chunk");
+    bytes[at + 3] ^= 0x10;
+    fs::write(&last, bytes).unwrap();
+    let detail = corrupt(open(dir.path()));
+    assert!(!detail.is_empty());
+}
+
+#[test]
+fn a_missing_chunk_refuses_to_start() {
+    for victim in ["middle", "first"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small_chunks(dir.path());
+        s.write_entries(1, &entries(1, 300, 1)).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let chunks = chunk_files(dir.path());
+        assert!(chunks.len() >= 3);
+        let gone = if victim == "first" {
+            &chunks[0]
+        } else {
+            &chunks[chunks.len() / 2]
+        };
+        fs::remove_file(gone).unwrap();
+        let options = FileLogStoreOptions {
+            chunk_max_bytes: 4 << 10,
+            ..FileLogStoreOptions::default()
+        };
+        let detail = corrupt(FileLogStore::open(dir.path(), options));
+        assert!(!detail.is_empty(), "{victim}");
+    }
+}
+
+#[test]
+fn a_damaged_or_missing_snapshot_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 20, 1)).unwrap();
+    s.save_snapshot(&snapshot(10, 1)).unwrap();
+    drop(s);
+    let path = dir.path().join("snapshot");
+    let good = fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 2] ^= 0x01;
+    fs::write(&path, &bad).unwrap();
+    assert!(corrupt(open(dir.path())).contains("checksum"));
+    fs::remove_file(&path).unwrap();
+    assert!(corrupt(open(dir.path())).contains("compacted to 10"));
+    fs::write(&path, &good).unwrap();
+    assert_eq!(open(dir.path()).unwrap().load().unwrap().entries.len(), 10);
+}
+
+#[test]
+fn a_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path()).unwrap();
+    match open(dir.path()) {
+        Err(HamokError::Storage(StorageError::Locked { .. })) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_directory_keeps_its_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(s.peer_id(), None);
+    s.bind_peer(&PeerId::from("a")).unwrap();
+    drop(s);
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(s.peer_id(), Some(PeerId::from("a")));
+    s.bind_peer(&PeerId::from("a")).unwrap();
+    match s.bind_peer(&PeerId::from("b")) {
+        Err(HamokError::Storage(StorageError::WrongPeer { stored, .. })) => {
+            assert_eq!(stored, PeerId::from("a"))
+        }
+        other => panic!("expected WrongPeer, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_fsync_stops_the_store_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let options = FileLogStoreOptions {
+        fail_syncs: Some(fail.clone()),
+        ..FileLogStoreOptions::default()
+    };
+    let mut s = FileLogStore::open(dir.path(), options).unwrap();
+    s.write_entries(1, &entries(1, 3, 1)).unwrap();
+    s.sync().unwrap();
+    s.write_entries(4, &entries(4, 5, 1)).unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let first = s.sync().unwrap_err();
+    assert!(
+        matches!(first, HamokError::Storage(StorageError::Io { .. })),
+        "{first:?}"
+    );
+    // No retry can succeed, even once the disk "recovers": the failure is sticky.
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(s.sync().unwrap_err(), first);
+    assert_eq!(s.write_entries(6, &entries(6, 6, 1)).unwrap_err(), first);
+    assert_eq!(s.save_hard_state(&HardState::default()).unwrap_err(), first);
+}
+
+#[test]
+fn the_memory_store_keeps_the_commit_mark_too() {
+    let mut s = crate::store::MemoryLogStore::new();
+    s.write_entries(1, &entries(1, 5, 1)).unwrap();
+    s.save_committed(4, 1).unwrap();
+    assert_eq!(s.load().unwrap().committed, 4);
+}

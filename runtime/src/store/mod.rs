@@ -1,0 +1,84 @@
+//! Where a peer keeps its term, vote, snapshot and log: the [`LogStore`] trait, the in-memory store
+//! that is the embedded default ([`MemoryLogStore`]), and the durable file store ([`FileLogStore`],
+//! selected by `storage.dir`).
+//!
+//! The node actor writes what each [`Ready`](crate::raft::Ready) asks for, in order (snapshot, term and
+//! vote, entries, commit mark), then calls [`LogStore::sync`] once (group commit), and only then sends
+//! that Ready's messages. A durable store must have made every write durable when `sync` returns (as
+//! far as its [`SyncPolicy`] promises); a store that fails any call stops the peer (a failed fsync is
+//! never retried: the kernel may have dropped the dirty pages, so a retry that succeeds proves nothing).
+
+mod error;
+mod file;
+mod memory;
+
+pub use error::StorageError;
+pub use file::{FileLogStore, FileLogStoreOptions};
+pub use memory::MemoryLogStore;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::HamokError;
+use crate::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot, Term};
+
+/// Durable (or not) storage of one peer's Raft state.
+pub trait LogStore: Send + 'static {
+    /// Everything stored, to rebuild the engine after a restart.
+    fn load(&mut self) -> Result<PersistedState, HamokError>;
+    /// Records the term and vote.
+    fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError>;
+    /// Records a snapshot; entries up to its last index are dropped (all entries, when the entry at its
+    /// last index is missing or of another term). Durable when it returns, whatever the sync policy.
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError>;
+    /// Drops the entry at `from` and everything after it, then appends `entries` (contiguous from `from`).
+    fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError>;
+    /// Records that the entry (`index`, `term`), which this store holds, is committed. The default
+    /// keeps nothing: a restarted peer then re-applies only up to its snapshot until its leader tells it
+    /// the commit index (still safe, but it may briefly serve older local reads than before).
+    fn save_committed(&mut self, index: LogIndex, term: Term) -> Result<(), HamokError> {
+        let _ = (index, term);
+        Ok(())
+    }
+    /// Makes every write so far durable (a no-op for the in-memory store).
+    fn sync(&mut self) -> Result<(), HamokError>;
+
+    /// Number of entries and their approximate bytes currently stored.
+    fn size(&self) -> (u64, u64);
+
+    /// The peer id this store was written by, if it keeps one (a durable store does, so a restarted
+    /// peer keeps its identity without configuring it).
+    fn peer_id(&self) -> Option<PeerId> {
+        None
+    }
+    /// Binds the store to `id` (before anything is loaded). A store written by another peer refuses
+    /// with [`StorageError::WrongPeer`]: its vote and log belong to that identity.
+    fn bind_peer(&mut self, id: &PeerId) -> Result<(), HamokError> {
+        let _ = id;
+        Ok(())
+    }
+}
+
+/// When a durable store calls `fdatasync`, and what each choice can lose.
+///
+/// | policy | survives a process crash (`kill -9`) | survives a power cut / kernel crash |
+/// |---|---|---|
+/// | `batch` (default) | everything acknowledged | everything acknowledged |
+/// | `interval` | everything acknowledged | all but up to `sync_interval_ms` of writes |
+/// | `never` | everything acknowledged | all but what the kernel had not yet written back |
+///
+/// Only `batch` keeps Raft's promise through a power cut: with the others, a peer may come back having
+/// forgotten a vote or entries it acknowledged, and if a majority does so at once, acknowledged writes
+/// can be lost. Writes always reach the kernel before a Ready's messages leave, so a crash of the
+/// process alone (the common case: a deploy, an OOM kill) loses nothing under any policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// One `fdatasync` per Ready (group commit: every write of a batch shares it), before the batch's
+    /// messages are sent.
+    #[default]
+    Batch,
+    /// At most one `fdatasync` per `storage.sync_interval_ms`, from the Ready path.
+    Interval,
+    /// Never `fdatasync` the log (snapshots are still written atomically and synced).
+    Never,
+}
