@@ -3,7 +3,7 @@
 //! `hamok-testkit` (re-exported).
 //!
 //! Time in these tests is only ever a bound on a wait: no test asserts how long something took.
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};

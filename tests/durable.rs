@@ -1,0 +1,255 @@
+//! Durable peers (`storage.dir`) at the public API, in process: a restarted peer resumes from its
+//! directory (with its id, its state before it even rejoins) and catches up only the suffix it missed;
+//! a whole cluster closed at once comes back with every map entry, config revision and lock fence;
+//! a directory in use or written by another peer is refused, typed. (The same over NATS with `kill -9`
+//! of three processes: `tests/durable_nats.rs`.)
+//!
+//! Time only bounds waits; nothing here asserts how long a step took.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use hamok::prelude::*;
+use hamok::runtime::store::StorageError;
+
+/// Builds a durable peer on `dir`; `id` is only given on the first start (the directory keeps it).
+async fn durable(cluster: &TestCluster, dir: &Path, id: Option<&str>) -> Result<Hamok, HamokError> {
+    let o = &cluster.opts;
+    let mut b = register_kinds(Hamok::builder())
+        .storage_dir(dir)
+        .cluster_id(cluster.cluster_id.clone())
+        .transport(cluster.hub.clone())
+        .election_timeout_ms(o.election_timeout_ms)
+        .heartbeat_interval_ms(o.heartbeat_interval_ms)
+        .peer_max_idle_ms(o.peer_max_idle_ms)
+        .request_timeout_ms(o.request_timeout_ms);
+    if let Some(id) = id {
+        b = b.peer_id(id);
+    }
+    if let Some(n) = o.snapshot_after_entries {
+        b = b.snapshot_after_entries(n);
+    }
+    b.build().await
+}
+
+fn dirs(root: &Path) -> Vec<PathBuf> {
+    ["a", "b", "c"].iter().map(|id| root.join(id)).collect()
+}
+
+async fn start(cluster: &TestCluster, dirs: &[PathBuf], first: bool) -> Vec<Hamok> {
+    let ids = ["a", "b", "c"];
+    let mut peers = Vec::new();
+    for (dir, id) in dirs.iter().zip(ids) {
+        let peer = durable(cluster, dir, first.then_some(id))
+            .await
+            .unwrap_or_else(|e| panic!("build {id}: {e}"));
+        assert_eq!(
+            peer.local_peer_id().as_str(),
+            id,
+            "the directory keeps the id"
+        );
+        peers.push(peer);
+    }
+    join_all_at_once(&peers).await;
+    wait_membership(&peers).await;
+    peers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_resumes_from_its_directory_and_catches_up_the_suffix_only() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs = dirs(root.path());
+    // Every peer compacts its log every 80 entries: a peer that came back empty could only catch up
+    // from a snapshot; one that kept its log needs only the entries it missed.
+    let opts = Opts {
+        snapshot_after_entries: Some(80),
+        ..Opts::default()
+    };
+    let cluster = TestCluster::new("durable-suffix", opts);
+    let mut peers = start(&cluster, &dirs, true).await;
+    let map = peers[0].get_or_create_map::<u32, u32>("m").await.unwrap();
+    for i in 0..100 {
+        map.set(i, i).await.unwrap();
+    }
+    // c sees all of it, then goes down (a crash: it does not leave).
+    let c_map = peers[2].get_or_create_map::<u32, u32>("m").await.unwrap();
+    c_map.sync().await.unwrap();
+    let c = peers.pop().unwrap();
+    c.close().await;
+    drop((c, c_map));
+    for i in 100..140 {
+        map.set(i, i).await.unwrap();
+    }
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.stats().counters.snapshots_taken >= 1),
+        "the others compacted their logs past the start"
+    );
+
+    // c comes back from its directory: before it rejoins, it already serves what it had applied.
+    let c = durable(&cluster, &dirs[2], None).await.unwrap();
+    assert_eq!(c.local_peer_id().as_str(), "c");
+    let c_map = c.get_or_create_map::<u32, u32>("m").await;
+    assert!(
+        matches!(c_map, Err(HamokError::NotJoined)),
+        "opening a collection needs the cluster: {c_map:?}"
+    );
+    eventually(
+        "c applies its own log up to its commit mark before joining",
+        WAIT,
+        || {
+            let applied = c.stats().status.raft.applied_index;
+            async move { (applied > 100).then_some(()) }
+        },
+    )
+    .await;
+    c.join().await.unwrap();
+    let c_map = c.get_or_create_map::<u32, u32>("m").await.unwrap();
+    c_map.sync().await.unwrap();
+    for i in 0..140 {
+        assert_eq!(
+            c_map.get(&i).unwrap(),
+            Some(i),
+            "key {i} on the restarted peer"
+        );
+    }
+    let stats = c.stats();
+    assert_eq!(
+        stats.counters.snapshots_installed, 0,
+        "its log sufficed: the leader sent the missing suffix, not a snapshot (a peer restarted \
+         empty needs one: see the test below)"
+    );
+    peers.push(c);
+    close_all(&peers).await;
+}
+
+/// The control of the test above: the same peer restarted on an empty directory is a new peer, which
+/// can only catch up from a snapshot (so `snapshots_installed == 0` above does show the log was used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_on_an_empty_directory_is_a_new_peer_and_needs_a_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs = dirs(root.path());
+    let opts = Opts {
+        snapshot_after_entries: Some(80),
+        ..Opts::default()
+    };
+    let cluster = TestCluster::new("durable-fresh", opts);
+    let mut peers = start(&cluster, &dirs, true).await;
+    let map = peers[0].get_or_create_map::<u32, u32>("m").await.unwrap();
+    for i in 0..140 {
+        map.set(i, i).await.unwrap();
+    }
+    let c = peers.pop().unwrap();
+    c.close().await;
+    drop(c);
+    let fresh = durable(&cluster, &root.path().join("c-new"), Some("c2"))
+        .await
+        .unwrap();
+    fresh.join().await.unwrap();
+    let c_map = fresh.get_or_create_map::<u32, u32>("m").await.unwrap();
+    c_map.sync().await.unwrap();
+    assert_eq!(c_map.len(), 140);
+    assert!(fresh.stats().counters.snapshots_installed >= 1);
+    peers.push(fresh);
+    close_all(&peers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_keeps_every_map_entry_config_revision_and_fence() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs = dirs(root.path());
+    let cluster = TestCluster::new("durable-all", Opts::default());
+    let peers = start(&cluster, &dirs, true).await;
+    let map = peers[1]
+        .get_or_create_map::<String, u64>("orders")
+        .await
+        .unwrap();
+    for i in 0..50u64 {
+        map.set(format!("o{i}"), i).await.unwrap();
+    }
+    let config = peers[0]
+        .get_or_create_config::<String>("flags")
+        .await
+        .unwrap();
+    config.set("v1".into()).await.unwrap();
+    let revision = config.set("v2".into()).await.unwrap();
+    let locks = peers[2].get_or_create_lock_table("locks").await.unwrap();
+    let guard = locks.lock("job").await.unwrap();
+    let token = guard.token();
+    guard.unlock().await.unwrap();
+    drop((map, config, locks));
+    close_all(&peers).await;
+    drop(peers);
+
+    // Every peer restarts at once from its directory: no bootstrap of a new cluster, an election
+    // among the old members, and all of the state.
+    let peers = start(&cluster, &dirs, false).await;
+    agreed_leader(&peers).await;
+    for peer in &peers {
+        let map = peer
+            .get_or_create_map::<String, u64>("orders")
+            .await
+            .unwrap();
+        map.sync().await.unwrap();
+        assert_eq!(map.len(), 50, "on {}", peer.local_peer_id());
+        assert_eq!(map.get(&"o49".to_string()).unwrap(), Some(49));
+        let config = peer.get_or_create_config::<String>("flags").await.unwrap();
+        let now = config
+            .get_linearizable()
+            .await
+            .unwrap()
+            .expect("set before the restart");
+        assert_eq!((now.revision, now.value.as_str()), (revision, "v2"));
+        assert_eq!(config.history().unwrap().len(), 2);
+    }
+    let next = peers[0]
+        .get_or_create_config::<String>("flags")
+        .await
+        .unwrap();
+    assert!(
+        next.set("v3".into()).await.unwrap() > revision,
+        "revisions go on growing"
+    );
+    let locks = peers[1].get_or_create_lock_table("locks").await.unwrap();
+    let again = locks.lock("job").await.unwrap();
+    assert!(
+        again.token() > token,
+        "fences never go backwards: {} after {token}",
+        again.token()
+    );
+    again.unlock().await.unwrap();
+    close_all(&peers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_in_use_or_of_another_peer_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::new("durable-refuse", Opts::default());
+    let dir = root.path().join("a");
+    let a = durable(&cluster, &dir, Some("a")).await.unwrap();
+    match durable(&cluster, &dir, Some("a")).await {
+        Err(HamokError::Storage(StorageError::Locked { .. })) => {}
+        other => panic!(
+            "a second peer on a live peer's directory: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    a.close().await;
+    drop(a);
+    match durable(&cluster, &dir, Some("b")).await {
+        Err(HamokError::Storage(StorageError::WrongPeer { stored, .. })) => {
+            assert_eq!(stored.as_str(), "a")
+        }
+        other => panic!("another id on a's directory: {:?}", other.map(|_| ())),
+    }
+    // A damaged directory fails `build`, typed, instead of starting on it.
+    let snapshot = dir.join("snapshot");
+    std::fs::write(&snapshot, b"not a snapshot").unwrap();
+    match durable(&cluster, &dir, None).await {
+        Err(HamokError::Storage(StorageError::Corrupt { .. })) => {}
+        other => panic!("a corrupt snapshot file: {:?}", other.map(|_| ())),
+    }
+}
