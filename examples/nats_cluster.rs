@@ -11,7 +11,10 @@
 //!
 //! Options: `--peer-id ID` (default: random), `--cluster ID` (default `demo`), `--transport
 //! nats|rabbitmq` (default `nats`), `--url URL` (default: `HAMOK_NATS_URL` / `HAMOK_AMQP_URL`, then the
-//! local broker), `--election-timeout-ms N`, `--heartbeat-interval-ms N`, `--peer-max-idle-ms N`.
+//! local broker), `--election-timeout-ms N`, `--heartbeat-interval-ms N`, `--peer-max-idle-ms N`,
+//! `--storage-dir DIR` (default: none, the peer keeps its Raft state in memory; with it the peer is
+//! durable: term, vote, log and snapshots are kept in `DIR`, one directory per peer, and a peer
+//! restarted on the same directory with the same `--peer-id` resumes from them and rejoins).
 //!
 //! Each peer keeps a replicated counter. It prints leader and membership changes, and reads commands
 //! on standard input, one per line (answers on standard output, one line each):
@@ -78,6 +81,7 @@ struct Args {
     election_timeout_ms: Option<u64>,
     heartbeat_interval_ms: Option<u64>,
     peer_max_idle_ms: Option<u64>,
+    storage_dir: Option<String>,
 }
 
 fn parse_args(argv: Vec<String>) -> Result<Args, String> {
@@ -89,6 +93,7 @@ fn parse_args(argv: Vec<String>) -> Result<Args, String> {
         election_timeout_ms: None,
         heartbeat_interval_ms: None,
         peer_max_idle_ms: None,
+        storage_dir: None,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -102,10 +107,12 @@ fn parse_args(argv: Vec<String>) -> Result<Args, String> {
             "--election-timeout-ms" => args.election_timeout_ms = Some(number(value()?)?),
             "--heartbeat-interval-ms" => args.heartbeat_interval_ms = Some(number(value()?)?),
             "--peer-max-idle-ms" => args.peer_max_idle_ms = Some(number(value()?)?),
+            "--storage-dir" => args.storage_dir = Some(value()?),
             "-h" | "--help" => {
                 return Err("usage: nats_cluster [--peer-id ID] [--cluster ID] \
                             [--transport nats|rabbitmq] [--url URL] [--election-timeout-ms N] \
-                            [--heartbeat-interval-ms N] [--peer-max-idle-ms N]"
+                            [--heartbeat-interval-ms N] [--peer-max-idle-ms N] \
+                            [--storage-dir DIR]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -129,6 +136,9 @@ async fn build(args: &Args) -> Result<Hamok, HamokError> {
     }
     if let Some(ms) = args.peer_max_idle_ms {
         b = b.peer_max_idle_ms(ms);
+    }
+    if let Some(dir) = &args.storage_dir {
+        b = b.storage_dir(dir);
     }
     match args.transport.as_str() {
         "nats" => {
@@ -217,7 +227,8 @@ async fn main() {
     std::process::exit(run(std::env::args().skip(1).collect()).await)
 }
 
-/// The whole program; returns the exit code. (`tests/multiprocess.rs` runs it in its child processes.)
+/// The whole program; returns the exit code. (`tests/multiprocess.rs` and `tests/durable_nats.rs` run
+/// it in their child processes.)
 pub async fn run(argv: Vec<String>) -> i32 {
     let args = match parse_args(argv) {
         Ok(a) => a,

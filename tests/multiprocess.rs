@@ -3,169 +3,27 @@
 //! replacement joins, and a follower is SIGSTOPped and SIGCONTed; at the end no acknowledged write is
 //! lost and every live peer has the same state.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hamok::transports::nats::{DEFAULT_NATS_URL, NATS_URL_ENV};
-use tokio::sync::mpsc;
 
 /// The broker tests' helpers (`require_broker`, `unique_id`), shared with `transports/tests/`.
 #[path = "../transports/tests/common/mod.rs"]
 mod common;
 
+/// The peer processes (the `nats_cluster` example run by this binary again), shared with
+/// `tests/durable_nats.rs`.
+#[path = "common/peer_process.rs"]
+mod peer_process;
+
 use common::{require_broker, unique_id};
-
-/// Bound of one answer from a peer process.
-const ANSWER: Duration = Duration::from_secs(8);
-
-/// The peer program: the `nats_cluster` example, compiled into this test binary too, so that the
-/// processes always run the code under test (an example binary on disk may be stale or missing).
-#[path = "../examples/nats_cluster.rs"]
-#[allow(dead_code)]
-mod peer_program;
-
-/// Set in a child process: the arguments of the peer program, separated by `\x1f`.
-const PEER_ARGS_ENV: &str = "HAMOK_MULTIPROCESS_PEER_ARGS";
+use peer_process::{wait_members, Peer, ANSWER};
 
 /// Not a test: the entry point of the peer processes the scenario below starts (this binary run again
-/// with `PEER_ARGS_ENV` set). Without it, returns at once.
+/// by [`Peer::spawn`]). In a normal test run, returns at once.
 #[test]
 fn peer_process_entry_point() {
-    let Ok(args) = std::env::var(PEER_ARGS_ENV) else {
-        return;
-    };
-    // The test harness has printed "test peer_process_entry_point ... " without a newline: end it.
-    println!();
-    let argv: Vec<String> = args.split('\x1f').map(str::to_string).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = runtime.block_on(peer_program::run(argv));
-    std::process::exit(code);
-}
-
-/// One peer process, driven through its standard input and output.
-struct Peer {
-    id: String,
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::UnboundedReceiver<String>,
-    stopped: bool,
-}
-
-impl Peer {
-    fn spawn(id: &str, cluster: &str, transport: &str, url: &str) -> Peer {
-        let args = [
-            "--transport",
-            transport,
-            "--peer-id",
-            id,
-            "--cluster",
-            cluster,
-            "--url",
-            url,
-            "--election-timeout-ms",
-            "200",
-            "--heartbeat-interval-ms",
-            "40",
-            "--peer-max-idle-ms",
-            "1500",
-        ];
-        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
-            .args([
-                "peer_process_entry_point",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(PEER_ARGS_ENV, args.join("\x1f"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn peer process");
-        let stdout = child.stdout.take().expect("stdout");
-        let stdin = child.stdin.take().expect("stdin");
-        let (tx, lines) = mpsc::unbounded_channel();
-        let tag = id.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if line.starts_with("event ") {
-                    println!("[{tag}] {line}");
-                }
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Peer {
-            id: id.to_string(),
-            child,
-            stdin,
-            lines,
-            stopped: false,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to peer");
-        self.stdin.flush().expect("flush to peer");
-    }
-
-    /// The next line starting with `prefix` (others skipped), or `None` after `timeout`.
-    async fn expect(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) if line.starts_with(prefix) => return Some(line),
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("peer {} exited", self.id),
-                Err(_) => return None,
-            }
-        }
-    }
-
-    async fn ask(&mut self, command: &str, answer: &str) -> String {
-        self.send(command);
-        let line = self
-            .expect(answer, ANSWER)
-            .await
-            .unwrap_or_else(|| panic!("peer {} did not answer {command:?}", self.id));
-        line[answer.len()..].trim().to_string()
-    }
-
-    async fn leader(&mut self) -> String {
-        self.ask("leader", "leader ").await
-    }
-
-    async fn members(&mut self) -> String {
-        self.ask("members", "members ").await
-    }
-
-    fn signal(&mut self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} {}", self.id);
-        self.stopped = sig == "-STOP";
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if self.stopped {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.child.id().to_string()])
-                .status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    peer_process::entry_point();
 }
 
 /// The client: counts acknowledged writes and writes of unknown outcome.
@@ -205,22 +63,6 @@ impl Client {
                 }
             }
         }
-    }
-}
-
-async fn wait_members(peer: &mut Peer, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = peer.members().await;
-        if m == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: members {m}, want {want}",
-            peer.id
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
