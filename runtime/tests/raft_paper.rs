@@ -10,8 +10,8 @@ use bytes::Bytes;
 use common::{cfg, entries, msg, persisted, pid, Net};
 use hamok_runtime::raft::{
     Entry, EntryPayload, HardState, LogIndex, Membership, MembershipChange, Message, MessageBody,
-    PeerId, PersistedState, RaftConfig, RaftError, RaftLimits, RaftNode, ReadState, Role, Snapshot,
-    SnapshotMeta, SoftState, Term,
+    PeerId, PersistedState, RaftConfig, RaftError, RaftLimits, RaftNode, RaftStartError, ReadState,
+    Role, Snapshot, SnapshotMeta, SoftState, Term,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -2074,9 +2074,61 @@ fn invalid_config_is_rejected_naming_the_field() {
         assert!(err.to_string().contains(field), "{err}");
         match RaftNode::new(pid("a"), config, 1, 0, PersistedState::default()) {
             Ok(_) => panic!("RaftNode::new accepted an invalid `{field}`"),
-            Err(e) => assert_eq!(e.field, field),
+            Err(RaftStartError::Config(e)) => assert_eq!(e.field, field),
+            Err(other) => panic!("expected a config error for `{field}`, got {other}"),
         }
     }
+}
+
+/// A persisted log with a hole is refused with a typed error (a store lost entries), never a panic.
+#[test]
+fn a_persisted_log_with_a_hole_is_a_typed_error() {
+    let mut state = persisted(&["a", "b", "c"], 2, vec![]);
+    state.entries = vec![
+        Entry {
+            index: 1,
+            term: 1,
+            payload: EntryPayload::Noop,
+        },
+        Entry {
+            index: 3,
+            term: 2,
+            payload: EntryPayload::Noop,
+        },
+    ];
+    match RaftNode::new(pid("a"), RaftConfig::default(), 1, 0, state) {
+        Err(RaftStartError::LogNotContiguous { expected, found }) => {
+            assert_eq!((expected, found), (2, 3))
+        }
+        Err(other) => panic!("expected LogNotContiguous, got {other}"),
+        Ok(_) => panic!("a log with a hole was accepted"),
+    }
+}
+
+/// A restarted peer's persisted commit mark makes its entries committed again (so they are applied
+/// before anything is served), clamped to the log it holds.
+#[test]
+fn the_persisted_commit_mark_is_restored_and_clamped() {
+    let log: Vec<Entry> = (1..=5)
+        .map(|index| Entry {
+            index,
+            term: 1,
+            payload: EntryPayload::Noop,
+        })
+        .collect();
+    let mut state = persisted(&["a", "b", "c"], 1, log);
+    state.committed = 3;
+    let mut node = RaftNode::new(pid("a"), RaftConfig::default(), 1, 0, state.clone()).unwrap();
+    assert_eq!(node.commit_index(), 3);
+    let ready = node.take_ready();
+    assert_eq!(
+        ready.committed.iter().map(|e| e.index).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "the committed prefix is handed out to apply"
+    );
+    state.committed = 99;
+    let node = RaftNode::new(pid("a"), RaftConfig::default(), 1, 0, state).unwrap();
+    assert_eq!(node.commit_index(), 5);
 }
 
 // ---------------------------------------------------------------------------------------------------
