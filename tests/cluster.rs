@@ -860,6 +860,7 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
                 |cluster: &str, version: u16, to: Option<PeerId>, body: HamokMessage| Frame {
                     version,
                     cluster: cluster.to_string(),
+                    incarnation: 0,
                     from: intruder.clone(),
                     to,
                     body,

@@ -253,3 +253,85 @@ async fn a_directory_in_use_or_of_another_peer_is_refused() {
         other => panic!("a corrupt snapshot file: {:?}", other.map(|_| ())),
     }
 }
+
+/// A durable peer whose directory outlived its cluster (the others' state was lost and a new cluster
+/// was founded under the same id) must not mix its log into the new cluster, nor disrupt it with its
+/// higher term: frames of the other incarnation are dropped on both sides, counted and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_of_an_earlier_cluster_does_not_mix_into_a_new_one() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs = dirs(root.path());
+    let cluster = TestCluster::new("durable-incarnation", Opts::default());
+    let old = start(&cluster, &dirs, true).await;
+    let map = old[0].get_or_create_map::<u32, u32>("m").await.unwrap();
+    for i in 0..20 {
+        map.set(i, i).await.unwrap();
+    }
+    // Raise the old cluster's term above a new cluster's: its leader goes, the others elect anew.
+    let leader = agreed_leader(&old).await;
+    old[leader].close().await;
+    let rest: Vec<Hamok> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| old[i].clone())
+        .collect();
+    agreed_leader(&rest).await;
+    drop(map);
+    close_all(&old).await;
+    let old_term = old
+        .iter()
+        .map(|p| p.stats().status.raft.term)
+        .max()
+        .unwrap();
+    drop(old);
+
+    // Every other replica lost its state: two in-memory peers found a new cluster under the same id.
+    let new = cluster.start(&["x", "y"]).await;
+    let leader = agreed_leader(&new).await;
+    let (term, leader_id) = (
+        new[leader].stats().status.raft.term,
+        new[leader].local_peer_id().clone(),
+    );
+    assert!(
+        term < old_term,
+        "the old cluster's term ({old_term}) is above the new one's ({term})"
+    );
+
+    // The old peer comes back from its directory and looks for its cluster: the new cluster drops its
+    // frames (it never answers them), counts them and says why.
+    let reports: Vec<EventLog> = new.iter().map(EventLog::collect).collect();
+    let a = durable(&cluster, &dirs[0], None).await.unwrap();
+    let joining = {
+        let a = a.clone();
+        tokio::spawn(async move { a.join().await })
+    };
+    // Give the old peer time to do harm (hellos, join requests, votes at its higher term).
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(!a.is_joined(), "the old peer joined the new cluster");
+    for p in &new {
+        assert_eq!(
+            p.stats().status.raft.term,
+            term,
+            "the new cluster's term is untouched"
+        );
+        assert_eq!(p.leader_id(), Some(leader_id.clone()));
+        assert_eq!(
+            p.remote_peer_ids().len(),
+            1,
+            "the old peer was not admitted"
+        );
+    }
+    let dropped: u64 = new
+        .iter()
+        .map(|p| p.stats().counters.dropped_foreign_incarnation)
+        .sum();
+    assert!(dropped > 0, "the old peer's frames are counted");
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.any(|e| matches!(e, HamokEvent::Error(m) if m.contains("incarnation")))),
+        "the drop is reported"
+    );
+    joining.abort();
+    a.close().await;
+    close_all(&new).await;
+}

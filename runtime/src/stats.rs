@@ -112,6 +112,9 @@ counters! {
     dropped_foreign_cluster,
     /// Frames dropped: another protocol version.
     dropped_version,
+    /// Frames dropped: another incarnation of this cluster (a founding since this peer's log began, or
+    /// before it: see [`Frame::incarnation`](crate::wire::Frame::incarnation)).
+    dropped_foreign_incarnation,
     /// Frames dropped: authentication is on and the frame had no valid tag.
     dropped_unauthenticated,
     /// Frames the transport could not take (link down or outbound queue full).

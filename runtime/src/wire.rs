@@ -11,7 +11,7 @@ use sha2::Sha256;
 use crate::raft::{self, PeerId, Term};
 
 /// The version of the wire protocol this build speaks. Frames of any other version are dropped.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// One frame on the bus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,11 @@ pub struct Frame {
     pub version: u16,
     /// The cluster the frame belongs to.
     pub cluster: String,
+    /// Which founding of `cluster` the sender belongs to: a random id drawn by the peer that founded it,
+    /// kept by every member with its log; 0 for a peer that has joined no cluster yet. A peer drops the
+    /// frames of another incarnation (counted in `dropped_foreign_incarnation`): a durable peer whose
+    /// directory outlived its cluster must not mix its log into a cluster founded since under the same id.
+    pub incarnation: u64,
     /// The sending peer.
     pub from: PeerId,
     /// The receiving peer; `None` for a broadcast.
@@ -162,6 +167,8 @@ struct FrameHeader {
     version: u16,
     cluster: String,
     #[allow(dead_code)]
+    incarnation: IgnoredAny,
+    #[allow(dead_code)]
     from: IgnoredAny,
     #[allow(dead_code)]
     to: IgnoredAny,
@@ -294,6 +301,7 @@ mod tests {
         Frame {
             version: PROTOCOL_VERSION,
             cluster: "c1".into(),
+            incarnation: 7,
             from: PeerId::from("a"),
             to: Some(PeerId::from("b")),
             body,
@@ -367,13 +375,15 @@ mod tests {
         struct FutureFrame {
             version: u16,
             cluster: String,
+            incarnation: u64,
             from: PeerId,
             to: Option<PeerId>,
             body: FutureBody,
         }
         let bytes = rmp_serde::to_vec(&FutureFrame {
-            version: 2,
+            version: PROTOCOL_VERSION + 1,
             cluster: "c1".into(),
+            incarnation: 1,
             from: PeerId::from("a"),
             to: None,
             body: FutureBody::Quantum { qubits: 5 },
@@ -381,7 +391,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
-            Err(DecodeError::Version(2))
+            Err(DecodeError::Version(PROTOCOL_VERSION + 1))
         );
     }
 

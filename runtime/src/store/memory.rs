@@ -15,6 +15,7 @@ pub struct MemoryLogStore {
     entries: VecDeque<Entry>,
     bytes: u64,
     committed: LogIndex,
+    incarnation: u64,
 }
 
 impl MemoryLogStore {
@@ -91,6 +92,15 @@ impl LogStore for MemoryLogStore {
     }
 
     fn sync(&mut self) -> Result<(), HamokError> {
+        Ok(())
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
+        self.incarnation = incarnation;
         Ok(())
     }
 

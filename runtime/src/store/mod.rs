@@ -56,6 +56,17 @@ pub trait LogStore: Send + 'static {
         let _ = id;
         Ok(())
     }
+    /// The incarnation of the cluster this store's log belongs to (0: none yet, or not kept). See
+    /// [`Frame::incarnation`](crate::wire::Frame::incarnation).
+    fn incarnation(&self) -> u64 {
+        0
+    }
+    /// Records the incarnation of the cluster the log belongs to (when the peer founds a cluster or first
+    /// accepts a leader's entries). Durable when it returns.
+    fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
+        let _ = incarnation;
+        Ok(())
+    }
 }
 
 /// When a durable store calls `fdatasync`, and what each choice can lose.

@@ -65,6 +65,12 @@ impl LogStore for SharedStore {
     fn save_committed(&mut self, index: LogIndex, term: u64) -> Result<(), HamokError> {
         self.inner().save_committed(index, term)
     }
+    fn incarnation(&self) -> u64 {
+        self.inner().incarnation()
+    }
+    fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
+        self.inner().save_incarnation(incarnation)
+    }
     fn sync(&mut self) -> Result<(), HamokError> {
         self.inner().sync()
     }

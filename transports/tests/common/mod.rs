@@ -403,6 +403,7 @@ fn hello_frame(cluster: &str, version: u16) -> Frame {
     Frame {
         version,
         cluster: cluster.to_string(),
+        incarnation: 0,
         from: PeerId::from("intruder"),
         to: None,
         body: HamokMessage::Hello(Hello {

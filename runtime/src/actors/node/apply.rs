@@ -81,6 +81,16 @@ impl Apply {
         self.state_machines.knows_kind(kind)
     }
 
+    /// The incarnation of the cluster the stored log belongs to (0: none yet).
+    pub(super) fn incarnation(&self) -> u64 {
+        self.store.incarnation()
+    }
+
+    /// Records the incarnation of the cluster the log belongs to, durably.
+    pub(super) fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
+        self.store.save_incarnation(incarnation)
+    }
+
     /// Entries and bytes in the log store.
     pub(super) fn log_size(&self) -> (u64, u64) {
         self.store.size()

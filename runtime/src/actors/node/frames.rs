@@ -52,6 +52,8 @@ impl Output {
 pub(super) struct Codec {
     id: PeerId,
     cluster: String,
+    /// The incarnation of the cluster this peer belongs to, stamped on every frame (0: none yet).
+    pub(super) incarnation: u64,
     max_frame_bytes: usize,
     key: Option<FrameKey>,
 }
@@ -61,6 +63,7 @@ impl Codec {
         Codec {
             id,
             cluster: config.cluster_id.clone(),
+            incarnation: 0,
             max_frame_bytes: config.max_frame_bytes,
             key: config
                 .cluster_key
@@ -78,6 +81,7 @@ impl Codec {
         let frame = Frame {
             version: PROTOCOL_VERSION,
             cluster: self.cluster.clone(),
+            incarnation: self.incarnation,
             from: self.id.clone(),
             to,
             body,

@@ -84,6 +84,8 @@ pub(crate) struct Peer {
     last_role: Role,
     last_leader: Option<PeerId>,
     last_heartbeat_event_ms: u64,
+    /// The foreign incarnation last reported (one event per foreign cluster, not one per frame).
+    reported_foreign_incarnation: Option<u64>,
     out: Output,
 }
 
@@ -107,12 +109,14 @@ impl Peer {
         }
         let persisted = apply.load()?;
         let raft = RaftNode::new(id.clone(), config.raft_config(), seed, now_ms, persisted)?;
+        let mut codec = Codec::new(id.clone(), &config);
+        codec.incarnation = apply.incarnation();
         let client = ClientId {
             peer: id.clone(),
             nonce,
         };
         Ok(Peer {
-            codec: Codec::new(id.clone(), &config),
+            codec,
             requests: Requests::new(
                 client,
                 config.max_pending_requests,
@@ -134,6 +138,7 @@ impl Peer {
             last_role: Role::Follower,
             last_leader: None,
             last_heartbeat_event_ms: now_ms,
+            reported_foreign_incarnation: None,
             out: Output::new(events),
             id,
             config,
@@ -189,11 +194,14 @@ impl Peer {
         let Some(frame) = self.codec.decode(bytes, &self.counters, &mut self.out) else {
             return;
         };
+        if !self.accepts_incarnation(frame.incarnation) {
+            return;
+        }
         let from = frame.from;
         self.admission.heard(&from, now_ms);
         let leading = self.raft.role() == Role::Leader;
         match frame.body {
-            HamokMessage::Raft(msg) => self.on_raft_message(now_ms, msg),
+            HamokMessage::Raft(msg) => self.on_raft_message(now_ms, msg, frame.incarnation),
             HamokMessage::Hello(hello) => self.discovery.on_hello(
                 from,
                 hello,
@@ -259,20 +267,60 @@ impl Peer {
         }
     }
 
-    fn on_raft_message(&mut self, now_ms: u64, msg: Message) {
+    /// Whether a frame of cluster incarnation `theirs` may be handled: yes when either side has none
+    /// yet or both agree. Otherwise it is dropped, counted, and reported once per foreign incarnation.
+    fn accepts_incarnation(&mut self, theirs: u64) -> bool {
+        let ours = self.codec.incarnation;
+        if theirs == 0 || ours == 0 || theirs == ours {
+            return true;
+        }
+        Counters::bump(&self.counters.dropped_foreign_incarnation);
+        if self.reported_foreign_incarnation != Some(theirs) {
+            self.reported_foreign_incarnation = Some(theirs);
+            self.out.emit(HamokEvent::Error(format!(
+                "dropping frames of cluster incarnation {theirs:#x}: this peer's log belongs to \
+                 incarnation {ours:#x} of cluster `{}`, founded before the one on the bus now (a storage \
+                 directory that outlived its cluster?); move its storage directory away to join the \
+                 current cluster as a new peer",
+                self.config.cluster_id
+            )));
+        }
+        false
+    }
+
+    /// The cluster's incarnation from now on: kept with the log, stamped on every frame.
+    fn adopt_incarnation(&mut self, incarnation: u64) {
+        if let Err(e) = self.apply.save_incarnation(incarnation) {
+            let reason = format!("storage failed: {e}");
+            self.out.emit(HamokEvent::Error(reason.clone()));
+            self.out.stop = Some(reason);
+            return;
+        }
+        self.codec.incarnation = incarnation;
+    }
+
+    fn on_raft_message(&mut self, now_ms: u64, msg: Message, incarnation: u64) {
         if !self.discovery.participating() {
             return;
         }
-        if msg.term > self.raft.term() {
-            self.discovery.on_higher_term(now_ms, self.bugs);
-        }
-        let (from, term) = (msg.from.clone(), msg.term);
         let from_a_leader = matches!(
             msg.body,
             MessageBody::AppendEntries { .. }
                 | MessageBody::Heartbeat { .. }
                 | MessageBody::InstallSnapshot { .. }
         );
+        if self.codec.incarnation == 0
+            && incarnation != 0
+            && from_a_leader
+            && msg.term >= self.raft.term()
+        {
+            // The first leader this peer follows: its log belongs to that cluster from now on.
+            self.adopt_incarnation(incarnation);
+        }
+        if msg.term > self.raft.term() {
+            self.discovery.on_higher_term(now_ms, self.bugs);
+        }
+        let (from, term) = (msg.from.clone(), msg.term);
         if matches!(msg.body, MessageBody::Heartbeat { .. }) {
             self.out.emit(HamokEvent::Heartbeat);
         }
@@ -666,6 +714,9 @@ impl Peer {
     /// Founds a cluster of one and leads it.
     fn bootstrap(&mut self, now_ms: u64) {
         let genesis = PersistedState::genesis(Membership::with_voters([self.id.clone()]));
+        // A new cluster: a new incarnation, random (the seed is random per process outside tests).
+        let incarnation =
+            crate::raft::SeededRng::new(self.seed ^ now_ms.rotate_left(32)).next_u64() | 1;
         let mut raft = match RaftNode::new(
             self.id.clone(),
             self.config.raft_config(),
@@ -683,6 +734,7 @@ impl Peer {
             self.out.emit(HamokEvent::Error(format!("bootstrap: {e}")));
             return;
         }
+        self.adopt_incarnation(incarnation);
         raft.campaign_now(now_ms);
         self.raft = raft;
         self.update_join_state(now_ms);

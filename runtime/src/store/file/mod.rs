@@ -62,8 +62,8 @@ impl Types for LogTypes {
     /// `(term, voted_for)`: term and vote in one record, never torn apart.
     type Vote = (u64, Option<String>);
     type Callback = SyncSender<Result<(), io::Error>>;
-    /// The id of the peer that owns the directory.
-    type UserData = String;
+    /// The id of the peer that owns the directory, and the incarnation of the cluster its log belongs to.
+    type UserData = (String, u64);
 
     fn log_index(log_id: &(u64, u64)) -> u64 {
         log_id.1
@@ -593,7 +593,30 @@ impl LogStore for FileLogStore {
     }
 
     fn peer_id(&self) -> Option<PeerId> {
-        self.log.log_state().user_data.clone().map(PeerId::from)
+        self.log
+            .log_state()
+            .user_data
+            .as_ref()
+            .map(|(id, _)| PeerId::from(id.clone()))
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.log
+            .log_state()
+            .user_data
+            .as_ref()
+            .map_or(0, |(_, i)| *i)
+    }
+
+    fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
+        guarded!(self, {
+            let id = self.peer_id().map(|p| p.to_string()).unwrap_or_default();
+            self.log
+                .save_user_data(Some((id, incarnation)))
+                .map_err(|e| self.io("save the cluster incarnation", e))
+                .and_then(|_| self.flush(true))
+                .map_err(HamokError::Storage)
+        })
     }
 
     fn bind_peer(&mut self, id: &PeerId) -> Result<(), HamokError> {
@@ -607,7 +630,7 @@ impl LogStore for FileLogStore {
                 })),
                 None => self
                     .log
-                    .save_user_data(Some(id.to_string()))
+                    .save_user_data(Some((id.to_string(), self.incarnation())))
                     .map_err(|e| self.io("save the peer id", e))
                     .and_then(|_| self.flush(true))
                     .map_err(HamokError::Storage),
