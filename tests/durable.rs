@@ -335,3 +335,65 @@ async fn a_directory_of_an_earlier_cluster_does_not_mix_into_a_new_one() {
     a.close().await;
     close_all(&new).await;
 }
+
+/// A failed `fdatasync` stops the peer (it is never retried: the kernel may have dropped the pages),
+/// and the write waiting for it is not acknowledged; what was synced before is intact on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
+    use hamok::runtime::store::{FileLogStore, FileLogStoreOptions};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    let cluster = TestCluster::new("durable-fsync", Opts::default());
+    let fail = Arc::new(AtomicBool::new(false));
+    let options = FileLogStoreOptions {
+        fail_syncs: Some(fail.clone()),
+        ..FileLogStoreOptions::default()
+    };
+    let a = register_kinds(Hamok::builder())
+        .peer_id("a")
+        .cluster_id(cluster.cluster_id.clone())
+        .transport(cluster.hub.clone())
+        .log_store(FileLogStore::open(&dir, options).unwrap())
+        .build()
+        .await
+        .unwrap();
+    let events = EventLog::collect(&a);
+    a.join().await.unwrap();
+    let map = a.get_or_create_map::<u32, u32>("m").await.unwrap();
+    for i in 0..10 {
+        map.set(i, i).await.unwrap();
+    }
+    fail.store(true, Ordering::SeqCst);
+    let refused = map.set(10, 10).await;
+    match refused {
+        Err(HamokError::Interrupted(_)) | Err(HamokError::Closed) => {}
+        other => panic!("a write whose sync failed must not be acknowledged: {other:?}"),
+    }
+    wait_until("the peer stops", WAIT, || a.is_closed()).await;
+    assert!(
+        events.any(|e| matches!(e, HamokEvent::Error(m) if m.contains("fdatasync"))),
+        "the reason is reported: {:?}",
+        events.all()
+    );
+    drop(map);
+    drop(a);
+
+    // Restarted on its directory (the disk "recovered"): every acknowledged write is there.
+    let a = register_kinds(Hamok::builder())
+        .cluster_id(cluster.cluster_id.clone())
+        .transport(cluster.hub.clone())
+        .storage_dir(&dir)
+        .build()
+        .await
+        .unwrap();
+    a.join().await.unwrap();
+    let map = a.get_or_create_map::<u32, u32>("m").await.unwrap();
+    map.sync().await.unwrap();
+    for i in 0..10 {
+        assert_eq!(map.get(&i).unwrap(), Some(i));
+    }
+    a.close().await;
+}

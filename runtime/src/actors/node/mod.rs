@@ -170,7 +170,7 @@ impl Actor for NodeActor {
             NodeMsg::Tick => peer.tick(now_ms),
             NodeMsg::Flush => {
                 state.flush_scheduled = false;
-                peer.flush(now_ms)?;
+                peer.flush(now_ms);
             }
             NodeMsg::LinkUp(link) => {
                 Counters::bump(&state.counters.transport_connects);

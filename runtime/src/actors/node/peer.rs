@@ -382,16 +382,23 @@ impl Peer {
         );
     }
 
-    /// Processes the engine's output: at most [`MAX_READY_ROUNDS_PER_FLUSH`] rounds.
-    pub(crate) fn flush(&mut self, now_ms: u64) -> Result<(), HamokError> {
+    /// Processes the engine's output: at most [`MAX_READY_ROUNDS_PER_FLUSH`] rounds. A Ready that
+    /// cannot be persisted or applied (a store that failed, a snapshot that does not restore) stops the
+    /// peer: none of its messages leave, and the shell stops gracefully, so every waiting request is
+    /// answered (`Interrupted`) and the handle reports the peer closed.
+    pub(crate) fn flush(&mut self, now_ms: u64) {
         for _ in 0..MAX_READY_ROUNDS_PER_FLUSH {
             if !self.raft.has_ready() {
                 break;
             }
             let ready = self.raft.take_ready();
-            self.handle_ready(now_ms, ready)?;
+            if let Err(e) = self.handle_ready(now_ms, ready) {
+                let reason = format!("the peer stops: {e}");
+                self.out.emit(HamokEvent::Error(reason.clone()));
+                self.out.stop = Some(reason);
+                return;
+            }
         }
-        Ok(())
     }
 
     /// The transport (re)connected.
