@@ -25,6 +25,10 @@ pub use hamok_runtime::raft;
 pub use hamok_collections as collections;
 pub use hamok_transports as transports;
 
+#[cfg(feature = "gateway")]
+pub mod gateway;
+pub mod stores;
+
 /// Everything a service needs to use hamok's collections: `use hamok::prelude::*;`.
 ///
 /// The [`HamokCollections`](hamok_collections::HamokCollections) extension trait (so `create_map` and
