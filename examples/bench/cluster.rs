@@ -3,11 +3,13 @@
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hamok::collections::{register_kinds, HamokCollections, HamokMap};
+use hamok::runtime::store::SyncPolicy;
 use hamok::runtime::transport::memory::InProcessHub;
 use hamok::runtime::{Hamok, HamokBuilder, HamokError};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -65,30 +67,66 @@ pub fn random_u64() -> u64 {
     h.finish()
 }
 
-/// Where the peers of one scenario meet: a fresh in-process hub, or the broker.
+/// Where the peers of one scenario meet: a fresh in-process hub, or the broker; and where they keep
+/// their Raft state.
 #[derive(Clone)]
 pub struct Net {
     pub kind: TransportKind,
     hub: InProcessHub,
+    /// `--durable`: every peer keeps its state in `<root>/<cluster>/<peer>`; `None`: in memory.
+    storage: Option<PathBuf>,
 }
 
 impl Net {
-    /// A fresh network (a new hub for `memory`; the broker is shared, clusters are kept apart by id).
+    /// A fresh network of in-memory peers (a new hub for `memory`; the broker is shared, clusters are
+    /// kept apart by id).
     pub fn fresh(kind: TransportKind) -> Self {
+        Net::new(kind, None)
+    }
+
+    /// A fresh network whose peers are durable under `storage` when it is set.
+    pub fn new(kind: TransportKind, storage: Option<PathBuf>) -> Self {
         Net {
             kind,
             hub: InProcessHub::new(),
+            storage,
         }
     }
 
-    /// A builder for peer `peer` of `cluster`, with the collections registered and the transport set.
+    /// The storage directory of peer `peer` of `cluster` (`None`: in memory). Cluster ids are unique
+    /// to the run and peer names to their cluster, so no two peers share one.
+    pub fn peer_dir(&self, cluster: &str, peer: &str) -> Option<PathBuf> {
+        self.storage
+            .as_ref()
+            .map(|root| root.join(cluster).join(peer))
+    }
+
+    /// A builder for peer `peer` of `cluster`, with the collections registered, the transport set and,
+    /// when durable, its own storage directory.
     pub fn builder(&self, cluster: &str, peer: &str) -> Res<HamokBuilder> {
         let b = register_kinds(Hamok::builder().cluster_id(cluster).peer_id(peer));
-        Ok(match self.kind {
+        let b = match self.kind {
             TransportKind::Memory => b.transport(self.hub.clone()),
             TransportKind::Nats => nats_transport(b)?,
             TransportKind::RabbitMq => rabbitmq_transport(b)?,
-        })
+        };
+        Ok(durable(b, self.peer_dir(cluster, peer)))
+    }
+}
+
+/// The sync policy of durable peers: the default, one `fdatasync` per Ready batch (group commit).
+pub const SYNC_POLICY: SyncPolicy = SyncPolicy::Batch;
+
+/// [`SYNC_POLICY`] as the configuration spells it (`batch`).
+pub fn sync_policy_name() -> String {
+    format!("{SYNC_POLICY:?}").to_lowercase()
+}
+
+/// `b` keeping its state in `dir` (with [`SYNC_POLICY`]), or `b` unchanged for `None`.
+fn durable(b: HamokBuilder, dir: Option<PathBuf>) -> HamokBuilder {
+    match dir {
+        Some(dir) => b.storage_dir(dir).storage_sync(SYNC_POLICY),
+        None => b,
     }
 }
 
@@ -397,12 +435,23 @@ pub struct PeerProcess {
 }
 
 impl PeerProcess {
-    /// Starts peer `peer` of `cluster` in a child process; resolves once it has joined.
-    pub async fn spawn(kind: TransportKind, cluster: &str, peer: &str) -> Res<PeerProcess> {
+    /// Starts peer `peer` of `cluster` on `net` in a child process (durable in its directory of `net`,
+    /// when `net` is durable); resolves once it has joined.
+    pub async fn spawn(net: &Net, cluster: &str, peer: &str) -> Res<PeerProcess> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["--transport", kind.name(), "--peer-process", cluster, peer])
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args([
+            "--transport",
+            net.kind.name(),
+            "--peer-process",
+            cluster,
+            peer,
+        ]);
+        if let Some(dir) = net.peer_dir(cluster, peer) {
+            command.arg("--peer-storage").arg(dir);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -456,10 +505,16 @@ impl Drop for PeerProcess {
     }
 }
 
-/// The `--peer-process` mode: one peer that joins `cluster`, prints `joined`, and stays until its
-/// stdin closes (the parent stopped it, or died).
-pub async fn peer_process_main(kind: TransportKind, cluster: String, peer: String) -> Res<()> {
-    let hamok = Net::fresh(kind).builder(&cluster, &peer)?.build().await?;
+/// The `--peer-process` mode: one peer that joins `cluster` (durable in `storage` when given), prints
+/// `joined`, and stays until its stdin closes (the parent stopped it, or died).
+pub async fn peer_process_main(
+    kind: TransportKind,
+    cluster: String,
+    peer: String,
+    storage: Option<PathBuf>,
+) -> Res<()> {
+    let builder = Net::fresh(kind).builder(&cluster, &peer)?;
+    let hamok = durable(builder, storage).build().await?;
     hamok.join().await?;
     {
         use std::io::Write as _;
@@ -475,4 +530,46 @@ pub async fn peer_process_main(kind: TransportKind, cluster: String, peer: Strin
     let _ = rx.await;
     hamok.close().await;
     Ok(())
+}
+
+/// The type of the filesystem holding `path` (the longest mount point of `/proc/self/mounts` above
+/// it), e.g. `ext4`: on `tmpfs` an `fdatasync` costs nothing and durable figures mean little.
+pub fn filesystem_type(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            Some((PathBuf::from(fields.next()?), fields.next()?.to_string()))
+        })
+        .filter(|(mount, _)| path.starts_with(mount))
+        .max_by_key(|(mount, _)| mount.as_os_str().len())
+        .map(|(_, kind)| kind)
+}
+
+/// Times up to `n` back-to-back appends of 4 KiB to a new file in `dir`, each followed by `fdatasync`
+/// (`File::sync_data`), stopping after [`WAIT`]: the raw sync cost `dd oflag=dsync` shows. Blocking.
+pub fn fdatasync_probe(dir: &Path, n: u64) -> Res<Hist> {
+    use std::io::Write as _;
+    let path = dir.join("fdatasync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)?;
+    let block = [0u8; 4096];
+    let hist = Hist::default();
+    let deadline = Instant::now() + WAIT;
+    for _ in 0..n {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        hist.record(t.elapsed());
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(hist)
 }

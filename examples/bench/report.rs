@@ -189,6 +189,9 @@ impl Value {
 pub struct Record {
     pub scenario: String,
     pub transport: String,
+    /// Where the peers kept their Raft state: `memory`, `durable` (`--durable`), or `file` (the NATS
+    /// KV baseline's bucket).
+    pub storage: String,
     pub peers: usize,
     /// Where the operations were issued: `leader`, `follower`, `survivor`, `new peer`, `client`, `-`.
     pub from: String,
@@ -210,6 +213,7 @@ impl Record {
         Record {
             scenario: scenario.to_string(),
             transport: transport.to_string(),
+            storage: "memory".to_string(),
             peers,
             from: from.to_string(),
             concurrency: 1,
@@ -233,8 +237,8 @@ impl Record {
     }
 
     pub fn table_header() -> String {
-        "| scenario | what | transport | peers | from | in flight | n | p50 | p99 | mean | max | ops/s | notes |\n\
-         |---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| scenario | what | transport | storage | peers | from | in flight | n | p50 | p99 | mean | max | ops/s | notes |\n\
+         |---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
             .to_string()
     }
 
@@ -248,16 +252,12 @@ impl Record {
         if self.errors > 0 {
             notes.insert(0, format!("errors={}", self.errors));
         }
-        let ops = if self.ops_per_s > 0.0 {
-            group(self.ops_per_s.round() as u64)
-        } else {
-            "-".to_string()
-        };
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.scenario,
             self.what,
             self.transport,
+            self.storage,
             self.peers,
             self.from,
             self.concurrency,
@@ -266,7 +266,7 @@ impl Record {
             human_us(s.p99_us),
             human_us(s.mean_us),
             human_us(s.max_us),
-            ops,
+            ops(self.ops_per_s),
             notes.join(", ")
         )
     }
@@ -287,6 +287,8 @@ impl Record {
         json_str(&self.what, out);
         field(out, "transport", false);
         json_str(&self.transport, out);
+        field(out, "storage", false);
+        json_str(&self.storage, out);
         field(out, "peers", false);
         let _ = write!(out, "{}", self.peers);
         field(out, "from", false);
@@ -322,6 +324,72 @@ impl Record {
         }
         out.push('}');
     }
+}
+
+/// `--durable`: each `durable` record next to the `memory` record of the same row (same scenario,
+/// what, transport, peers, from and in-flight count), as a markdown table; `None` if none pair up.
+pub fn comparison_table(records: &[Record]) -> Option<String> {
+    let same_row = |a: &Record, b: &Record| {
+        (
+            &a.scenario,
+            &a.what,
+            &a.transport,
+            a.peers,
+            &a.from,
+            a.concurrency,
+        ) == (
+            &b.scenario,
+            &b.what,
+            &b.transport,
+            b.peers,
+            &b.from,
+            b.concurrency,
+        )
+    };
+    let mut used = vec![false; records.len()];
+    let mut rows = Vec::new();
+    for durable in records.iter().filter(|r| r.storage == "durable") {
+        let Some(i) = (0..records.len()).find(|&i| {
+            !used[i] && records[i].storage == "memory" && same_row(&records[i], durable)
+        }) else {
+            continue;
+        };
+        used[i] = true;
+        let memory = &records[i];
+        let (m, d) = (&memory.summary, &durable.summary);
+        let ratio = |num: f64, den: f64| {
+            if num > 0.0 && den > 0.0 {
+                format!("{:.2}", num / den)
+            } else {
+                "-".to_string()
+            }
+        };
+        rows.push(format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            durable.scenario,
+            durable.what,
+            durable.transport,
+            durable.peers,
+            durable.from,
+            durable.concurrency,
+            human_us(m.p50_us),
+            human_us(d.p50_us),
+            human_us(m.p99_us),
+            human_us(d.p99_us),
+            ratio(d.p50_us, m.p50_us),
+            ops(memory.ops_per_s),
+            ops(durable.ops_per_s),
+            ratio(durable.ops_per_s, memory.ops_per_s),
+        ));
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "| scenario | what | transport | peers | from | in flight | p50 memory | p50 durable | p99 memory | p99 durable | p50 durable/memory | ops/s memory | ops/s durable | ops/s durable/memory |\n\
+         |---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{}",
+        rows.join("\n")
+    ))
 }
 
 /// A JSON document holding `meta` and every record.
@@ -385,6 +453,15 @@ pub fn human_us(us: f64) -> String {
     }
 }
 
+/// Operations per second for a table cell (`-` when the row has none).
+fn ops(ops_per_s: f64) -> String {
+    if ops_per_s > 0.0 {
+        group(ops_per_s.round() as u64)
+    } else {
+        "-".to_string()
+    }
+}
+
 /// `1234567` as `1,234,567`.
 pub fn group(v: u64) -> String {
     let s = v.to_string();
@@ -422,5 +499,40 @@ mod tests {
         assert!((s.p50_us - 50.0).abs() < 1.0, "{s:?}");
         assert!((s.p99_us - 99.0).abs() < 2.0, "{s:?}");
         assert_eq!(s.max_us, 100.0);
+    }
+
+    #[test]
+    fn durable_rows_pair_with_memory_rows() {
+        let row = |storage: &str, concurrency: usize, ops_per_s: f64| {
+            let mut r = Record::new("throughput", "memory", 3, "leader", "map.set");
+            r.storage = storage.to_string();
+            r.concurrency = concurrency;
+            r.ops_per_s = ops_per_s;
+            r
+        };
+        assert!(comparison_table(&[row("memory", 1, 100.0)]).is_none());
+        let table = comparison_table(&[
+            row("memory", 1, 1_000.0),
+            row("memory", 100, 8_000.0),
+            row("durable", 1, 250.0),
+            row("durable", 100, 4_000.0),
+        ])
+        .unwrap();
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(
+            table.contains("| 1 | - | - | - | - | - | 1,000 | 250 | 0.25 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 100 | - | - | - | - | - | 8,000 | 4,000 | 0.50 |"),
+            "{table}"
+        );
+        let mut json = String::new();
+        row("durable", 1, 1.0).json(&mut json);
+        assert!(json.contains("\"storage\": \"durable\""), "{json}");
+        assert_eq!(
+            row("durable", 1, 1.0).table_row().split('|').nth(4),
+            Some(" durable ")
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! for `memory`), emits its rows, and closes every peer before returning.
 
 use std::hint::black_box;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,9 @@ pub struct Ctx {
     /// (`latency`, `throughput`, `scale`).
     pub processes: bool,
     pub value_bytes: usize,
+    /// `--durable`, in the durable pass: every peer keeps its Raft state in its own directory under
+    /// this one. `None`: peers keep it in memory.
+    pub storage: Option<PathBuf>,
     pub sizes: Sizes,
     pub records: Vec<Record>,
     /// Called with each record as it is emitted (prints the row).
@@ -109,11 +113,31 @@ impl Ctx {
         self.kind.name()
     }
 
+    /// Where the peers keep their Raft state: `memory`, or `durable` (`--durable`'s second pass).
+    pub fn storage_label(&self) -> &'static str {
+        if self.storage.is_some() {
+            "durable"
+        } else {
+            "memory"
+        }
+    }
+
+    /// A fresh network for a scenario's clusters, durable in the durable pass.
+    fn net(&self) -> Net {
+        Net::new(self.kind, self.storage.clone())
+    }
+
     /// A record of this run with the common configuration filled in.
     fn record(&self, scenario: &str, peers: usize, from: &str, what: &str) -> Record {
         let defaults = hamok::runtime::HamokConfig::default();
-        Record::new(scenario, self.transport(), peers, from, what)
-            .config("value_bytes", self.value_bytes)
+        let mut r = Record::new(scenario, self.transport(), peers, from, what);
+        r.storage = self.storage_label().to_string();
+        let r = if self.storage.is_some() {
+            r.config("storage_sync", crate::cluster::sync_policy_name())
+        } else {
+            r
+        };
+        r.config("value_bytes", self.value_bytes)
             .config("election_timeout_ms", defaults.election_timeout_ms)
             .config("heartbeat_interval_ms", defaults.heartbeat_interval_ms)
             .config("snapshot_after_entries", defaults.snapshot_after_entries)
@@ -145,7 +169,8 @@ impl Ctx {
             "election" => self.election().await,
             "latency" => {
                 self.map_suite("latency", self.peers, true, false).await?;
-                if self.kind == TransportKind::Nats {
+                // The baseline is measured once, in the in-memory pass (its bucket is on file either way).
+                if self.kind == TransportKind::Nats && self.storage.is_none() {
                     crate::kv::kv_rows(self, "latency").await?;
                 }
                 Ok(())
@@ -153,7 +178,7 @@ impl Ctx {
             "throughput" => {
                 self.map_suite("throughput", self.peers, false, true)
                     .await?;
-                if self.kind == TransportKind::Nats {
+                if self.kind == TransportKind::Nats && self.storage.is_none() {
                     crate::kv::kv_rows(self, "throughput").await?;
                 }
                 Ok(())
@@ -182,7 +207,7 @@ impl Ctx {
             eprintln!("  locks: skipped, it needs at least 3 peers");
             return Ok(());
         }
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         let (cluster, _) = Cluster::start(&net, "locks", self.peers).await?;
         let mut tables = Vec::new();
         for p in &cluster.peers {
@@ -313,7 +338,7 @@ impl Ctx {
 
     /// `election`: cold start of N peers to the first leader, repeated.
     async fn election(&mut self) -> Res<()> {
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         let first = Hist::default();
         let all = Hist::default();
         let progress = Progress::new(self.sizes.election_reps, "election: cold starts");
@@ -348,7 +373,7 @@ impl Ctx {
                 .map_suite_processes(scenario, peers, latency, throughput)
                 .await;
         }
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         let (cluster, _) = Cluster::start(&net, scenario, peers).await?;
         let result = async {
             let maps = cluster.open_map("bench").await?;
@@ -381,7 +406,7 @@ impl Ctx {
         throughput: bool,
     ) -> Res<()> {
         for lead in [true, false] {
-            let net = Net::fresh(self.kind);
+            let net = self.net();
             let id = crate::cluster::cluster_id(scenario);
             let mut children = Vec::new();
             let result = async {
@@ -390,12 +415,12 @@ impl Ctx {
                     local.join().await?;
                     local.wait_until_leader(WAIT).await?;
                     for i in 1..peers {
-                        children.push(PeerProcess::spawn(self.kind, &id, &format!("p{i}")).await?);
+                        children.push(PeerProcess::spawn(&net, &id, &format!("p{i}")).await?);
                     }
                     local
                 } else {
                     for i in 0..peers - 1 {
-                        children.push(PeerProcess::spawn(self.kind, &id, &format!("p{i}")).await?);
+                        children.push(PeerProcess::spawn(&net, &id, &format!("p{i}")).await?);
                     }
                     let local = net
                         .builder(&id, &format!("p{}", peers - 1))?
@@ -512,7 +537,7 @@ impl Ctx {
             eprintln!("  failover: skipped, it needs at least 2 peers");
             return Ok(());
         }
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         for crash in [true, false] {
             let gap = Hist::default();
             let first = Hist::default();
@@ -659,7 +684,7 @@ impl Ctx {
     /// map holding all of them.
     async fn catchup(&mut self) -> Res<()> {
         for (entries, reps) in self.sizes.catchup.clone() {
-            let net = Net::fresh(self.kind);
+            let net = self.net();
             let (mut cluster, _) = Cluster::start(&net, "catchup", self.peers).await?;
             let result = self.catchup_on(&mut cluster, entries, reps).await;
             cluster.close().await;
@@ -737,7 +762,7 @@ impl Ctx {
     async fn memory(&mut self) -> Res<()> {
         let hwm_reset = reset_peak_rss();
         let baseline = proc_status_mib("VmRSS").unwrap_or(0.0);
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         let (cluster, _) = Cluster::start(&net, "memory", self.peers).await?;
         let idle = proc_status_mib("VmRSS").unwrap_or(0.0);
         let result = async {
@@ -804,7 +829,7 @@ impl Ctx {
 
     /// `read`: local `get` and `get_linearizable`, from the leader and from a follower.
     async fn read(&mut self) -> Res<()> {
-        let net = Net::fresh(self.kind);
+        let net = self.net();
         let (cluster, _) = Cluster::start(&net, "read", self.peers).await?;
         let result = self.read_on(&cluster).await;
         cluster.close().await;
@@ -906,8 +931,9 @@ impl Ctx {
 
     /// A record for rows that are not hamok's (the baseline).
     pub fn baseline_record(&self, scenario: &str, what: &str) -> Record {
-        Record::new(scenario, "nats-kv (baseline)", 1, "client", what)
-            .config("value_bytes", self.value_bytes)
+        let mut r = Record::new(scenario, "nats-kv (baseline)", 1, "client", what);
+        r.storage = "file".to_string();
+        r.config("value_bytes", self.value_bytes)
             .config("runtime_threads", self.threads)
             .config("quick", self.quick)
     }
