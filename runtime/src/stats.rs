@@ -3,6 +3,24 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Latency histograms a peer records through the [`metrics`] facade (a no-op unless the application, or
+/// `hamok::gateway`, installs a recorder). Every sample is in seconds and carries the label `peer` (the
+/// peer's id). Declared once here, so recorders and dashboards share the names.
+pub mod metric_names {
+    /// A request submitted on this peer, from its submission to its answer by the apply of its command
+    /// here (whatever the state machine answered; a request refused, interrupted or timed out is not
+    /// sampled). Resolution: the start is taken at the peer's millisecond time base and the end with
+    /// the actor's clock, so a sample can exceed the true latency by under 1 ms.
+    pub const PROPOSAL_COMMIT_SECONDS: &str = "hamok_proposal_commit_seconds";
+    /// Applying the committed entries of one engine output (`Ready`) to the state machines.
+    pub const APPLY_SECONDS: &str = "hamok_apply_seconds";
+    /// A linearizable read, from its start to being served (a read that fails is not sampled). Same
+    /// resolution as [`PROPOSAL_COMMIT_SECONDS`].
+    pub const READ_INDEX_SECONDS: &str = "hamok_read_index_seconds";
+    /// The label every sample carries: the id of the peer that recorded it.
+    pub const PEER_LABEL: &str = "peer";
+}
+
 use crate::raft::{Membership, Role, Status};
 
 /// Where the peer stands with respect to a cluster.

@@ -60,6 +60,12 @@ impl SupervisorState {
                 self.backoff_ms = RECONNECT_BACKOFF_MS.0;
             }
             Err(e) => {
+                tracing::error!(
+                    peer = %self.peer,
+                    error = %e,
+                    retry_in_ms = self.backoff_ms,
+                    "transport connect failed"
+                );
                 let _ = self
                     .events
                     .send(HamokEvent::Error(format!("transport connect failed: {e}")));
@@ -131,6 +137,10 @@ impl Actor for SupervisorActor {
         };
         if cell.get_id() == state.node.get_id() {
             // The node is gone (closed, or failed): nothing to supervise any more.
+            match &failure {
+                Some(reason) => tracing::error!(peer = %state.peer, %reason, "peer stopped"),
+                None => tracing::info!(peer = %state.peer, "peer closed"),
+            }
             if let Some(reason) = failure {
                 let _ = state
                     .events
@@ -144,6 +154,12 @@ impl Actor for SupervisorActor {
             .as_ref()
             .is_some_and(|t| t.get_id() == cell.get_id());
         if is_transport {
+            tracing::warn!(
+                peer = %state.peer,
+                reason = failure.as_deref().unwrap_or("stopped"),
+                retry_in_ms = state.backoff_ms,
+                "transport link lost: reconnecting"
+            );
             state.transport = None;
             let _ = state.node.send_message(NodeMsg::LinkDown);
             if let Some(reason) = failure {

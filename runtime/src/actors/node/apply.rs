@@ -214,11 +214,12 @@ impl Apply {
     /// `snapshot_after_bytes` bytes beyond the last snapshot. While a snapshot streams to a lagging peer,
     /// a new one would make it stale on arrival (the peer would need a second install): it waits, up to
     /// twice the thresholds so the log stays bounded.
+    /// Returns the index of the snapshot taken, if one was.
     pub(super) fn maybe_snapshot(
         &mut self,
         raft: &mut RaftNode,
         counters: &Counters,
-    ) -> Result<(), HamokError> {
+    ) -> Result<Option<LogIndex>, HamokError> {
         let applied = raft.applied_index();
         let since = applied.saturating_sub(raft.snapshot_index());
         let (_, bytes) = self.store.size();
@@ -231,12 +232,12 @@ impl Apply {
             || (since < self.snapshot_after_entries.saturating_mul(slack)
                 && bytes < self.snapshot_after_bytes.saturating_mul(slack))
         {
-            return Ok(());
+            return Ok(None);
         }
         let data = self.state_machines.snapshot()?;
         raft.compact(applied, data)?;
         self.store.save_snapshot(raft.snapshot())?;
         Counters::bump(&counters.snapshots_taken);
-        Ok(())
+        Ok(Some(applied))
     }
 }

@@ -363,6 +363,8 @@ mod tests {
     /// simulation found a pristine peer that had met the cluster, left it before being admitted, and,
     /// cut off when joining again, founded a second cluster under the same id.)
     #[test]
+    // `PlantedBugs` is a unit struct only without the feature `testing`.
+    #[allow(clippy::default_constructed_unit_structs)]
     fn a_peer_that_heard_a_member_never_bootstraps() {
         let config = HamokConfig::default();
         let raft = RaftNode::new(

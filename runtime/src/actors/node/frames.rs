@@ -24,6 +24,9 @@ pub(crate) struct Output {
     events: broadcast::Sender<HamokEvent>,
     /// The peer cannot go on (e.g. a committed collection kind it does not know): stop it.
     pub stop: Option<String>,
+    /// Latencies that ended during this input: the metric and when it started (in the peer's
+    /// `now_ms` time base). The shell records them with its clock when it drains the output.
+    pub latencies: Vec<(&'static str, u64)>,
 }
 
 impl Output {
@@ -32,6 +35,7 @@ impl Output {
             frames: Vec::new(),
             events,
             stop: None,
+            latencies: Vec::new(),
         }
     }
 
@@ -45,6 +49,12 @@ impl Output {
 
     pub(super) fn emit(&mut self, event: HamokEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// Something measured by `metric` (a name of [`crate::stats::metric_names`]) that started at
+    /// `started_ms` ended now.
+    pub(super) fn latency(&mut self, metric: &'static str, started_ms: u64) {
+        self.latencies.push((metric, started_ms));
     }
 }
 
@@ -115,6 +125,10 @@ impl Codec {
                     _ => &counters.dropped_malformed,
                 };
                 Counters::bump(counter);
+                if !matches!(e, DecodeError::NotForUs) {
+                    // Per frame: debug only (the shell sums drops up in a periodic warning).
+                    tracing::debug!(peer = %self.id, reason = %e, "frame dropped");
+                }
                 if !matches!(e, DecodeError::ForeignCluster(_) | DecodeError::NotForUs) {
                     out.emit(HamokEvent::Error(format!("dropped frame: {e}")));
                 }

@@ -42,6 +42,7 @@ use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::PeerId;
 use crate::state_machine::Op;
+use crate::stats::metric_names::{APPLY_SECONDS, PEER_LABEL};
 use crate::stats::{Counters, LeaderContact, PeerStatus};
 use crate::transport::{Inbound, Link};
 
@@ -98,8 +99,15 @@ pub(crate) struct NodeArgs {
     pub contact: Arc<LeaderContact>,
 }
 
+/// How often, at most, a warning sums up the frames dropped since the last one.
+const DROP_SUMMARY_INTERVAL_MS: u64 = 10_000;
+
 pub(crate) struct NodeState {
     peer: Peer,
+    /// The peer's id, as the label of its metrics.
+    label: Arc<str>,
+    /// Every message is handled inside it (so every event carries the peer).
+    span: tracing::Span,
     started: Instant,
     link: Option<Arc<dyn Link>>,
     inbound: Inbound,
@@ -107,6 +115,8 @@ pub(crate) struct NodeState {
     counters: Arc<Counters>,
     contact: Arc<LeaderContact>,
     flush_scheduled: bool,
+    /// Frames dropped as of the last summary, and when it was (`now_ms`).
+    drops_reported: (u64, u64),
 }
 
 /// The node actor.
@@ -124,7 +134,10 @@ impl Actor for NodeActor {
     ) -> Result<NodeState, ActorProcessingErr> {
         let tick = Duration::from_millis(args.tick_interval_ms);
         myself.send_interval(tick, || NodeMsg::Tick);
+        let id = args.peer.id().to_string();
         let state = NodeState {
+            span: tracing::info_span!("hamok_peer", peer = %id),
+            label: Arc::from(id),
             peer: args.peer,
             started: args.contact.started(),
             link: None,
@@ -133,6 +146,7 @@ impl Actor for NodeActor {
             counters: args.counters,
             contact: args.contact,
             flush_scheduled: false,
+            drops_reported: (0, 0),
         };
         state.publish_view();
         Ok(state)
@@ -158,6 +172,8 @@ impl Actor for NodeActor {
         msg: NodeMsg,
         state: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        let _entered = span.enter();
         let now_ms = state.now_ms();
         let mut publish = true;
         let peer = &mut state.peer;
@@ -167,17 +183,31 @@ impl Actor for NodeActor {
                 peer.on_frame(now_ms, &bytes);
                 publish = false; // a flush follows if anything changed
             }
-            NodeMsg::Tick => peer.tick(now_ms),
+            NodeMsg::Tick => {
+                peer.tick(now_ms);
+                state.summarize_drops(now_ms);
+            }
             NodeMsg::Flush => {
                 state.flush_scheduled = false;
-                peer.flush(now_ms);
+                let label = &state.label;
+                peer.flush(now_ms, &mut |apply| {
+                    let began = Instant::now();
+                    apply();
+                    metrics::histogram!(APPLY_SECONDS, PEER_LABEL => label.clone())
+                        .record(began.elapsed().as_secs_f64());
+                });
             }
             NodeMsg::LinkUp(link) => {
                 Counters::bump(&state.counters.transport_connects);
+                tracing::info!(peer = %state.label, "transport link up");
                 state.link = Some(link);
                 peer.link_up();
             }
-            NodeMsg::LinkDown => state.link = None,
+            NodeMsg::LinkDown => {
+                if state.link.take().is_some() {
+                    tracing::warn!(peer = %state.label, "transport link down");
+                }
+            }
             NodeMsg::Join => peer.join(now_ms),
             NodeMsg::Leave(reply) => peer.leave(now_ms, reply),
             NodeMsg::Submit { op, timeout, reply } => {
@@ -231,6 +261,14 @@ impl NodeState {
     /// Sends the frames the peer produced; returns its stop request, if any.
     fn drain(&mut self) -> Option<String> {
         let drained = self.peer.drain();
+        if !drained.latencies.is_empty() {
+            let now = Instant::now();
+            for (metric, started_ms) in drained.latencies {
+                let began = self.started + Duration::from_millis(started_ms);
+                metrics::histogram!(metric, PEER_LABEL => self.label.clone())
+                    .record(now.saturating_duration_since(began).as_secs_f64());
+            }
+        }
         for (to, bytes) in drained.frames {
             let sent = match (&self.link, &to) {
                 (None, _) => Err(HamokError::Closed),
@@ -243,6 +281,38 @@ impl NodeState {
             }
         }
         drained.stop
+    }
+
+    /// At most every [`DROP_SUMMARY_INTERVAL_MS`], a warning with the frames dropped since the last
+    /// one, if any (each drop is a debug event; this is the summary an operator sees).
+    fn summarize_drops(&mut self, now_ms: u64) {
+        let (reported, at_ms) = self.drops_reported;
+        if now_ms < at_ms.saturating_add(DROP_SUMMARY_INTERVAL_MS) {
+            return;
+        }
+        let c = self.counters.values(self.inbound.dropped());
+        let total = c.dropped_malformed
+            + c.dropped_foreign_cluster
+            + c.dropped_version
+            + c.dropped_foreign_incarnation
+            + c.dropped_unauthenticated
+            + c.dropped_outbound
+            + c.dropped_inbound_full;
+        self.drops_reported = (total, now_ms);
+        if total > reported {
+            tracing::warn!(
+                peer = %self.label,
+                dropped = total - reported,
+                malformed = c.dropped_malformed,
+                foreign_cluster = c.dropped_foreign_cluster,
+                version = c.dropped_version,
+                foreign_incarnation = c.dropped_foreign_incarnation,
+                unauthenticated = c.dropped_unauthenticated,
+                outbound = c.dropped_outbound,
+                inbound_full = c.dropped_inbound_full,
+                "frames dropped since the last summary (totals by reason since the peer started)"
+            );
+        }
     }
 
     fn publish_view(&self) {

@@ -59,7 +59,13 @@ pub(crate) struct Drained {
     pub frames: Vec<(Option<PeerId>, Bytes)>,
     /// Stop the peer, for this reason.
     pub stop: Option<String>,
+    /// Latencies that ended: the metric and when it started (in the `now_ms` time base).
+    pub latencies: Vec<(&'static str, u64)>,
 }
+
+/// How the shell times the apply of one engine output's committed entries: it is called with the
+/// apply and runs it once (measuring it with its clock, which the peer never reads).
+pub(crate) type TimeApply<'a> = &'a mut dyn FnMut(&mut dyn FnMut());
 
 pub(crate) struct Peer {
     id: PeerId,
@@ -166,6 +172,11 @@ impl Peer {
         }
     }
 
+    /// This peer's id.
+    pub(crate) fn id(&self) -> &PeerId {
+        &self.id
+    }
+
     /// Whether the engine has output to process (the shell then posts itself a flush).
     pub(crate) fn has_ready(&self) -> bool {
         self.raft.has_ready()
@@ -183,6 +194,7 @@ impl Peer {
         Drained {
             frames,
             stop: self.out.stop.take(),
+            latencies: std::mem::take(&mut self.out.latencies),
         }
     }
 
@@ -275,8 +287,21 @@ impl Peer {
             return true;
         }
         Counters::bump(&self.counters.dropped_foreign_incarnation);
+        tracing::debug!(
+            peer = %self.id,
+            reason = "foreign incarnation",
+            incarnation = theirs,
+            "frame dropped"
+        );
         if self.reported_foreign_incarnation != Some(theirs) {
             self.reported_foreign_incarnation = Some(theirs);
+            tracing::warn!(
+                peer = %self.id,
+                incarnation = theirs,
+                ours,
+                "dropping the frames of another incarnation of this cluster (a storage directory \
+                 that outlived its cluster?)"
+            );
             self.out.emit(HamokEvent::Error(format!(
                 "dropping frames of cluster incarnation {theirs:#x}: this peer's log belongs to \
                  incarnation {ours:#x} of cluster `{}`, founded before the one on the bus now (a storage \
@@ -291,6 +316,7 @@ impl Peer {
     /// The cluster's incarnation from now on: kept with the log, stamped on every frame.
     fn adopt_incarnation(&mut self, incarnation: u64) {
         if let Err(e) = self.apply.save_incarnation(incarnation) {
+            tracing::error!(peer = %self.id, error = %e, "storage failed: the peer stops");
             let reason = format!("storage failed: {e}");
             self.out.emit(HamokEvent::Error(reason.clone()));
             self.out.stop = Some(reason);
@@ -337,6 +363,7 @@ impl Peer {
     pub(crate) fn tick(&mut self, now_ms: u64) {
         if let Err(e) = self.apply.tick() {
             // A store that cannot sync cannot be trusted with another write: the peer stops.
+            tracing::error!(peer = %self.id, error = %e, "storage failed: the peer stops");
             let reason = format!("storage failed: {e}");
             self.out.emit(HamokEvent::Error(reason.clone()));
             self.out.stop = Some(reason);
@@ -386,13 +413,19 @@ impl Peer {
     /// cannot be persisted or applied (a store that failed, a snapshot that does not restore) stops the
     /// peer: none of its messages leave, and the shell stops gracefully, so every waiting request is
     /// answered (`Interrupted`) and the handle reports the peer closed.
-    pub(crate) fn flush(&mut self, now_ms: u64) {
+    /// `time_apply` runs (and times) the apply of each output's committed entries.
+    pub(crate) fn flush(&mut self, now_ms: u64, time_apply: TimeApply<'_>) {
         for _ in 0..MAX_READY_ROUNDS_PER_FLUSH {
             if !self.raft.has_ready() {
                 break;
             }
             let ready = self.raft.take_ready();
-            if let Err(e) = self.handle_ready(now_ms, ready) {
+            if let Err(e) = self.handle_ready(now_ms, ready, &mut *time_apply) {
+                tracing::error!(
+                    peer = %self.id,
+                    error = %e,
+                    "cannot handle the engine's output: the peer stops"
+                );
                 let reason = format!("the peer stops: {e}");
                 self.out.emit(HamokEvent::Error(reason.clone()));
                 self.out.stop = Some(reason);
@@ -413,6 +446,7 @@ impl Peer {
         if !matches!(self.discovery.state(), JoinState::Idle | JoinState::Left) {
             return;
         }
+        tracing::info!(peer = %self.id, term = self.raft.term(), "joining: discovery started");
         self.discovery.start(now_ms);
         self.discovery_step(now_ms);
     }
@@ -430,6 +464,7 @@ impl Peer {
                 return;
             }
         }
+        tracing::info!(peer = %self.id, term = self.raft.term(), "leaving");
         self.leave.start(now_ms, reply);
         self.discovery.begin_leave();
         if !self.raft.membership().contains(&self.id) {
@@ -514,7 +549,12 @@ impl Peer {
     // --------------------------------------------------------------------------------------------
     // The engine's output
 
-    fn handle_ready(&mut self, now_ms: u64, ready: Ready) -> Result<(), HamokError> {
+    fn handle_ready(
+        &mut self,
+        now_ms: u64,
+        ready: Ready,
+        time_apply: TimeApply<'_>,
+    ) -> Result<(), HamokError> {
         // 1. Persist, in order, before anything leaves.
         self.apply.persist(&ready)?;
         let Ready {
@@ -534,14 +574,23 @@ impl Peer {
         if let Some(snapshot) = snapshot {
             self.apply.install(&snapshot)?;
             Counters::bump(&self.counters.snapshots_installed);
+            tracing::info!(
+                peer = %self.id,
+                index = snapshot.meta.last_index,
+                term = snapshot.meta.last_term,
+                "snapshot installed"
+            );
             self.requests
-                .answer_applied_in_snapshot(self.apply.state_machines());
+                .answer_applied_in_snapshot(self.apply.state_machines(), &mut self.out);
             self.on_membership_applied(now_ms);
         }
         if let Some(last) = committed.last().map(|e| e.index) {
-            for entry in committed {
-                self.apply_entry(now_ms, entry);
-            }
+            let mut committed = Some(committed);
+            time_apply(&mut || {
+                for entry in committed.take().into_iter().flatten() {
+                    self.apply_entry(now_ms, entry);
+                }
+            });
             self.out.emit(HamokEvent::Commit(last));
         }
         // 4. Reads.
@@ -550,12 +599,18 @@ impl Peer {
                 self.reads.on_read_state(rs);
             }
         }
-        self.reads
-            .serve(self.raft.applied_index(), self.apply.state_machines());
+        self.reads.serve(
+            self.raft.applied_index(),
+            self.apply.state_machines(),
+            &mut self.out,
+        );
         if let Some(soft) = soft_state {
             self.on_soft_state(now_ms, soft.role, soft.leader, soft.term);
         }
-        self.apply.maybe_snapshot(&mut self.raft, &self.counters)
+        if let Some(index) = self.apply.maybe_snapshot(&mut self.raft, &self.counters)? {
+            tracing::info!(peer = %self.id, index, term = self.raft.term(), "snapshot taken");
+        }
+        Ok(())
     }
 
     /// When this peer last heard from its leader, or `now_ms` while it leads a cluster it joined
@@ -572,6 +627,14 @@ impl Peer {
         let bytes = match entry.payload {
             EntryPayload::Noop => return,
             EntryPayload::Membership(membership) => {
+                tracing::info!(
+                    peer = %self.id,
+                    index = entry.index,
+                    term = entry.term,
+                    voters = ?membership.voters,
+                    learners = ?membership.learners,
+                    "membership applied"
+                );
                 self.apply.apply_members(entry.index, &membership);
                 return self.on_membership_applied(now_ms);
             }
@@ -608,7 +671,7 @@ impl Peer {
                         .ok_or(HamokError::AppliedResponseLost),
                     Applied::Forgotten => Err(HamokError::OutcomeUnknown),
                 };
-                self.requests.answer(seq, answer);
+                self.requests.answer(seq, answer, &mut self.out);
             }
         }
     }
@@ -624,9 +687,11 @@ impl Peer {
         for gone in self.remote_peers.difference(&now_members) {
             // Its client sessions stay (bounded by MAX_CLIENT_SESSIONS): a retry of its requests may
             // still be in flight, and dropping the session would let it apply twice.
+            tracing::info!(peer = %self.id, member = %gone, term = self.raft.term(), "member removed");
             self.out.emit(HamokEvent::RemotePeerLeft(gone.clone()));
         }
         for new in now_members.difference(&self.remote_peers) {
+            tracing::info!(peer = %self.id, member = %new, term = self.raft.term(), "member added");
             self.out.emit(HamokEvent::RemotePeerJoined(new.clone()));
         }
         if !now_members.is_empty() {
@@ -640,6 +705,7 @@ impl Peer {
     fn on_soft_state(&mut self, now_ms: u64, role: Role, leader: Option<PeerId>, term: u64) {
         if role != self.last_role {
             let old = std::mem::replace(&mut self.last_role, role);
+            trace_role_change(&self.id, term, old, role, leader.as_ref());
             self.out.emit(match role {
                 Role::Follower => HamokEvent::Follower,
                 Role::PreCandidate | Role::Candidate => HamokEvent::Candidate,
@@ -652,6 +718,13 @@ impl Peer {
         }
         if leader != self.last_leader {
             let old = std::mem::replace(&mut self.last_leader, leader.clone());
+            tracing::info!(
+                peer = %self.id,
+                term,
+                leader = leader.as_ref().map(tracing::field::display),
+                old = old.as_ref().map(tracing::field::display),
+                "leader changed"
+            );
             self.out.emit(HamokEvent::LeaderChanged {
                 new: leader.clone(),
                 old,
@@ -703,6 +776,13 @@ impl Peer {
     fn update_join_state(&mut self, now_ms: u64) {
         match self.discovery.judge(now_ms, &self.raft) {
             Some(Transition::Joined) => {
+                tracing::info!(
+                    peer = %self.id,
+                    term = self.raft.term(),
+                    leader = self.raft.leader_id().map(tracing::field::display),
+                    role = ?self.raft.role(),
+                    "joined"
+                );
                 self.out.emit(HamokEvent::Joined);
                 if self.raft.role() == Role::Follower {
                     // Announce the role it joins in (the leader announced its own on election).
@@ -710,6 +790,11 @@ impl Peer {
                 }
             }
             Some(Transition::LostMembership) => {
+                tracing::warn!(
+                    peer = %self.id,
+                    term = self.raft.term(),
+                    "not a member any more (removed or cut off): rejoining"
+                );
                 self.leader_hint = None;
                 self.discovery.rejoin(now_ms, &mut self.out);
             }
@@ -741,6 +826,7 @@ impl Peer {
             self.out.emit(HamokEvent::Error(format!("bootstrap: {e}")));
             return;
         }
+        tracing::info!(peer = %self.id, incarnation, "founding a new cluster");
         self.adopt_incarnation(incarnation);
         raft.campaign_now(now_ms);
         self.raft = raft;
@@ -765,10 +851,32 @@ impl Peer {
         };
         self.out.broadcast(HamokMessage::Goodbye);
         self.discovery.left();
+        tracing::info!(
+            peer = %self.id,
+            term = self.raft.term(),
+            timed_out = result.is_err(),
+            "left the cluster"
+        );
         self.out.emit(HamokEvent::Left);
         self.requests
             .fail_all(HamokError::Interrupted("the peer left its cluster"));
         self.reads.fail_all(HamokError::NotJoined);
         self.leave.finish(result);
     }
+}
+
+/// The tracing events of a role change: elections (pre-vote or campaign started, won, lost) at info,
+/// and the change itself.
+fn trace_role_change(id: &PeerId, term: u64, old: Role, new: Role, leader: Option<&PeerId>) {
+    let leader = leader.map(tracing::field::display);
+    match (old, new) {
+        (_, Role::PreCandidate) => tracing::info!(peer = %id, term, "election: pre-vote started"),
+        (_, Role::Candidate) => tracing::info!(peer = %id, term, "election: campaign started"),
+        (_, Role::Leader) => tracing::info!(peer = %id, term, "election won"),
+        (Role::PreCandidate | Role::Candidate, Role::Follower) => {
+            tracing::info!(peer = %id, term, leader, "election lost")
+        }
+        _ => {}
+    }
+    tracing::info!(peer = %id, term, role = ?new, old = ?old, "role changed");
 }

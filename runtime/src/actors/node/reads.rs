@@ -7,10 +7,12 @@
 
 use std::collections::BTreeMap;
 
+use super::frames::Output;
 use super::planted_bugs::PlantedBugs;
 use crate::error::HamokError;
 use crate::raft::{LogIndex, RaftNode, ReadState, SeededRng};
 use crate::state_machine::{StateMachine, StateMachines};
+use crate::stats::metric_names::READ_INDEX_SECONDS;
 
 /// What a served query sees.
 pub(crate) struct Served<'a> {
@@ -29,6 +31,8 @@ struct PendingRead {
     timeout_ms: u64,
     f: QueryFn,
     deadline_ms: u64,
+    /// When the read started (for the read latency).
+    started_ms: u64,
     /// The read index, once a leader confirmed one.
     index: Option<LogIndex>,
     /// When the outstanding read-index request was sent (`None`: none outstanding).
@@ -79,6 +83,7 @@ impl Reads {
                 timeout_ms,
                 f,
                 deadline_ms: now_ms.saturating_add(timeout_ms),
+                started_ms: now_ms,
                 index: None,
                 requested_at_ms: None,
             },
@@ -128,7 +133,12 @@ impl Reads {
     }
 
     /// Serves every read whose index this peer has applied.
-    pub(super) fn serve(&mut self, applied: LogIndex, state_machines: &StateMachines) {
+    pub(super) fn serve(
+        &mut self,
+        applied: LogIndex,
+        state_machines: &StateMachines,
+        out: &mut Output,
+    ) {
         let ready: Vec<u64> = self
             .pending
             .iter()
@@ -137,6 +147,7 @@ impl Reads {
             .collect();
         for ctx in ready {
             if let Some(read) = self.pending.remove(&ctx) {
+                out.latency(READ_INDEX_SECONDS, read.started_ms);
                 (read.f)(Ok(Served {
                     applied_index: applied,
                     machine: state_machines.get(&read.collection),

@@ -15,6 +15,7 @@ use super::frames::Output;
 use crate::error::HamokError;
 use crate::raft::{PeerId, RaftError, RaftNode, Role};
 use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, StateMachines};
+use crate::stats::metric_names::PROPOSAL_COMMIT_SECONDS;
 use crate::stats::Counters;
 use crate::wire::HamokMessage;
 
@@ -27,6 +28,8 @@ struct Pending {
     timeout_ms: u64,
     reply: Reply,
     deadline_ms: u64,
+    /// When it was submitted (for the proposal-to-commit latency).
+    submitted_ms: u64,
     /// When it was last proposed or forwarded (`None`: not yet).
     last_sent_ms: Option<u64>,
     /// It was sent again at once on a redirect since its last timed send: the next redirect waits
@@ -138,6 +141,7 @@ impl Requests {
                 timeout_ms,
                 reply,
                 deadline_ms: now_ms.saturating_add(timeout_ms),
+                submitted_ms: now_ms,
                 last_sent_ms: None,
                 followed_redirect: false,
             },
@@ -245,16 +249,23 @@ impl Requests {
         }
     }
 
-    /// Answers request `seq` if it is still waiting.
-    pub(super) fn answer(&mut self, seq: u64, result: Result<Bytes, HamokError>) {
+    /// Answers request `seq` if it is still waiting: the apply of its command (or of the snapshot
+    /// holding it) decided `result` (the state machine's answer, an error included): it ends a
+    /// proposal-to-commit latency.
+    pub(super) fn answer(&mut self, seq: u64, result: Result<Bytes, HamokError>, out: &mut Output) {
         if let Some(p) = self.pending.remove(&seq) {
+            out.latency(PROPOSAL_COMMIT_SECONDS, p.submitted_ms);
             let _ = p.reply.send(result);
         }
     }
 
     /// After a snapshot install: local requests the snapshot already applied will never be applied
     /// here one by one, so they are answered now (from the sessions' response cache).
-    pub(super) fn answer_applied_in_snapshot(&mut self, state_machines: &StateMachines) {
+    pub(super) fn answer_applied_in_snapshot(
+        &mut self,
+        state_machines: &StateMachines,
+        out: &mut Output,
+    ) {
         let done: Vec<(u64, SeqStatus)> = self
             .pending
             .keys()
@@ -268,7 +279,7 @@ impl Requests {
                     .cached_response(&self.client, seq)
                     .ok_or(HamokError::AppliedResponseLost),
             };
-            self.answer(seq, answer);
+            self.answer(seq, answer, out);
         }
     }
 
