@@ -375,6 +375,25 @@ async fn writes_on_any_peer_cas_and_status() {
         .unwrap();
     assert_eq!(s["role"], "leader");
     assert_eq!(s["is_leader"], true);
+    // The leader knows how far each member has replicated (itself included, lag 0).
+    let members = s["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert!(m["match_index"].as_u64().unwrap() >= 1, "{m}");
+        assert!(m["lag"].is_u64(), "{m}");
+    }
+    let s: Value = http
+        .get(format!("{follower}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        s["members"][0]["lag"].is_null(),
+        "a follower does not know the lags"
+    );
 
     c.close().await;
 }

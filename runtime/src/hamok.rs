@@ -19,7 +19,7 @@ use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, PeerId, Role};
 use crate::state_machine::{Op, StateMachine, StateMachineFactory};
-use crate::stats::{Counters, HamokStats, JoinState, LeaderContact, PeerStatus};
+use crate::stats::{Counters, HamokStats, JoinState, LeaderContact, PeerStatus, ReplicaProgress};
 use crate::store::{FileLogStore, FileLogStoreOptions, LogStore, MemoryLogStore, SyncPolicy};
 use crate::transport::memory::InProcessHub;
 use crate::transport::{Inbound, Transport};
@@ -601,6 +601,25 @@ impl Hamok {
     /// `hamok-collections`).
     pub fn leader_contact_age(&self) -> Duration {
         self.inner.contact.age()
+    }
+
+    /// How far each member has replicated, as this peer sees it while it leads (empty on a follower:
+    /// ask the leader's handle or gateway). Sorted by peer id.
+    pub async fn replication(&self) -> Result<Vec<ReplicaProgress>, HamokError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NodeMsg::Replication(tx))?;
+        let matches = rx.await.map_err(|_| HamokError::Closed)?;
+        let last = matches.iter().map(|(_, m)| *m).max().unwrap_or(0);
+        let mut out: Vec<ReplicaProgress> = matches
+            .into_iter()
+            .map(|(peer, match_index)| ReplicaProgress {
+                peer,
+                match_index,
+                lag: last - match_index,
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Ok(out)
     }
 
     /// This peer's published status and its counters.

@@ -24,7 +24,7 @@ pub use config::HamokConfig;
 pub use error::{Cause, HamokError};
 pub use events::HamokEvent;
 pub use hamok::{Hamok, HamokBuilder, JoinOptions};
-pub use stats::{metric_names, CounterValues, HamokStats, JoinState, PeerStatus};
+pub use stats::{metric_names, CounterValues, HamokStats, JoinState, PeerStatus, ReplicaProgress};
 
 /// Hooks for hamok's own tests (crate feature `testing`, which only the workspace's test crate turns
 /// on): planted bugs in the runtime's decisions, switched on with `HamokBuilder::planted_bugs`, and seeded

@@ -21,7 +21,7 @@ pub mod metric_names {
     pub const PEER_LABEL: &str = "peer";
 }
 
-use crate::raft::{Membership, Role, Status};
+use crate::raft::{LogIndex, Membership, PeerId, Role, Status};
 
 /// Where the peer stands with respect to a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +153,17 @@ impl Counters {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// One member's replication, as its leader sees it ([`Hamok::replication`](crate::Hamok::replication)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaProgress {
+    /// The member.
+    pub peer: PeerId,
+    /// The highest log index known to be on it.
+    pub match_index: LogIndex,
+    /// How many entries it lacks of the leader's log.
+    pub lag: u64,
 }
 
 /// A point-in-time view of one peer: its status and its counters.

@@ -28,8 +28,8 @@ fn join_state_name(state: JoinState) -> &'static str {
     }
 }
 
-/// `GET /v1/status`. The engine does not publish its followers' match indexes, so there is no
-/// per-peer lag here (only this peer's `commit_index - applied_index`).
+/// `GET /v1/status`. On the leader each member carries its `match_index` and `lag` (entries it lacks
+/// of the leader's log); elsewhere they are `null` (ask the leader's gateway, `leader_url`).
 pub(crate) async fn get(State(g): State<Shared>) -> Json<Value> {
     let hamok = g.stores.hamok();
     let stats = hamok.stats();
@@ -40,12 +40,17 @@ pub(crate) async fn get(State(g): State<Shared>) -> Json<Value> {
         Some(l) => g.addresses.url_of(l).await,
         None => None,
     };
+    // The leader's view of replication (empty elsewhere, or if the peer closed meanwhile).
+    let replication = hamok.replication().await.unwrap_or_default();
     let mut members = Vec::new();
     for id in r.membership.members() {
+        let progress = replication.iter().find(|p| p.peer == *id);
         members.push(json!({
             "id": id.as_str(),
             "voter": r.membership.is_voter(id),
             "url": g.addresses.url_of(id.as_str()).await,
+            "match_index": progress.map(|p| p.match_index),
+            "lag": progress.map(|p| p.lag),
         }));
     }
     Json(json!({

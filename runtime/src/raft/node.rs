@@ -606,6 +606,18 @@ impl RaftNode {
         self.progress.get(peer).map(|pr| pr.match_index)
     }
 
+    /// The leader's view of every member's match index, itself included (its last index); empty when
+    /// not leader.
+    pub fn replication(&self) -> Vec<(PeerId, LogIndex)> {
+        if self.role != Role::Leader {
+            return Vec::new();
+        }
+        self.config_in_force()
+            .members()
+            .filter_map(|p| self.match_index(p).map(|m| (p.clone(), m)))
+            .collect()
+    }
+
     /// The term of the entry at `index`, if held (or the snapshot's last index).
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
         self.log.term(index)

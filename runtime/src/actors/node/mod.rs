@@ -85,6 +85,8 @@ pub(crate) enum NodeMsg {
         channel: String,
         payload: Bytes,
     },
+    /// The leader's view of each member's match index (empty on a follower).
+    Replication(oneshot::Sender<Vec<(PeerId, crate::raft::LogIndex)>>),
 }
 
 /// Everything the node actor starts from. The peer is built (and its store loaded) by the caller, so
@@ -190,12 +192,17 @@ impl Actor for NodeActor {
             NodeMsg::Flush => {
                 state.flush_scheduled = false;
                 let label = &state.label;
-                peer.flush(now_ms, &mut |apply| {
-                    let began = Instant::now();
-                    apply();
-                    metrics::histogram!(APPLY_SECONDS, PEER_LABEL => label.clone())
-                        .record(began.elapsed().as_secs_f64());
-                });
+                let (link, counters) = (&state.link, &state.counters);
+                peer.flush(
+                    now_ms,
+                    &mut |apply| {
+                        let began = Instant::now();
+                        apply();
+                        metrics::histogram!(APPLY_SECONDS, PEER_LABEL => label.clone())
+                            .record(began.elapsed().as_secs_f64());
+                    },
+                    &mut |frames| send_frames(link.as_ref(), counters, frames),
+                );
             }
             NodeMsg::LinkUp(link) => {
                 Counters::bump(&state.counters.transport_connects);
@@ -230,6 +237,10 @@ impl Actor for NodeActor {
                 channel,
                 payload,
             } => peer.send_direct(to, channel, payload),
+            NodeMsg::Replication(reply) => {
+                let _ = reply.send(peer.replication());
+                publish = false;
+            }
         }
         state.contact.record(state.peer.leader_contact_ms(now_ms));
         let stop = state.drain();
@@ -244,6 +255,25 @@ impl Actor for NodeActor {
             myself.stop(Some(reason));
         }
         Ok(())
+    }
+}
+
+/// Sends encoded frames through `link` (to one peer, or to all with `None`), counting each.
+fn send_frames(
+    link: Option<&Arc<dyn Link>>,
+    counters: &Counters,
+    frames: Vec<(Option<PeerId>, Bytes)>,
+) {
+    for (to, bytes) in frames {
+        let sent = match (link, &to) {
+            (None, _) => Err(HamokError::Closed),
+            (Some(link), Some(peer)) => link.send(peer, bytes),
+            (Some(link), None) => link.broadcast(bytes),
+        };
+        match sent {
+            Ok(()) => Counters::bump(&counters.frames_out),
+            Err(_) => Counters::bump(&counters.dropped_outbound),
+        }
     }
 }
 
@@ -269,17 +299,7 @@ impl NodeState {
                     .record(now.saturating_duration_since(began).as_secs_f64());
             }
         }
-        for (to, bytes) in drained.frames {
-            let sent = match (&self.link, &to) {
-                (None, _) => Err(HamokError::Closed),
-                (Some(link), Some(peer)) => link.send(peer, bytes),
-                (Some(link), None) => link.broadcast(bytes),
-            };
-            match sent {
-                Ok(()) => Counters::bump(&self.counters.frames_out),
-                Err(_) => Counters::bump(&self.counters.dropped_outbound),
-            }
-        }
+        send_frames(self.link.as_ref(), &self.counters, drained.frames);
         drained.stop
     }
 
