@@ -269,6 +269,57 @@ fn durable_peers_keep_their_state_across_a_restart() {
     assert_eq!(r.finish(), 0);
 }
 
+/// Over a real broker (NATS, then RabbitMQ): two `hamok repl` processes join one cluster, one peer each;
+/// what one writes, the other reads (linearizably), and either can take and release a lock.
+#[test]
+fn two_processes_share_their_stores_over_each_broker() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let nats = runtime.block_on(broker::require_broker(
+        "NATS",
+        hamok::transports::nats::NATS_URL_ENV,
+        hamok::transports::nats::DEFAULT_NATS_URL,
+        4222,
+    ));
+    let amqp = runtime.block_on(broker::require_broker(
+        "RabbitMQ",
+        hamok::transports::rabbitmq::AMQP_URL_ENV,
+        hamok::transports::rabbitmq::DEFAULT_AMQP_URL,
+        5672,
+    ));
+    for (transport, url) in [("nats", nats), ("rabbitmq", amqp)] {
+        let cluster = cluster_id(transport);
+        let mut a = Repl::start(
+            &["--transport", transport, "--url", &url, "--peer-id", "a"],
+            &cluster,
+        );
+        assert_eq!(a.cmd("SET shared 1"), "OK", "{transport}");
+        let mut b = Repl::start(
+            &["--transport", transport, "--url", &url, "--peer-id", "b"],
+            &cluster,
+        );
+        // b joins a's cluster (it never founds its own: it hears a member) before it answers.
+        assert_eq!(b.cmd("LEADER"), "a", "{transport}");
+        assert_eq!(b.cmd("GET shared --linearizable"), "1", "{transport}");
+        assert_eq!(b.cmd("SET shared 2"), "OK", "{transport}");
+        assert_eq!(a.cmd("GET shared --linearizable"), "2", "{transport}");
+        let token = b.cmd("LOCK job");
+        assert!(token.parse::<u64>().is_ok(), "{transport}: {token}");
+        assert_eq!(b.cmd("UNLOCK job"), "1", "{transport}");
+        assert_eq!(b.cmd("QUIT"), "OK");
+        assert_eq!(b.finish(), 0);
+        assert_eq!(a.cmd("QUIT"), "OK");
+        assert_eq!(a.finish(), 0);
+    }
+}
+
+/// The broker tests' helpers (`require_broker`), shared with `transports/tests/`.
+#[path = "../transports/tests/common/mod.rs"]
+#[allow(dead_code)]
+mod broker;
+
 #[test]
 fn startup_failure_is_non_zero() {
     let status = Command::new(env!("CARGO_BIN_EXE_hamok"))
