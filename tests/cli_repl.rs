@@ -317,7 +317,6 @@ fn two_processes_share_their_stores_over_each_broker() {
 
 /// The broker tests' helpers (`require_broker`), shared with `transports/tests/`.
 #[path = "../transports/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod broker;
 
 #[test]
