@@ -21,7 +21,7 @@ mod common;
 mod peer_process;
 
 use common::{require_broker, unique_id};
-use peer_process::{wait_members, Peer, ANSWER};
+use peer_process::{wait_members, Peer};
 
 /// Not a test: the entry point of the peer processes the scenario below starts (this binary run again
 /// by [`Peer::spawn_with`]). In a normal test run, returns at once.
@@ -86,24 +86,6 @@ async fn agreed_leader(peers: &mut [Peer], when: &str) -> String {
             "{when}: the peers did not agree on a leader within {ELECTION:?}: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The outcome of `add N TAG` sent to `peer`: the total it acknowledged, or the error it printed.
-async fn add_answer(peer: &mut Peer, tag: &str) -> Result<i64, String> {
-    let ack = format!("ack {tag} ");
-    let err = format!("err {tag} ");
-    let deadline = tokio::time::Instant::now() + ANSWER;
-    loop {
-        match tokio::time::timeout_at(deadline, peer.lines.recv()).await {
-            Ok(Some(line)) if line.starts_with(&ack) => {
-                return Ok(line[ack.len()..].trim().parse().expect("a total"))
-            }
-            Ok(Some(line)) if line.starts_with(&err) => return Err(line),
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("peer {} exited", peer.id),
-            Err(_) => panic!("peer {} did not answer {tag:?} within {ANSWER:?}", peer.id),
-        }
     }
 }
 
@@ -293,8 +275,10 @@ async fn nats_kill_9_of_all_peers_mid_load_loses_no_acknowledged_write() {
 
     // The cluster takes writes again, and every peer applies them.
     peers[0].send("add 1 after");
-    let after = add_answer(&mut peers[0], "after")
+    let after = peers[0]
+        .add_answer("after")
         .await
+        .expect("an answer to the write after the restart")
         .unwrap_or_else(|e| panic!("a write after the restart failed: {e}"));
     assert_eq!(after, total + 1, "the write after the restart");
     for p in &mut peers {

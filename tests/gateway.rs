@@ -122,6 +122,11 @@ fn no_redirect_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// Sends `request` and returns its JSON body.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// Asserts `response` has `status` and a JSON error body; returns the body.
 async fn expect_error(response: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
@@ -277,23 +282,10 @@ async fn writes_on_any_peer_cas_and_status() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let body: Value = http
-        .get(format!("{leader}/v1/hash/user/name?consistent=true"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value =
+        json_of(http.get(format!("{leader}/v1/hash/user/name?consistent=true"))).await;
     assert_eq!(body["value"], "ada");
-    let body: Value = http
-        .get(format!("{leader}/v1/hash/user?consistent=true"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(http.get(format!("{leader}/v1/hash/user?consistent=true"))).await;
     assert_eq!(body["fields"]["name"], "ada");
     let r = http
         .put(format!("{follower}/v1/set/tags/rust"))
@@ -301,23 +293,9 @@ async fn writes_on_any_peer_cas_and_status() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let body: Value = http
-        .get(format!("{leader}/v1/set/tags/rust?consistent=true"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(http.get(format!("{leader}/v1/set/tags/rust?consistent=true"))).await;
     assert_eq!(body["present"], true);
-    let body: Value = http
-        .delete(format!("{leader}/v1/set/tags/rust"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(http.delete(format!("{leader}/v1/set/tags/rust"))).await;
     assert_eq!(body["removed"], true);
     let r = http
         .post(format!("{follower}/v1/locks/job?wait_ms=5000"))
@@ -327,34 +305,13 @@ async fn writes_on_any_peer_cas_and_status() {
     assert_eq!(r.status(), StatusCode::OK);
     let body: Value = r.json().await.unwrap();
     assert!(body["token"].as_u64().is_some(), "lock answer {body}");
-    let body: Value = http
-        .get(format!("{follower}/v1/locks/job"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(http.get(format!("{follower}/v1/locks/job"))).await;
     assert_eq!(body["held"], true);
-    let body: Value = http
-        .delete(format!("{follower}/v1/locks/job"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(http.delete(format!("{follower}/v1/locks/job"))).await;
     assert_eq!(body["released"], true);
 
     // Status.
-    let s: Value = http
-        .get(format!("{follower}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = json_of(http.get(format!("{follower}/v1/status"))).await;
     assert_eq!(s["peer_id"], c.peers[c.follower()].local_peer_id().as_str());
     assert_eq!(s["role"], "follower");
     assert_eq!(s["leader"], c.peers[c.leader].local_peer_id().as_str());
@@ -365,14 +322,7 @@ async fn writes_on_any_peer_cas_and_status() {
     assert!(s["applied_index"].is_u64());
     assert_eq!(s["members"].as_array().unwrap().len(), 3);
     assert_eq!(s["remote_peers"].as_array().unwrap().len(), 2);
-    let s: Value = http
-        .get(format!("{leader}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = json_of(http.get(format!("{leader}/v1/status"))).await;
     assert_eq!(s["role"], "leader");
     assert_eq!(s["is_leader"], true);
     // The leader knows how far each member has replicated (itself included, lag 0).
@@ -382,14 +332,7 @@ async fn writes_on_any_peer_cas_and_status() {
         assert!(m["match_index"].as_u64().unwrap() >= 1, "{m}");
         assert!(m["lag"].is_u64(), "{m}");
     }
-    let s: Value = http
-        .get(format!("{follower}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = json_of(http.get(format!("{follower}/v1/status"))).await;
     assert!(
         s["members"][0]["lag"].is_null(),
         "a follower does not know the lags"

@@ -17,7 +17,7 @@ mod common;
 mod peer_process;
 
 use common::{require_broker, unique_id};
-use peer_process::{wait_members, Peer, ANSWER};
+use peer_process::{wait_members, Peer};
 
 /// Not a test: the entry point of the peer processes the scenario below starts (this binary run again
 /// by [`Peer::spawn`]). In a normal test run, returns at once.
@@ -40,27 +40,15 @@ impl Client {
         self.next += 1;
         let tag = format!("w{}", self.next);
         peer.send(&format!("add 1 {tag}"));
-        let ack = format!("ack {tag} ");
-        let err = format!("err {tag} ");
-        let deadline = tokio::time::Instant::now() + ANSWER;
-        loop {
-            match tokio::time::timeout_at(deadline, peer.lines.recv()).await {
-                Ok(Some(line)) if line.starts_with(&ack) => {
-                    self.acked += 1;
-                    return;
-                }
-                Ok(Some(line)) if line.starts_with(&err) => {
-                    println!("[{}] {line}", peer.id);
-                    self.unknown += 1;
-                    return;
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("peer {} exited", peer.id),
-                Err(_) => {
-                    println!("[{}] no answer to {tag}", peer.id);
-                    self.unknown += 1;
-                    return;
-                }
+        match peer.add_answer(&tag).await {
+            Some(Ok(_)) => self.acked += 1,
+            Some(Err(line)) => {
+                println!("[{}] {line}", peer.id);
+                self.unknown += 1;
+            }
+            None => {
+                println!("[{}] no answer to {tag}", peer.id);
+                self.unknown += 1;
             }
         }
     }

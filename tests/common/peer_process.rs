@@ -127,6 +127,26 @@ impl Peer {
         self.stdin.flush().expect("flush to peer");
     }
 
+    /// The answer to `add N TAG` sent earlier: `Ok(total)` it acknowledged, `Err(line)` the error it
+    /// printed, or `None` if neither came within [`ANSWER`]. Other lines are skipped; a peer that
+    /// exited panics.
+    pub async fn add_answer(&mut self, tag: &str) -> Option<Result<i64, String>> {
+        let ack = format!("ack {tag} ");
+        let err = format!("err {tag} ");
+        let deadline = tokio::time::Instant::now() + ANSWER;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.starts_with(&ack) => {
+                    return Some(Ok(line[ack.len()..].trim().parse().expect("a total")))
+                }
+                Ok(Some(line)) if line.starts_with(&err) => return Some(Err(line)),
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("peer {} exited", self.id),
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// The next line starting with `prefix` (others skipped), or `None` after `timeout`.
     pub async fn expect(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + timeout;

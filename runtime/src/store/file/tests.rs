@@ -40,12 +40,15 @@ fn open(dir: &Path) -> Result<FileLogStore, HamokError> {
     FileLogStore::open(dir, FileLogStoreOptions::default())
 }
 
-fn small_chunks(dir: &Path) -> FileLogStore {
-    let options = FileLogStoreOptions {
+fn small_chunks_options() -> FileLogStoreOptions {
+    FileLogStoreOptions {
         chunk_max_bytes: 4 << 10,
         ..FileLogStoreOptions::default()
-    };
-    FileLogStore::open(dir, options).unwrap()
+    }
+}
+
+fn small_chunks(dir: &Path) -> FileLogStore {
+    FileLogStore::open(dir, small_chunks_options()).unwrap()
 }
 
 fn ids(state: &PersistedState) -> Vec<(LogIndex, Term)> {
@@ -246,11 +249,7 @@ fn a_missing_chunk_refuses_to_start() {
             &chunks[chunks.len() / 2]
         };
         fs::remove_file(gone).unwrap();
-        let options = FileLogStoreOptions {
-            chunk_max_bytes: 4 << 10,
-            ..FileLogStoreOptions::default()
-        };
-        let detail = corrupt(FileLogStore::open(dir.path(), options));
+        let detail = corrupt(FileLogStore::open(dir.path(), small_chunks_options()));
         assert!(!detail.is_empty(), "{victim}");
     }
 }
