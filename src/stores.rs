@@ -24,7 +24,7 @@
 //! # Ok::<(), HamokError>(()) }).unwrap();
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,6 +57,9 @@ struct Inner {
     locks: Mutex<Option<HamokLock>>,
     /// Locks taken through these stores, by name, until `unlock`.
     held: Mutex<BTreeMap<String, LockGuard>>,
+    /// Names a `lock` call is waiting for right now (a second call for one of them answers `Busy`
+    /// instead of queueing behind its own peer: locks are not reentrant).
+    taking: Mutex<BTreeSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,6 +104,33 @@ where
     Ok(handle)
 }
 
+/// A name in `Inner::taking` while a `lock` call waits for it; removed however the call ends
+/// (answered, failed, or its future dropped).
+struct Taking<'a> {
+    names: &'a Mutex<BTreeSet<String>>,
+    name: String,
+}
+
+impl<'a> Taking<'a> {
+    fn start(names: &'a Mutex<BTreeSet<String>>, name: &str) -> Result<Self, HamokError> {
+        if !lock(names).insert(name.to_string()) {
+            return Err(HamokError::Busy(
+                "this peer is already waiting for that lock",
+            ));
+        }
+        Ok(Taking {
+            names,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        lock(self.names).remove(&self.name);
+    }
+}
+
 impl Stores {
     /// The stores of `hamok` (a peer built with [`register_kinds`](hamok_collections::register_kinds);
     /// collections open when first used, which needs the peer joined).
@@ -114,6 +144,7 @@ impl Stores {
                 configs: Mutex::default(),
                 locks: Mutex::default(),
                 held: Mutex::default(),
+                taking: Mutex::default(),
             }),
         }
     }
@@ -373,6 +404,7 @@ impl Stores {
         if lock(&self.inner.held).len() >= MAX_HELD_LOCKS {
             return Err(HamokError::Busy("too many locks held through this peer"));
         }
+        let _taking = Taking::start(&self.inner.taking, name)?;
         let options = LockOptions {
             wait_timeout: Some(wait),
             ..LockOptions::default()
