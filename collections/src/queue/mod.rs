@@ -8,124 +8,22 @@
 //! An optional capacity (replicated, set with [`HamokQueue::set_capacity`]) refuses a push that would
 //! exceed it with [`HamokError::Busy`]`("queue is full")`, leaving the queue unchanged.
 
-use std::collections::VecDeque;
+mod machine;
 
 use bytes::Bytes;
-use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::common::{
-    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
-};
-use crate::machine::{Core, Logic, Machine};
+use crate::common::{decode, encode, handle_basics, plain_opened, Events, Handle, Raw, Types};
+pub(crate) use machine::QueueMachine;
+use machine::{QueueCmd, QueueLogic, QueueState};
 
 /// The kind a queue is registered under.
 pub const QUEUE_KIND: &str = "hamok.queue";
 
 /// The message of the error a push into a full queue fails with ([`HamokError::Busy`]).
 pub const QUEUE_FULL: &str = "queue is full";
-
-/// The replicated content of a queue.
-#[derive(Default, Serialize, Deserialize)]
-pub(crate) struct QueueState {
-    items: VecDeque<Bytes>,
-    capacity: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize)]
-pub(crate) enum QueueCmd {
-    Push(Vec<Bytes>),
-    Pop(u32),
-    Clear,
-    SetCapacity(Option<u64>),
-}
-
-/// What is particular to a queue's state machine ([`Machine`]`<QueueLogic>`).
-#[derive(Default)]
-pub(crate) struct QueueLogic;
-
-/// The state machine of a queue.
-pub(crate) type QueueMachine = Machine<QueueLogic>;
-
-impl Logic for QueueLogic {
-    type State = QueueState;
-    type Extra = ();
-    type Command = QueueCmd;
-
-    fn kind(&self) -> &str {
-        QUEUE_KIND
-    }
-
-    fn exec(
-        &self,
-        core: &Core<QueueState, ()>,
-        _ctx: &ApplyContext,
-        cmd: QueueCmd,
-    ) -> Result<Bytes, HamokError> {
-        let listening = core.listening();
-        let mut events = Vec::new();
-        let response = {
-            let mut state = write_lock(&core.state);
-            match cmd {
-                QueueCmd::Push(values) => {
-                    let after = state.items.len() as u64 + values.len() as u64;
-                    if state.capacity.is_some_and(|cap| after > cap) {
-                        return Err(HamokError::Busy(QUEUE_FULL));
-                    }
-                    let was_empty = state.items.is_empty();
-                    for v in values {
-                        if listening {
-                            events.push(Raw::Insert {
-                                key: Bytes::new(),
-                                value: v.clone(),
-                            });
-                        }
-                        state.items.push_back(v);
-                    }
-                    if listening && was_empty && !state.items.is_empty() {
-                        events.push(Raw::NotEmpty);
-                    }
-                    encode(&(state.items.len() as u64))
-                }
-                QueueCmd::Pop(n) => {
-                    let n = (n as usize).min(state.items.len());
-                    let popped: Vec<Bytes> = state.items.drain(..n).collect();
-                    if listening {
-                        for v in &popped {
-                            events.push(Raw::Remove {
-                                key: Bytes::new(),
-                                value: v.clone(),
-                            });
-                        }
-                        if n > 0 && state.items.is_empty() {
-                            events.push(Raw::Empty);
-                        }
-                    }
-                    encode(&popped)
-                }
-                QueueCmd::Clear => {
-                    let n = state.items.len() as u64;
-                    state.items.clear();
-                    if listening {
-                        events.push(Raw::Clear);
-                        if n > 0 {
-                            events.push(Raw::Empty);
-                        }
-                    }
-                    encode(&n)
-                }
-                QueueCmd::SetCapacity(capacity) => {
-                    state.capacity = capacity;
-                    encode(&())
-                }
-            }
-        };
-        core.emit(events);
-        response
-    }
-}
 
 /// An event of a queue on this peer.
 #[derive(Clone, Debug, PartialEq)]
