@@ -131,6 +131,9 @@ async fn main() -> Result<(), HamokError> {
                     "  [{observer} sees] {name} released by {} (token {})",
                     holder.peer, holder.token
                 ),
+                LockEvent::Resync { held, reason } => {
+                    println!("  [{observer} sees] {} locks held ({reason:?})", held.len())
+                }
                 LockEvent::Close => return,
             }
         }

@@ -42,9 +42,10 @@ pub mod prelude {
         LockGuard, LockHolder, LockOptions, SharedConfig, Versioned,
     };
     pub use hamok_collections::{
-        register_kinds, register_remote_map, Events, Field, HamokCollections, HamokEmitter,
-        HamokMap, HamokQueue, HamokRecord, HamokRemoteMap, HamokSet, MapEvent, MemoryRemoteMap,
-        Patch, QueueEvent, RecordEvent, RecvError, RemoteMap, SetEvent, SubscriptionEvent,
+        register_kinds, register_remote_map, DeadLetter, Delivery, DeliveryId, Events, Field,
+        HamokCollections, HamokEmitter, HamokMap, HamokQueue, HamokRecord, HamokRemoteMap,
+        HamokSet, MapEvent, MemoryRemoteMap, Patch, QueueEvent, RecordEvent, RecvError, RemoteMap,
+        ResyncReason, SetEvent, SubscriptionEvent,
     };
     pub use hamok_runtime::raft::PeerId;
     pub use hamok_runtime::state_machine::Fence;

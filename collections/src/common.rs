@@ -17,13 +17,31 @@
 //! [`Hamok::wait_until_linearizable`]) and then read the shared state.
 //!
 //! Events are produced by `apply` on every peer, in log order, and sent on a bounded broadcast channel
-//! per local handle group (a subscriber that falls behind by more than [`EVENT_CAPACITY`] events gets
-//! [`RecvError::Lagged`]). Nothing is encoded or copied for events when nobody subscribed.
+//! per local handle group. Nothing is encoded or copied for events when nobody subscribed.
+//!
+//! # Streams never skip silently
+//!
+//! Where a stream cannot deliver every event it gives the whole state instead, as a `Resync` event
+//! (each collection's event type has one), at exactly the point of the log where the stream resumes:
+//! replaying a `Resync` and then the events after it reproduces the collection's state.
+//!
+//! - **Snapshot install** ([`ResyncReason::SnapshotInstalled`]): the runtime rebuilds every state
+//!   machine from the snapshot and re-links the handle groups (`Machine::observe`), which sends the
+//!   new state to the subscribers. It runs on the node's apply thread, between two applies.
+//! - **Lag** ([`ResyncReason::Lagged`]): every machine has a *gate* (a mutex) that `apply` and
+//!   `on_members` hold while they change the state and send its events. A subscriber that fell more than
+//!   [`EVENT_CAPACITY`] events behind takes the gate of the machine its group reads, moves its receiver
+//!   to the tail of the channel, encodes the state and lets go: every event sent after that is newer
+//!   than the state, every event before it is in it.
+//!
+//! **Lock order** (no deadlock): a machine's gate, then a group's `slot` and `gate` cells, then the
+//! state's lock. `Machine::observe` takes two gates (the one the group read so far, then the new
+//! machine's); only the apply thread does, so no two threads ever wait for each other's gate.
 
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,12 +49,12 @@ use hamok_runtime::state_machine::{Fence, Op, StateMachine};
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::machine::{Logic, Machine};
 
 /// Most events buffered per subscriber of a collection's events; a subscriber that falls further behind
-/// loses the oldest and is told how many with [`RecvError::Lagged`].
+/// gets a `Resync` with [`ResyncReason::Lagged`] (the whole state) instead of the events it missed.
 pub const EVENT_CAPACITY: usize = 4096;
 
 /// Encodes a value with rmp-serde (compact: structs as arrays).
@@ -60,6 +78,8 @@ pub(crate) enum Envelope<C> {
 }
 
 /// A raw event as a state machine emits it: bytes, decoded only by the typed stream of a subscriber.
+/// `Resync` carries the whole state ([`encode`] of the collection's `Logic::State`; a remote map's: of
+/// a `MapState` read from its store) at exactly the point where the stream resumes.
 #[derive(Clone, Debug)]
 pub(crate) enum Raw {
     Insert { key: Bytes, value: Bytes },
@@ -69,13 +89,29 @@ pub(crate) enum Raw {
     Empty,
     NotEmpty,
     Close,
+    Resync { state: Bytes, reason: ResyncReason },
+}
+
+/// Why an event stream delivered the whole state (a `Resync` event) instead of the events in between.
+///
+/// Either way the `Resync` carries the collection's whole state at the point where the stream resumes,
+/// and the events after it continue from exactly that state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// This peer installed a snapshot from the leader (it had fallen behind, or was cut off, while the
+    /// leader compacted its log): the stream skipped every entry the snapshot covers.
+    SnapshotInstalled,
+    /// This subscriber fell more than [`EVENT_CAPACITY`] events behind: at least `missed` events were
+    /// skipped.
+    Lagged {
+        /// How many events the subscriber did not get (at least).
+        missed: u64,
+    },
 }
 
 /// Why a typed event could not be received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecvError {
-    /// The subscriber fell behind and lost this many events (the stream goes on with newer ones).
-    Lagged(u64),
     /// Every local handle of the collection was dropped: no more events will come.
     Closed,
     /// An event's key or value did not decode as the handle's type.
@@ -85,7 +121,6 @@ pub enum RecvError {
 impl std::fmt::Display for RecvError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RecvError::Lagged(n) => write!(f, "lagged behind: {n} events lost"),
             RecvError::Closed => write!(f, "event stream closed"),
             RecvError::Codec(e) => write!(f, "event does not decode: {e}"),
         }
@@ -94,29 +129,60 @@ impl std::fmt::Display for RecvError {
 
 impl std::error::Error for RecvError {}
 
+/// The encoded state a lagging stream resumes from, now or (a remote map's, read from its store) later.
+pub(crate) enum Resynced {
+    Now(Result<Bytes, HamokError>),
+    Later(oneshot::Receiver<Bytes>),
+}
+
+/// Moves a lagging receiver to the tail of its channel and answers the state it resumes from (see
+/// [`Local::resync`]). It holds the handle group, so a stream keeps the group alive.
+pub(crate) type ResyncFn = Arc<dyn Fn(&mut broadcast::Receiver<Raw>) -> Resynced + Send + Sync>;
+
 /// A typed stream of a collection's events on this peer (see each collection for its event type).
+///
+/// Events come in log order. A stream never skips silently: where it could not deliver some events
+/// (this subscriber fell more than [`EVENT_CAPACITY`] events behind, or this peer installed a snapshot)
+/// it delivers the collection's whole state as a `Resync` event (see [`ResyncReason`]), and the events
+/// after it continue from exactly that state.
 ///
 /// A stream keeps the collection's local handle group alive: events keep coming while it exists, even if
 /// every handle was dropped.
 pub struct Events<T> {
     rx: broadcast::Receiver<Raw>,
     decode: fn(Raw) -> Result<T, HamokError>,
-    _keep: Arc<dyn std::any::Any + Send + Sync>,
+    resync: ResyncFn,
+    /// A resync whose state is still being read (a remote map's), with the events it stands for: it
+    /// comes before any further event.
+    pending: Option<(u64, oneshot::Receiver<Bytes>)>,
 }
 
 impl<T> Events<T> {
+    /// A stream of `local`'s events; on lag it resyncs to the state `local` reads, exactly.
     pub(crate) fn new<S, X>(
         local: &Arc<Local<S, X>>,
         decode: fn(Raw) -> Result<T, HamokError>,
     ) -> Self
     where
-        S: Send + Sync + 'static,
+        S: Serialize + Send + Sync + 'static,
         X: Send + Sync + 'static,
     {
+        let group = local.clone();
+        let resync: ResyncFn = Arc::new(move |rx| Resynced::Now(group.resync(rx)));
+        Self::with_resync(local.events.subscribe(), decode, resync)
+    }
+
+    /// A stream that resyncs with `resync` on lag.
+    pub(crate) fn with_resync(
+        rx: broadcast::Receiver<Raw>,
+        decode: fn(Raw) -> Result<T, HamokError>,
+        resync: ResyncFn,
+    ) -> Self {
         Events {
-            rx: local.events.subscribe(),
+            rx,
             decode,
-            _keep: local.clone(),
+            resync,
+            pending: None,
         }
     }
 
@@ -124,24 +190,78 @@ impl<T> Events<T> {
         (self.decode)(raw).map_err(|e| RecvError::Codec(e.to_string()))
     }
 
+    /// The `Resync` of a lag of `missed` events.
+    fn lagged(&self, state: Result<Bytes, HamokError>, missed: u64) -> Result<T, RecvError> {
+        let state = state.map_err(|e| RecvError::Codec(e.to_string()))?;
+        self.convert(Raw::Resync {
+            state,
+            reason: ResyncReason::Lagged { missed },
+        })
+    }
+
+    /// Resyncs after a lag of `missed` events: the `Resync` now, or `None` if its state comes later.
+    fn on_lag(&mut self, missed: u64) -> Option<Result<T, RecvError>> {
+        match (self.resync)(&mut self.rx) {
+            Resynced::Now(state) => Some(self.lagged(state, missed)),
+            Resynced::Later(state) => {
+                self.pending = Some((missed, state));
+                None
+            }
+        }
+    }
+
     /// Waits for the next event.
     pub async fn recv(&mut self) -> Result<T, RecvError> {
-        match self.rx.recv().await {
-            Ok(raw) => self.convert(raw),
-            Err(broadcast::error::RecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-            Err(broadcast::error::RecvError::Closed) => Err(RecvError::Closed),
+        loop {
+            if let Some((missed, state)) = &mut self.pending {
+                // Cancel safe: the pending resync stays until its state arrived.
+                let missed = *missed;
+                let state = state.await.map_err(|_| RecvError::Closed);
+                self.pending = None;
+                return self.lagged(Ok(state?), missed);
+            }
+            match self.rx.recv().await {
+                Ok(raw) => return self.convert(raw),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    if let Some(event) = self.on_lag(n) {
+                        return event;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(RecvError::Closed),
+            }
         }
     }
 
     /// The next event if one is buffered, without waiting.
     pub fn try_recv(&mut self) -> Result<Option<T>, RecvError> {
+        if let Some((missed, state)) = &mut self.pending {
+            let missed = *missed;
+            return match state.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => Ok(None),
+                Err(oneshot::error::TryRecvError::Closed) => Err(RecvError::Closed),
+                Ok(state) => {
+                    self.pending = None;
+                    self.lagged(Ok(state), missed).map(Some)
+                }
+            };
+        }
         match self.rx.try_recv() {
             Ok(raw) => self.convert(raw).map(Some),
             Err(broadcast::error::TryRecvError::Empty) => Ok(None),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => match self.on_lag(n) {
+                Some(event) => event.map(Some),
+                None => self.try_recv(),
+            },
             Err(broadcast::error::TryRecvError::Closed) => Err(RecvError::Closed),
         }
     }
+}
+
+/// Decodes each encoded item (the typed content of a `Resync`).
+pub(crate) fn decode_each<'a, T: DeserializeOwned>(
+    items: impl IntoIterator<Item = &'a Bytes>,
+) -> Result<Vec<T>, HamokError> {
+    items.into_iter().map(|item| decode(item)).collect()
 }
 
 pub(crate) fn read_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockReadGuard<'_, S> {
@@ -152,11 +272,31 @@ pub(crate) fn write_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockWriteGuard<'_,
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A machine's gate (see the module documentation): held while events are sent.
+pub(crate) type Gate = Arc<Mutex<()>>;
+
+/// Takes a gate (a panic while it was held leaves nothing half done that it protects).
+pub(crate) fn hold(gate: &Mutex<()>) -> MutexGuard<'_, ()> {
+    gate.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether two of a group's gates are the same one.
+pub(crate) fn same_gate(a: &Option<Gate>, b: &Option<Gate>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// What the local handles of one collection on one peer share (every clone and every handle opened on
 /// the same id). `X` holds what a collection adds (the emitter's handlers, the remote map's executor).
 pub(crate) struct Local<S, X> {
     pub(crate) id: String,
     pub(crate) slot: RwLock<Arc<RwLock<S>>>,
+    /// The gate of the machine whose state `slot` holds (set with it by `Core::observe`); `None` until
+    /// the group is first linked to a machine.
+    pub(crate) gate: RwLock<Option<Gate>>,
     pub(crate) events: broadcast::Sender<Raw>,
     closed: AtomicBool,
     /// Whether a task watches the peer for `Close` (started with the first event stream).
@@ -170,6 +310,7 @@ impl<S: Default, X> Local<S, X> {
         Local {
             id: id.to_string(),
             slot: RwLock::new(Arc::new(RwLock::new(S::default()))),
+            gate: RwLock::new(None),
             events,
             closed: AtomicBool::new(false),
             watching: AtomicBool::new(false),
@@ -184,6 +325,27 @@ impl<S, X> Local<S, X> {
         let state = read_lock(&self.slot).clone();
         let guard = read_lock(&state);
         f(&guard)
+    }
+
+    /// Moves the lagging receiver `rx` to the tail of the channel and answers the encoded state it
+    /// resumes from: under the gate of the machine this group reads, so no event is in flight meanwhile
+    /// (every event sent later is newer than the state, every event sent before is in it).
+    pub(crate) fn resync(&self, rx: &mut broadcast::Receiver<Raw>) -> Result<Bytes, HamokError>
+    where
+        S: Serialize,
+    {
+        loop {
+            // Lock order: the gate, then the cells, then the state (see the module documentation).
+            let gate = read_lock(&self.gate).clone();
+            let _held = gate.as_deref().map(hold);
+            if !same_gate(&read_lock(&self.gate), &gate) {
+                // Linked to another machine meanwhile: take that one's gate.
+                continue;
+            }
+            *rx = rx.resubscribe();
+            let state = read_lock(&self.slot).clone();
+            return encode(&*read_lock(&state));
+        }
     }
 
     /// Sends events to this peer's subscribers (for events that do not come from `apply`).
@@ -399,7 +561,7 @@ impl<S, X> Handle<S, X> {
     /// it, so handles without subscribers cost no task).
     pub(crate) fn events<T>(&self, decode: fn(Raw) -> Result<T, HamokError>) -> Events<T>
     where
-        S: Send + Sync + 'static,
+        S: Serialize + Send + Sync + 'static,
         X: Send + Sync + 'static,
     {
         self.watch_close();

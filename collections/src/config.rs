@@ -359,7 +359,12 @@ where
         }
     }
 
-    /// A watch of the value (see [`ConfigWatch`]).
+    /// A watch of the value (see [`ConfigWatch`]). It has no `Resync` and needs none: it is a
+    /// `tokio::sync::watch` of the current value, written by this peer's apply path and again whenever
+    /// the group is linked to a rebuilt machine (an installed snapshot), so it always ends at the
+    /// latest value applied here. It delivers states, not changes: intermediate values may be skipped
+    /// (a slow watcher, or the entries a snapshot covers), never the latest; use
+    /// [`SharedConfig::history`] for the changes themselves.
     pub fn watch(&self) -> ConfigWatch<T> {
         // The watch ends when the peer closes: the group must learn of it.
         self.handle.watch_close();

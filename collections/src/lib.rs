@@ -32,8 +32,9 @@
 //! - Writes go through the log and resolve once applied on the calling peer (read-your-writes). Local
 //!   reads see this peer's applied state; every handle has a `sync` (or `*_linearizable`) for reads
 //!   that reflect every write acknowledged anywhere before. Events come from `apply`, on every peer, in
-//!   log order. A peer that catches up by installing a snapshot gets the new state at once, without
-//!   the events of the entries the snapshot covers.
+//!   log order, and never skip silently: a peer that catches up by installing a snapshot, or a
+//!   subscriber that falls more than [`EVENT_CAPACITY`] events behind, gets the whole state as a
+//!   `Resync` event (see [`ResyncReason`]) exactly where its stream resumes.
 //! - One local handle group per collection and peer: every clone and every `get_or_create_*` of the
 //!   same id share state, events and background work. Prefer cloning a handle over re-opening it: each
 //!   open is two log entries (create-if-absent, and the `Init` that tells create from open).
@@ -51,6 +52,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod background;
 mod common;
 pub mod config;
 pub mod emitter;
@@ -72,7 +74,7 @@ use hamok_runtime::{Hamok, HamokBuilder, HamokError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use common::{Events, RecvError, EVENT_CAPACITY};
+pub use common::{Events, RecvError, ResyncReason, EVENT_CAPACITY};
 pub use config::{ConfigWatch, SharedConfig, Versioned, CONFIG_KIND, MAX_HISTORY};
 pub use emitter::{EmitterStats, HamokEmitter, HandlerId, SubscriptionEvent, EMITTER_KIND};
 pub use job::{leadership, JobContext, JobState, LeaderJob};
@@ -81,7 +83,7 @@ pub use lock::{
     MAX_WAITERS_PER_LOCK, TOKENS_PER_MS,
 };
 pub use map::{HamokMap, MapEvent, MapSnapshot, MAP_KIND};
-pub use queue::{HamokQueue, QueueEvent, QUEUE_FULL, QUEUE_KIND};
+pub use queue::{DeadLetter, Delivery, DeliveryId, HamokQueue, QueueEvent, QUEUE_FULL, QUEUE_KIND};
 pub use record::{Field, FieldValue, HamokRecord, Patch, RecordEvent, RECORD_KIND};
 #[cfg(feature = "redis")]
 pub use redis_map::{RedisRemoteMap, APPLIED_INDEX_FIELD};

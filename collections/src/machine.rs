@@ -16,7 +16,10 @@ use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::common::{decode, decode_command, encode, read_lock, write_lock, Envelope, Local, Raw};
+use crate::common::{
+    decode, decode_command, encode, hold, read_lock, write_lock, Envelope, Gate, Local, Raw,
+    ResyncReason,
+};
 
 /// What is particular to one kind of collection.
 ///
@@ -30,6 +33,11 @@ pub(crate) trait Logic: Send + 'static {
     type Extra: Send + Sync + 'static;
     /// The collection's own command (the `Op` of the envelope).
     type Command: DeserializeOwned;
+
+    /// Whether this collection's events come from `apply` (so a snapshot install skips some, and a
+    /// subscriber resyncs to the state in its handle group). A remote map's come from its executor
+    /// instead, and its state is not what its events describe.
+    const EVENTS_FROM_APPLY: bool = true;
 
     /// The kind this collection is registered under.
     fn kind(&self) -> &str;
@@ -100,9 +108,31 @@ impl<L: Logic> Machine<L> {
         &self.core
     }
 
-    /// Links a local handle group to this machine (see [`Logic::on_observe`]).
+    /// Links a local handle group to this machine (see [`Logic::on_observe`]). A re-link (this machine
+    /// replaced the one the group read: rebuilt from an installed snapshot) sends the group's
+    /// subscribers the whole state as a `Resync`: on the apply thread, between two applies, so it sits
+    /// exactly where the snapshot does in their streams.
     pub(crate) fn observe(&mut self, local: &Arc<Local<L::State, L::Extra>>) {
-        self.core.observe(local);
+        // Lock order: the gate the group read so far, then this machine's, then the state (only this
+        // thread ever holds two gates). Holding the old one keeps a lagging subscriber's resync from
+        // reading the group half re-linked (see `Local::resync`).
+        let old_gate = read_lock(&local.gate).clone();
+        let _old = old_gate.as_deref().map(hold);
+        let new_gate = self.core.gate.clone();
+        let same = old_gate.as_ref().is_some_and(|g| Arc::ptr_eq(g, &new_gate));
+        let _new = (!same).then(|| hold(&new_gate));
+        let relinked = self.core.observe(local);
+        if relinked && L::EVENTS_FROM_APPLY && local.events.receiver_count() > 0 {
+            match encode(&*read_lock(&self.core.state)) {
+                Ok(state) => {
+                    let _ = local.events.send(Raw::Resync {
+                        state,
+                        reason: ResyncReason::SnapshotInstalled,
+                    });
+                }
+                Err(e) => tracing::error!("collection `{}`: resync not sent: {e}", local.id),
+            }
+        }
         self.logic.on_observe(&self.core, local);
     }
 }
@@ -115,7 +145,11 @@ impl<L: Logic> StateMachine for Machine<L> {
     fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Bytes, HamokError> {
         match decode_command(command)? {
             Envelope::Init => self.core.init(),
-            Envelope::Op(cmd) => self.logic.exec(&self.core, ctx, cmd),
+            Envelope::Op(cmd) => {
+                // Held across the state change and its events (lock order: gate, then state).
+                let _gate = hold(&self.core.gate);
+                self.logic.exec(&self.core, ctx, cmd)
+            }
         }
     }
 
@@ -141,6 +175,8 @@ impl<L: Logic> StateMachine for Machine<L> {
     }
 
     fn on_members(&mut self, index: LogIndex, members: &BTreeSet<PeerId>) {
+        // Held across the state change and its events (lock order: gate, then state).
+        let _gate = hold(&self.core.gate);
         self.logic.on_members(&self.core, index, members);
     }
 
@@ -152,6 +188,9 @@ impl<L: Logic> StateMachine for Machine<L> {
 /// The part of a state machine that links it to local handles: its shared state and its observers.
 pub(crate) struct Core<S, X> {
     pub(crate) state: Arc<RwLock<S>>,
+    /// Held while the state changes and its events are sent (see `common`'s "Streams never skip
+    /// silently"); taken before the state's lock, never after.
+    gate: Gate,
     observers: Vec<Weak<Local<S, X>>>,
     /// Whether an `Init` was applied (replicated, part of the snapshot).
     pub(crate) initialized: bool,
@@ -161,6 +200,7 @@ impl<S: Default, X> Default for Core<S, X> {
     fn default() -> Self {
         Core {
             state: Arc::new(RwLock::new(S::default())),
+            gate: Gate::default(),
             observers: Vec::new(),
             initialized: false,
         }
@@ -206,9 +246,12 @@ impl<S, X> Core<S, X> {
             .find(|l| !l.is_closed())
     }
 
-    /// Links a local handle group to this machine: it reads this machine's state from now on.
-    fn observe(&mut self, local: &Arc<Local<S, X>>) {
-        *write_lock(&local.slot) = self.state.clone();
+    /// Links a local handle group to this machine: it reads this machine's state from now on (and holds
+    /// its gate). Answers whether this is a re-link: the group read another machine's state before (not
+    /// its first link, when it read nothing yet).
+    fn observe(&mut self, local: &Arc<Local<S, X>>) -> bool {
+        let old = std::mem::replace(&mut *write_lock(&local.slot), self.state.clone());
+        let first = write_lock(&local.gate).replace(self.gate.clone()).is_none();
         self.observers.retain(|w| w.strong_count() > 0);
         if !self
             .observers
@@ -217,6 +260,7 @@ impl<S, X> Core<S, X> {
         {
             self.observers.push(Arc::downgrade(local));
         }
+        !first && !Arc::ptr_eq(&old, &self.state)
     }
 }
 

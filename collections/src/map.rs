@@ -19,7 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
+    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, ResyncReason,
+    Types,
 };
 use crate::machine::{Core, Logic, Machine};
 
@@ -212,6 +213,14 @@ pub enum MapEvent<K, V> {
     },
     /// The map was cleared.
     Clear,
+    /// The stream could not deliver some events (see [`ResyncReason`]): the map holds exactly
+    /// `entries` now (in key order), and the events after this one continue from there.
+    Resync {
+        /// Every entry of the map.
+        entries: Vec<(K, V)>,
+        /// Why the events in between were skipped.
+        reason: ResyncReason,
+    },
     /// The handle (or its peer) was closed; no further events.
     Close,
 }
@@ -235,6 +244,14 @@ pub(crate) fn decode_event<K: DeserializeOwned, V: DeserializeOwned>(
         },
         Raw::Clear | Raw::Empty | Raw::NotEmpty => MapEvent::Clear,
         Raw::Close => MapEvent::Close,
+        Raw::Resync { state, reason } => MapEvent::Resync {
+            entries: decode::<MapState>(&state)?
+                .entries
+                .iter()
+                .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
+                .collect::<Result<_, HamokError>>()?,
+            reason,
+        },
     })
 }
 
@@ -314,7 +331,10 @@ impl<K, V> HamokMap<K, V> {
         self.len() == 0
     }
 
-    /// Subscribes to the map's events on this peer.
+    /// Subscribes to the map's events on this peer. Events come in log order. The stream never skips
+    /// silently: after a [`MapEvent::Resync`] its `entries` are the whole map at that point of the log,
+    /// and the events that follow continue from exactly that state (replaying `Resync`, then the
+    /// events, reproduces the map).
     pub fn events(&self) -> Events<MapEvent<K, V>>
     where
         K: DeserializeOwned,

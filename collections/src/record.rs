@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     build_map, decode, encode, handle_basics, split_map, write_lock, Events, Handle, LogicHandle,
-    Opened, Raw,
+    Opened, Raw, ResyncReason,
 };
 use crate::machine::{Core, Logic, Machine};
 
@@ -382,18 +382,27 @@ pub enum RecordEvent {
     },
     /// Every field was deleted.
     Clear,
+    /// The stream could not deliver some events (see [`ResyncReason`]): the record holds exactly
+    /// `fields` now (by name; absent fields are not set), and the events after this one continue from
+    /// there.
+    Resync {
+        /// Every set field: its name and value.
+        fields: Vec<(String, FieldValue)>,
+        /// Why the events in between were skipped.
+        reason: ResyncReason,
+    },
     /// The handle (or its peer) was closed.
     Close,
 }
 
 impl RecordEvent {
-    /// The field the event is about (`None` for `Clear` and `Close`).
+    /// The field the event is about (`None` for `Clear`, `Resync` and `Close`).
     pub fn field(&self) -> Option<&str> {
         match self {
             RecordEvent::Insert { field, .. }
             | RecordEvent::Update { field, .. }
             | RecordEvent::Remove { field, .. } => Some(field),
-            RecordEvent::Clear | RecordEvent::Close => None,
+            RecordEvent::Clear | RecordEvent::Resync { .. } | RecordEvent::Close => None,
         }
     }
 }
@@ -419,6 +428,14 @@ fn decode_event(raw: Raw) -> Result<RecordEvent, HamokError> {
         },
         Raw::Clear | Raw::Empty | Raw::NotEmpty => RecordEvent::Clear,
         Raw::Close => RecordEvent::Close,
+        Raw::Resync { state, reason } => RecordEvent::Resync {
+            fields: decode::<RecordState>(&state)?
+                .fields
+                .into_iter()
+                .map(|(name, value)| (name, FieldValue(value)))
+                .collect(),
+            reason,
+        },
     })
 }
 
@@ -534,7 +551,10 @@ impl<T> HamokRecord<T> {
         self.handle.sync().await
     }
 
-    /// Subscribes to the record's per-field events on this peer.
+    /// Subscribes to the record's per-field events on this peer. Events come in log order. The stream
+    /// never skips silently: after a [`RecordEvent::Resync`] its `fields` are the whole record at that
+    /// point of the log, and the events that follow continue from exactly that state (replaying
+    /// `Resync`, then the events, reproduces the record).
     pub fn events(&self) -> Events<RecordEvent> {
         self.handle.events(decode_event)
     }

@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, Types,
+    decode, decode_each, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw,
+    ResyncReason, Types,
 };
 use crate::machine::{Core, Logic, Machine};
 
@@ -113,6 +114,14 @@ pub enum SetEvent<T> {
     Remove(T),
     /// The set was cleared.
     Clear,
+    /// The stream could not deliver some events (see [`ResyncReason`]): the set holds exactly `items`
+    /// now (in the order of their encodings), and the events after this one continue from there.
+    Resync {
+        /// Every member of the set.
+        items: Vec<T>,
+        /// Why the events in between were skipped.
+        reason: ResyncReason,
+    },
     /// The handle (or its peer) was closed.
     Close,
 }
@@ -123,6 +132,10 @@ fn decode_event<T: DeserializeOwned>(raw: Raw) -> Result<SetEvent<T>, HamokError
         Raw::Remove { key, .. } | Raw::Update { key, .. } => SetEvent::Remove(decode(&key)?),
         Raw::Clear | Raw::Empty | Raw::NotEmpty => SetEvent::Clear,
         Raw::Close => SetEvent::Close,
+        Raw::Resync { state, reason } => SetEvent::Resync {
+            items: decode_each(&decode::<SetState>(&state)?.members)?,
+            reason,
+        },
     })
 }
 
@@ -237,7 +250,10 @@ impl<T: Serialize + DeserializeOwned> HamokSet<T> {
         raw.into_iter().filter_map(|v| decode(&v).ok())
     }
 
-    /// Subscribes to the set's events on this peer.
+    /// Subscribes to the set's events on this peer. Events come in log order. The stream never skips
+    /// silently: after a [`SetEvent::Resync`] its `items` are the whole set at that point of the log,
+    /// and the events that follow continue from exactly that state (replaying `Resync`, then the
+    /// events, reproduces the set).
     pub fn events(&self) -> Events<SetEvent<T>> {
         self.handle.events(decode_event::<T>)
     }

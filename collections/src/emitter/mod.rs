@@ -38,7 +38,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::common::{
-    decode, encode, handle_basics, Events, Handle, LogicHandle, Opened, Raw, Types,
+    decode, encode, handle_basics, Events, Handle, LogicHandle, Opened, Raw, ResyncReason, Types,
 };
 
 mod dispatch;
@@ -82,6 +82,15 @@ pub enum SubscriptionEvent<M> {
         /// Its metadata.
         metadata: M,
     },
+    /// The stream could not deliver some events (see [`ResyncReason`]): the table holds exactly
+    /// `subscriptions` now (by event name, then peer), and the events after this one continue from
+    /// there.
+    Resync {
+        /// Every subscription: event name, subscriber, its metadata.
+        subscriptions: Vec<(String, PeerId, M)>,
+        /// Why the events in between were skipped.
+        reason: ResyncReason,
+    },
     /// The handle (or its peer) was closed.
     Close,
 }
@@ -114,6 +123,18 @@ fn decode_event<M: DeserializeOwned>(raw: Raw) -> Result<SubscriptionEvent<M>, H
             }
         }
         Raw::Clear | Raw::Empty | Raw::NotEmpty | Raw::Close => SubscriptionEvent::Close,
+        Raw::Resync { state, reason } => {
+            let mut subscriptions = Vec::new();
+            for (event, peers) in decode::<EmitterState>(&state)?.subs {
+                for (peer, metadata) in peers {
+                    subscriptions.push((event.clone(), peer, decode(&metadata)?));
+                }
+            }
+            SubscriptionEvent::Resync {
+                subscriptions,
+                reason,
+            }
+        }
     })
 }
 
@@ -500,7 +521,10 @@ where
         Ok(true)
     }
 
-    /// Subscribes to the changes of the replicated subscription table on this peer.
+    /// Subscribes to the changes of the replicated subscription table on this peer. Events come in log
+    /// order. The stream never skips silently: after a [`SubscriptionEvent::Resync`] its
+    /// `subscriptions` are the whole table at that point of the log, and the events that follow
+    /// continue from exactly that state (replaying `Resync`, then the events, reproduces the table).
     pub fn events(&self) -> Events<SubscriptionEvent<M>> {
         self.handle.events(decode_event::<M>)
     }

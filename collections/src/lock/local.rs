@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use hamok_runtime::raft::PeerId;
-use hamok_runtime::{Hamok, HamokError};
+use hamok_runtime::Hamok;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{LockCmd, LockState, Notes, Stamped};
+use crate::background::{expiry_after, submit_retrying};
 use crate::common::{encode, Envelope, Local};
 
 /// How a waiting `lock` call learns its fate from the apply path.
@@ -24,10 +25,6 @@ pub(crate) enum WaitOutcome {
     /// Dropped from the queue: this peer is no longer a member.
     Dropped,
 }
-
-/// Most attempts at submitting a release or a cancel that a dropped guard or wait leaves behind; after
-/// them the membership lease still frees the lock if this peer goes away.
-const CLEANUP_ATTEMPTS: u32 = 8;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -132,40 +129,13 @@ impl LockExtra {
     }
 }
 
-/// Submits a release or cancel from a task, retrying a few times with backoff (it is idempotent: a
-/// release names its token, a cancel its owner).
+/// Submits a release or cancel from a task, retrying (it is idempotent: a release names its token, a
+/// cancel its owner). A guard dropped outside any runtime cannot submit: the membership lease frees the
+/// lock once this peer is gone.
 pub(crate) fn submit_in_background(hamok: &Hamok, id: &str, cmd: LockCmd) {
-    let Ok(bytes) = encode(&Envelope::Op(Stamped::now(hamok, cmd))) else {
-        return;
-    };
-    // A guard dropped outside any runtime (after it shut down) cannot submit: the membership lease
-    // frees the lock once this peer is gone.
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let hamok = hamok.clone();
-    let id = id.to_string();
-    runtime.spawn(async move {
-        let mut backoff = Duration::from_millis(20);
-        for _ in 0..CLEANUP_ATTEMPTS {
-            match hamok.submit(&id, bytes.to_vec()).await {
-                Ok(_) | Err(HamokError::Closed) | Err(HamokError::Rejected(_)) => return,
-                Err(e) => {
-                    tracing::debug!("lock table `{id}`: cleanup failed (retrying): {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    });
-}
-
-/// How long after a grant or renewal a peer's timer asks to expire a lease of `lease_ms`: the lease
-/// plus a margin for clock drift and scheduling (a tenth, at least 20 ms), so the holder, which counts
-/// the bare lease from before its request, always lets go first.
-pub(crate) fn expiry_after(lease_ms: u64) -> Duration {
-    let lease = Duration::from_millis(lease_ms);
-    lease + (lease / 10).max(Duration::from_millis(20))
+    if let Ok(bytes) = encode(&Envelope::Op(Stamped::now(hamok, cmd))) {
+        submit_retrying(hamok, id, bytes);
+    }
 }
 
 /// How often a lease timer looks at the table.

@@ -72,7 +72,7 @@ use machine::{Acquired, Grant, LockCmd, Stamped};
 pub(crate) use machine::{LockLogic, LockState};
 pub use machine::{MAX_LOCKS, MAX_WAITERS_PER_LOCK, TOKENS_PER_MS};
 
-use crate::common::{decode, Events, Handle, LogicHandle, Opened, Raw};
+use crate::common::{decode, Events, Handle, LogicHandle, Opened, Raw, ResyncReason};
 use crate::machine::Machine;
 
 /// How often a waiting `lock` checks whether its peer closed.
@@ -119,6 +119,14 @@ pub enum LockEvent {
         /// Who held it.
         holder: LockHolder,
     },
+    /// The stream could not deliver some events (see [`ResyncReason`]): exactly the locks in `held`
+    /// are held now (by name), and the events after this one continue from there.
+    Resync {
+        /// Every held lock: its name and holder.
+        held: Vec<(String, LockHolder)>,
+        /// Why the events in between were skipped.
+        reason: ResyncReason,
+    },
     /// The handle (or its peer) was closed.
     Close,
 }
@@ -137,6 +145,14 @@ fn decode_event(raw: Raw) -> Result<LockEvent, HamokError> {
             holder: LockHolder::from(&decode::<Grant>(&value)?),
         },
         Raw::Clear | Raw::Empty | Raw::NotEmpty | Raw::Close => LockEvent::Close,
+        Raw::Resync { state, reason } => LockEvent::Resync {
+            held: decode::<LockState>(&state)?
+                .locks
+                .iter()
+                .filter_map(|(name, e)| Some((name.clone(), LockHolder::from(e.holder.as_ref()?))))
+                .collect(),
+            reason,
+        },
     })
 }
 
@@ -375,7 +391,10 @@ impl HamokLock {
             .read(|s| s.locks.get(name).map_or(0, |e| e.waiters.len()))
     }
 
-    /// This peer's lock events (every grant and release of the table, in log order).
+    /// This peer's lock events (every grant and release of the table, in log order). The stream never
+    /// skips silently: after a [`LockEvent::Resync`] its `held` are the table's holders at that point of
+    /// the log, and the events that follow continue from exactly that state (replaying `Resync`, then
+    /// the events, reproduces who holds what).
     pub fn events(&self) -> Events<LockEvent> {
         self.handle.events(decode_event)
     }

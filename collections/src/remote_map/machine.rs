@@ -56,6 +56,9 @@ impl Logic for RemoteMapLogic {
     type Extra = RemoteExtra;
     type Command = RemoteCmd;
 
+    /// The events are the executor's (see `announce`), and the state is the pending list, not the map.
+    const EVENTS_FROM_APPLY: bool = false;
+
     fn kind(&self) -> &str {
         &self.kind
     }

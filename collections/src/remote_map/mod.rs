@@ -41,8 +41,10 @@
 //! mutation whose call returned, and maybe some still in flight. Events ([`HamokRemoteMap::events`]:
 //! insert, update, remove, clear) are sent by the executing leader to every peer after each mutation.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hamok_runtime::raft::LogIndex;
@@ -51,8 +53,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::common::{decode, encode, handle_basics, Events, Handle, LogicHandle, Opened, Types};
-use crate::map::MapEvent;
+use crate::common::{
+    decode, encode, handle_basics, Events, Handle, Local, LogicHandle, Opened, ResyncFn, Resynced,
+    Types,
+};
+use crate::map::{MapEvent, MapState};
 
 mod executor;
 mod machine;
@@ -176,13 +181,34 @@ impl<K, V> HamokRemoteMap<K, V> {
 
     /// Subscribes to the changes executed against the store, on this peer: the executing leader sends
     /// them to every peer after each mutation (best effort: unlike a [`HamokMap`](crate::HamokMap)'s
-    /// events they are not part of the log, so a peer cut off at that moment misses them).
+    /// events they are not part of the log, so a peer cut off at that moment misses them, and an
+    /// installed snapshot brings no [`MapEvent::Resync`]).
+    ///
+    /// A subscriber that falls more than [`EVENT_CAPACITY`](crate::EVENT_CAPACITY) events behind gets a
+    /// [`MapEvent::Resync`] with [`ResyncReason::Lagged`](crate::ResyncReason::Lagged) instead of the
+    /// events it missed: its `entries` are read from the store after the lag (retried while the store
+    /// fails), so the events after it may already be in them. Not exact as a
+    /// [`HamokMap`](crate::HamokMap)'s, but replaying `Resync`, then the events, still converges to the
+    /// store's content: each event sets what it describes.
     pub fn events(&self) -> Events<MapEvent<K, V>>
     where
         K: DeserializeOwned,
         V: DeserializeOwned,
     {
-        self.handle.events(crate::map::decode_event::<K, V>)
+        self.handle.watch_close();
+        let local = self.handle.local.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let resync: ResyncFn = Arc::new(move |rx| {
+            *rx = rx.resubscribe();
+            let (tx, state) = oneshot::channel();
+            runtime.spawn(read_store(local.clone(), tx));
+            Resynced::Later(state)
+        });
+        Events::with_resync(
+            self.handle.local.events.subscribe(),
+            crate::map::decode_event::<K, V>,
+            resync,
+        )
     }
 
     /// Closes this peer's handles (the executor stops once they are all dropped).
@@ -427,6 +453,53 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RemoteMapIter<K, V> {
                 }
             }
         }
+    }
+}
+
+/// Reads every entry of the store, for a lagging event stream's `Resync` (encoded as a map's state, so
+/// the map's event decoder reads it); retries while the store fails and the stream waits.
+async fn read_store(local: Arc<Local<RemoteState, RemoteExtra>>, tx: oneshot::Sender<Bytes>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let Some(store) = local.extra.store.get() else {
+            return;
+        };
+        if local.is_closed() || tx.is_closed() {
+            return;
+        }
+        match scan_all(store.as_ref()).await {
+            Ok(entries) => {
+                match encode(&MapState { entries }) {
+                    Ok(state) => {
+                        let _ = tx.send(state);
+                    }
+                    Err(e) => tracing::error!("remote map `{}`: resync failed: {e}", local.id),
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "remote map `{}`: reading the store to resync: {e}",
+                    local.id
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Every entry of `store`, page by page.
+async fn scan_all(store: &dyn RemoteMap) -> Result<BTreeMap<Bytes, Bytes>, HamokError> {
+    let mut entries = BTreeMap::new();
+    let mut cursor = 0;
+    loop {
+        let (next, page) = store.scan(cursor, PAGE).await?;
+        entries.extend(page);
+        if next == 0 {
+            return Ok(entries);
+        }
+        cursor = next;
     }
 }
 
