@@ -1,12 +1,14 @@
-//! Producer and consumers over a replicated queue: one replica pushes batches of work, two others pop
-//! concurrently. Every item is taken exactly once, and the queue's events (`not-empty`, `empty`) let a
-//! consumer sleep instead of polling.
+//! Producer and consumers over a replicated queue with acknowledged delivery: one replica pushes
+//! batches of work, three others take items under a lease and acknowledge each when it is done. One
+//! consumer "crashes" while holding items (it stops without acknowledging them): their leases run out
+//! and the other consumers get them again, with their delivery count. Every item is acknowledged
+//! exactly once.
 //!
 //! ```text
 //! cargo run --example queue_producer_consumers
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hamok::prelude::*;
@@ -16,6 +18,42 @@ use hamok::runtime::transport::memory::InProcessHub;
 mod common;
 
 const ITEMS: u32 = 2_000;
+/// How long a consumer may hold an item before the cluster gives it to another one.
+const LEASE: Duration = Duration::from_millis(500);
+
+/// Takes and acknowledges items until the queue stays empty for 2 s.
+/// With `crash_after`, stops (as if its process died) holding its last batch.
+async fn consume(
+    queue: HamokQueue<u32>,
+    name: &str,
+    crash_after: Option<usize>,
+) -> Result<Vec<(u32, u32)>, HamokError> {
+    let mut acked = Vec::new();
+    loop {
+        // Up to 10 items per take, one log entry; waits (woken by the queue's events) when empty.
+        let batch = match queue.take_wait(LEASE, Duration::from_secs(2)).await? {
+            Some(first) => {
+                let mut batch = vec![first];
+                batch.extend(queue.take_many(9, LEASE).await?);
+                batch
+            }
+            None => return Ok(acked), // nothing for 2 s: the work is done
+        };
+        if crash_after.is_some_and(|n| acked.len() >= n) {
+            println!("{name}: crashing while holding {} items", batch.len());
+            return Ok(acked);
+        }
+        let ids: Vec<DeliveryId> = batch.iter().map(|d| d.id).collect();
+        // Work would happen here; then one ack for the batch. `false` means the lease ran out first
+        // (the item went to someone else): then this consumer's work on it does not count.
+        let answers = queue.ack_many(&ids).await?;
+        for (d, ok) in batch.iter().zip(answers) {
+            if ok {
+                acked.push((d.value, d.deliveries));
+            }
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), HamokError> {
@@ -23,43 +61,22 @@ async fn main() -> Result<(), HamokError> {
     let peers = common::start_replicas(
         &hub,
         "queue-example",
-        ["producer", "consumer-a", "consumer-b"],
+        ["producer", "consumer-a", "consumer-b", "consumer-c"],
         |b| b,
     )
     .await?;
     let producer_queue = peers[0].get_or_create_queue::<u32>("work").await?;
 
-    // Consumers: pop until the producer is done and the queue is empty; wait for `NotEmpty` otherwise.
     let mut consumers = Vec::new();
-    for p in &peers[1..] {
+    for (i, p) in peers[1..].iter().enumerate() {
         let queue = p.get_or_create_queue::<u32>("work").await?;
         let name = p.local_peer_id().to_string();
+        // consumer-c crashes after 100 items.
+        let crash_after = (i == 2).then_some(100);
         consumers.push(tokio::spawn(async move {
-            let mut events = queue.events();
-            let mut got = Vec::new();
-            loop {
-                match queue.pop().await? {
-                    Some(item) if item == u32::MAX => {
-                        // The end marker: put it back for the other consumer and stop.
-                        queue.push_one(u32::MAX).await?;
-                        break;
-                    }
-                    Some(item) => got.push(item),
-                    None => {
-                        // Empty: sleep until something is pushed (or a short timeout, to re-check).
-                        let _ = tokio::time::timeout(Duration::from_millis(50), async {
-                            while let Ok(e) = events.recv().await {
-                                if e == QueueEvent::NotEmpty {
-                                    break;
-                                }
-                            }
-                        })
-                        .await;
-                    }
-                }
-            }
-            println!("{name} consumed {} items", got.len());
-            Ok::<_, HamokError>(got)
+            let acked = consume(queue, &name, crash_after).await?;
+            println!("{name} acknowledged {} items", acked.len());
+            Ok::<_, HamokError>(acked)
         }));
     }
 
@@ -68,16 +85,23 @@ async fn main() -> Result<(), HamokError> {
         producer_queue.push(batch.iter().copied()).await?;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    producer_queue.push_one(u32::MAX).await?;
 
-    let mut all = Vec::new();
+    let mut acks: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut redelivered = 0;
     for c in consumers {
-        all.extend(c.await.expect("consumer task")?);
+        for (item, deliveries) in c.await.expect("consumer task")? {
+            *acks.entry(item).or_default() += 1;
+            redelivered += usize::from(deliveries > 1);
+        }
     }
-    let distinct: BTreeSet<u32> = all.iter().copied().collect();
-    assert_eq!(all.len(), ITEMS as usize, "every item once");
-    assert_eq!(distinct.len(), ITEMS as usize, "no item twice");
-    println!("{} items consumed exactly once", all.len());
+    assert_eq!(acks.len(), ITEMS as usize, "every item acknowledged");
+    assert!(acks.values().all(|n| *n == 1), "no item acknowledged twice");
+    producer_queue.sync().await?;
+    assert_eq!((producer_queue.len(), producer_queue.in_flight()), (0, 0));
+    println!(
+        "{} items acknowledged exactly once; {redelivered} of them after a redelivery",
+        acks.len()
+    );
     for p in &peers {
         p.close().await;
     }

@@ -7,7 +7,7 @@
 //! | key-value (`SET`/`GET`/`DEL`) | `HamokMap<String, String>` | `kv` |
 //! | hash `name` (`HSET`/`HGET`/`HDEL`) | `HamokMap<String, String>` | `hash:name` |
 //! | set `name` (`SSET`/`SHAS`/`SDEL`) | `HamokSet<String>` | `set:name` |
-//! | queue `name` (`QPUSH`/`QPOP`) | `HamokQueue<String>` | `queue:name` |
+//! | queue `name` (`QPUSH`/`QPOP`/`QTAKE`/`QACK`) | `HamokQueue<String>` | `queue:name` |
 //! | config `name` (`CONFIG GET/SET/WATCH`) | `SharedConfig<String>` | `config:name` |
 //! | locks (`LOCK`/`UNLOCK`) | `HamokLock` | `locks` |
 //!
@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hamok_collections::{
-    ConfigWatch, HamokCollections, HamokLock, HamokMap, HamokQueue, HamokSet, LockGuard,
-    LockOptions, SharedConfig, Versioned,
+    ConfigWatch, Delivery, DeliveryId, HamokCollections, HamokLock, HamokMap, HamokQueue, HamokSet,
+    LockGuard, LockOptions, SharedConfig, Versioned,
 };
 use hamok_runtime::{Hamok, HamokError};
 
@@ -349,6 +349,21 @@ impl Stores {
     /// Takes the head of queue `name` (at most once: see `HamokQueue::pop`).
     pub async fn queue_pop(&self, name: &str) -> Result<Option<String>, HamokError> {
         self.queue(name).await?.pop().await
+    }
+
+    /// Leases the head of queue `name` to this peer for `lease` (at least once: see
+    /// `HamokQueue::take`).
+    pub async fn queue_take(
+        &self,
+        name: &str,
+        lease: Duration,
+    ) -> Result<Option<Delivery<String>>, HamokError> {
+        self.queue(name).await?.take(lease).await
+    }
+
+    /// Acknowledges delivery `id` of queue `name`: whether it was still held.
+    pub async fn queue_ack(&self, name: &str, id: DeliveryId) -> Result<bool, HamokError> {
+        self.queue(name).await?.ack(id).await
     }
 
     // ---------------------------------------------------------------------------------------------

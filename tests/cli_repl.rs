@@ -167,6 +167,14 @@ fn queues_config_locks_and_help() {
     assert_eq!(r.cmd("QPOP q"), "a");
     assert_eq!(r.cmd("QPOP q"), "b");
     assert_eq!(r.cmd("QPOP q"), "");
+    // Acknowledged delivery: the lease's delivery id, the value, the delivery count; one ack counts.
+    assert_eq!(r.cmd("QPUSH q c"), "1");
+    let taken = r.cmd_n("QTAKE q 60000", 3);
+    assert_eq!(taken[1..], ["c".to_string(), "1".to_string()]);
+    assert_eq!(r.cmd(&format!("QACK q {}", taken[0])), "1");
+    assert_eq!(r.cmd(&format!("QACK q {}", taken[0])), "0");
+    assert_eq!(r.cmd("QTAKE q"), "");
+    assert_eq!(r.cmd("QTAKE q 0"), "(error) lease_ms must be at least 1");
     assert_eq!(r.cmd("CONFIG GET c"), "");
     assert_eq!(r.cmd("CONFIG SET c v1 1"), "(error) conflict: never set");
     let rev: u64 = r.cmd("CONFIG SET c v1 0").parse().expect("a revision");

@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use hamok::prelude::HamokError;
+use hamok::collections::queue::MAX_LEASE_MS;
+use hamok::prelude::{DeliveryId, HamokError};
 use hamok::stores::Stores;
 
 use crate::cluster::Cluster;
@@ -256,6 +257,8 @@ async fn store_reply(s: &Stores, cmd: Cmd, a: &[String]) -> Result<Reply, HamokE
         Cmd::SDel => Reply::count(retry(|| s.set_del(&a[0], &a[1..])).await?),
         Cmd::QPush => Reply::count(retry(|| s.queue_push(&a[0], &a[1..])).await?),
         Cmd::QPop => Reply::opt(retry(|| s.queue_pop(&a[0])).await?),
+        Cmd::QTake => return queue_take(s, a).await,
+        Cmd::QAck => return queue_ack(s, a).await,
         Cmd::Lock => return lock(s, a).await,
         Cmd::Unlock => Reply::Int(s.unlock(&a[0]).await?.into()),
         Cmd::ConfigGet => config_get(s, &a[0]).await?,
@@ -263,6 +266,34 @@ async fn store_reply(s: &Stores, cmd: Cmd, a: &[String]) -> Result<Reply, HamokE
         Cmd::ConfigWatch => return config_watch(s, a).await,
         _ => Reply::error("not a store command"),
     })
+}
+
+async fn queue_take(s: &Stores, a: &[String]) -> Result<Reply, HamokError> {
+    let lease_ms = match number(a.get(1), 30_000, MAX_LEASE_MS, "lease_ms") {
+        Ok(0) => return Ok(Reply::error("lease_ms must be at least 1")),
+        Ok(ms) => ms,
+        Err(reply) => return Ok(reply),
+    };
+    let lease = Duration::from_millis(lease_ms);
+    Ok(match retry(|| s.queue_take(&a[0], lease)).await? {
+        Some(d) => Reply::List(vec![
+            Reply::count(d.id.0),
+            Reply::Str(d.value),
+            Reply::count(d.deliveries),
+        ]),
+        None => Reply::Nil,
+    })
+}
+
+async fn queue_ack(s: &Stores, a: &[String]) -> Result<Reply, HamokError> {
+    let Ok(id) = a[1].parse::<u64>() else {
+        return Ok(Reply::error(
+            "id must be a delivery id (an integer from QTAKE)",
+        ));
+    };
+    Ok(Reply::Int(
+        retry(|| s.queue_ack(&a[0], DeliveryId(id))).await?.into(),
+    ))
 }
 
 async fn get(s: &Stores, a: &[String]) -> Result<Reply, HamokError> {

@@ -13,7 +13,7 @@
 //! Commands are case-insensitive words separated by spaces; `"..."` quotes a word with spaces (`\"`,
 //! `\\` inside). `HELP` lists them (the table is in `table.rs`): tf-raft's `SET`, `GET [--linearizable]`,
 //! `DEL`, `HSET name k:v ...`, `HGET`, `HDEL`, `SSET`, `SHAS`, `SDEL`; `LOCK name [wait_ms]`, `UNLOCK`,
-//! `CONFIG GET|SET|WATCH`, `QPUSH`, `QPOP`; `LEADER`, `PEERS`, `STATUS`; in the in-process cluster
+//! `CONFIG GET|SET|WATCH`, `QPUSH`, `QPOP`, `QTAKE`, `QACK`; `LEADER`, `PEERS`, `STATUS`; in the in-process cluster
 //! `KILL id` (closes a peer; the prompt moves off it), `RESTART id` (rebuilds it with the same id and
 //! directory, and rejoins) and `PEER id` (moves the prompt); `QUIT` / `EXIT`.
 //!
