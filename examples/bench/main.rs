@@ -10,10 +10,12 @@
 //! are found at `HAMOK_NATS_URL` / `HAMOK_AMQP_URL`, by default on localhost.
 //!
 //! Scenarios (issue 6): `election`, `latency`, `throughput`, `failover`, `catchup`, `memory`, `scale`,
-//! `read`; `all` runs them all (`memory` first, so that its peak RSS is its own). Each prints markdown
-//! table rows on stdout (progress and diagnostics go to stderr) and, with `--json`, a JSON record
-//! (scenario, transport, peers, from, concurrency, n, p50/p99/mean/max in µs, ops/s, extra figures,
-//! configuration). `--quick` shrinks every count so that `--scenario all --quick` takes under a minute.
+//! `read`, `locks`, `queue` (a queue's `push_one`, `pop`, `take`+`ack` and `take_many`+`ack_many`,
+//! from the leader and from a follower); `all` runs them all (`memory` first, so that its peak RSS is
+//! its own). Each prints markdown table rows on stdout (progress and diagnostics go to stderr) and,
+//! with `--json`, a JSON record (scenario, transport, peers, from, concurrency, n, p50/p99/mean/max
+//! in µs, ops/s, extra figures, configuration). `--quick` shrinks every count so that
+//! `--scenario all --quick` takes under a minute.
 //! `--save` appends the table to `bench/results/<date>-<transport>.md`.
 //!
 //! Every peer is its own `Hamok` (its own actors); all peers of a run live in this process, so the
@@ -34,6 +36,7 @@
 
 mod cluster;
 mod kv;
+mod queue;
 mod report;
 mod scenarios;
 
@@ -52,7 +55,7 @@ options:
   --transport memory|nats|rabbitmq   how the peers talk (default memory; nats also measures NATS KV)
   --peers N                          peers per cluster (default 3; `scale` uses 3, 5 and 7)
   --scenario NAME[,NAME...]|all      election, latency, throughput, failover, catchup, memory, scale,
-                                     read, locks (default all)
+                                     read, locks, queue (default all)
   --json FILE                        also write every record as JSON to FILE
   --quick                            small counts: `--scenario all --quick` runs in under a minute
   --save                             append the table to bench/results/<date>-<transport>.md

@@ -26,6 +26,7 @@ pub const ALL: &[&str] = &[
     "catchup",
     "scale",
     "locks",
+    "queue",
 ];
 
 /// Operation counts: the issue's, or much smaller ones with `--quick`.
@@ -47,6 +48,10 @@ pub struct Sizes {
     pub scale_peers: Vec<usize>,
     /// `throughput_n` for the rows of `scale`.
     pub scale_throughput_n: u64,
+    /// `queue`: operations of its rows at 1 in flight (`push_one`, `pop`, `take+ack`).
+    pub queue_latency_n: u64,
+    /// `queue`: operations of its rows at 10 and 100 in flight (items for `take_many`).
+    pub queue_throughput_n: u64,
 }
 
 impl Sizes {
@@ -67,6 +72,8 @@ impl Sizes {
                 read_lin_conc_n: 5_000,
                 scale_peers: vec![3, 5, 7],
                 scale_throughput_n: 2_000,
+                queue_latency_n: 200,
+                queue_throughput_n: 2_000,
             }
         } else {
             Sizes {
@@ -84,6 +91,8 @@ impl Sizes {
                 read_lin_conc_n: 100_000,
                 scale_peers: vec![3, 5, 7],
                 scale_throughput_n: 100_000,
+                queue_latency_n: 1_000,
+                queue_throughput_n: 50_000,
             }
         }
     }
@@ -128,7 +137,7 @@ impl Ctx {
     }
 
     /// A record of this run with the common configuration filled in.
-    fn record(&self, scenario: &str, peers: usize, from: &str, what: &str) -> Record {
+    pub fn record(&self, scenario: &str, peers: usize, from: &str, what: &str) -> Record {
         let defaults = hamok::runtime::HamokConfig::default();
         let mut r = Record::new(scenario, self.transport(), peers, from, what);
         r.storage = self.storage_label().to_string();
@@ -194,6 +203,7 @@ impl Ctx {
             }
             "read" => self.read().await,
             "locks" => self.locks().await,
+            "queue" => crate::queue::queue(self).await,
             other => Err(format!("unknown scenario {other:?}").into()),
         }
     }
