@@ -7,6 +7,8 @@
 #   HAMOK_NATS_URL, HAMOK_AMQP_URL, HAMOK_REDIS_URL  where the brokers are (see scripts/brokers.sh); they are
 #       exported with their defaults so the tests and scripts/brokers.sh agree
 #   HAMOK_BROKER_DIR   logs and data of brokers that scripts/brokers.sh starts
+#   HAMOK_NATS_SERVER  the nats-server binary of the tests that start their own NATS cluster (default: found
+#       on PATH, /usr/sbin, /usr/bin)
 #   HAMOK_SIM_SEEDS    number of simulation seeds for the release run (unset: the simulation's own default)
 #   HAMOK_SIM_SEED     replay one simulation seed with its trace
 #   HAMOK_SIM_THREADS  simulation worker threads
@@ -28,7 +30,7 @@ export HAMOK_NATS_URL=${HAMOK_NATS_URL:-nats://127.0.0.1:4222}
 export HAMOK_AMQP_URL=${HAMOK_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export HAMOK_REDIS_URL=${HAMOK_REDIS_URL:-redis://127.0.0.1:6379}
 
-STEPS=(brokers fmt clippy test simulation peer-simulation)
+STEPS=(brokers nats-server fmt clippy test simulation peer-simulation)
 declare -A RESULT=() SECS=()
 CURRENT=""
 START_ALL=$SECONDS
@@ -70,6 +72,31 @@ step() {
 
 step brokers "brokers answer on loopback (starts missing ones)" \
     scripts/brokers.sh
+# Some tests start NATS servers of their own besides the shared broker (tests/broker_death.rs and
+# hamok-testkit's nats_cluster: a 3-server cluster on free loopback ports, killed when the test ends), so
+# the binary must be here even when the broker on 4222 runs elsewhere. Same lookup as the tests.
+need_nats_server() {
+    local bin=${HAMOK_NATS_SERVER:-} p
+    if [[ -z $bin ]]; then
+        bin=$(command -v nats-server 2>/dev/null || true)
+    fi
+    if [[ -z $bin ]]; then
+        for p in /usr/sbin/nats-server /usr/bin/nats-server; do
+            if [[ -x $p ]]; then
+                bin=$p
+                break
+            fi
+        done
+    fi
+    if [[ -z $bin || ! -x $bin ]]; then
+        echo "test.sh: nats-server not found (HAMOK_NATS_SERVER='${HAMOK_NATS_SERVER:-}', PATH, /usr/sbin," \
+            "/usr/bin): install Debian's package nats-server or set HAMOK_NATS_SERVER to the binary" >&2
+        return 1
+    fi
+    echo "    $("$bin" --version) at $bin"
+}
+step nats-server "the nats-server binary (tests start NATS clusters of their own)" \
+    need_nats_server
 step fmt "formatting" \
     cargo fmt --all -- --check
 step clippy "lints, warnings denied" \

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 
 use super::node::{NodeActor, NodeArgs, NodeMsg};
 use super::transport::{TransportActor, TransportArgs, TransportMsg};
@@ -60,6 +60,7 @@ impl SupervisorState {
                 self.backoff_ms = RECONNECT_BACKOFF_MS.0;
             }
             Err(e) => {
+                let e = startup_error(&e);
                 tracing::error!(
                     peer = %self.peer,
                     error = %e,
@@ -78,6 +79,29 @@ impl SupervisorState {
         let delay = Duration::from_millis(self.backoff_ms);
         self.backoff_ms = (self.backoff_ms * 2).min(RECONNECT_BACKOFF_MS.1);
         myself.send_after(delay, || SupervisorMsg::RestartTransport);
+    }
+}
+
+/// Why the transport actor did not start, with every cause: its `connect` error ("transport: NATS
+/// connect: ...: Connection refused"). ractor's own text for any failed start is "Actor panicked during
+/// startup '<error>'", which names no panic here and drops the error's causes.
+fn startup_error(e: &SpawnErr) -> String {
+    match e {
+        SpawnErr::StartupFailed(inner) => {
+            let mut text = inner.to_string();
+            let mut cause = inner.source();
+            while let Some(c) = cause {
+                // Some errors already end their own text with their cause's: not twice.
+                let next = c.to_string();
+                if !text.ends_with(&next) {
+                    text.push_str(": ");
+                    text.push_str(&next);
+                }
+                cause = c.source();
+            }
+            text
+        }
+        other => other.to_string(),
     }
 }
 
@@ -181,5 +205,18 @@ impl Actor for SupervisorActor {
             .stop_children_and_wait(None, Some(Duration::from_secs(5)))
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HamokError;
+
+    #[test]
+    fn a_failed_connect_is_told_with_its_causes_and_no_panic() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = SpawnErr::StartupFailed(Box::new(HamokError::transport("NATS connect", refused)));
+        assert_eq!(startup_error(&e), "transport: NATS connect: refused");
     }
 }
