@@ -75,6 +75,9 @@ pub struct Net {
     hub: InProcessHub,
     /// `--durable`: every peer keeps its state in `<root>/<cluster>/<peer>`; `None`: in memory.
     storage: Option<PathBuf>,
+    /// `--nats-cluster`: the client URLs of the cluster's servers; peer `p<i>` connects to server
+    /// `i mod len` only. `None`: every peer connects to `HAMOK_NATS_URL` (the single-server mode).
+    nats_servers: Option<Arc<[String]>>,
 }
 
 impl Net {
@@ -90,7 +93,24 @@ impl Net {
             kind,
             hub: InProcessHub::new(),
             storage,
+            nats_servers: None,
         }
+    }
+
+    /// The same network with every NATS peer `p<i>` connected to `servers[i mod servers.len()]`
+    /// (`--nats-cluster`); an empty list changes nothing.
+    pub fn with_nats_servers(mut self, servers: &[String]) -> Self {
+        self.nats_servers = (!servers.is_empty()).then(|| servers.into());
+        self
+    }
+
+    /// The one NATS server peer `peer` connects to: `p<i>` (and any name ending in digits `i`) to
+    /// server `i mod len`, other names to the first; `None` without `--nats-cluster`.
+    pub fn nats_url_for(&self, peer: &str) -> Option<String> {
+        let servers = self.nats_servers.as_ref()?;
+        let digits = peer.len() - peer.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        let i: usize = peer[peer.len() - digits..].parse().unwrap_or(0);
+        Some(servers[i % servers.len()].clone())
     }
 
     /// The storage directory of peer `peer` of `cluster` (`None`: in memory). Cluster ids are unique
@@ -107,7 +127,7 @@ impl Net {
         let b = register_kinds(Hamok::builder().cluster_id(cluster).peer_id(peer));
         let b = match self.kind {
             TransportKind::Memory => b.transport(self.hub.clone()),
-            TransportKind::Nats => nats_transport(b)?,
+            TransportKind::Nats => nats_transport(b, self.nats_url_for(peer))?,
             TransportKind::RabbitMq => rabbitmq_transport(b)?,
         };
         Ok(durable(b, self.peer_dir(cluster, peer)))
@@ -130,8 +150,15 @@ fn durable(b: HamokBuilder, dir: Option<PathBuf>) -> HamokBuilder {
     }
 }
 
-fn nats_transport(b: HamokBuilder) -> Res<HamokBuilder> {
-    Ok(b.transport(hamok::transports::NatsTransport::from_env()?))
+/// `b` over NATS: to `url` alone when given (`--nats-cluster`), else to `HAMOK_NATS_URL`.
+fn nats_transport(b: HamokBuilder, url: Option<String>) -> Res<HamokBuilder> {
+    let transport = match url {
+        Some(url) => hamok::transports::NatsTransport::builder()
+            .server(url)
+            .build()?,
+        None => hamok::transports::NatsTransport::from_env()?,
+    };
+    Ok(b.transport(transport))
 }
 
 fn rabbitmq_transport(b: HamokBuilder) -> Res<HamokBuilder> {
@@ -451,6 +478,9 @@ impl PeerProcess {
         if let Some(dir) = net.peer_dir(cluster, peer) {
             command.arg("--peer-storage").arg(dir);
         }
+        if let Some(url) = net.nats_url_for(peer) {
+            command.args(["--nats-url", &url]);
+        }
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -505,15 +535,21 @@ impl Drop for PeerProcess {
     }
 }
 
-/// The `--peer-process` mode: one peer that joins `cluster` (durable in `storage` when given), prints
-/// `joined`, and stays until its stdin closes (the parent stopped it, or died).
+/// The `--peer-process` mode: one peer that joins `cluster` (durable in `storage` when given; over
+/// NATS, connected to `nats_url` alone when given), prints `joined`, and stays until its stdin closes
+/// (the parent stopped it, or died).
 pub async fn peer_process_main(
     kind: TransportKind,
     cluster: String,
     peer: String,
     storage: Option<PathBuf>,
+    nats_url: Option<String>,
 ) -> Res<()> {
-    let builder = Net::fresh(kind).builder(&cluster, &peer)?;
+    let net = match nats_url {
+        Some(url) => Net::fresh(kind).with_nats_servers(&[url]),
+        None => Net::fresh(kind),
+    };
+    let builder = net.builder(&cluster, &peer)?;
     let hamok = durable(builder, storage).build().await?;
     hamok.join().await?;
     {

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--transport memory|nats|rabbitmq] [--peers 3]
 //!     [--scenario NAME[,NAME...]|all] [--json FILE] [--quick] [--save] [--threads N] [--durable]
+//!     [--nats-cluster]
 //! ```
 //!
 //! The broker transports are always built into the examples (a dev-dependency enables them). Brokers
@@ -33,15 +34,28 @@
 //! machine moves it a lot (on a busy VM it has read ~4 ms while hamok's own `fdatasync`s, traced in
 //! the same run, took ~0.1 ms at the median).
 //! The NATS KV baseline runs once, in the in-memory pass.
+//!
+//! With `--nats-cluster` (`--transport nats` only) the run starts its own cluster of three local NATS
+//! servers (routes on loopback, JetStream on; `hamok_testkit::nats_cluster`, stopped at the end of the
+//! run, also on error) instead of using `HAMOK_NATS_URL`: peer `p<i>` connects to server `i` (with
+//! `--processes`, the child peer processes too), the KV baseline's bucket has 3 replicas and one
+//! client per server, and hamok's rows say `nats-cluster`. `rtt` rows come first and again last: a
+//! NATS request/reply round trip at 1 in flight between clients on servers 0 and 1, and on server 0
+//! alone for reference, and the same for a frame echoed between two of hamok's NATS transport links.
+//! At the end, a table of ratios (hamok leader and follower write p50 over the round trip, the mean of
+//! its first and last rows; KV R3 put p50 over hamok's leader and follower write p50; throughput hamok
+//! / KV R3 at 100 and 1,000 in flight), also in the JSON as records of scenario `ratio`.
 
 mod cluster;
 mod kv;
+mod multi_server;
 mod queue;
 mod report;
 mod scenarios;
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cluster::{Res, TransportKind};
@@ -66,6 +80,9 @@ options:
   --durable                          run every scenario twice, in memory and with durable peers (each
                                      in its own directory under a fresh temporary directory in $TMPDIR
                                      or /tmp, removed at the end; sync policy batch), and compare
+  --nats-cluster                     with --transport nats: start 3 local NATS servers as one cluster,
+                                     each peer on its own server, KV baseline with 3 replicas; adds
+                                     rtt rows (NATS round trip across servers) and a table of ratios
   -h, --help                         this help
 ";
 
@@ -82,6 +99,10 @@ struct Args {
     durable: bool,
     /// Overrides the in-flight counts of `throughput` and `scale`.
     concurrency: Option<Vec<usize>>,
+    /// `--nats-cluster`: the run on its own local cluster of 3 NATS servers.
+    nats_cluster: bool,
+    /// Internal: the one NATS server the `--peer-process` peer connects to (`--nats-cluster`).
+    nats_url: Option<String>,
     /// Internal: run one peer of `(cluster, peer)` in this process (see `--processes`).
     peer_process: Option<(String, String)>,
     /// Internal: the storage directory of the `--peer-process` peer (`--durable --processes`).
@@ -100,6 +121,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         processes: false,
         durable: false,
         concurrency: None,
+        nats_cluster: false,
+        nats_url: None,
         peer_process: None,
         peer_storage: None,
     };
@@ -158,6 +181,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--processes" => args.processes = true,
             "--durable" => args.durable = true,
+            "--nats-cluster" => args.nats_cluster = true,
+            "--nats-url" => args.nats_url = Some(value("a URL")?),
             "--concurrency" => {
                 let v = value("a list of numbers")?;
                 let list: Option<Vec<usize>> = v
@@ -183,6 +208,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
+    }
+    if args.nats_cluster && args.transport != TransportKind::Nats {
+        return Err("--nats-cluster needs --transport nats".into());
     }
     Ok(args)
 }
@@ -222,6 +250,7 @@ fn main() {
                     cluster,
                     peer,
                     args.peer_storage.clone(),
+                    args.nats_url.clone(),
                 ))
                 .await
             }
@@ -268,6 +297,20 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         ),
     ];
     eprintln!("-- load average at start: {load_start}");
+    // `--nats-cluster`: the servers live as long as the run (they stop when the last reference, this
+    // one or the context's, is dropped: on every return, error or not).
+    let nats_cluster = if args.nats_cluster {
+        let cluster = Arc::new(multi_server::start().await?);
+        let urls = cluster.client_urls();
+        meta.push(("nats_cluster".into(), true.into()));
+        meta.push(("nats_servers".into(), urls.join(",").into()));
+        if let Some(version) = multi_server::server_version(&urls[0]).await {
+            meta.push(("nats_server_version".into(), version.into()));
+        }
+        Some(cluster)
+    } else {
+        None
+    };
     // `--durable`: the durable pass of each scenario keeps its peers under `<root>/<scenario>/`.
     let storage_root = if args.durable {
         let root = tempfile::Builder::new()
@@ -310,6 +353,12 @@ async fn run(args: Args, threads: usize) -> Res<()> {
             }
             sizes
         },
+        nats_servers: nats_cluster
+            .as_ref()
+            .map(|c| c.client_urls())
+            .unwrap_or_default(),
+        nats_cluster: nats_cluster.clone(),
+        placement: None,
         records: Vec::new(),
         on_record: Box::new(|r: &Record| {
             println!("{}", r.table_row());
@@ -325,7 +374,20 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         &[false]
     };
     let mut failure = None;
+    if nats_cluster.is_some() {
+        let t = Instant::now();
+        eprintln!("-- rtt");
+        if let Err(e) = multi_server::rtt_rows(&mut ctx, "start").await {
+            eprintln!("bench: rtt failed: {e}");
+            failure = Some(format!("rtt failed: {e}"));
+        } else {
+            eprintln!("   rtt took {:.1} s", t.elapsed().as_secs_f64());
+        }
+    }
     'scenarios: for scenario in &args.scenarios {
+        if failure.is_some() {
+            break;
+        }
         for &durable in passes {
             let label = if durable { " (durable)" } else { "" };
             ctx.storage = match &storage_root {
@@ -360,6 +422,13 @@ async fn run(args: Args, threads: usize) -> Res<()> {
             }
         }
     }
+    if nats_cluster.is_some() && failure.is_none() {
+        eprintln!("-- rtt (again, at the end)");
+        if let Err(e) = multi_server::rtt_rows(&mut ctx, "end").await {
+            eprintln!("bench: rtt failed: {e}");
+            failure = Some(format!("rtt failed: {e}"));
+        }
+    }
     if let Some(root) = storage_root {
         // Again at the end: other I/O on the machine moves this figure, and durable rows with it.
         if failure.is_none() {
@@ -379,6 +448,19 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         println!("\ndurable vs in-memory (same run):\n\n{table}");
         let _ = std::io::stdout().flush();
     }
+    // `--nats-cluster`: the ratios of this run's rows, printed, and as records for the JSON.
+    let ratios = if nats_cluster.is_some() {
+        let (table, records) = multi_server::ratios(&ctx.records);
+        ctx.records.extend(records);
+        println!(
+            "\nratios (same run, {} NATS servers):\n\n{table}",
+            multi_server::SERVERS
+        );
+        let _ = std::io::stdout().flush();
+        Some(table)
+    } else {
+        None
+    };
     let total = started.elapsed().as_secs_f64();
     eprintln!(
         "-- done in {total:.1} s (load average {})",
@@ -396,7 +478,11 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         let path = dir.join(format!(
             "{}-{}.md",
             &utc_timestamp(started_at)[..10],
-            args.transport.name()
+            if nats_cluster.is_some() {
+                multi_server::TRANSPORT
+            } else {
+                args.transport.name()
+            }
         ));
         let mut text = format!(
             "## {} ({} peers{}{}, {threads} runtime threads, {total:.0} s, load average {load_start} at start, {} at end)\n\n`{command}`\n\n{}\n",
@@ -407,7 +493,7 @@ async fn run(args: Args, threads: usize) -> Res<()> {
             cluster::loadavg(),
             Record::table_header()
         );
-        for r in &ctx.records {
+        for r in ctx.records.iter().filter(|r| r.scenario != "ratio") {
             text.push_str(&r.table_row());
             text.push('\n');
         }
@@ -415,12 +501,24 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         if let Some(table) = &comparison {
             text.push_str(&format!("durable vs in-memory (same run):\n\n{table}\n\n"));
         }
+        if let Some(table) = &ratios {
+            text.push_str(&format!(
+                "ratios (same run, {} NATS servers):\n\n{table}\n\n",
+                multi_server::SERVERS
+            ));
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)?;
         file.write_all(text.as_bytes())?;
         eprintln!("-- appended to {}", path.display());
+    }
+    // The servers stop here (both references gone), before the result is reported.
+    drop(ctx);
+    if let Some(cluster) = nats_cluster {
+        eprintln!("-- stopping the NATS cluster {}", cluster.name());
+        drop(cluster);
     }
     match failure {
         Some(f) => Err(f.into()),
@@ -508,6 +606,26 @@ mod tests {
         assert!(args("--scenario nope").is_err());
         assert!(args("--peers 0").is_err());
         assert!(args("--bogus").is_err());
+        let a = args("--transport nats --nats-cluster --processes --scenario latency,throughput")
+            .unwrap();
+        assert!(a.nats_cluster && a.processes);
+        assert_eq!(a.transport, TransportKind::Nats);
+        assert!(!args("--transport nats").unwrap().nats_cluster);
+        assert!(args("--nats-cluster").is_err(), "needs --transport nats");
+        assert!(args("--transport rabbitmq --nats-cluster").is_err());
+        let a =
+            args("--transport nats --peer-process c p2 --nats-url nats://127.0.0.1:4333").unwrap();
+        assert_eq!(a.nats_url.as_deref(), Some("nats://127.0.0.1:4333"));
+        assert!(args("--nats-url").is_err());
+        let urls = ["n0".to_string(), "n1".to_string(), "n2".to_string()];
+        let net = cluster::Net::fresh(TransportKind::Nats).with_nats_servers(&urls);
+        assert_eq!(net.nats_url_for("p1").as_deref(), Some("n1"));
+        assert_eq!(net.nats_url_for("p4").as_deref(), Some("n1"));
+        assert_eq!(net.nats_url_for("x").as_deref(), Some("n0"));
+        assert_eq!(
+            cluster::Net::fresh(TransportKind::Nats).nats_url_for("p1"),
+            None
+        );
         assert_eq!(args("").unwrap().scenarios.len(), ALL.len());
     }
 

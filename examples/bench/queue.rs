@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hamok::collections::{DeliveryId, HamokCollections, HamokQueue};
 
-use crate::cluster::{run_load, value, Cluster, LoadResult, Net, Progress, Res};
+use crate::cluster::{run_load, value, Cluster, LoadResult, Progress, Res};
 use crate::report::Hist;
 use crate::scenarios::Ctx;
 
@@ -30,7 +30,7 @@ const CONCURRENCY: [usize; 3] = [1, 10, 100];
 
 /// `queue`: the rows of the module docs, on a fresh cluster of `ctx.peers` peers.
 pub async fn queue(ctx: &mut Ctx) -> Res<()> {
-    let net = Net::new(ctx.kind, ctx.storage.clone());
+    let net = ctx.net();
     let (cluster, _) = Cluster::start(&net, "queue", ctx.peers).await?;
     let result = rows(ctx, &cluster).await;
     cluster.close().await;

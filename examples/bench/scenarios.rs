@@ -52,6 +52,8 @@ pub struct Sizes {
     pub queue_latency_n: u64,
     /// `queue`: operations of its rows at 10 and 100 in flight (items for `take_many`).
     pub queue_throughput_n: u64,
+    /// `--nats-cluster`: round trips of each `rtt` row.
+    pub rtt_n: u64,
 }
 
 impl Sizes {
@@ -74,6 +76,7 @@ impl Sizes {
                 scale_throughput_n: 2_000,
                 queue_latency_n: 200,
                 queue_throughput_n: 2_000,
+                rtt_n: 2_000,
             }
         } else {
             Sizes {
@@ -93,6 +96,7 @@ impl Sizes {
                 scale_throughput_n: 100_000,
                 queue_latency_n: 1_000,
                 queue_throughput_n: 50_000,
+                rtt_n: 5_000,
             }
         }
     }
@@ -112,14 +116,28 @@ pub struct Ctx {
     /// this one. `None`: peers keep it in memory.
     pub storage: Option<PathBuf>,
     pub sizes: Sizes,
+    /// `--nats-cluster`: the client URLs of the local NATS cluster's servers (peer `p<i>` on server
+    /// `i`, the KV baseline with 3 replicas, its clients spread the same way); empty: one server.
+    pub nats_servers: Vec<String>,
+    /// `--nats-cluster`: the cluster itself (its monitors say where each peer is connected). The
+    /// run holds the other reference: the servers stop when both are dropped.
+    pub nats_cluster: Option<Arc<hamok_testkit::nats_cluster::NatsCluster>>,
+    /// `--nats-cluster`: where the peers of the cluster being measured are connected (`p0@0, ...`),
+    /// added to the configuration of its rows.
+    pub placement: Option<String>,
     pub records: Vec<Record>,
     /// Called with each record as it is emitted (prints the row).
     pub on_record: Box<dyn Fn(&Record) + Send + Sync>,
 }
 
 impl Ctx {
-    fn transport(&self) -> &'static str {
-        self.kind.name()
+    /// The transport column of hamok's rows: `nats-cluster` with `--nats-cluster`.
+    pub fn transport(&self) -> &'static str {
+        if self.kind == TransportKind::Nats && !self.nats_servers.is_empty() {
+            crate::multi_server::TRANSPORT
+        } else {
+            self.kind.name()
+        }
     }
 
     /// Where the peers keep their Raft state: `memory`, or `durable` (`--durable`'s second pass).
@@ -131,9 +149,10 @@ impl Ctx {
         }
     }
 
-    /// A fresh network for a scenario's clusters, durable in the durable pass.
-    fn net(&self) -> Net {
-        Net::new(self.kind, self.storage.clone())
+    /// A fresh network for a scenario's clusters, durable in the durable pass (each peer on its own
+    /// server with `--nats-cluster`).
+    pub fn net(&self) -> Net {
+        Net::new(self.kind, self.storage.clone()).with_nats_servers(&self.nats_servers)
     }
 
     /// A record of this run with the common configuration filled in.
@@ -145,6 +164,10 @@ impl Ctx {
             r.config("storage_sync", crate::cluster::sync_policy_name())
         } else {
             r
+        };
+        let r = match &self.placement {
+            Some(p) => r.config("nats_placement", p.as_str()),
+            None => r,
         };
         r.config("value_bytes", self.value_bytes)
             .config("election_timeout_ms", defaults.election_timeout_ms)
@@ -385,6 +408,7 @@ impl Ctx {
         }
         let net = self.net();
         let (cluster, _) = Cluster::start(&net, scenario, peers).await?;
+        self.placement = crate::multi_server::placement(self, &cluster.id).await;
         let result = async {
             let maps = cluster.open_map("bench").await?;
             let mut sources = vec![(maps[cluster.leader_index()].clone(), "leader")];
@@ -401,6 +425,7 @@ impl Ctx {
             rows
         }
         .await;
+        self.placement = None;
         cluster.close().await;
         result
     }
@@ -458,8 +483,12 @@ impl Ctx {
                     if lead != local.is_leader() {
                         eprintln!("  {scenario}: the local peer is the {from}, not as planned");
                     }
-                    self.map_rows(&[(map, from)], scenario, peers, latency, throughput)
-                        .await
+                    self.placement = crate::multi_server::placement(self, &id).await;
+                    let rows = self
+                        .map_rows(&[(map, from)], scenario, peers, latency, throughput)
+                        .await;
+                    self.placement = None;
+                    rows
                 }
                 .await;
                 local.close().await;
@@ -939,9 +968,18 @@ impl Ctx {
         }
     }
 
-    /// A record for rows that are not hamok's (the baseline).
+    /// A record for rows that are not hamok's (the baseline): `nats-kv (baseline)`, or with
+    /// `--nats-cluster` `nats-kv R3 (baseline)` on as many replicas as servers.
     pub fn baseline_record(&self, scenario: &str, what: &str) -> Record {
-        let mut r = Record::new(scenario, "nats-kv (baseline)", 1, "client", what);
+        let (transport, replicas) = if self.nats_servers.is_empty() {
+            ("nats-kv (baseline)", 1)
+        } else {
+            (
+                crate::multi_server::KV_CLUSTER_TRANSPORT,
+                self.nats_servers.len(),
+            )
+        };
+        let mut r = Record::new(scenario, transport, replicas, "client", what);
         r.storage = "file".to_string();
         r.config("value_bytes", self.value_bytes)
             .config("runtime_threads", self.threads)
