@@ -1,9 +1,11 @@
 //! The seeded simulation of whole peers (see `hamok_testkit::sim`): the default seeds, replay of one
-//! seed, determinism, and the planted runtime bugs each check must catch.
+//! seed, determinism, the planted runtime bugs each check must catch, and a wrong queue consumer the
+//! acknowledged-delivery check must catch.
 //!
 //! Run with `-- --nocapture` to see the per-seed figures.
 
 use hamok_runtime::testing::PlantedBugs;
+use hamok_testkit::sim::jobs::{self, Consumer};
 use hamok_testkit::sim::{self, SimOptions};
 
 #[test]
@@ -155,5 +157,38 @@ fn planted_fence_not_checked_is_caught() {
             ..PlantedBugs::default()
         },
         &["fences"],
+    );
+}
+
+/// A wrong consumer of the queue `jobs`: it pops (at most once) and then abandons the item, as if a
+/// lease would bring it back. The acknowledged-delivery check must report the items it lost.
+#[test]
+fn pop_and_abandon_consumer_is_caught() {
+    let seeds: Vec<u64> = (1..=4).collect();
+    let batch = sim::run_batch(
+        &seeds,
+        &|seed| SimOptions {
+            consumer: Consumer::PopAndAbandon,
+            ..SimOptions::new(seed)
+        },
+        sim::threads_from_env(),
+    );
+    let caught: Vec<&sim::SimFailure> = batch
+        .failures
+        .iter()
+        .filter(|f| f.check == jobs::NOTHING_LOST)
+        .collect();
+    let first = caught.first().unwrap_or_else(|| {
+        panic!(
+            "a consumer that pops and abandons went unnoticed in seeds {seeds:?}:\n{}",
+            batch.summary(true)
+        )
+    });
+    println!(
+        "pop-and-abandon consumer caught by {} of {} seeds, first seed {}: {}",
+        caught.len(),
+        seeds.len(),
+        first.seed,
+        first.detail.lines().next().unwrap_or("")
     );
 }

@@ -24,12 +24,18 @@
 //! * **no acknowledged write lost, none applied twice**: every acknowledged queue push is in the final
 //!   queue exactly once, no item twice; every replica holds the same map and queue;
 //! * **linearizability**: the map history (writes, compare-and-sets, linearizable reads) passes the
-//!   WGL checker (`runtime/tests/sim/linearizability.rs`, shared with the engine's simulation).
+//!   WGL checker (`runtime/tests/sim/linearizability.rs`, shared with the engine's simulation);
+//! * **acknowledged delivery** ([`jobs`]): on the queue `jobs`, which the clients push to and take from
+//!   under short leases (acking, nacking, extending, acking late or abandoning), no item is
+//!   acknowledged twice, none is delivered after its ack, delivery counts increase, no lease ends
+//!   before its deadline while its holder is a member, and once leases had time to run out every
+//!   acknowledged push was acknowledged or is still in the queue, the same on every replica.
 //!
 //! Knobs: `HAMOK_PEER_SIM_SEEDS=N` runs seeds `1..=N` (default [`DEFAULT_SEEDS`]),
 //! `HAMOK_PEER_SIM_FIRST_SEED=F` starts at `F`, `HAMOK_PEER_SIM_SEED=S` replays seed `S` with its full
 //! trace, `HAMOK_PEER_SIM_THREADS=T` sets the worker threads.
 
+pub mod jobs;
 pub mod netlog;
 pub mod plan;
 pub mod tap;
@@ -57,6 +63,7 @@ use std::time::{Duration, Instant};
 
 use hamok_runtime::testing::PlantedBugs;
 
+use jobs::{Consumer, JobCounts};
 use linearizability::{check_history, LinError};
 use plan::Plan;
 use trace::{Trace, REPLAY_TRACE_LINES, TRACE_LINES};
@@ -78,6 +85,8 @@ pub struct SimOptions {
     pub bugs: PlantedBugs,
     /// Keep the whole trace and print it.
     pub replay: bool,
+    /// How the clients consume the queue `jobs` (a wrong consumer shows the checks catch one).
+    pub consumer: Consumer,
 }
 
 impl SimOptions {
@@ -87,6 +96,7 @@ impl SimOptions {
             seed,
             bugs: PlantedBugs::default(),
             replay: false,
+            consumer: Consumer::Take,
         }
     }
 }
@@ -128,6 +138,8 @@ pub struct Counts {
     pub terms_with_leader: usize,
     /// From the heal to one converged cluster.
     pub converge_ms: u64,
+    /// The queue `jobs`: acknowledged delivery.
+    pub jobs: JobCounts,
 }
 
 /// One passing seed.
@@ -148,7 +160,7 @@ impl fmt::Display for SimReport {
             f,
             "seed {:>5}: {:>6} sim-ms | requests {:>4} (writes {:>4}, reads checked {:>4}, pushes acked {:>3}, fenced {:>3}) lin ops {:>4} | \
              partitions {:>2} (long {:>2}, groups {:>2}) crashes {:>2} leaves {:>2} added {:>2} | removals {:>2} rejoins {:>2} joins {:>2} | \
-             converged {:>5} ms | {:.2}s",
+             jobs: deliveries {:>3} (again {:>2}) acks {:>3}/{:>2}/{:>2} | converged {:>5} ms | {:.2}s",
             self.seed,
             self.sim_ms,
             c.requests,
@@ -166,6 +178,11 @@ impl fmt::Display for SimReport {
             c.silence_removals,
             c.rejoins,
             c.joins,
+            c.jobs.deliveries,
+            c.jobs.redeliveries,
+            c.jobs.acks_true,
+            c.jobs.acks_false,
+            c.jobs.acks_unknown,
             c.converge_ms,
             self.wall.as_secs_f64()
         )
@@ -222,7 +239,8 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
         .start_paused(true)
         .build()
         .expect("a current-thread runtime");
-    let world = runtime.block_on(async { World::new(opts.seed, plan, opts.bugs, Trace::new(cap)) });
+    let world = runtime
+        .block_on(async { World::new(opts.seed, plan, opts.bugs, opts.consumer, Trace::new(cap)) });
     let shared = world.shared();
     let tap = world.tap();
     let watchdog = Watchdog::start(shared.clone(), world.hub(), world.tap());
@@ -420,6 +438,11 @@ impl Batch {
             sum(|c| c.rejoins),
             sum(|c| c.joins),
         ));
+        let mut jobs = JobCounts::default();
+        for r in &self.reports {
+            jobs.add(&r.counts.jobs);
+        }
+        s.push_str(&format!("  jobs (acknowledged delivery): {jobs}\n"));
         s.push_str(&format!(
             "  per seed (avg): {} requests, {} reads checked, {} partitions, {} removals, {} rejoins; heal -> converged max {} ms\n",
             sum(|c| c.requests) / n,

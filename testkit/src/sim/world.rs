@@ -2,20 +2,22 @@
 //! in-process hub, on a paused clock, with clients, faults, and the checks.
 //!
 //! The run has three phases. **Chaos**: the initial peers start (together, or staggered), clients
-//! write, compare-and-set, read linearizably and push to a queue through the public API, and faults
+//! write, compare-and-set, read linearizably, push to a queue, and push to and take from the queue
+//! [`JOBS`] under leases (see [`jobs`](super::jobs)) through the public API, and faults
 //! are injected: partitions (one peer, a pair, a random split; shorter or longer than
 //! `peer_max_idle_ms`), loss, duplication and delay, crashes and restarts (the log store survives, as
 //! a durable peer's would), graceful leaves and rejoins, and new peers joining. **Heal**: every fault
 //! is lifted and every peer restarted or rejoined; every peer that is up must be a joined member of
 //! one cluster with all the others within `Plan::rejoin_bound_ms`, and then write. **Drain**: clients
-//! stop, the final state is read, and the history is checked.
+//! stop, the final state is read (that of [`JOBS`] once its leases had time to run out), and the
+//! history is checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hamok_collections::{
-    register_kinds, HamokCollections, HamokLock, HamokMap, HamokQueue, LockOptions,
+    register_kinds, DeliveryId, HamokCollections, HamokLock, HamokMap, HamokQueue, LockOptions,
 };
 use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
 use hamok_runtime::store::{LogStore, MemoryLogStore};
@@ -25,6 +27,9 @@ use hamok_runtime::{Hamok, HamokError, HamokEvent};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
+use super::jobs::{
+    self, Answer, Consumer, FinalJobs, JobPush, JobsLog, Replica, Settle, SettleKind, Taken, JOBS,
+};
 use super::linearizability::{Op, OpKind};
 use super::netlog::{NetLog, NetState};
 use super::plan::{mix64, Plan, Rng};
@@ -121,6 +126,8 @@ pub struct Shared {
     pub trace: Trace,
     pub ops: Vec<OpRecord>,
     pushes: Vec<Push>,
+    /// What the producers and consumers of [`JOBS`] saw.
+    pub jobs: JobsLog,
     /// Peer handles by id, with their incarnation; `None` while down.
     handles: BTreeMap<String, Option<(u64, Hamok)>>,
     /// The leader each term had, as any peer reported it.
@@ -236,6 +243,7 @@ pub struct World {
     seed: u64,
     plan: Plan,
     bugs: PlantedBugs,
+    consumer: Consumer,
     hub: InProcessHub,
     tap: Tap,
     slots: BTreeMap<String, Slot>,
@@ -249,13 +257,20 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, plan: Plan, bugs: PlantedBugs, trace: Trace) -> World {
+    pub fn new(
+        seed: u64,
+        plan: Plan,
+        bugs: PlantedBugs,
+        consumer: Consumer,
+        trace: Trace,
+    ) -> World {
         let shared = Shared {
             t0: Instant::now(),
             clock: 0,
             trace,
             ops: Vec::new(),
             pushes: Vec::new(),
+            jobs: JobsLog::default(),
             handles: BTreeMap::new(),
             leaders: BTreeMap::new(),
             net: NetLog::default(),
@@ -272,6 +287,7 @@ impl World {
         World {
             seed,
             bugs,
+            consumer,
             tap: Tap::new(hub.clone()),
             hub,
             slots: BTreeMap::new(),
@@ -424,6 +440,7 @@ impl World {
             let now = s.now_ms();
             // Not answering from now on, as far as the removal check is concerned.
             s.net.down(now, id);
+            s.jobs.removals.push((id.to_string(), now));
             s.counts.leaves += 1;
             s.note(format!("{id}: leave()"));
         }
@@ -536,6 +553,7 @@ impl World {
                 c,
                 peer,
                 Rng::stream(self.seed, &format!("client {c}")),
+                self.consumer,
             ));
             self.clients.push(task);
         }
@@ -566,10 +584,14 @@ impl World {
         for task in std::mem::take(&mut self.clients) {
             let _ = task.await;
         }
-        if converged {
+        let final_jobs = if converged {
             self.final_state().await;
             self.check_fences().await;
-        }
+            Some(self.final_jobs().await)
+        } else {
+            None
+        };
+        self.check_jobs(final_jobs.as_ref());
         let ids: Vec<String> = self.slots.keys().cloned().collect();
         for id in ids {
             let handle = self.handle(&id);
@@ -812,24 +834,54 @@ impl World {
                 continue;
             };
             let mut done = false;
-            for _ in 0..3 {
+            let mut failed = Vec::new();
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    self.wait_joined(&id, &hamok).await;
+                }
                 let map = match hamok.get_or_create_map::<u8, u64>("kv").await {
                     Ok(m) => m,
-                    Err(_) => continue,
+                    Err(e) => {
+                        failed.push(format!("opening the map: {e}"));
+                        continue;
+                    }
                 };
                 let key = (lock(&self.shared).next_op % u64::from(KEYS)) as u8;
                 let outcome = put(&self.shared, LIVENESS_CLIENT, &id, &map, key).await;
-                if outcome.is_ok() {
-                    done = true;
-                    break;
+                match outcome {
+                    Ok(_) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => failed.push(e.to_string()),
                 }
             }
             if !done {
                 lock(&self.shared).violation(
                     "liveness",
-                    format!("after convergence, three writes through {id} failed"),
+                    format!(
+                        "after convergence, three writes through {id} failed: {}",
+                        failed.join("; ")
+                    ),
                 );
             }
+        }
+    }
+
+    /// Before another liveness attempt through `id`: waits (up to the answer bound) until it is a
+    /// joined member again. A removal decided before the heal (a member flagged silent while cut
+    /// off) may commit only after the peer came back and joined, its commit held up by lost frames:
+    /// the peer is then removed and joins again at once, and a write in between fails.
+    async fn wait_joined(&self, id: &str, hamok: &Hamok) {
+        let until = self.now_ms() + lock(&self.shared).answer_bound_ms;
+        if !hamok.is_joined() {
+            self.note(format!(
+                "liveness: {id} is not joined ({:?}), waiting",
+                hamok.state()
+            ));
+        }
+        while !hamok.is_joined() && self.now_ms() < until {
+            sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -938,6 +990,91 @@ impl World {
     }
 }
 
+impl World {
+    /// Reads [`JOBS`] on every peer once its leases had time to run out. The queue is opened on every
+    /// peer first (so every peer's lease timer runs); it is read as soon as no replica holds a lease
+    /// (then there is nothing to wait for), else when the longest lease, its expiry margin, the
+    /// follower grace and a margin have passed since: then a lease still held is a violation.
+    async fn final_jobs(&mut self) -> FinalJobs {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        let mut queues: Vec<(String, Hamok, HamokQueue<u64>)> = Vec::new();
+        for id in &ids {
+            let Some(hamok) = self.handle(id) else {
+                continue;
+            };
+            match hamok.get_or_create_queue::<u64>(JOBS).await {
+                Ok(q) => queues.push((id.clone(), hamok, q)),
+                Err(e) => {
+                    lock(&self.shared).violation("liveness", format!("opening {JOBS} on {id}: {e}"))
+                }
+            }
+        }
+        let started = self.now_ms();
+        let lease = Duration::from_millis(jobs::MAX_LEASE_MS);
+        let wait = lease
+            + (lease / 10).max(Duration::from_millis(20))
+            + hamok_collections::queue::FOLLOWER_GRACE
+            + Duration::from_millis(300);
+        let until = started + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let timeout = Duration::from_millis(self.plan.request_timeout_ms);
+        let leases_left = loop {
+            let now = self.now_ms();
+            if now < until && queues.iter().any(|(_, _, q)| q.in_flight() > 0) {
+                sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            for (id, hamok, _) in &queues {
+                if let Err(e) = hamok.wait_until_linearizable(timeout).await {
+                    lock(&self.shared)
+                        .violation("liveness", format!("final barrier on {id} ({JOBS}): {e}"));
+                }
+            }
+            let held = queues.iter().any(|(_, _, q)| q.in_flight() > 0);
+            if !held || self.now_ms() >= until {
+                break held;
+            }
+        };
+        let mut fin = FinalJobs {
+            replicas: Vec::new(),
+            leases_left,
+            waited_ms: self.now_ms() - started,
+        };
+        for (id, _, q) in &queues {
+            match (q.to_vec(), q.dead_letters()) {
+                (Ok(visible), Ok(dead)) => fin.replicas.push((
+                    id.clone(),
+                    Replica {
+                        visible,
+                        in_flight: q.in_flight(),
+                        dead: dead.into_iter().map(|d| d.value).collect(),
+                    },
+                )),
+                (v, d) => lock(&self.shared).violation(
+                    "codec",
+                    format!("{JOBS} on {id}: {:?} {:?}", v.err(), d.err()),
+                ),
+            }
+        }
+        lock(&self.shared).note(format!(
+            "{JOBS}: final state after {} ms: {:?}",
+            fin.waited_ms,
+            fin.replicas.first()
+        ));
+        fin
+    }
+
+    /// Runs the checks of [`JOBS`] (the final ones only when `fin` was read) and counts.
+    fn check_jobs(&mut self, fin: Option<&FinalJobs>) {
+        let mut s = lock(&self.shared);
+        let slack = s.answer_bound_ms;
+        let found = jobs::check(&s.jobs, fin, slack);
+        s.counts.jobs = jobs::JobCounts::of(&s.jobs, fin);
+        for f in found {
+            s.violation(f.check, f.detail);
+        }
+    }
+}
+
 /// One replica's final state: its id, its map entries and its queue.
 type ReplicaState = (String, Vec<(u8, u64)>, Vec<u64>);
 
@@ -1005,6 +1142,7 @@ async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
             HamokEvent::NoHeartbeatFrom(peer) => {
                 s.counts.silence_removals += 1;
                 let now = s.now_ms();
+                s.jobs.removals.push((peer.to_string(), now));
                 let from = now.saturating_sub(s.peer_max_idle_ms);
                 s.note(format!("{id}: removes silent {peer}"));
                 if s.net.connected_throughout(&id, peer.as_str(), from, now) {
@@ -1023,11 +1161,21 @@ async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
             }
             HamokEvent::Rejoining => {
                 s.counts.rejoins += 1;
+                let now = s.now_ms();
+                s.jobs.removals.push((id.clone(), now));
                 s.note(format!("{id}: Rejoining"));
             }
-            HamokEvent::RemotePeerLeft(p) => s.note(format!("{id}: member {p} left")),
+            HamokEvent::RemotePeerLeft(p) => {
+                let now = s.now_ms();
+                s.jobs.removals.push((p.to_string(), now));
+                s.note(format!("{id}: member {p} left"));
+            }
             HamokEvent::RemotePeerJoined(p) => s.note(format!("{id}: member {p} joined")),
-            HamokEvent::Left => s.note(format!("{id}: Left")),
+            HamokEvent::Left => {
+                let now = s.now_ms();
+                s.jobs.removals.push((id.clone(), now));
+                s.note(format!("{id}: Left"));
+            }
             HamokEvent::Error(e) => s.note(format!("{id}: error event: {e}")),
             _ => {}
         }
@@ -1038,19 +1186,26 @@ async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
 // Clients
 
 /// One client: bound to one peer id (whichever incarnation is up), it writes, compare-and-sets,
-/// reads linearizably and pushes, through the public API, until told to stop.
-async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
+/// reads linearizably, pushes, takes the fenced lock, and produces and consumes [`JOBS`], through the
+/// public API, until told to stop.
+async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng, consumer: Consumer) {
     let mut open: Option<Opened> = None;
     let mut seen: BTreeMap<u8, u64> = BTreeMap::new();
+    // Deliveries being worked on in the background (see `consume`); awaited before the client ends.
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
     loop {
         sleep(Duration::from_millis(rng.between(2, 30))).await;
-        let current = {
+        workers.retain(|w| !w.is_finished());
+        let (stop, current) = {
             let s = lock(&shared);
-            if s.stop_clients {
-                return;
-            }
-            s.handles.get(&peer).cloned().flatten()
+            (s.stop_clients, s.handles.get(&peer).cloned().flatten())
         };
+        if stop {
+            for w in workers {
+                let _ = w.await;
+            }
+            return;
+        }
         let Some((inc, hamok)) = current else {
             sleep(Duration::from_millis(50)).await;
             continue;
@@ -1069,10 +1224,11 @@ async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
             queue,
             locks,
             fenced,
+            jobs,
             ..
         } = open.as_ref().expect("opened above");
         let key = rng.index(usize::from(KEYS)) as u8;
-        match rng.weighted(&[40, 20, 30, 10, 8]) {
+        match rng.weighted(&[40, 20, 30, 10, 8, 5, 7]) {
             0 => {
                 if let Ok(v) = put(&shared, c, &peer, map, key).await {
                     seen.insert(key, v);
@@ -1090,7 +1246,12 @@ async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng) {
                 }
             }
             3 => push(&shared, c, &peer, queue).await,
-            _ => locked(&shared, c, &peer, locks, fenced, &mut rng).await,
+            4 => locked(&shared, c, &peer, locks, fenced, &mut rng).await,
+            5 => push_jobs(&shared, c, &peer, jobs, &mut rng).await,
+            _ => match consumer {
+                Consumer::Take => consume(&shared, c, &peer, jobs, &mut rng, &mut workers).await,
+                Consumer::PopAndAbandon => pop_and_abandon(&shared, c, &peer, jobs).await,
+            },
         }
     }
 }
@@ -1103,6 +1264,8 @@ struct Opened {
     locks: HamokLock,
     /// Written only under the lock `FENCED_LOCK`, each item the writer's fencing token.
     fenced: HamokQueue<u64>,
+    /// Pushed to, and taken from under leases.
+    jobs: HamokQueue<u64>,
 }
 
 impl Opened {
@@ -1113,6 +1276,7 @@ impl Opened {
             queue: hamok.get_or_create_queue("q").await?,
             locks: hamok.get_or_create_lock_table("locks").await?,
             fenced: hamok.get_or_create_queue("fenced").await?,
+            jobs: hamok.get_or_create_queue(JOBS).await?,
         })
     }
 }
@@ -1176,7 +1340,7 @@ fn record(
     call_ms: u64,
     completed: bool,
     outcome: String,
-) {
+) -> (u64, u64) {
     let mut s = lock(shared);
     let ret = s.tick();
     let ret_ms = s.now_ms();
@@ -1208,6 +1372,7 @@ fn record(
             outcome,
         });
     }
+    (ret, ret_ms)
 }
 
 async fn put(
@@ -1324,4 +1489,307 @@ async fn push(shared: &SharedRef, c: usize, peer: &str, queue: &HamokQueue<u64>)
         value: id,
         acked: r.is_ok(),
     });
+}
+
+/// A fresh value for an item of [`JOBS`] (from the operation ids: unique in the run).
+fn fresh(shared: &SharedRef) -> u64 {
+    let mut s = lock(shared);
+    let v = s.next_op;
+    s.next_op += 1;
+    v
+}
+
+/// Pushes one or two fresh items to [`JOBS`] (one log entry).
+async fn push_jobs(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    jobs: &HamokQueue<u64>,
+    rng: &mut Rng,
+) {
+    let (id, stamp, call_ms) = call(shared);
+    let mut values = vec![id];
+    if rng.chance(0.25) {
+        values.push(fresh(shared));
+    }
+    let r = jobs.push(values.iter().copied()).await;
+    let outcome = format!("{JOBS} push({values:?}) -> {r:?}");
+    record(
+        shared,
+        c,
+        peer,
+        id,
+        0,
+        None,
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    let answer = match &r {
+        Ok(_) => Answer::Yes,
+        Err(e) => Answer::of_error(e),
+    };
+    lock(shared).jobs.pushes.push(JobPush { values, answer });
+}
+
+/// A consumer's turn: takes one to three items under a short lease, then per item, by a seeded choice,
+/// acks it (most), nacks it, abandons it (the lease must bring it back), or hands it to a background
+/// worker (in `workers`, so the client goes on meanwhile) that acks it only after its lease ran out,
+/// or extends the lease halfway and acks it after the first deadline. A batch is sometimes acked with
+/// one `ack_many`. An ack that fails in a way that may have taken effect is retried once.
+async fn consume(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    jobs: &HamokQueue<u64>,
+    rng: &mut Rng,
+    workers: &mut Vec<JoinHandle<()>>,
+) {
+    let n = [1u32, 1, 1, 2, 3][rng.index(5)];
+    let lease_ms = rng.between(jobs::MIN_LEASE_MS, jobs::MAX_LEASE_MS);
+    let lease = Duration::from_millis(lease_ms);
+    let (op, stamp, call_ms) = call(shared);
+    let r = jobs.take_many(n, lease).await;
+    let outcome = match &r {
+        Ok(ds) => format!(
+            "{JOBS} take_many({n}, {lease_ms} ms) -> {:?}",
+            ds.iter()
+                .map(|d| (d.id.0, d.value, d.deliveries))
+                .collect::<Vec<_>>()
+        ),
+        Err(e) => format!("{JOBS} take_many({n}, {lease_ms} ms) -> Err({e:?})"),
+    };
+    let (ret, ret_ms) = record(
+        shared,
+        c,
+        peer,
+        op,
+        0,
+        None,
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    let got = match r {
+        Ok(got) => got,
+        Err(e) => {
+            if e.may_have_taken_effect() {
+                lock(shared).jobs.takes_unknown += 1;
+            }
+            return;
+        }
+    };
+    {
+        let mut s = lock(shared);
+        let t0 = s.t0;
+        for d in &got {
+            let deadline_ms = u64::try_from(d.deadline.saturating_duration_since(t0).as_millis())
+                .unwrap_or(u64::MAX);
+            s.jobs.taken.push(Taken {
+                value: d.value,
+                id: d.id.0,
+                deliveries: d.deliveries,
+                holder: peer.to_string(),
+                client: c,
+                call: stamp,
+                ret,
+                call_ms,
+                ret_ms,
+                deadline_ms,
+            });
+        }
+    }
+    if got.len() >= 2 && rng.chance(0.3) {
+        sleep(Duration::from_millis(rng.between(0, 30))).await;
+        let ids: Vec<_> = got.iter().map(|d| d.id).collect();
+        let (op, stamp, call_ms) = call(shared);
+        let r = jobs.ack_many(&ids).await;
+        let outcome = format!("{JOBS} ack_many({ids:?}) -> {r:?}");
+        let (ret, ret_ms) = record(
+            shared,
+            c,
+            peer,
+            op,
+            0,
+            None,
+            stamp,
+            call_ms,
+            r.is_ok(),
+            outcome,
+        );
+        let mut retry = Vec::new();
+        {
+            let mut s = lock(shared);
+            for (i, d) in got.iter().enumerate() {
+                let answer = match &r {
+                    Ok(acked) => {
+                        if acked.get(i).copied().unwrap_or(false) {
+                            Answer::Yes
+                        } else {
+                            Answer::No
+                        }
+                    }
+                    Err(e) => Answer::of_error(e),
+                };
+                if answer == Answer::Unknown {
+                    retry.push(d);
+                }
+                s.jobs.settles.push(Settle {
+                    kind: SettleKind::Ack,
+                    value: d.value,
+                    id: d.id.0,
+                    client: c,
+                    call: stamp,
+                    ret,
+                    call_ms,
+                    ret_ms,
+                    answer,
+                });
+            }
+        }
+        for d in retry {
+            settle(shared, c, peer, jobs, SettleKind::Ack, d.id, d.value).await;
+        }
+        return;
+    }
+    for d in &got {
+        match rng.weighted(&[65, 7, 8, 10, 10]) {
+            0 => {
+                sleep(Duration::from_millis(rng.between(0, 30))).await;
+                ack(shared, c, peer, jobs, d.id, d.value).await;
+            }
+            1 => {
+                // Past the lease: the item may be back (and delivered again), and the ack answer false.
+                let at = d.deadline + Duration::from_millis(rng.between(20, 200));
+                let (shared, peer, jobs, id, value) = (
+                    shared.clone(),
+                    peer.to_string(),
+                    jobs.clone(),
+                    d.id,
+                    d.value,
+                );
+                workers.push(tokio::spawn(async move {
+                    sleep_until(at).await;
+                    ack(&shared, c, &peer, &jobs, id, value).await;
+                }));
+            }
+            2 => {
+                // Renewed halfway, acknowledged after the first deadline, before the second.
+                let (shared, peer, jobs, id, value) = (
+                    shared.clone(),
+                    peer.to_string(),
+                    jobs.clone(),
+                    d.id,
+                    d.value,
+                );
+                workers.push(tokio::spawn(async move {
+                    sleep(lease / 2).await;
+                    let kind = SettleKind::Extend { lease_ms };
+                    let held = settle(&shared, c, &peer, &jobs, kind, id, value).await;
+                    if held == Answer::Yes {
+                        sleep(lease * 3 / 4).await;
+                    }
+                    ack(&shared, c, &peer, &jobs, id, value).await;
+                }));
+            }
+            3 => {
+                sleep(Duration::from_millis(rng.between(0, 20))).await;
+                settle(shared, c, peer, jobs, SettleKind::Nack, d.id, d.value).await;
+            }
+            _ => {
+                let mut s = lock(shared);
+                s.jobs.abandoned += 1;
+                s.note(format!(
+                    "client {c} on {peer}: {JOBS} abandons delivery {} (item {})",
+                    d.id, d.value
+                ));
+            }
+        }
+    }
+}
+
+/// Acknowledges a delivery; once more if the answer was lost (the retry may answer false).
+async fn ack(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    jobs: &HamokQueue<u64>,
+    id: DeliveryId,
+    value: u64,
+) {
+    if settle(shared, c, peer, jobs, SettleKind::Ack, id, value).await == Answer::Unknown {
+        settle(shared, c, peer, jobs, SettleKind::Ack, id, value).await;
+    }
+}
+
+/// One ack, nack or extend of delivery `id`, recorded.
+async fn settle(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    jobs: &HamokQueue<u64>,
+    kind: SettleKind,
+    id: DeliveryId,
+    value: u64,
+) -> Answer {
+    let (op, stamp, call_ms) = call(shared);
+    let (answer, outcome) = match kind {
+        SettleKind::Ack => {
+            let r = jobs.ack(id).await;
+            (Answer::of(&r, |held| *held), format!("ack({id}) -> {r:?}"))
+        }
+        SettleKind::Nack => {
+            let r = jobs.nack(id).await;
+            (
+                Answer::of(&r, Option::is_some),
+                format!("nack({id}) -> {r:?}"),
+            )
+        }
+        SettleKind::Extend { lease_ms } => {
+            let r = jobs.extend(id, Duration::from_millis(lease_ms)).await;
+            (
+                Answer::of(&r, |held| *held),
+                format!("extend({id}, {lease_ms} ms) -> {r:?}"),
+            )
+        }
+    };
+    let outcome = format!("{JOBS} {outcome} (item {value})");
+    let done = matches!(answer, Answer::Yes | Answer::No);
+    let (ret, ret_ms) = record(shared, c, peer, op, 0, None, stamp, call_ms, done, outcome);
+    lock(shared).jobs.settles.push(Settle {
+        kind,
+        value,
+        id: id.0,
+        client: c,
+        call: stamp,
+        ret,
+        call_ms,
+        ret_ms,
+        answer,
+    });
+    answer
+}
+
+/// The wrong consumer of [`Consumer::PopAndAbandon`]: pops (at most once) and drops the item.
+async fn pop_and_abandon(shared: &SharedRef, c: usize, peer: &str, jobs: &HamokQueue<u64>) {
+    let (op, stamp, call_ms) = call(shared);
+    let r = jobs.pop().await;
+    let outcome = format!("{JOBS} pop() -> {r:?}, abandoned");
+    record(
+        shared,
+        c,
+        peer,
+        op,
+        0,
+        None,
+        stamp,
+        call_ms,
+        r.is_ok(),
+        outcome,
+    );
+    if let Ok(Some(_)) = r {
+        lock(shared).jobs.popped += 1;
+    }
 }
