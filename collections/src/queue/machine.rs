@@ -26,6 +26,27 @@ pub const MAX_BATCH: u32 = 1024;
 /// so a mistaken huge lease would strand it.
 pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// Refuses a lease outside 1 ms to [`MAX_LEASE_MS`] (checked by the handle before sending, and by the
+/// state machine for commands from anywhere).
+pub(crate) fn check_lease(lease_ms: u64) -> Result<(), HamokError> {
+    if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
+        return Err(HamokError::Rejected(format!(
+            "a lease must be between 1 and {MAX_LEASE_MS} ms, not {lease_ms}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses more than [`MAX_BATCH`] `what` in one command.
+pub(crate) fn check_batch(len: usize, what: &str) -> Result<(), HamokError> {
+    if len > MAX_BATCH as usize {
+        return Err(HamokError::Rejected(format!(
+            "at most {MAX_BATCH} {what} per command, not {len}"
+        )));
+    }
+    Ok(())
+}
+
 /// An item with how many times it was delivered.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Counted {
@@ -298,11 +319,7 @@ impl Logic for QueueLogic {
                     encode(&())
                 }
                 QueueCmd::Take { n, lease_ms } => {
-                    if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
-                        return Err(HamokError::Rejected(format!(
-                            "a lease must be between 1 and {MAX_LEASE_MS} ms, not {lease_ms}"
-                        )));
-                    }
+                    check_lease(lease_ms)?;
                     if !state.members.is_empty() && !state.members.contains(&ctx.client) {
                         return Err(HamokError::Rejected(format!(
                             "`{}` is not a member: it cannot hold a lease",
@@ -336,11 +353,7 @@ impl Logic for QueueLogic {
                     encode(&taken)
                 }
                 QueueCmd::Ack(ids) => {
-                    if ids.len() > MAX_BATCH as usize {
-                        return Err(HamokError::Rejected(format!(
-                            "at most {MAX_BATCH} acks per command"
-                        )));
-                    }
+                    check_batch(ids.len(), "acks")?;
                     let acked: Vec<bool> = ids
                         .iter()
                         .map(|id| state.leased.remove(id).is_some())
@@ -349,11 +362,7 @@ impl Logic for QueueLogic {
                 }
                 QueueCmd::Nack(id) => encode(&end_lease(state, id, &mut emit)),
                 QueueCmd::Extend { id, lease_ms } => {
-                    if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
-                        return Err(HamokError::Rejected(format!(
-                            "a lease must be between 1 and {MAX_LEASE_MS} ms, not {lease_ms}"
-                        )));
-                    }
+                    check_lease(lease_ms)?;
                     let held = match state.leased.get_mut(&id) {
                         Some(lease) => {
                             lease.lease_ms = lease_ms;

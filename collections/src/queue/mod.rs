@@ -252,11 +252,7 @@ handle_basics!(HamokQueue<T>);
 /// Checks a lease length before it is sent: 1 ms to [`MAX_LEASE_MS`].
 fn lease_ms(lease: Duration) -> Result<u64, HamokError> {
     let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-    if ms == 0 || ms > MAX_LEASE_MS {
-        return Err(HamokError::Rejected(format!(
-            "a lease must be between 1 and {MAX_LEASE_MS} ms, not {ms}"
-        )));
-    }
+    machine::check_lease(ms)?;
     Ok(ms)
 }
 
@@ -316,12 +312,7 @@ impl<T> HamokQueue<T> {
     /// Acknowledges up to [`MAX_BATCH`] deliveries in one log entry; answers, per id, what
     /// [`ack`](Self::ack) would.
     pub async fn ack_many(&self, ids: &[DeliveryId]) -> Result<Vec<bool>, HamokError> {
-        if ids.len() > MAX_BATCH as usize {
-            return Err(HamokError::Rejected(format!(
-                "at most {MAX_BATCH} acks per call, not {}",
-                ids.len()
-            )));
-        }
+        machine::check_batch(ids.len(), "acks")?;
         let ids = ids.iter().map(|id| id.0).collect();
         self.handle.submit(QueueCmd::Ack(ids)).await
     }
