@@ -128,34 +128,33 @@ async fn rows(ctx: &mut Ctx, cluster: &Cluster) -> Res<()> {
         loaded(load)?;
         bench.check(&label).await?;
 
-        // pop: at most once.
-        for c in CONCURRENCY {
-            let n = if c == 1 { latency_n } else { throughput_n };
-            bench.fill(n).await?;
-            let label = format!("queue: pop from {from}, {c} in flight");
-            let progress = Progress::new(n, &label);
-            let load = pop_load(&q, n, c, &progress).await?;
-            progress.finish();
-            bench.expect_len -= load.hist.count();
-            let r = row(ctx, from, "queue pop (1 log entry)", c, &load);
-            ctx.emit_record(r);
-            loaded(load)?;
-            bench.check(&label).await?;
-        }
-
-        // take + ack: at least once.
-        for c in CONCURRENCY {
-            let n = if c == 1 { latency_n } else { throughput_n };
-            bench.fill(n).await?;
-            let label = format!("queue: take+ack from {from}, {c} in flight");
-            let progress = Progress::new(n, &label);
-            let (load, halves) = take_ack_load(&q, n, c, 1, &progress).await?;
-            progress.finish();
-            bench.expect_len -= load.hist.count();
-            let r = halves.note(row(ctx, from, "queue take+ack (2 log entries)", c, &load));
-            ctx.emit_record(r);
-            loaded(load)?;
-            bench.check(&label).await?;
+        // pop (at most once), then take + ack (at least once): one row per concurrency each.
+        for (kind, what) in [
+            ("pop", "queue pop (1 log entry)"),
+            ("take+ack", "queue take+ack (2 log entries)"),
+        ] {
+            for c in CONCURRENCY {
+                let n = if c == 1 { latency_n } else { throughput_n };
+                bench.fill(n).await?;
+                let label = format!("queue: {kind} from {from}, {c} in flight");
+                let progress = Progress::new(n, &label);
+                let (load, halves) = if kind == "pop" {
+                    (pop_load(&q, n, c, &progress).await?, None)
+                } else {
+                    let (load, halves) = take_ack_load(&q, n, c, 1, &progress).await?;
+                    (load, Some(halves))
+                };
+                progress.finish();
+                bench.expect_len -= load.hist.count();
+                let r = row(ctx, from, what, c, &load);
+                let r = match halves {
+                    Some(halves) => halves.note(r),
+                    None => r,
+                };
+                ctx.emit_record(r);
+                loaded(load)?;
+                bench.check(&label).await?;
+            }
         }
 
         // take_many + ack_many, counted in items.
