@@ -999,6 +999,73 @@ fn follower_commit_index_follows_heartbeats() {
 }
 
 #[test]
+fn a_follower_answers_each_heartbeat_round_once_per_term() {
+    let mut b = restored_node(
+        "b",
+        persisted(&["a", "b", "c"], 1, entries(&[(1, 1), (2, 1), (3, 1)])),
+    );
+    let answers = |b: &mut RaftNode| -> Vec<MessageBody> {
+        b.take_ready()
+            .messages
+            .into_iter()
+            .map(|m| m.body)
+            .filter(|body| matches!(body, MessageBody::HeartbeatResponse { .. }))
+            .collect()
+    };
+    b.step(10, msg("a", "b", 1, heartbeat(1, 4)));
+    assert_eq!(
+        answers(&mut b),
+        vec![MessageBody::HeartbeatResponse { read_seq: 4 }]
+    );
+    // A commit notice reuses the round: the follower commits but does not answer again.
+    b.step(11, msg("a", "b", 1, heartbeat(2, 4)));
+    assert_eq!(b.commit_index(), 2);
+    assert_eq!(answers(&mut b), vec![]);
+    // A late duplicate of an older round is not answered either.
+    b.step(12, msg("a", "b", 1, heartbeat(2, 3)));
+    assert_eq!(answers(&mut b), vec![]);
+    // The next round is.
+    b.step(13, msg("a", "b", 1, heartbeat(3, 5)));
+    assert_eq!(
+        answers(&mut b),
+        vec![MessageBody::HeartbeatResponse { read_seq: 5 }]
+    );
+    // A new leader in a new term counts its rounds afresh.
+    b.step(14, msg("c", "b", 2, heartbeat(3, 1)));
+    assert_eq!(
+        answers(&mut b),
+        vec![MessageBody::HeartbeatResponse { read_seq: 1 }]
+    );
+}
+
+#[test]
+fn every_periodic_heartbeat_starts_a_new_round() {
+    let mut net = settled(cfg());
+    let mut rounds = |net: &mut Net| -> Vec<u64> {
+        net.now += HEARTBEAT;
+        let now = net.now;
+        let a = net.node_mut("a");
+        a.tick(now);
+        a.take_ready()
+            .messages
+            .into_iter()
+            .filter_map(|m| match m.body {
+                MessageBody::Heartbeat { read_seq, .. } => Some(read_seq),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = rounds(&mut net);
+    let second = rounds(&mut net);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(
+        second.iter().min() > first.iter().max(),
+        "{first:?} then {second:?}"
+    );
+}
+
+#[test]
 fn committed_entries_are_applied_in_log_order_exactly_once_on_every_peer() {
     let mut net = settled(cfg());
     let mut proposed = Vec::new();

@@ -69,7 +69,8 @@ pub enum MessageBody {
         /// Leadership-confirmation round, echoed back (see ReadIndex).
         read_seq: u64,
     },
-    /// Answers [`MessageBody::Heartbeat`].
+    /// Answers [`MessageBody::Heartbeat`], once per round: a heartbeat whose round the follower has
+    /// already answered in this term (a commit notice reuses the current round) gets no answer.
     HeartbeatResponse {
         /// The echoed round.
         read_seq: u64,

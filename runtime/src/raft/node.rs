@@ -84,6 +84,11 @@ pub struct RaftNode {
     leader: Option<PeerId>,
     election_deadline_ms: u64,
     last_leader_contact_ms: Option<u64>,
+    /// The newest heartbeat round this follower answered, and the term it was in. A heartbeat of a
+    /// round already answered (the leader's commit notices reuse the current round) is not answered
+    /// again: the leader needs one answer per round, and commit notices would otherwise double the
+    /// messages of every write.
+    answered_round: (Term, u64),
     votes: VoteTally,
     incoming_snapshot: Option<SnapshotReceiver>,
 
@@ -149,6 +154,7 @@ impl RaftNode {
             leader: None,
             election_deadline_ms: now_ms,
             last_leader_contact_ms: None,
+            answered_round: (0, 0),
             votes: VoteTally::default(),
             incoming_snapshot: None,
             progress: BTreeMap::new(),
@@ -1089,7 +1095,10 @@ impl RaftNode {
         if self.now_ms >= self.heartbeat_deadline_ms {
             self.heartbeat_deadline_ms = self.now_ms + self.config.heartbeat_interval_ms;
             self.retransmit_lost();
-            self.broadcast_heartbeats(self.read_only.current_seq());
+            // Every periodic heartbeat is a new round, so followers answer it (check-quorum and the
+            // leader lease live on those answers); it also serves reads queued for the next round.
+            let seq = self.read_only.start_round();
+            self.broadcast_heartbeats(seq);
         }
     }
 
@@ -1487,7 +1496,10 @@ impl RaftNode {
         }
         self.accept_leader(&from);
         self.follower_commit_to(commit.min(self.log.last_index()));
-        self.send(from, MessageBody::HeartbeatResponse { read_seq });
+        if (self.term, read_seq) > self.answered_round {
+            self.answered_round = (self.term, read_seq);
+            self.send(from, MessageBody::HeartbeatResponse { read_seq });
+        }
     }
 
     fn handle_heartbeat_response(&mut self, from: PeerId, read_seq: u64) {

@@ -87,6 +87,14 @@ impl ReadOnly {
         Some(self.current_seq)
     }
 
+    /// Starts a round now (a periodic heartbeat), whether or not reads wait; it serves the reads queued
+    /// for the next round. Returns its number.
+    pub fn start_round(&mut self) -> u64 {
+        self.broadcast_needed = false;
+        self.current_seq += 1;
+        self.current_seq
+    }
+
     /// Releases every read whose round a majority has acknowledged (`confirmed_seq`).
     pub fn release(&mut self, confirmed_seq: u64) -> Vec<PendingRead> {
         let mut out = Vec::new();
