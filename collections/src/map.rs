@@ -89,6 +89,11 @@ impl Logic for MapLogic {
                 MapCmd::Set(entries) => {
                     let mut olds = Vec::with_capacity(entries.len());
                     for (key, value) in entries {
+                        if !listening {
+                            // Nobody to tell: move the bytes in rather than share them.
+                            olds.push(map.insert(key, value));
+                            continue;
+                        }
                         let old = map.insert(key.clone(), value.clone());
                         ev(match &old {
                             Some(old) => Raw::Update {

@@ -251,7 +251,7 @@ impl HamokBuilder {
                 dir,
                 FileLogStoreOptions::from_config(&config.storage),
             )?),
-            (None, None) => Box::new(MemoryLogStore::new()),
+            (None, None) => Box::new(MemoryLogStore::volatile()),
         };
         // The configured id, else the one a durable store was written by (a restarted peer keeps its
         // identity), else a new one.

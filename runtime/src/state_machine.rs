@@ -105,6 +105,35 @@ pub struct LogCommand {
     pub op: Op,
 }
 
+impl LogCommand {
+    /// Encodes the command for the log, into a buffer sized for it up front: the bytes stay in the log
+    /// of every peer until the next snapshot, so a buffer grown by doubling would hold up to twice
+    /// their size (and cost a reallocation per doubling on the write path).
+    pub fn encode(&self) -> Result<Bytes, HamokError> {
+        // The envelope (client, numbers, variant tags, lengths) is well under this; an estimate too
+        // small only costs one growth.
+        const ENVELOPE_BYTES: usize = 64;
+        let op = match &self.op {
+            Op::Create { collection, kind } => collection.len() + kind.len(),
+            Op::Apply {
+                collection,
+                payload,
+                fence,
+            } => {
+                collection.len()
+                    + payload.len()
+                    + fence
+                        .as_ref()
+                        .map_or(0, |f| f.table.len() + f.name.len() + 16)
+            }
+            Op::Noop => 0,
+        };
+        let mut buf = Vec::with_capacity(ENVELOPE_BYTES + self.client.peer.as_str().len() + op);
+        rmp_serde::encode::write(&mut buf, self)?;
+        Ok(Bytes::from(buf))
+    }
+}
+
 /// A runtime-level operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -317,7 +346,21 @@ impl StateMachines {
             machines,
             members: self.members.iter().cloned().collect(),
         };
-        Ok(Bytes::from(rmp_serde::to_vec(&snap)?))
+        // Sized up front: the snapshot stays in memory until the next one (and a buffer grown by
+        // doubling would hold up to twice its size).
+        let machine_bytes: usize = snap
+            .machines
+            .iter()
+            .map(|(id, kind, data)| id.len() + kind.len() + data.len() + 16)
+            .sum();
+        let session_bytes: usize = snap
+            .sessions
+            .iter()
+            .map(|(_, s)| 128 + s.response_bytes())
+            .sum();
+        let mut buf = Vec::with_capacity(machine_bytes + session_bytes + 256);
+        rmp_serde::encode::write(&mut buf, &snap)?;
+        Ok(Bytes::from(buf))
     }
 
     /// Replaces everything with a snapshot. StateMachines of kinds not registered here are an error.

@@ -47,7 +47,7 @@ pub struct PeerStatus {
     pub raft: Status,
     /// Where the peer stands with respect to its cluster.
     pub join_state: JoinState,
-    /// Entries in the log store.
+    /// Entries in the log (after the last snapshot).
     pub log_entries: u64,
     /// Approximate bytes of those entries.
     pub log_bytes: u64,

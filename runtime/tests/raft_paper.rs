@@ -1041,7 +1041,7 @@ fn a_follower_answers_each_heartbeat_round_once_per_term() {
 #[test]
 fn every_periodic_heartbeat_starts_a_new_round() {
     let mut net = settled(cfg());
-    let mut rounds = |net: &mut Net| -> Vec<u64> {
+    let rounds = |net: &mut Net| -> Vec<u64> {
         net.now += HEARTBEAT;
         let now = net.now;
         let a = net.node_mut("a");

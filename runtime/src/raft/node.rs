@@ -558,6 +558,12 @@ impl RaftNode {
         self.log.last_index()
     }
 
+    /// Entries held after the snapshot, and their bytes (what the driver compacts by).
+    pub fn log_size(&self) -> (u64, u64) {
+        let (entries, bytes) = self.log.size();
+        (entries as u64, bytes as u64)
+    }
+
     /// Last index covered by the snapshot.
     pub fn snapshot_index(&self) -> LogIndex {
         self.log.snapshot_index()

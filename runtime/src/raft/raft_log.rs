@@ -16,6 +16,8 @@ pub struct RaftLog {
     applied: LogIndex,
     /// Bytes of the entries above `commit` (the leader bounds this).
     uncommitted_bytes: usize,
+    /// Bytes of every entry held (what the node compacts by).
+    bytes: usize,
     /// Lowest index changed since the last [`RaftLog::take_unpersisted`].
     unpersisted_from: Option<LogIndex>,
 }
@@ -35,6 +37,7 @@ impl RaftLog {
             commit: snapshot_index,
             applied: snapshot_index,
             uncommitted_bytes: 0,
+            bytes: 0,
             unpersisted_from: None,
         };
         for entry in entries {
@@ -46,6 +49,7 @@ impl RaftLog {
                 });
             }
             log.uncommitted_bytes += entry.size_bytes();
+            log.bytes += entry.size_bytes();
             log.entries.push_back(entry);
         }
         // Entries up to the persisted commit index were committed when it was written: they count as
@@ -86,6 +90,11 @@ impl RaftLog {
     /// Highest index handed out for applying.
     pub fn applied_index(&self) -> LogIndex {
         self.applied
+    }
+
+    /// Number of entries held (after the snapshot) and their bytes.
+    pub fn size(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
     }
 
     /// Bytes of the entries above the commit index.
@@ -156,6 +165,7 @@ impl RaftLog {
         );
         self.mark_unpersisted(entry.index);
         self.uncommitted_bytes += entry.size_bytes();
+        self.bytes += entry.size_bytes();
         self.entries.push_back(entry);
     }
 
@@ -206,6 +216,7 @@ impl RaftLog {
         let keep = (index - self.first_index()) as usize;
         for entry in self.entries.drain(keep..) {
             self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(entry.size_bytes());
+            self.bytes -= entry.size_bytes();
         }
         self.mark_unpersisted(index);
     }
@@ -275,7 +286,9 @@ impl RaftLog {
         debug_assert!(index <= self.applied && index > self.snapshot_index);
         let term = self.term(index).expect("compaction index is in the log");
         let drop = (index - self.snapshot_index) as usize;
-        self.entries.drain(..drop);
+        for entry in self.entries.drain(..drop) {
+            self.bytes -= entry.size_bytes();
+        }
         self.snapshot_index = index;
         self.snapshot_term = term;
     }
@@ -296,6 +309,7 @@ impl RaftLog {
         self.commit = index;
         self.applied = index;
         self.uncommitted_bytes = self.entries.iter().map(Entry::size_bytes).sum();
+        self.bytes = self.uncommitted_bytes;
     }
 
     fn mark_unpersisted(&mut self, index: LogIndex) {
@@ -319,5 +333,43 @@ impl RaftLog {
                 .collect()
         };
         Some((from, entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::EntryPayload;
+    use bytes::Bytes;
+
+    fn entry(index: LogIndex, term: Term, len: usize) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: EntryPayload::Command(Bytes::from(vec![0u8; len])),
+        }
+    }
+
+    fn held_bytes(log: &RaftLog) -> usize {
+        log.entries.iter().map(Entry::size_bytes).sum()
+    }
+
+    #[test]
+    fn the_byte_count_follows_appends_truncations_compactions_and_restores() {
+        let mut log = RaftLog::new(0, 0, vec![entry(1, 1, 10), entry(2, 1, 20)], 0).unwrap();
+        assert_eq!(log.size(), (2, held_bytes(&log)));
+        log.append(entry(3, 1, 30));
+        log.append(entry(4, 1, 40));
+        assert_eq!(log.size(), (4, held_bytes(&log)));
+        // A conflicting suffix from index 3 is replaced by one longer entry.
+        log.append_after_match(2, vec![entry(3, 2, 100)]).unwrap();
+        assert_eq!(log.size(), (3, held_bytes(&log)));
+        log.commit_to(3);
+        let _ = log.next_committed(10);
+        log.compact_to(2);
+        assert_eq!(log.size(), (1, held_bytes(&log)));
+        log.append(entry(4, 2, 7));
+        log.restore(10, 3);
+        assert_eq!(log.size(), (0, 0));
     }
 }

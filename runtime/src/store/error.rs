@@ -44,6 +44,10 @@ pub enum StorageError {
         /// The id this peer was given.
         configured: PeerId,
     },
+    /// A volatile in-memory store ([`MemoryLogStore::volatile`](super::MemoryLogStore::volatile)) was
+    /// asked to load after entries were written to it: it keeps none, so it cannot give them back.
+    #[error("a volatile in-memory store keeps no log and cannot be loaded again")]
+    Volatile,
     /// A read, write or `fdatasync` failed. After a failed sync the store refuses every further call:
     /// the kernel may have dropped the unwritten pages, so nothing written since the last good sync can
     /// be trusted.

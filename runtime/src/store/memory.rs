@@ -2,12 +2,20 @@
 
 use std::collections::VecDeque;
 
-use super::LogStore;
+use super::{LogStore, StorageError};
 use crate::error::HamokError;
 use crate::raft::{Entry, HardState, LogIndex, PersistedState, Snapshot, Term};
 
-/// The embedded default: everything in memory, nothing survives the process. Memory stays bounded
-/// because the node snapshots and compacts by log size.
+/// Everything in memory, nothing survives the process. Memory stays bounded because the node snapshots
+/// and compacts by log size.
+///
+/// Two modes:
+/// - [`MemoryLogStore::new`] keeps a copy of the log, so a wrapper that outlives the peer (a test's
+///   simulated crash and restart) can [`load`](LogStore::load) it again;
+/// - [`MemoryLogStore::volatile`], the builder's default, keeps no entries: a peer owns its store and
+///   dies with it, so the engine's own log is the only copy anyone reads, and a second copy would only
+///   double the log's memory. Loading a volatile store once entries were written is refused
+///   ([`StorageError::Volatile`]): it could not give them back.
 #[derive(Debug, Default)]
 pub struct MemoryLogStore {
     hard_state: HardState,
@@ -16,12 +24,25 @@ pub struct MemoryLogStore {
     bytes: u64,
     committed: LogIndex,
     incarnation: u64,
+    /// Keeps no entries (see the type's docs).
+    volatile: bool,
+    /// A volatile store was written entries since it was created.
+    wrote_entries: bool,
 }
 
 impl MemoryLogStore {
-    /// An empty store (a peer that has never been part of a cluster).
+    /// An empty store that keeps a copy of the log, for a wrapper that reloads it after a simulated
+    /// restart.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that keeps no entries, for a peer that owns it (the builder's default).
+    pub fn volatile() -> Self {
+        Self {
+            volatile: true,
+            ..Self::default()
+        }
     }
 
     fn first_index(&self) -> LogIndex {
@@ -31,6 +52,9 @@ impl MemoryLogStore {
 
 impl LogStore for MemoryLogStore {
     fn load(&mut self) -> Result<PersistedState, HamokError> {
+        if self.wrote_entries {
+            return Err(StorageError::Volatile.into());
+        }
         Ok(PersistedState {
             hard_state: self.hard_state.clone(),
             snapshot: self.snapshot.clone(),
@@ -65,6 +89,10 @@ impl LogStore for MemoryLogStore {
     }
 
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
+        if self.volatile {
+            self.wrote_entries |= !entries.is_empty();
+            return Ok(());
+        }
         let from = from.max(self.first_index());
         let keep = (from - self.first_index()) as usize;
         if keep > self.entries.len() {
@@ -120,6 +148,23 @@ mod tests {
             term,
             payload: EntryPayload::Noop,
         }
+    }
+
+    #[test]
+    fn a_volatile_store_keeps_no_entries_and_refuses_to_load_after_writes() {
+        let mut s = MemoryLogStore::volatile();
+        assert!(s.load().unwrap().entries.is_empty());
+        s.save_hard_state(&HardState {
+            term: 3,
+            voted_for: None,
+        })
+        .unwrap();
+        s.write_entries(1, &[e(1, 1), e(2, 1)]).unwrap();
+        assert_eq!(s.size(), (0, 0));
+        assert!(matches!(
+            s.load(),
+            Err(HamokError::Storage(StorageError::Volatile))
+        ));
     }
 
     #[test]

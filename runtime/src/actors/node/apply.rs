@@ -91,11 +91,6 @@ impl Apply {
         self.store.save_incarnation(incarnation)
     }
 
-    /// Entries and bytes in the log store.
-    pub(super) fn log_size(&self) -> (u64, u64) {
-        self.store.size()
-    }
-
     /// Records a founding snapshot.
     pub(super) fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
         self.store.save_snapshot(snapshot)
@@ -222,7 +217,7 @@ impl Apply {
     ) -> Result<Option<LogIndex>, HamokError> {
         let applied = raft.applied_index();
         let since = applied.saturating_sub(raft.snapshot_index());
-        let (_, bytes) = self.store.size();
+        let (_, bytes) = raft.log_size();
         let slack = if raft.snapshot_send_in_progress() {
             2
         } else {
@@ -241,3 +236,4 @@ impl Apply {
         Ok(Some(applied))
     }
 }
+

@@ -165,7 +165,7 @@ impl Peer {
 
     /// What the handle may see.
     pub(crate) fn status(&self) -> PeerStatus {
-        let (log_entries, log_bytes) = self.apply.log_size();
+        let (log_entries, log_bytes) = self.raft.log_size();
         PeerStatus {
             raft: self.raft.status(),
             join_state: self.discovery.state(),

@@ -119,10 +119,10 @@ impl Requests {
             floor: self.floor().min(seq),
             op,
         };
-        let command = match rmp_serde::to_vec(&cmd) {
-            Ok(v) => Bytes::from(v),
+        let command = match cmd.encode() {
+            Ok(bytes) => bytes,
             Err(e) => {
-                let _ = reply.send(Err(e.into()));
+                let _ = reply.send(Err(e));
                 return;
             }
         };
