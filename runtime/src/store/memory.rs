@@ -135,6 +135,10 @@ impl LogStore for MemoryLogStore {
     fn size(&self) -> (u64, u64) {
         (self.entries.len() as u64, self.bytes)
     }
+
+    fn may_block(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,14 @@ pub trait LogStore: Send + 'static {
     /// Number of entries and their approximate bytes currently stored.
     fn size(&self) -> (u64, u64);
 
+    /// Whether calls may wait on the disk or the network. The node then makes them without holding
+    /// up the runtime's other tasks (`tokio::task::block_in_place` on a multi-thread runtime), at the
+    /// cost of a thread hand-off per call. Default: `true`; a store that only touches memory answers
+    /// `false`.
+    fn may_block(&self) -> bool {
+        true
+    }
+
     /// The peer id this store was written by, if it keeps one (a durable store does, so a restarted
     /// peer keeps its identity without configuring it).
     fn peer_id(&self) -> Option<PeerId> {

@@ -82,6 +82,10 @@ impl LogStore for SharedStore {
     fn size(&self) -> (u64, u64) {
         self.inner().size()
     }
+
+    fn may_block(&self) -> bool {
+        false
+    }
 }
 
 /// Where a peer stands in the run.

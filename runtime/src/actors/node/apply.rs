@@ -36,6 +36,8 @@ pub(super) enum CommandApplied {
 
 pub(super) struct Apply {
     store: Box<dyn LogStore>,
+    /// The store's calls may wait on the disk ([`LogStore::may_block`]).
+    store_blocks: bool,
     state_machines: StateMachines,
     attach_hooks: BTreeMap<String, Vec<AttachFn>>,
     snapshot_after_entries: u64,
@@ -49,12 +51,19 @@ impl Apply {
         config: &HamokConfig,
     ) -> Self {
         Apply {
+            store_blocks: store.may_block(),
             store,
             state_machines: StateMachines::new(kinds),
             attach_hooks: BTreeMap::new(),
             snapshot_after_entries: config.snapshot_after_entries,
             snapshot_after_bytes: config.snapshot_after_bytes,
         }
+    }
+
+    /// Drops the store (closing a durable one's files and lock); a closed peer persists nothing more.
+    pub(super) fn release_store(&mut self) {
+        self.store = Box::new(Released);
+        self.store_blocks = false;
     }
 
     /// The planted bug `fence_not_checked` (see `PlantedBugs`).
@@ -101,6 +110,11 @@ impl Apply {
     /// before serving anything (a durable store syncs the mark with the next batch that must be synced,
     /// as etcd does: a power cut can take the mark back, never an acknowledged entry).
     pub(super) fn persist(&mut self, ready: &Ready) -> Result<(), HamokError> {
+        let blocks = self.store_blocks;
+        off_the_runtime(blocks, || self.persist_now(ready))
+    }
+
+    fn persist_now(&mut self, ready: &Ready) -> Result<(), HamokError> {
         if let Some(snapshot) = &ready.snapshot {
             self.store.save_snapshot(snapshot)?;
         }
@@ -125,7 +139,8 @@ impl Apply {
 
     /// Time passed: lets a store with an interval sync policy sync writes that wait for it.
     pub(super) fn tick(&mut self) -> Result<(), HamokError> {
-        self.store.sync()
+        let blocks = self.store_blocks;
+        off_the_runtime(blocks, || self.store.sync())
     }
 
     /// Replaces every collection with a received snapshot's, running the attach hooks.
@@ -231,9 +246,53 @@ impl Apply {
         }
         let data = self.state_machines.snapshot()?;
         raft.compact(applied, data)?;
-        self.store.save_snapshot(raft.snapshot())?;
+        let blocks = self.store_blocks;
+        off_the_runtime(blocks, || self.store.save_snapshot(raft.snapshot()))?;
         Counters::bump(&counters.snapshots_taken);
         Ok(Some(applied))
     }
 }
 
+/// Runs `f`, a store call that may wait on the disk (`blocks`), without holding up the runtime's other
+/// tasks: on a multi-thread runtime the worker hands its queued tasks to another thread first
+/// (`block_in_place`), so the other peers and clients of this process keep running during an
+/// `fdatasync` (on 2 cores, two peers syncing at once would otherwise stop everything). On a
+/// current-thread runtime (tests) and for stores that never wait, it just runs `f`.
+fn off_the_runtime<R>(blocks: bool, f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread = blocks
+        && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// The store of a closed peer: refuses every call, so nothing can be acknowledged as persisted after
+/// the real store was dropped.
+struct Released;
+
+impl LogStore for Released {
+    fn load(&mut self) -> Result<PersistedState, HamokError> {
+        Err(HamokError::Closed)
+    }
+    fn save_hard_state(&mut self, _: &crate::raft::HardState) -> Result<(), HamokError> {
+        Err(HamokError::Closed)
+    }
+    fn save_snapshot(&mut self, _: &Snapshot) -> Result<(), HamokError> {
+        Err(HamokError::Closed)
+    }
+    fn write_entries(&mut self, _: LogIndex, _: &[crate::raft::Entry]) -> Result<(), HamokError> {
+        Err(HamokError::Closed)
+    }
+    fn sync(&mut self) -> Result<(), HamokError> {
+        Err(HamokError::Closed)
+    }
+    fn size(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn may_block(&self) -> bool {
+        false
+    }
+}

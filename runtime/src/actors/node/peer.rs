@@ -553,6 +553,9 @@ impl Peer {
         self.reads.fail_all(HamokError::Closed);
         self.leave.finish(Err(HamokError::Closed));
         self.out.emit(HamokEvent::Close);
+        // Release the store (a durable one's directory lock) now, before the handle can see the peer
+        // closed: a peer restarted on the same directory right after must find it free.
+        self.apply.release_store();
     }
 
     // --------------------------------------------------------------------------------------------
