@@ -8,9 +8,7 @@
 //!   at once on a dead link (`dropped_link_down`) or whatever the bus refuses, and put the frame in a
 //!   bounded queue without waiting (a full queue: `dropped_queue_full`);
 //! - a writer task drains that queue in batches of at most [`Publisher::batch_limit`] frames, each batch
-//!   written before the next is taken; a publisher error kills the link; while nothing is queued or
-//!   being written, a bus that can ([`Bus::try_write_now`]) takes the frame at once instead, which saves
-//!   the writer task's wake-up on every frame of a link that keeps up;
+//!   written before the next is taken; a publisher error kills the link;
 //! - a reader task hands each received frame straight to the peer's bounded [`Inbound`]
 //!   (`frames_received`, `bytes_received`, `dropped_inbound_full`, `self_echo_skipped`), and kills
 //!   the link when the broker's stream fails or ends;
@@ -19,7 +17,7 @@
 //!   tears the connection down (also on drop).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -55,19 +53,6 @@ pub(crate) trait Bus: Send + Sync + 'static {
     /// Disconnects from the broker, without waiting (called once, by the first `close`, after the
     /// link's tasks were stopped).
     fn shutdown(&self);
-
-    /// Writes `frame` to `address` at once, from the sending task, if the broker client takes it
-    /// without waiting, counting it as the writer task would (`Ok`); otherwise gives both back to be
-    /// queued. Called only while nothing is queued or being written, so frames keep their order.
-    /// Default: always queue.
-    fn try_write_now(
-        &self,
-        address: Self::Address,
-        frame: Bytes,
-        _counters: &Counters,
-    ) -> Result<(), (Self::Address, Bytes)> {
-        Err((address, frame))
-    }
 }
 
 /// How one broker writes the frames of a [`BusLink`]'s queue; runs in the link's writer task.
@@ -161,8 +146,6 @@ pub(crate) struct BusLink<B: Bus> {
     state: Arc<LinkState>,
     bus: B,
     tx: mpsc::Sender<(B::Address, Bytes)>,
-    /// Frames queued or being written by the writer task; a frame may skip the queue only at 0.
-    unwritten: Arc<AtomicUsize>,
     tasks: Tasks,
     torn_down: AtomicBool,
 }
@@ -185,21 +168,14 @@ impl<B: Bus> BusLink<B> {
         S: Stream<Item = Received> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(outbound_capacity);
-        let unwritten = Arc::new(AtomicUsize::new(0));
         let tasks = Tasks::default();
         tasks.push(tokio::spawn(read(received, inbound, state.clone(), ended)));
-        tasks.push(tokio::spawn(write(
-            rx,
-            publisher,
-            state.clone(),
-            unwritten.clone(),
-        )));
+        tasks.push(tokio::spawn(write(rx, publisher, state.clone())));
         Counters::bump(&state.counters.links_opened);
         BusLink {
             state,
             bus,
             tx,
-            unwritten,
             tasks,
             torn_down: AtomicBool::new(false),
         }
@@ -217,19 +193,7 @@ impl<B: Bus> BusLink<B> {
             return Err(link_closed());
         }
         self.bus.admit(&frame, counters)?;
-        // Only while nothing is queued or being written: a sender's frames keep their order.
-        let (address, frame) = if self.unwritten.load(Ordering::Acquire) == 0 {
-            match self.bus.try_write_now(address, frame, counters) {
-                Ok(()) => return Ok(()),
-                Err(back) => back,
-            }
-        } else {
-            (address, frame)
-        };
-        self.unwritten.fetch_add(1, Ordering::AcqRel);
-        enqueue(&self.tx, (address, frame), counters).inspect_err(|_| {
-            self.unwritten.fetch_sub(1, Ordering::AcqRel);
-        })
+        enqueue(&self.tx, (address, frame), counters)
     }
 }
 
@@ -319,25 +283,15 @@ where
 }
 
 /// The writer task: batches from the bounded queue, each written before the next is taken.
-async fn write<A, P>(
-    mut rx: mpsc::Receiver<(A, Bytes)>,
-    mut publisher: P,
-    state: Arc<LinkState>,
-    unwritten: Arc<AtomicUsize>,
-) where
+async fn write<A, P>(mut rx: mpsc::Receiver<(A, Bytes)>, mut publisher: P, state: Arc<LinkState>)
+where
     P: Publisher<A>,
 {
     let limit = publisher.batch_limit().max(1);
     let mut batch = Vec::with_capacity(limit);
-    loop {
-        let taken = rx.recv_many(&mut batch, limit).await;
-        if taken == 0 {
-            break;
-        }
+    while rx.recv_many(&mut batch, limit).await > 0 {
         let outcome = publisher.publish(&mut batch, state.counters()).await;
         batch.clear();
-        // Written (or counted lost): later frames may now go straight to the client.
-        unwritten.fetch_sub(taken, Ordering::AcqRel);
         if let Err(reason) = outcome {
             state.die(reason);
             return;
@@ -376,12 +330,7 @@ mod tests {
     /// frames go to a channel, and a frame "fail" fails the publish.
     struct FakeBus {
         shut: Arc<AtomicBool>,
-        /// Where frames written at once go (the publisher's sink), while the flag says the client
-        /// takes them; `None`: this bus always queues.
-        direct: Option<(Arc<AtomicBool>, Sink)>,
     }
-
-    type Sink = mpsc::UnboundedSender<(String, Bytes)>;
 
     impl Bus for FakeBus {
         type Address = String;
@@ -409,26 +358,10 @@ mod tests {
         fn shutdown(&self) {
             assert!(!self.shut.swap(true, Ordering::AcqRel), "shut down twice");
         }
-
-        fn try_write_now(
-            &self,
-            to: String,
-            frame: Bytes,
-            counters: &Counters,
-        ) -> Result<(), (String, Bytes)> {
-            match &self.direct {
-                Some((takes, out)) if takes.load(Ordering::Acquire) => {
-                    Counters::bump(&counters.frames_sent);
-                    let _ = out.send((to, frame));
-                    Ok(())
-                }
-                _ => Err((to, frame)),
-            }
-        }
     }
 
     struct FakePublisher {
-        out: Sink,
+        out: mpsc::UnboundedSender<(String, Bytes)>,
         /// Holds the writer until a permit is given, so the queue can be filled.
         gate: Arc<tokio::sync::Semaphore>,
     }
@@ -471,15 +404,6 @@ mod tests {
 
     /// A link with a queue of `capacity`, an inbound of 2 frames, a closed writer gate.
     fn fixture(capacity: usize, death_is_disconnect: bool) -> Fixture {
-        fixture_with(capacity, death_is_disconnect, None)
-    }
-
-    /// `fixture`, with a bus that writes frames at once while `direct` is set.
-    fn fixture_with(
-        capacity: usize,
-        death_is_disconnect: bool,
-        direct: Option<Arc<AtomicBool>>,
-    ) -> Fixture {
         let counters = Arc::new(Counters::default());
         let state = LinkState::new(counters.clone(), death_is_disconnect);
         let (out_tx, out) = mpsc::unbounded_channel();
@@ -491,10 +415,7 @@ mod tests {
         let shut = Arc::new(AtomicBool::new(false));
         let link = BusLink::start(
             state,
-            FakeBus {
-                shut: shut.clone(),
-                direct: direct.map(|takes| (takes, out_tx.clone())),
-            },
+            FakeBus { shut: shut.clone() },
             FakePublisher {
                 out: out_tx,
                 gate: gate.clone(),
@@ -559,37 +480,6 @@ mod tests {
         assert_eq!(s.dropped_too_large, 1);
         assert_eq!(s.dropped_queue_full, refused);
         assert_eq!(s.links_opened, 1);
-    }
-
-    #[tokio::test]
-    async fn a_frame_skips_the_queue_only_when_nothing_is_queued_so_order_is_kept() {
-        let takes = Arc::new(AtomicBool::new(true));
-        let mut f = fixture_with(8, false, Some(takes.clone()));
-        let p = PeerId::from("p");
-        // Nothing queued: written at once, with the writer still held at its gate.
-        f.link.send(&p, b("1")).unwrap();
-        assert_eq!(f.out.try_recv().unwrap(), ("peer.p".into(), b("1")));
-        // The client cannot take "2" now: it is queued behind the closed gate.
-        takes.store(false, Ordering::Release);
-        f.link.send(&p, b("2")).unwrap();
-        // The client could take "3", but "2" is still queued: "3" must not overtake it.
-        takes.store(true, Ordering::Release);
-        f.link.send(&p, b("3")).unwrap();
-        tokio::task::yield_now().await;
-        assert!(f.out.try_recv().is_err(), "nothing passed the gate");
-        f.gate.add_permits(2);
-        assert_eq!(within(f.out.recv()).await, Some(("peer.p".into(), b("2"))));
-        assert_eq!(within(f.out.recv()).await, Some(("peer.p".into(), b("3"))));
-        // Once the queue is written out, frames go straight through again (the gate stays shut).
-        within(async {
-            while f.link.unwritten.load(Ordering::Acquire) > 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await;
-        f.link.send(&p, b("4")).unwrap();
-        assert_eq!(f.out.try_recv().unwrap(), ("peer.p".into(), b("4")));
-        assert_eq!(f.counters.snapshot().frames_sent, 4);
     }
 
     #[tokio::test]

@@ -62,7 +62,7 @@ use async_nats::client::RequestErrorKind;
 use async_nats::connection::State;
 use async_nats::{Client, ClientError, ConnectOptions, Event, ServerAddr, Subject};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use hamok_runtime::raft::PeerId;
 use hamok_runtime::transport::{BoxFuture, Inbound, Link, Transport};
 use hamok_runtime::HamokError;
@@ -660,31 +660,6 @@ impl Bus for NatsBus {
         Ok(())
     }
 
-    fn try_write_now(
-        &self,
-        subject: Subject,
-        frame: Bytes,
-        counters: &Counters,
-    ) -> Result<(), (Subject, Bytes)> {
-        if disconnected(&self.client, counters) {
-            return Ok(());
-        }
-        let len = frame.len() as u64;
-        // The client's publish only puts the frame in its bounded command queue: it completes at its
-        // first poll unless that queue is full (dropping it unfinished sends nothing).
-        match self
-            .client
-            .publish(subject.clone(), frame.clone())
-            .now_or_never()
-        {
-            Some(outcome) => {
-                count_publish(outcome, len, counters);
-                Ok(())
-            }
-            None => Err((subject, frame)),
-        }
-    }
-
     fn shutdown(&self) {
         let client = self.client.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -712,37 +687,24 @@ impl Publisher<Subject> for NatsPublisher {
         counters: &Counters,
     ) -> Result<(), String> {
         for (subject, payload) in batch.drain(..) {
-            if disconnected(&self.client, counters) {
+            if self.client.connection_state() == State::Disconnected {
+                // Stale by the time we are back: Raft will resend what matters.
+                Counters::bump(&counters.dropped_link_down);
                 continue;
             }
             let len = payload.len() as u64;
-            count_publish(self.client.publish(subject, payload).await, len, counters);
+            match self.client.publish(subject, payload).await {
+                Ok(()) => {
+                    Counters::bump(&counters.frames_sent);
+                    Counters::add(&counters.bytes_sent, len);
+                }
+                Err(e) => {
+                    Counters::bump(&counters.dropped_publish_failed);
+                    tracing::debug!(error = %e, "NATS publish failed");
+                }
+            }
         }
         Ok(())
-    }
-}
-
-/// Whether the client is disconnected; a frame is then dropped and counted: stale by the time we are
-/// back, and Raft resends what matters.
-fn disconnected(client: &Client, counters: &Counters) -> bool {
-    let down = client.connection_state() == State::Disconnected;
-    if down {
-        Counters::bump(&counters.dropped_link_down);
-    }
-    down
-}
-
-/// Counts what became of one frame handed to the client.
-fn count_publish(outcome: Result<(), async_nats::PublishError>, len: u64, counters: &Counters) {
-    match outcome {
-        Ok(()) => {
-            Counters::bump(&counters.frames_sent);
-            Counters::add(&counters.bytes_sent, len);
-        }
-        Err(e) => {
-            Counters::bump(&counters.dropped_publish_failed);
-            tracing::debug!(error = %e, "NATS publish failed");
-        }
     }
 }
 
