@@ -158,6 +158,12 @@ impl<L: Logic> StateMachine for Machine<L> {
         encode(&(self.core.initialized, &*state))
     }
 
+    fn snapshot_into(&self, out: &mut Vec<u8>) -> Result<(), HamokError> {
+        let state = read_lock(&self.core.state);
+        rmp_serde::encode::write(out, &(self.core.initialized, &*state))?;
+        Ok(())
+    }
+
     fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
         let (initialized, state): (bool, L::State) = decode(data)?;
         self.core.initialized = initialized;
