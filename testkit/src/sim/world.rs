@@ -1379,6 +1379,24 @@ fn record(
     (ret, ret_ms)
 }
 
+/// [`record`] for an operation outside the key-value history (queue pushes, takes, acks): timed,
+/// noted and bounded like the others, but no key and no [`OpKind`] for the linearizability check.
+#[allow(clippy::too_many_arguments)]
+fn record_other(
+    shared: &SharedRef,
+    c: usize,
+    peer: &str,
+    id: u64,
+    call_stamp: u64,
+    call_ms: u64,
+    completed: bool,
+    outcome: String,
+) -> (u64, u64) {
+    record(
+        shared, c, peer, id, 0, None, call_stamp, call_ms, completed, outcome,
+    )
+}
+
 async fn put(
     shared: &SharedRef,
     c: usize,
@@ -1477,18 +1495,7 @@ async fn push(shared: &SharedRef, c: usize, peer: &str, queue: &HamokQueue<u64>)
     let (id, stamp, call_ms) = call(shared);
     let r = queue.push_one(id).await;
     let outcome = format!("push({id}) -> {r:?}");
-    record(
-        shared,
-        c,
-        peer,
-        id,
-        0,
-        None,
-        stamp,
-        call_ms,
-        r.is_ok(),
-        outcome,
-    );
+    record_other(shared, c, peer, id, stamp, call_ms, r.is_ok(), outcome);
     lock(shared).pushes.push(Push {
         value: id,
         acked: r.is_ok(),
@@ -1518,18 +1525,7 @@ async fn push_jobs(
     }
     let r = jobs.push(values.iter().copied()).await;
     let outcome = format!("{JOBS} push({values:?}) -> {r:?}");
-    record(
-        shared,
-        c,
-        peer,
-        id,
-        0,
-        None,
-        stamp,
-        call_ms,
-        r.is_ok(),
-        outcome,
-    );
+    record_other(shared, c, peer, id, stamp, call_ms, r.is_ok(), outcome);
     let answer = match &r {
         Ok(_) => Answer::Yes,
         Err(e) => Answer::of_error(e),
@@ -1564,18 +1560,7 @@ async fn consume(
         ),
         Err(e) => format!("{JOBS} take_many({n}, {lease_ms} ms) -> Err({e:?})"),
     };
-    let (ret, ret_ms) = record(
-        shared,
-        c,
-        peer,
-        op,
-        0,
-        None,
-        stamp,
-        call_ms,
-        r.is_ok(),
-        outcome,
-    );
+    let (ret, ret_ms) = record_other(shared, c, peer, op, stamp, call_ms, r.is_ok(), outcome);
     let got = match r {
         Ok(got) => got,
         Err(e) => {
@@ -1611,18 +1596,7 @@ async fn consume(
         let (op, stamp, call_ms) = call(shared);
         let r = jobs.ack_many(&ids).await;
         let outcome = format!("{JOBS} ack_many({ids:?}) -> {r:?}");
-        let (ret, ret_ms) = record(
-            shared,
-            c,
-            peer,
-            op,
-            0,
-            None,
-            stamp,
-            call_ms,
-            r.is_ok(),
-            outcome,
-        );
+        let (ret, ret_ms) = record_other(shared, c, peer, op, stamp, call_ms, r.is_ok(), outcome);
         let mut retry = Vec::new();
         {
             let mut s = lock(shared);
@@ -1761,7 +1735,7 @@ async fn settle(
     };
     let outcome = format!("{JOBS} {outcome} (item {value})");
     let done = matches!(answer, Answer::Yes | Answer::No);
-    let (ret, ret_ms) = record(shared, c, peer, op, 0, None, stamp, call_ms, done, outcome);
+    let (ret, ret_ms) = record_other(shared, c, peer, op, stamp, call_ms, done, outcome);
     lock(shared).jobs.settles.push(Settle {
         kind,
         value,
@@ -1781,18 +1755,7 @@ async fn pop_and_abandon(shared: &SharedRef, c: usize, peer: &str, jobs: &HamokQ
     let (op, stamp, call_ms) = call(shared);
     let r = jobs.pop().await;
     let outcome = format!("{JOBS} pop() -> {r:?}, abandoned");
-    record(
-        shared,
-        c,
-        peer,
-        op,
-        0,
-        None,
-        stamp,
-        call_ms,
-        r.is_ok(),
-        outcome,
-    );
+    record_other(shared, c, peer, op, stamp, call_ms, r.is_ok(), outcome);
     if let Ok(Some(_)) = r {
         lock(shared).jobs.popped += 1;
     }
