@@ -397,3 +397,97 @@ async fn a_failed_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
     }
     a.close().await;
 }
+
+/// A store whose `sync` (once armed) waits until another task of the runtime answers: it can only be
+/// answered if waiting on the store does not hold the runtime's only worker thread.
+struct WaitingStore {
+    inner: hamok::runtime::store::MemoryLogStore,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waiting: std::sync::Arc<tokio::sync::Notify>,
+    answer: std::sync::mpsc::Receiver<()>,
+    starved: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hamok::runtime::store::LogStore for WaitingStore {
+    fn load(&mut self) -> Result<hamok::runtime::raft::PersistedState, HamokError> {
+        self.inner.load()
+    }
+    fn save_hard_state(&mut self, s: &hamok::runtime::raft::HardState) -> Result<(), HamokError> {
+        self.inner.save_hard_state(s)
+    }
+    fn save_snapshot(&mut self, s: &hamok::runtime::raft::Snapshot) -> Result<(), HamokError> {
+        self.inner.save_snapshot(s)
+    }
+    fn write_entries(
+        &mut self,
+        from: u64,
+        entries: &[hamok::runtime::raft::Entry],
+    ) -> Result<(), HamokError> {
+        self.inner.write_entries(from, entries)
+    }
+    fn sync(&mut self) -> Result<(), HamokError> {
+        use std::sync::atomic::Ordering;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.waiting.notify_one();
+            // Bounded: a runtime that cannot run the answering task is recorded, not a hang.
+            if self
+                .answer
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .is_err()
+            {
+                self.starved.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+    fn size(&self) -> (u64, u64) {
+        self.inner.size()
+    }
+    // `may_block` keeps its default (`true`): this store waits.
+}
+
+/// A store that waits (an `fdatasync`) does not stop the other tasks of the process, even on a runtime
+/// with one worker thread: the node makes its calls under `block_in_place`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_store_waiting_on_its_disk_does_not_stop_the_runtime() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let cluster = TestCluster::new("durable-blocking", Opts::default());
+    let armed = Arc::new(AtomicBool::new(false));
+    let waiting = Arc::new(tokio::sync::Notify::new());
+    let starved = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let a = register_kinds(Hamok::builder())
+        .peer_id("a")
+        .cluster_id(cluster.cluster_id.clone())
+        .transport(cluster.hub.clone())
+        .log_store(WaitingStore {
+            inner: hamok::runtime::store::MemoryLogStore::new(),
+            armed: armed.clone(),
+            waiting: waiting.clone(),
+            answer: rx,
+            starved: starved.clone(),
+        })
+        .build()
+        .await
+        .unwrap();
+    a.join().await.unwrap();
+    let map = a.get_or_create_map::<u32, u32>("m").await.unwrap();
+    // The answering task runs on the runtime's worker, like every task of the process.
+    let answerer = tokio::spawn({
+        let waiting = waiting.clone();
+        async move {
+            waiting.notified().await;
+            let _ = tx.send(());
+        }
+    });
+    armed.store(true, Ordering::SeqCst);
+    map.set(1, 1).await.unwrap();
+    assert!(
+        !starved.load(Ordering::SeqCst),
+        "the store's wait held the only worker: the answering task never ran"
+    );
+    answerer.await.unwrap();
+    a.close().await;
+}

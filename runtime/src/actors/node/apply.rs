@@ -36,8 +36,6 @@ pub(super) enum CommandApplied {
 
 pub(super) struct Apply {
     store: Box<dyn LogStore>,
-    /// The store's calls may wait on the disk ([`LogStore::may_block`]).
-    store_blocks: bool,
     state_machines: StateMachines,
     attach_hooks: BTreeMap<String, Vec<AttachFn>>,
     snapshot_after_entries: u64,
@@ -51,7 +49,6 @@ impl Apply {
         config: &HamokConfig,
     ) -> Self {
         Apply {
-            store_blocks: store.may_block(),
             store,
             state_machines: StateMachines::new(kinds),
             attach_hooks: BTreeMap::new(),
@@ -63,7 +60,6 @@ impl Apply {
     /// Drops the store (closing a durable one's files and lock); a closed peer persists nothing more.
     pub(super) fn release_store(&mut self) {
         self.store = Box::new(Released);
-        self.store_blocks = false;
     }
 
     /// The planted bug `fence_not_checked` (see `PlantedBugs`).
@@ -110,8 +106,7 @@ impl Apply {
     /// before serving anything (a durable store syncs the mark with the next batch that must be synced,
     /// as etcd does: a power cut can take the mark back, never an acknowledged entry).
     pub(super) fn persist(&mut self, ready: &Ready) -> Result<(), HamokError> {
-        let blocks = self.store_blocks;
-        off_the_runtime(blocks, || self.persist_now(ready))
+        off_the_runtime(self.store.may_block(), || self.persist_now(ready))
     }
 
     fn persist_now(&mut self, ready: &Ready) -> Result<(), HamokError> {
@@ -139,8 +134,7 @@ impl Apply {
 
     /// Time passed: lets a store with an interval sync policy sync writes that wait for it.
     pub(super) fn tick(&mut self) -> Result<(), HamokError> {
-        let blocks = self.store_blocks;
-        off_the_runtime(blocks, || self.store.sync())
+        off_the_runtime(self.store.may_block(), || self.store.sync())
     }
 
     /// Replaces every collection with a received snapshot's, running the attach hooks.
@@ -246,8 +240,9 @@ impl Apply {
         }
         let data = self.state_machines.snapshot()?;
         raft.compact(applied, data)?;
-        let blocks = self.store_blocks;
-        off_the_runtime(blocks, || self.store.save_snapshot(raft.snapshot()))?;
+        off_the_runtime(self.store.may_block(), || {
+            self.store.save_snapshot(raft.snapshot())
+        })?;
         Counters::bump(&counters.snapshots_taken);
         Ok(Some(applied))
     }
