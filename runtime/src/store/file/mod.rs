@@ -2,77 +2,46 @@
 //!
 //! Layout of the directory:
 //!
-//! * `log/`: the write-ahead log, kept by the `raft-log` crate (chunked files, a checksum per record,
-//!   an exclusive `LOCK` file): term and vote as one record, entries, truncations, purges behind the
-//!   snapshot, the commit mark, and this peer's id.
+//! * `wal/`: the write-ahead log (`wal.rs`: chunk files of checksummed records, an exclusive `LOCK`
+//!   file): term and vote as one record, entries, truncations, purges behind the snapshot, the commit
+//!   mark, and this peer's id with the cluster incarnation. Written and synced on the calling thread.
 //! * `snapshot`: the latest snapshot, replaced atomically (see `snapshot.rs`).
 //!
 //! Recovery rules (at [`FileLogStore::open`]):
 //!
-//! * a torn tail (the last record of the last chunk cut short, or trailing zeros) is cut at the last
-//!   valid record: it was never synced, so it was never acknowledged;
+//! * a torn tail (after the last record that verifies in the last chunk, no record verifies: cut
+//!   short, zeros, the rest of an interrupted write) is cut at the last valid record: it was never
+//!   synced, so it was never acknowledged;
 //! * a bad checksum or an undecodable record anywhere else, a missing chunk or a gap between chunks, a
 //!   log that does not continue its snapshot, or a snapshot file that does not verify is
 //!   [`StorageError::Corrupt`]: the peer refuses to start (cutting there could drop committed entries);
 //! * a directory whose lock another live process holds is [`StorageError::Locked`];
+//! * a directory in the layout of earlier builds (a `log/` of the `raft-log` crate) is
+//!   [`StorageError::Corrupt`], never read as empty;
 //! * a crash between writing a snapshot and purging the log behind it is finished on open.
 //!
 //! After any failed write or `fdatasync` the store refuses every call ([`StorageError::Io`]), so the
 //! peer stops: a failed fsync is never retried.
 
 mod snapshot;
+mod wal;
 
 use std::collections::VecDeque;
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, SyncSender};
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use raft_log::api::raft_log_writer::RaftLogWriter;
-use raft_log::{RaftLog, Types};
 
 use super::{LogStore, StorageError, SyncPolicy};
 use crate::config::StorageConfig;
 use crate::error::{Cause, HamokError};
-use crate::raft::{
-    Entry, EntryPayload, HardState, LogIndex, PeerId, PersistedState, Snapshot, Term,
-};
+use crate::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot, Term};
+use wal::{Recovered, Wal};
 
 /// Largest chunk file of the log: the log is compacted behind snapshots a whole chunk at a time, so
 /// this bounds the disk a compacted log still holds (with the default snapshot thresholds, a chunk
 /// spans several snapshots).
 const CHUNK_MAX_BYTES: usize = 64 << 20;
-/// Entries whose payload the log keeps cached in memory besides the engine's own copy (reads at open
-/// go to disk past it).
-const CACHE_MAX_ENTRIES: usize = 1_024;
-const CACHE_MAX_BYTES: usize = 8 << 20;
-/// Read buffer of the log's chunk reader.
-const READ_BUFFER_BYTES: usize = 1 << 20;
-
-/// The log's record types, on `raft-log`'s own codecs (each record is checksummed by the log).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct LogTypes;
-
-impl Types for LogTypes {
-    /// `(term, index)`: ordered by term, then index.
-    type LogId = (u64, u64);
-    /// The MessagePack encoding of the entry's [`EntryPayload`].
-    type LogPayload = Vec<u8>;
-    /// `(term, voted_for)`: term and vote in one record, never torn apart.
-    type Vote = (u64, Option<String>);
-    type Callback = SyncSender<Result<(), io::Error>>;
-    /// The id of the peer that owns the directory, and the incarnation of the cluster its log belongs to.
-    type UserData = (String, u64);
-
-    fn log_index(log_id: &(u64, u64)) -> u64 {
-        log_id.1
-    }
-
-    fn payload_size(payload: &Vec<u8>) -> u64 {
-        payload.len() as u64
-    }
-}
 
 /// Options of a [`FileLogStore`] beyond its directory.
 #[derive(Clone, Debug)]
@@ -125,7 +94,7 @@ impl FileLogStoreOptions {
 /// ```
 pub struct FileLogStore {
     dir: PathBuf,
-    log: RaftLog<LogTypes>,
+    wal: Wal,
     options: FileLogStoreOptions,
     snapshot_index: LogIndex,
     snapshot_term: Term,
@@ -163,22 +132,15 @@ impl FileLogStore {
     /// verifies everything (the log and the snapshot), so a damaged directory fails here, typed.
     pub fn open(dir: impl AsRef<Path>, options: FileLogStoreOptions) -> Result<Self, HamokError> {
         let dir = dir.as_ref().to_path_buf();
-        let log_dir = dir.join("log");
-        std::fs::create_dir_all(&log_dir)
+        std::fs::create_dir_all(&dir)
             .map_err(|e| snapshot::io_error(&dir, "create storage directory", e))?;
+        refuse_old_layout(&dir)?;
+        let (wal, recovered) = Wal::open(&dir, options.chunk_max_bytes)?;
         snapshot::remove_leftover(&dir)?;
-        let mut config = raft_log::Config::new(log_dir.to_string_lossy());
-        config.wal.chunk_max_size = Some(options.chunk_max_bytes);
-        config.wal.read_buffer_size = Some(READ_BUFFER_BYTES);
-        // One sync per Ready is the batching: the log's worker must not wait for more.
-        config.wal.flush_batch_wait = Some(Duration::ZERO);
-        config.log_cache_max_items = Some(CACHE_MAX_ENTRIES);
-        config.log_cache_capacity = Some(CACHE_MAX_BYTES);
-        let log = RaftLog::<LogTypes>::open(Arc::new(config)).map_err(|e| open_error(&dir, e))?;
         let snapshot = snapshot::read(&dir)?.unwrap_or_default();
         let mut store = FileLogStore {
             dir,
-            log,
+            wal,
             options,
             snapshot_index: snapshot.meta.last_index,
             snapshot_term: snapshot.meta.last_term,
@@ -192,7 +154,7 @@ impl FileLogStore {
             unsynced: false,
             failed: None,
         };
-        let loaded = store.recover(snapshot)?;
+        let loaded = store.recover(snapshot, recovered)?;
         store.loaded = Some(loaded);
         Ok(store)
     }
@@ -210,11 +172,15 @@ impl FileLogStore {
         }
     }
 
-    /// Reads the log against the snapshot, finishes an interrupted snapshot install, and returns what
+    /// Checks the log against the snapshot, finishes an interrupted snapshot install, and returns what
     /// the engine restarts from.
-    fn recover(&mut self, snapshot: Snapshot) -> Result<PersistedState, StorageError> {
-        let state = self.log.log_state().clone();
-        let purged = state.purged().map_or(0, |p| p.1);
+    fn recover(
+        &mut self,
+        snapshot: Snapshot,
+        recovered: Recovered,
+    ) -> Result<PersistedState, StorageError> {
+        let Recovered { state, mut entries } = recovered;
+        let purged = state.base.0;
         let has_snapshot_file = snapshot.meta.last_index > 0 || !snapshot.data.is_empty();
         if purged > self.snapshot_index {
             return Err(self.corrupt(format!(
@@ -227,67 +193,20 @@ impl FileLogStore {
                 self.snapshot_index
             )));
         }
-        if state.purged().is_none() && state.last().is_none() {
-            // A new directory: the base every later truncation refers to.
-            self.log
-                .purge((0, 0))
-                .map_err(|e| self.io("initialise log", e))?;
-            self.flush(true)?;
-        }
-        // Read every entry after the snapshot, checking that they continue it.
-        let last = state.last().map_or(0, |l| l.1);
-        let mut entries = Vec::new();
-        let mut conflict = false;
-        if last >= self.snapshot_index && self.snapshot_index > purged {
-            // The entry at the snapshot's index must be the snapshot's own.
-            match self
-                .log
-                .read(self.snapshot_index, self.snapshot_index + 1)
-                .next()
-            {
-                Some(Ok(((term, _), _))) => conflict = term != self.snapshot_term,
-                Some(Err(e)) => return Err(self.read_error(self.snapshot_index, e)),
-                None => conflict = true,
-            }
-        } else if last < self.snapshot_index {
-            conflict = true;
-        }
-        if !conflict {
-            let mut expected = self.snapshot_index + 1;
-            for item in self.log.read(self.snapshot_index + 1, last + 1) {
-                let ((term, index), payload) = item.map_err(|e| self.read_error(expected, e))?;
-                if index != expected {
-                    return Err(self.corrupt(format!(
-                        "log entry {index} where {expected} was expected (a chunk is missing)"
-                    )));
-                }
-                let payload: EntryPayload =
-                    rmp_serde::from_slice(&payload).map_err(|e| StorageError::Corrupt {
-                        dir: self.dir.clone(),
-                        detail: format!("log entry {index} does not decode"),
-                        source: Some(Cause::new(e)),
-                    })?;
-                entries.push(Entry {
-                    index,
-                    term,
-                    payload,
-                });
-                expected += 1;
-            }
-            if expected != last + 1 {
-                return Err(self.corrupt(format!(
-                    "the log ends at {} but records entries up to {last}",
-                    expected - 1
-                )));
-            }
-        }
-        if self.snapshot_index > purged || conflict {
+        // The entry at the snapshot's index, when the log still holds it, must be the snapshot's own
+        // (the entries are contiguous from `purged + 1`).
+        let conflict = self.snapshot_index > purged
+            && entries
+                .get((self.snapshot_index - purged - 1) as usize)
+                .is_none_or(|e| e.term != self.snapshot_term);
+        if self.snapshot_index > purged {
             // A crash came between writing the snapshot and compacting the log behind it (or the log
             // conflicts with a snapshot installed from the leader): finish it.
             self.adopt_snapshot(conflict)?;
-            entries.clear();
-            if !conflict {
-                return self.recover(snapshot);
+            if conflict {
+                entries.clear();
+            } else {
+                entries.drain(..(self.snapshot_index - purged) as usize);
             }
         }
         for e in &entries {
@@ -295,20 +214,14 @@ impl FileLogStore {
                 .push_back((e.term, u32::try_from(e.size_bytes()).unwrap_or(u32::MAX)));
             self.entry_bytes += e.size_bytes() as u64;
         }
-        let committed = state
-            .committed()
-            .map_or(0, |c| c.1)
-            .max(self.snapshot_index);
+        let committed = state.commit.0.max(self.snapshot_index);
         self.committed = committed;
-        let hard_state = match state.vote().cloned() {
-            Some((term, voted_for)) => HardState {
+        let (term, voted_for) = state.vote;
+        Ok(PersistedState {
+            hard_state: HardState {
                 term,
                 voted_for: voted_for.map(PeerId::from),
             },
-            None => HardState::default(),
-        };
-        Ok(PersistedState {
-            hard_state,
             snapshot,
             entries,
             committed,
@@ -320,10 +233,9 @@ impl FileLogStore {
     fn adopt_snapshot(&mut self, conflict: bool) -> Result<(), StorageError> {
         let (index, term) = (self.snapshot_index, self.snapshot_term);
         if conflict {
-            let state = self.log.log_state();
-            let last = state.last().map_or(0, |l| l.1);
-            let first_kept = state.purged().map_or(0, |p| p.1) + 1;
-            let committed = state.committed().map_or(0, |c| c.1);
+            let last = self.wal.last_index();
+            let first_kept = self.wal.state().base.0 + 1;
+            let committed = self.wal.state().commit.0;
             if committed >= index {
                 return Err(self.corrupt(format!(
                     "the snapshot at ({index}, {term}) conflicts with committed log entries up to {committed}"
@@ -331,31 +243,12 @@ impl FileLogStore {
             }
             let from = first_kept.max(committed + 1);
             if from <= last {
-                self.log
-                    .truncate(from)
-                    .map_err(|e| self.io("truncate the log under a snapshot", e))?;
+                self.wal.truncate(from);
             }
         }
-        self.log
-            .purge((term, index))
-            .map_err(|e| self.io("compact the log behind a snapshot", e))?;
+        self.wal.purge(index, term);
         // Always synced: compacted chunks are removed only behind a synced purge.
         self.flush(true)
-    }
-
-    fn read_error(&self, index: LogIndex, e: io::Error) -> StorageError {
-        StorageError::Corrupt {
-            dir: self.dir.clone(),
-            detail: format!("log entry {index} is unreadable"),
-            source: Some(Cause::new(e)),
-        }
-    }
-
-    fn io(&self, context: &str, e: io::Error) -> StorageError {
-        StorageError::Io {
-            context: format!("{context} in {}", self.dir.display()),
-            source: Some(Cause::new(e)),
-        }
     }
 
     /// Fails with the error that stopped the store, if any.
@@ -372,8 +265,7 @@ impl FileLogStore {
         HamokError::Storage(e)
     }
 
-    /// Hands the pending writes to the log's writer and waits until they are written (and synced, when
-    /// `sync`).
+    /// Writes the pending records to the log's open chunk (and syncs it, when `sync`), on this thread.
     fn flush(&mut self, sync: bool) -> Result<(), StorageError> {
         #[cfg(any(test, feature = "testing"))]
         if sync
@@ -388,20 +280,15 @@ impl FileLogStore {
                 source: None,
             });
         }
-        let (tx, rx) = sync_channel(1);
-        self.log
-            .flush(sync, Some(tx))
-            .map_err(|e| self.io("flush the log", e))?;
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.io(if sync { "fdatasync" } else { "write" }, e)),
-            Err(_) => {
-                return Err(StorageError::Io {
-                    context: format!("the log writer of {} stopped", self.dir.display()),
-                    source: None,
-                })
-            }
-        }
+        let wal_dir = self.dir.join(wal::DIR_NAME);
+        self.wal.flush(sync).map_err(|e| StorageError::Io {
+            context: format!(
+                "{} in {}",
+                if sync { "fdatasync" } else { "write" },
+                wal_dir.display()
+            ),
+            source: Some(Cause::new(e)),
+        })?;
         self.dirty = false;
         self.needs_sync = false;
         if sync {
@@ -460,50 +347,38 @@ impl FileLogStore {
             ));
         }
         if from <= last {
-            self.log
-                .truncate(from)
-                .map_err(|e| self.io("truncate the log", e))?;
+            self.wal.truncate(from);
             let keep = (from - self.snapshot_index - 1) as usize;
             for (_, bytes) in self.entries.drain(keep..) {
                 self.entry_bytes -= u64::from(bytes);
             }
             self.committed = self.committed.min(from - 1);
         }
-        let mut records = Vec::with_capacity(entries.len());
         for e in entries.iter().filter(|e| e.index >= from) {
-            let payload = rmp_serde::to_vec(&e.payload)?;
+            self.wal.append(e)?;
             let bytes = e.size_bytes();
             self.entries
                 .push_back((e.term, u32::try_from(bytes).unwrap_or(u32::MAX)));
             self.entry_bytes += bytes as u64;
-            records.push(((e.term, e.index), payload));
         }
-        self.log
-            .append(records)
-            .map_err(|e| self.io("append to the log", e))?;
         self.dirty = true;
         self.needs_sync = true;
         Ok(())
     }
 }
 
-fn open_error(dir: &Path, e: io::Error) -> StorageError {
-    match e.kind() {
-        io::ErrorKind::WouldBlock => StorageError::Locked {
+/// A directory written by earlier builds, whose log was the `raft-log` crate's (`log/`), is refused,
+/// typed: read as this layout it would look empty, and a peer must never restart from nothing while
+/// its old state sits beside it.
+fn refuse_old_layout(dir: &Path) -> Result<(), StorageError> {
+    if dir.join("log").is_dir() {
+        return Err(StorageError::Corrupt {
             dir: dir.to_path_buf(),
-            source: Some(Cause::new(e)),
-        },
-        io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => StorageError::Io {
-            context: format!("open the log in {}", dir.display()),
-            source: Some(Cause::new(e)),
-        },
-        // Damaged records, gaps between chunks, records that break the log's own rules.
-        _ => StorageError::Corrupt {
-            dir: dir.to_path_buf(),
-            detail: "the log does not verify".into(),
-            source: Some(Cause::new(e)),
-        },
+            detail: "it holds a `log/` directory in the layout of earlier builds (the raft-log crate's), which this build does not read".into(),
+            source: None,
+        });
     }
+    Ok(())
 }
 
 /// Runs `f`; a storage error stops the store for good.
@@ -524,21 +399,26 @@ impl LogStore for FileLogStore {
         if let Some(loaded) = self.loaded.take() {
             return Ok(loaded);
         }
-        let snapshot = snapshot::read(&self.dir)?.unwrap_or_default();
-        self.entries.clear();
-        self.entry_bytes = 0;
-        guarded!(self, self.recover(snapshot).map_err(HamokError::Storage))
+        guarded!(self, {
+            let snapshot = snapshot::read(&self.dir)?.unwrap_or_default();
+            let recovered = self.wal.reread(&self.dir)?;
+            self.dirty = false;
+            self.entries.clear();
+            self.entry_bytes = 0;
+            self.snapshot_index = snapshot.meta.last_index;
+            self.snapshot_term = snapshot.meta.last_term;
+            self.recover(snapshot, recovered)
+                .map_err(HamokError::Storage)
+        })
     }
 
     fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError> {
         guarded!(self, {
-            let vote = (state.term, state.voted_for.as_ref().map(|p| p.to_string()));
+            self.wal
+                .save_vote(state.term, state.voted_for.as_ref().map(PeerId::as_str));
             self.dirty = true;
             self.needs_sync = true;
-            self.log
-                .save_vote(vote)
-                .map(|_| ())
-                .map_err(|e| HamokError::Storage(self.io("save term and vote", e)))
+            Ok(())
         })
     }
 
@@ -559,11 +439,9 @@ impl LogStore for FileLogStore {
                 Ok(())
             } else {
                 self.committed = index;
+                self.wal.commit(index, term);
                 self.dirty = true;
-                self.log
-                    .commit((term, index))
-                    .map(|_| ())
-                    .map_err(|e| HamokError::Storage(self.io("save the commit mark", e)))
+                Ok(())
             }
         })
     }
@@ -593,29 +471,22 @@ impl LogStore for FileLogStore {
     }
 
     fn peer_id(&self) -> Option<PeerId> {
-        self.log
-            .log_state()
-            .user_data
+        self.wal
+            .state()
+            .meta
             .as_ref()
             .map(|(id, _)| PeerId::from(id.clone()))
     }
 
     fn incarnation(&self) -> u64 {
-        self.log
-            .log_state()
-            .user_data
-            .as_ref()
-            .map_or(0, |(_, i)| *i)
+        self.wal.state().meta.as_ref().map_or(0, |(_, i)| *i)
     }
 
     fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
         guarded!(self, {
             let id = self.peer_id().map(|p| p.to_string()).unwrap_or_default();
-            self.log
-                .save_user_data(Some((id, incarnation)))
-                .map_err(|e| self.io("save the cluster incarnation", e))
-                .and_then(|_| self.flush(true))
-                .map_err(HamokError::Storage)
+            self.wal.save_meta(&id, incarnation);
+            self.flush(true).map_err(HamokError::Storage)
         })
     }
 
@@ -628,12 +499,11 @@ impl LogStore for FileLogStore {
                     stored,
                     configured: id.clone(),
                 })),
-                None => self
-                    .log
-                    .save_user_data(Some((id.to_string(), self.incarnation())))
-                    .map_err(|e| self.io("save the peer id", e))
-                    .and_then(|_| self.flush(true))
-                    .map_err(HamokError::Storage),
+                None => {
+                    let incarnation = self.incarnation();
+                    self.wal.save_meta(id.as_str(), incarnation);
+                    self.flush(true).map_err(HamokError::Storage)
+                }
             }
         })
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
-use crate::raft::{Membership, SnapshotMeta};
+use crate::raft::{EntryPayload, Membership, SnapshotMeta};
 
 fn e(index: LogIndex, term: Term, data: &[u8]) -> Entry {
     Entry {
@@ -56,7 +56,7 @@ fn ids(state: &PersistedState) -> Vec<(LogIndex, Term)> {
 }
 
 fn chunk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir.join("log"))
+    let mut files: Vec<PathBuf> = fs::read_dir(dir.join(wal::DIR_NAME))
         .unwrap()
         .map(|f| f.unwrap().path())
         .filter(|p| p.file_name().unwrap() != "LOCK")
@@ -333,4 +333,112 @@ fn the_memory_store_keeps_the_commit_mark_too() {
     s.write_entries(1, &entries(1, 5, 1)).unwrap();
     s.save_committed(4, 1).unwrap();
     assert_eq!(s.load().unwrap().committed, 4);
+}
+
+#[test]
+fn trailing_zeros_and_the_rest_of_an_interrupted_write_are_a_torn_tail() {
+    for tail in [
+        vec![0u8; 4096],
+        b"\x2a\x00\x00\x00garbage of a write cut short".to_vec(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path()).unwrap();
+        s.write_entries(1, &entries(1, 10, 1)).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let last = chunk_files(dir.path()).pop().unwrap();
+        let mut bytes = fs::read(&last).unwrap();
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(&tail);
+        fs::write(&last, bytes).unwrap();
+        let mut s = open(dir.path()).unwrap();
+        assert_eq!(ids(&s.load().unwrap()).last(), Some(&(10, 1)));
+        assert_eq!(fs::metadata(&last).unwrap().len(), whole, "the tail is cut");
+    }
+}
+
+#[test]
+fn a_damaged_record_in_a_closed_chunk_refuses_to_start_even_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    s.write_entries(1, &entries(1, 300, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let first = chunk_files(dir.path()).remove(0);
+    let mut bytes = fs::read(&first).unwrap();
+    let n = bytes.len();
+    // The last byte of the first chunk: a torn tail is possible only in the last chunk.
+    bytes[n - 1] ^= 0x01;
+    fs::write(&first, bytes).unwrap();
+    assert!(corrupt(FileLogStore::open(dir.path(), small_chunks_options())).contains("verify"));
+}
+
+#[test]
+fn a_truncation_across_chunks_and_a_cut_header_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    s.save_hard_state(&HardState {
+        term: 2,
+        voted_for: Some(PeerId::from("a")),
+    })
+    .unwrap();
+    s.write_entries(1, &entries(1, 300, 1)).unwrap();
+    s.save_committed(50, 1).unwrap();
+    s.sync().unwrap();
+    let chunks = chunk_files(dir.path()).len();
+    assert!(chunks >= 3, "{chunks}");
+    // A new leader replaces everything from 60 on (entry 60 lives in an older chunk).
+    s.write_entries(60, &entries(60, 120, 2)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let expected: Vec<(LogIndex, Term)> =
+        (1..=120).map(|i| (i, if i < 60 { 1 } else { 2 })).collect();
+    let loaded = small_chunks(dir.path()).load().unwrap();
+    assert_eq!(ids(&loaded), expected);
+    assert_eq!(loaded.committed, 50);
+    // A crash right after a new chunk was created, before its header reached the disk.
+    let last = chunk_files(dir.path()).pop().unwrap();
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    let next: u64 = name.trim_end_matches(".wal").parse::<u64>().unwrap() + 1;
+    fs::write(last.with_file_name(format!("{next:020}.wal")), b"").unwrap();
+    let mut s = small_chunks(dir.path());
+    let loaded = s.load().unwrap();
+    assert_eq!(ids(&loaded), expected);
+    assert_eq!(loaded.hard_state.term, 2);
+    // The empty chunk got its header: the store goes on in it, and all of it survives a reopen.
+    s.write_entries(121, &entries(121, 130, 2)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let loaded = small_chunks(dir.path()).load().unwrap();
+    assert_eq!(loaded.entries.len(), 130);
+    assert_eq!(loaded.hard_state.voted_for, Some(PeerId::from("a")));
+}
+
+#[test]
+fn a_directory_of_the_earlier_layout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("log")).unwrap();
+    fs::write(
+        dir.path().join("log").join("r-00000000000000000000.wal"),
+        b"x",
+    )
+    .unwrap();
+    assert!(corrupt(open(dir.path())).contains("earlier builds"));
+}
+
+#[test]
+fn a_second_load_rereads_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    assert!(s.load().unwrap().entries.is_empty(), "what open read");
+    s.write_entries(1, &entries(1, 5, 1)).unwrap();
+    s.save_committed(3, 1).unwrap();
+    s.sync().unwrap();
+    let first = s.load().unwrap();
+    s.write_entries(6, &entries(6, 7, 1)).unwrap();
+    s.sync().unwrap();
+    let again = s.load().unwrap();
+    assert_eq!(first.entries.len(), 5);
+    assert_eq!(again.entries, entries(1, 7, 1));
+    assert_eq!(again.committed, 3);
 }
