@@ -296,7 +296,8 @@ impl Cluster {
             // The simulation closes stores, it does not cut power: writes that reached the kernel are
             // what a restart must find (and syncing every Ready would make seeds slow).
             sync: SyncPolicy::Never,
-            chunk_max_bytes: 64 << 10,
+            // Small chunks: a seed rolls several, and compaction deletes those behind its snapshots.
+            chunk_max_bytes: 2 << 10,
             ..FileLogStoreOptions::default()
         };
         let mut store = FileLogStore::open(&dir, options)

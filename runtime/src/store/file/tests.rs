@@ -442,3 +442,38 @@ fn a_second_load_rereads_the_files() {
     assert_eq!(again.entries, entries(1, 7, 1));
     assert_eq!(again.committed, 3);
 }
+
+#[test]
+fn a_truncation_that_opens_a_chunk_survives_the_removal_of_the_chunks_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    let mut last = 0;
+    // Fill the first chunk: the next record starts a new one.
+    loop {
+        last += 1;
+        s.write_entries(last, &entries(last, last, 1)).unwrap();
+        s.sync().unwrap();
+        let chunk = chunk_files(dir.path()).pop().unwrap();
+        if fs::metadata(chunk).unwrap().len() >= 4 << 10 {
+            break;
+        }
+    }
+    // A new leader's suffix: the new chunk holds its header, then this truncation.
+    let from = last - 5;
+    s.write_entries(from, &entries(from, last + 3, 2)).unwrap();
+    s.sync().unwrap();
+    assert_eq!(chunk_files(dir.path()).len(), 2);
+    s.save_snapshot(&snapshot(last, 2)).unwrap();
+    drop(s);
+    assert_eq!(
+        chunk_files(dir.path()).len(),
+        1,
+        "the chunk behind the snapshot is gone"
+    );
+    let loaded = small_chunks(dir.path()).load().unwrap();
+    assert_eq!(loaded.snapshot.meta.last_index, last);
+    assert_eq!(
+        ids(&loaded),
+        vec![(last + 1, 2), (last + 2, 2), (last + 3, 2)]
+    );
+}

@@ -654,17 +654,24 @@ impl Replay {
             }
             KIND_TRUNCATE => {
                 let from = r.u64()?;
-                if from <= self.state.base.0 || from > self.next {
+                if from <= self.state.base.0 {
                     return Err(format!(
-                        "a truncation from {from} outside the log ({}, {})",
-                        self.state.base.0, self.next
+                        "a truncation from {from}, at or below the log's base {}",
+                        self.state.base.0
                     ));
                 }
-                while self.entries.back().is_some_and(|e| e.index >= from) {
-                    self.entries.pop_back();
+                if from > self.next {
+                    // The entries it cut are in a chunk that is gone (deleted once the base passed
+                    // them): fine only if the base covers them.
+                    self.missing_upto = self.missing_upto.max(from - 1);
+                    self.entries.clear();
+                } else {
+                    while self.entries.back().is_some_and(|e| e.index >= from) {
+                        self.entries.pop_back();
+                    }
+                    self.missing_upto = self.missing_upto.min(from - 1);
                 }
                 self.next = from;
-                self.missing_upto = self.missing_upto.min(from - 1);
             }
             KIND_PURGE => {
                 let index = r.u64()?;
