@@ -586,26 +586,39 @@ pub fn filesystem_type(path: &Path) -> Option<String> {
 
 /// Times up to `n` back-to-back appends of 4 KiB to a new file in `dir`, each followed by `fdatasync`
 /// (`File::sync_data`), stopping after [`WAIT`]: the raw sync cost `dd oflag=dsync` shows. Blocking.
-pub fn fdatasync_probe(dir: &Path, n: u64) -> Res<Hist> {
+pub fn fdatasync_probe(dir: &Path, n: u64, writers: usize) -> Res<Hist> {
     use std::io::Write as _;
-    let path = dir.join("fdatasync-probe");
-    let mut file = std::fs::OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)?;
-    let block = [0u8; 4096];
     let hist = Hist::default();
     let deadline = Instant::now() + WAIT;
-    for _ in 0..n {
-        let t = Instant::now();
-        file.write_all(&block)?;
-        file.sync_data()?;
-        hist.record(t.elapsed());
-        if Instant::now() > deadline {
-            break;
+    std::thread::scope(|scope| -> Res<()> {
+        let loops: Vec<_> = (0..writers.max(1))
+            .map(|w| {
+                let (hist, path) = (&hist, dir.join(format!("fdatasync-probe-{w}")));
+                scope.spawn(move || -> std::io::Result<()> {
+                    let mut file = std::fs::OpenOptions::new()
+                        .create_new(true)
+                        .append(true)
+                        .open(&path)?;
+                    let block = [0u8; 4096];
+                    for _ in 0..n {
+                        let t = Instant::now();
+                        file.write_all(&block)?;
+                        file.sync_data()?;
+                        hist.record(t.elapsed());
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                    }
+                    drop(file);
+                    std::fs::remove_file(&path)
+                })
+            })
+            .collect();
+        for l in loops {
+            l.join()
+                .map_err(|_| "an fdatasync probe thread panicked")??;
         }
-    }
-    drop(file);
-    std::fs::remove_file(&path)?;
+        Ok(())
+    })?;
     Ok(hist)
 }

@@ -28,9 +28,11 @@
 //! With `--durable` every selected scenario runs twice: once with in-memory peers, then with durable
 //! ones (`storage_dir`, one directory per peer under a fresh temporary directory, removed at the end;
 //! the default sync policy, one `fdatasync` per Ready batch). The rows say which in their `storage`
-//! column (and JSON field), a last table sets each durable row beside its in-memory one, and a first
-//! and a last row time back-to-back 4 KiB appends + `fdatasync` in that directory (what
-//! `dd oflag=dsync` measures): context for the durable rows, not a bound on them. Other I/O on the
+//! column (and JSON field), a last table sets each durable row beside its in-memory one, and first
+//! and last rows time back-to-back 4 KiB appends + `fdatasync` in that directory (what
+//! `dd oflag=dsync` measures), one loop alone and one loop per peer at once (the peers share the
+//! disk, and a write's syncs on the leader and its followers overlap): context for the durable rows,
+//! not a bound on them. Other I/O on the
 //! machine moves it a lot (on a busy VM it has read ~4 ms while hamok's own `fdatasync`s, traced in
 //! the same run, took ~0.1 ms at the median).
 //! The NATS KV baseline runs once, in the in-memory pass.
@@ -366,7 +368,15 @@ async fn run(args: Args, threads: usize) -> Res<()> {
         }),
     };
     if let Some(root) = &storage_root {
-        disk_probe(&mut ctx, &mut meta, root.path(), args.quick, "start").await?;
+        disk_probe(
+            &mut ctx,
+            &mut meta,
+            root.path(),
+            args.quick,
+            args.peers,
+            "start",
+        )
+        .await?;
     }
     let passes: &[bool] = if args.durable {
         &[false, true]
@@ -432,7 +442,15 @@ async fn run(args: Args, threads: usize) -> Res<()> {
     if let Some(root) = storage_root {
         // Again at the end: other I/O on the machine moves this figure, and durable rows with it.
         if failure.is_none() {
-            disk_probe(&mut ctx, &mut meta, root.path(), args.quick, "end").await?;
+            disk_probe(
+                &mut ctx,
+                &mut meta,
+                root.path(),
+                args.quick,
+                args.peers,
+                "end",
+            )
+            .await?;
         }
         let path = root.path().display().to_string();
         if let Err(e) = root.close() {
@@ -526,31 +544,42 @@ async fn run(args: Args, threads: usize) -> Res<()> {
     }
 }
 
-/// `--durable`: emits a row timing raw 4 KiB appends + `fdatasync` in `dir` (without hamok), taken at
-/// the `when` (`start`, `end`) of the run.
+/// `--durable`: emits rows timing raw 4 KiB appends + `fdatasync` in `dir` (without hamok), one loop
+/// alone and `peers` loops at once, taken at the `when` (`start`, `end`) of the run.
 async fn disk_probe(
     ctx: &mut Ctx,
     meta: &mut Vec<(String, Value)>,
     dir: &std::path::Path,
     quick: bool,
+    peers: usize,
     when: &str,
 ) -> Res<()> {
-    let (dir, n) = (dir.to_path_buf(), if quick { 100 } else { 500 });
-    let hist = tokio::task::spawn_blocking(move || cluster::fdatasync_probe(&dir, n)).await??;
-    let mut r = Record::new(
-        "disk",
-        "-",
-        1,
-        "-",
-        &format!("4 KiB append + fdatasync loop, no hamok ({when} of run)"),
-    )
-    .config("file", "new file in the storage directory");
-    r.storage = "durable".into();
-    r.summary = hist.summary();
-    r.ops_per_s = 1e6 / r.summary.mean_us.max(1e-3);
-    meta.push((format!("fdatasync_{when}_p50_us"), r.summary.p50_us.into()));
-    meta.push((format!("fdatasync_{when}_p99_us"), r.summary.p99_us.into()));
-    ctx.emit_record(r);
+    let n = if quick { 100 } else { 500 };
+    // One loop alone, then one per peer at once: the peers of a run share this disk, and a write's
+    // syncs (the leader's and its followers') run at the same time.
+    for writers in [1, peers] {
+        let dir = dir.to_path_buf();
+        let hist = tokio::task::spawn_blocking(move || cluster::fdatasync_probe(&dir, n, writers))
+            .await??;
+        let what = if writers == 1 {
+            format!("4 KiB append + fdatasync loop, no hamok ({when} of run)")
+        } else {
+            format!("{writers} such loops at once, one file each ({when} of run)")
+        };
+        let mut r = Record::new("disk", "-", writers, "-", &what)
+            .config("file", "new file in the storage directory");
+        r.storage = "durable".into();
+        r.summary = hist.summary();
+        r.ops_per_s = writers as f64 * 1e6 / r.summary.mean_us.max(1e-3);
+        let key = if writers == 1 {
+            format!("fdatasync_{when}")
+        } else {
+            format!("fdatasync_{writers}_at_once_{when}")
+        };
+        meta.push((format!("{key}_p50_us"), r.summary.p50_us.into()));
+        meta.push((format!("{key}_p99_us"), r.summary.p99_us.into()));
+        ctx.emit_record(r);
+    }
     Ok(())
 }
 
