@@ -589,3 +589,22 @@ fn random_walks_reload_what_was_synced() {
         );
     }
 }
+
+#[test]
+fn an_entry_larger_than_a_record_is_refused_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 2, 1)).unwrap();
+    // Zeroed pages the check never touches: refused before it is encoded.
+    let huge = Entry {
+        index: 3,
+        term: 1,
+        payload: EntryPayload::Command(Bytes::from(vec![0u8; 256 << 20])),
+    };
+    match s.write_entries(3, &[huge]) {
+        Err(HamokError::Codec { context, .. }) => {
+            assert!(context.contains("larger than"), "{context}")
+        }
+        other => panic!("expected a codec error, got {other:?}"),
+    }
+}

@@ -35,7 +35,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::snapshot::{io_error, sync_dir};
-use crate::error::Cause;
+use crate::error::{Cause, HamokError};
 use crate::raft::{Entry, EntryPayload, LogIndex, Term};
 use crate::store::StorageError;
 
@@ -47,6 +47,8 @@ const HEAD_BYTES: usize = 12;
 /// The largest record body written or accepted: entries are bounded far below this by the largest
 /// frame; a corrupt length must not make recovery allocate without bound.
 const MAX_BODY_BYTES: usize = 256 << 20;
+/// The largest entry payload [`Wal::append`] takes: room left for the record's other fields.
+const MAX_ENTRY_PAYLOAD_BYTES: usize = MAX_BODY_BYTES - 4096;
 /// The pending buffer keeps at most this capacity between flushes (a burst of large entries must not
 /// keep its memory).
 const PENDING_KEEP_BYTES: usize = 4 << 20;
@@ -227,15 +229,27 @@ impl Wal {
         self.last_index
     }
 
-    /// Appends an entry (it must follow the last one); returns the bytes of its record.
-    pub(super) fn append(&mut self, entry: &Entry) -> Result<usize, rmp_serde::encode::Error> {
+    /// Appends an entry (it must follow the last one); returns the bytes of its record. An entry
+    /// larger than a record may be is refused, typed (the frame and command limits keep entries far
+    /// below it; a configuration that lets one through stops the peer instead of writing it).
+    pub(super) fn append(&mut self, entry: &Entry) -> Result<usize, HamokError> {
         debug_assert_eq!(entry.index, self.last_index + 1, "entries are contiguous");
+        if entry.payload.size_bytes() > MAX_ENTRY_PAYLOAD_BYTES {
+            return Err(HamokError::codec(
+                format!(
+                    "log entry {} of {} bytes is larger than a log record may be ({MAX_ENTRY_PAYLOAD_BYTES})",
+                    entry.index,
+                    entry.payload.size_bytes()
+                ),
+                None,
+            ));
+        }
         let start = self.begin(KIND_ENTRY);
         self.pending.extend_from_slice(&entry.index.to_le_bytes());
         self.pending.extend_from_slice(&entry.term.to_le_bytes());
         if let Err(e) = rmp_serde::encode::write(&mut self.pending, &entry.payload) {
             self.pending.truncate(start);
-            return Err(e);
+            return Err(e.into());
         }
         self.last_index = entry.index;
         Ok(self.finish(start))
@@ -396,7 +410,8 @@ impl Wal {
     /// Fills in the head of the record that starts at `start`; returns its bytes.
     fn finish(&mut self, start: usize) -> usize {
         let body_len = self.pending.len() - start - HEAD_BYTES;
-        assert!(
+        // Entries are checked in `append`; every other record is a few dozen bytes.
+        debug_assert!(
             body_len <= MAX_BODY_BYTES,
             "a log record of {body_len} bytes"
         );
