@@ -53,8 +53,12 @@ pub struct RaftLimits {
     pub max_bytes_per_append: usize,
     /// Most AppendEntries messages in flight to one follower (the pipeline window).
     ///
-    /// Why 64: keeps the link busy under sustained writes without waiting for each acknowledgement, while
-    /// bounding what must be resent after a loss.
+    /// Why 2: one append travels while the next gathers every entry proposed meanwhile, so under load
+    /// each message carries a batch instead of one entry (a broker's cost is per message). Measured on
+    /// 2026-11-30, 3 peers, map.set from the leader at 100 in flight, one run each: RabbitMQ 37-40 k
+    /// ops/s with 2 against 7-10 k with the earlier 64; NATS 50 k against 39 k; in-process 108 k against
+    /// 81 k. At 1 in flight it changes nothing. A link whose round trip is long against the time to
+    /// fill a batch (a WAN) wants a wider window.
     pub max_inflight_appends: usize,
     /// Most entries the leader holds beyond the commit index; further proposals get `Busy`
     /// (backpressure).
@@ -101,7 +105,7 @@ impl Default for RaftLimits {
         RaftLimits {
             max_entries_per_append: 1024,
             max_bytes_per_append: 512 * 1024,
-            max_inflight_appends: 64,
+            max_inflight_appends: 2,
             max_uncommitted_entries: 50_000,
             max_uncommitted_bytes: 64 * 1024 * 1024,
             max_apply_batch: 4096,
