@@ -196,7 +196,10 @@ impl Wal {
             wal.write_header();
             wal.flush(true).map_err(|e| wal.io("start the log", e))?;
             if fresh {
-                sync_dir(&wal.dir).map_err(|e| wal.io("sync the log directory", e))?;
+                // The first chunk's name, and the log directory's own, outlive a power cut.
+                sync_dir(&wal.dir)
+                    .and_then(|_| sync_dir(store_dir))
+                    .map_err(|e| wal.io("sync the log directory", e))?;
             }
         }
         Ok((
