@@ -31,6 +31,8 @@
 
 // The shared link (`link`) and most of `common` are used only by the adapters; without either feature
 // only `is_valid_token` and the stats type are reachable.
+#[cfg(feature = "rabbitmq")]
+mod batch;
 #[cfg_attr(not(any(feature = "nats", feature = "rabbitmq")), allow(dead_code))]
 mod common;
 #[cfg(any(feature = "nats", feature = "rabbitmq"))]

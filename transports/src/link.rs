@@ -385,6 +385,7 @@ mod tests {
                     return Err("publish failed".into());
                 }
                 Counters::bump(&counters.frames_sent);
+                Counters::bump(&counters.messages_sent);
                 Counters::add(&counters.bytes_sent, frame.len() as u64);
                 let _ = self.out.send((to, frame));
             }

@@ -696,6 +696,7 @@ impl Publisher<Subject> for NatsPublisher {
             match self.client.publish(subject, payload).await {
                 Ok(()) => {
                     Counters::bump(&counters.frames_sent);
+                    Counters::bump(&counters.messages_sent);
                     Counters::add(&counters.bytes_sent, len);
                 }
                 Err(e) => {

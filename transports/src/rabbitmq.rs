@@ -12,7 +12,8 @@
 //! Cluster and peer ids must be 1 to 128 bytes of `[A-Za-z0-9_-]` (the runtime's configuration already
 //! insists on it): `.`, `*` and `#` mean something in topic routing keys, so anything else is refused.
 //! Frames are published raw (the encoded [`hamok_runtime::wire::Frame`]) with the sender's peer id as
-//! `app_id`; the exchange routes a peer's broadcasts back to its own queue too, and the consumer skips
+//! `app_id`, and the frames one batch of the writer holds for the same peer travel in one message
+//! (`batch.rs`: a broker's cost is per message; a broadcast is never moved across); the exchange routes a peer's broadcasts back to its own queue too, and the consumer skips
 //! those ([`TransportStats::self_echo_skipped`]).
 //!
 //! # Flow control
@@ -72,6 +73,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
+use crate::batch;
 use crate::common::{check_prefix, check_token, env_urls, Counters};
 use crate::link::{counted_connect, Bus, BusLink, LinkState, Publisher, Received};
 use crate::stats::TransportStats;
@@ -503,11 +505,20 @@ impl AmqpInner {
             properties: BasicProperties::default().with_app_id(me.clone()),
             max_batch: c.publish_batch,
             confirms: c.publisher_confirms,
+            broadcast: BROADCAST_KEY.into(),
         };
-        let received = consumer.map(move |delivery| match delivery {
-            Ok(d) if d.properties.app_id().as_ref() == Some(&me) => Received::OwnEcho,
-            Ok(d) => Received::Frame(Bytes::from(d.data)),
-            Err(e) => Received::Failed(format!("AMQP consumer failed: {e}")),
+        let received = consumer.flat_map(move |delivery| {
+            let items = match delivery {
+                Ok(d) if d.properties.app_id().as_ref() == Some(&me) => vec![Received::OwnEcho],
+                // Several frames in one message (see `batch`); a damaged batch goes on whole, and the
+                // receiver's decoder counts it as malformed.
+                Ok(d) => match batch::split(Bytes::from(d.data)) {
+                    Ok(frames) => frames.into_iter().map(Received::Frame).collect(),
+                    Err(whole) => vec![Received::Frame(whole)],
+                },
+                Err(e) => vec![Received::Failed(format!("AMQP consumer failed: {e}"))],
+            };
+            futures::stream::iter(items)
         });
         let link = BusLink::start(
             state.clone(),
@@ -602,6 +613,8 @@ struct AmqpPublisher {
     properties: BasicProperties,
     max_batch: usize,
     confirms: bool,
+    /// The routing key of broadcasts: a barrier when frames are coalesced.
+    broadcast: ShortString,
 }
 
 impl Publisher<ShortString> for AmqpPublisher {
@@ -614,29 +627,31 @@ impl Publisher<ShortString> for AmqpPublisher {
         batch: &mut Vec<(ShortString, Bytes)>,
         counters: &Counters,
     ) -> Result<(), String> {
-        let publishes = batch.iter().map(|(key, payload)| {
+        let messages = batch::coalesce(batch, &self.broadcast);
+        let publishes = messages.iter().map(|m| {
             self.channel.basic_publish(
                 self.exchange.clone(),
-                key.clone(),
+                m.to.clone(),
                 BasicPublishOptions::default(),
-                payload,
+                &m.body,
                 self.properties.clone(),
             )
         });
         let results = futures::future::join_all(publishes).await;
         let mut failure = None;
         let mut pending = Vec::new();
-        for (result, (_, payload)) in results.into_iter().zip(batch.iter()) {
+        for (result, m) in results.into_iter().zip(messages.iter()) {
             match result {
                 Ok(confirm) => {
-                    Counters::bump(&counters.frames_sent);
-                    Counters::add(&counters.bytes_sent, payload.len() as u64);
+                    Counters::add(&counters.frames_sent, m.frames);
+                    Counters::bump(&counters.messages_sent);
+                    Counters::add(&counters.bytes_sent, m.frame_bytes);
                     if self.confirms {
                         pending.push(confirm);
                     }
                 }
                 Err(e) => {
-                    Counters::bump(&counters.dropped_publish_failed);
+                    Counters::add(&counters.dropped_publish_failed, m.frames);
                     failure.get_or_insert(e);
                 }
             }
