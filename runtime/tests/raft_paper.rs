@@ -644,6 +644,8 @@ fn proposals_made_before_one_take_ready_are_batched_into_one_append_per_follower
 fn append_batches_respect_max_entries_per_append() {
     let mut net = settled(cfg_with(|l| {
         l.max_entries_per_append = 2;
+        // Wide enough for every batch to leave at once (the window has its own test below).
+        l.max_inflight_appends = 8;
     }));
     let now = net.now;
     for i in 0..5 {
