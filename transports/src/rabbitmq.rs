@@ -7,7 +7,7 @@
 //! exclusive, auto-delete queue (gone with its connection), bound to the exchange with the routing keys
 //! `all` (broadcasts) and `peer.p` (frames unicast to `p`), and consumes it with no acknowledgements:
 //! Raft retransmits, so a frame lost anywhere only costs a retry. The queue is bounded on the broker
-//! (`x-max-length`, [`AmqpTransportBuilder::queue_max_length`], oldest dropped first).
+//! (`x-max-length` in messages, [`AmqpTransportBuilder::queue_max_length`], oldest dropped first).
 //!
 //! Cluster and peer ids must be 1 to 128 bytes of `[A-Za-z0-9_-]` (the runtime's configuration already
 //! insists on it): `.`, `*` and `#` mean something in topic routing keys, so anything else is refused.
@@ -212,8 +212,9 @@ impl AmqpTransportBuilder {
         self
     }
 
-    /// Most frames the broker keeps in a peer's queue, oldest dropped first (default 100 000; `None`:
-    /// unbounded).
+    /// Most messages the broker keeps in a peer's queue, oldest dropped first (default 100 000; `None`:
+    /// unbounded). A message is one frame, or up to 1,024 frames (at most 1 MiB) that one writer
+    /// batch held for the same peer.
     pub fn queue_max_length(mut self, frames: Option<u32>) -> Self {
         self.queue_max_length = frames;
         self
