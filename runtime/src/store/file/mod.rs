@@ -105,9 +105,8 @@ pub struct FileLogStore {
     committed: LogIndex,
     /// What `open` read, handed out by the first `load`.
     loaded: Option<PersistedState>,
-    /// Writes not yet flushed to the log's files, and whether any of them must be synced (term, vote,
-    /// entries, truncations; the commit mark alone need not be).
-    dirty: bool,
+    /// Whether the writes not yet flushed to the log's files (the log's pending records) include one
+    /// that must be synced (term, vote, entries, truncations; the commit mark alone need not be).
     needs_sync: bool,
     /// With `SyncPolicy::Interval`: when writes were last synced, and whether some wait for a sync.
     last_sync: Instant,
@@ -148,7 +147,6 @@ impl FileLogStore {
             entry_bytes: 0,
             committed: 0,
             loaded: None,
-            dirty: false,
             needs_sync: false,
             last_sync: Instant::now(),
             unsynced: false,
@@ -289,7 +287,6 @@ impl FileLogStore {
             ),
             source: Some(Cause::new(e)),
         })?;
-        self.dirty = false;
         self.needs_sync = false;
         if sync {
             self.last_sync = Instant::now();
@@ -361,7 +358,6 @@ impl FileLogStore {
                 .push_back((e.term, u32::try_from(bytes).unwrap_or(u32::MAX)));
             self.entry_bytes += bytes as u64;
         }
-        self.dirty = true;
         self.needs_sync = true;
         Ok(())
     }
@@ -402,7 +398,6 @@ impl LogStore for FileLogStore {
         guarded!(self, {
             let snapshot = snapshot::read(&self.dir)?.unwrap_or_default();
             let recovered = self.wal.reread(&self.dir)?;
-            self.dirty = false;
             self.entries.clear();
             self.entry_bytes = 0;
             self.snapshot_index = snapshot.meta.last_index;
@@ -416,7 +411,6 @@ impl LogStore for FileLogStore {
         guarded!(self, {
             self.wal
                 .save_vote(state.term, state.voted_for.as_ref().map(PeerId::as_str));
-            self.dirty = true;
             self.needs_sync = true;
             Ok(())
         })
@@ -440,7 +434,6 @@ impl LogStore for FileLogStore {
             } else {
                 self.committed = index;
                 self.wal.commit(index, term);
-                self.dirty = true;
                 Ok(())
             }
         })
@@ -458,7 +451,7 @@ impl LogStore for FileLogStore {
                 }
                 SyncPolicy::Never => false,
             };
-            if self.dirty || sync {
+            if self.wal.has_pending() || sync {
                 self.flush(sync).map_err(HamokError::Storage)
             } else {
                 Ok(())

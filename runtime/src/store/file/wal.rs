@@ -227,6 +227,11 @@ impl Wal {
         &self.state
     }
 
+    /// Whether records wait to be written.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The last entry index after every record appended so far.
     pub(super) fn last_index(&self) -> LogIndex {
         self.last_index
