@@ -2447,3 +2447,68 @@ fn leader_repairs_a_follower_that_lost_acknowledged_entries() {
         Some(net.node("a").last_index())
     );
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Background persistence at the leader (`persist_async`, the Raft dissertation §10.2.1)
+
+fn async_cfg() -> RaftConfig {
+    RaftConfig {
+        persist_async: true,
+        ..cfg()
+    }
+}
+
+#[test]
+fn with_persist_async_a_lone_leader_commits_only_what_its_driver_reported_durable() {
+    let genesis = PersistedState::genesis(voters(&["a"]));
+    let mut a = RaftNode::new(pid("a"), async_cfg(), 1, 0, genesis).unwrap();
+    a.tick(1_000);
+    assert_eq!(a.role(), Role::Leader);
+    let (noop, term) = (a.last_index(), a.term());
+    assert!(
+        a.take_ready().committed.is_empty(),
+        "its no-op is not durable yet"
+    );
+    a.on_persisted(noop, term + 1);
+    assert!(
+        a.take_ready().committed.is_empty(),
+        "a report the log does not match is ignored"
+    );
+    a.on_persisted(noop, term);
+    assert_eq!(indices(&a.take_ready().committed), vec![noop]);
+
+    let (index, term) = a.propose(1_000, cmd("x")).unwrap();
+    let ready = a.take_ready();
+    assert_eq!(indices(&ready.entries), vec![index]);
+    assert!(ready.committed.is_empty());
+    a.on_persisted(index, term);
+    assert_eq!(indices(&a.take_ready().committed), vec![index]);
+}
+
+#[test]
+fn with_persist_async_the_leaders_unsynced_copy_does_not_count_toward_a_majority() {
+    let mut net = settled(async_cfg());
+    let now = net.now;
+    let (index, term) = net.node_mut("a").propose(now, cmd("x")).unwrap();
+    // Only b hears of the entry: b and the leader's unreported copy would be a majority, b alone is not.
+    for m in net.take_queue() {
+        if m.to == pid("b") {
+            net.deliver(m);
+        }
+    }
+    net.deliver_all_with(|m| (m.to == pid("a")).then_some(m));
+    assert_eq!(net.node("a").match_index(&pid("b")), Some(index));
+    assert!(net.node("a").commit_index() < index);
+    net.node_mut("a").on_persisted(index, term);
+    assert_eq!(net.node("a").commit_index(), index);
+    assert_eq!(indices(&net.drain("a").committed), vec![index]);
+}
+
+#[test]
+fn with_persist_async_two_followers_commit_without_the_leaders_report() {
+    let mut net = settled(async_cfg());
+    let now = net.now;
+    let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
+    net.deliver_all();
+    assert_eq!(net.node("a").commit_index(), index);
+}

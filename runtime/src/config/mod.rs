@@ -332,12 +332,14 @@ impl Default for HamokConfig {
 }
 
 impl HamokConfig {
-    /// The Raft engine's configuration: the two timings of this configuration and its `[raft]` limits.
+    /// The Raft engine's configuration: the two timings of this configuration and its `[raft]` limits
+    /// (the node turns `persist_async` on when its store can sync in the background).
     pub fn raft_config(&self) -> RaftConfig {
         RaftConfig {
             election_timeout_ms: self.election_timeout_ms,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             limits: self.raft,
+            persist_async: false,
         }
     }
 }

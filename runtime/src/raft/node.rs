@@ -33,6 +33,9 @@ pub(crate) struct PlantedBugs {
     pub commit_without_quorum: bool,
     /// Votes (and pre-votes) are granted without the up-to-date log check.
     pub vote_without_log_check: bool,
+    /// With `persist_async`, the leader counts its own log toward a commit before it is reported
+    /// durable.
+    pub count_own_log_unsynced: bool,
 }
 
 /// A snapshot of a peer's observable state.
@@ -189,6 +192,16 @@ impl RaftNode {
 
     // ------------------------------------------------------------------------------------------------
     // Inputs
+
+    /// The driver made this peer's log durable up to `index`, the entry there having `term` when it
+    /// was written (with [`RaftConfig::persist_async`]: report each Ready's last entry once its write
+    /// is durable; reports may lag, and one the log no longer matches is ignored). A leader may then
+    /// commit: its own copy counts toward a majority from here on.
+    pub fn on_persisted(&mut self, index: LogIndex, term: Term) {
+        if self.log.mark_durable(index, term) {
+            self.maybe_commit();
+        }
+    }
 
     /// Lets time pass: election timeouts, heartbeats, check-quorum, retransmission, transfer timeouts.
     pub fn tick(&mut self, now_ms: u64) {
@@ -911,10 +924,22 @@ impl RaftNode {
             return;
         }
         let last = self.log.last_index();
+        // Its own copy counts once durable: at once when the driver persists before anything else,
+        // as reported when it syncs in the background.
+        #[allow(unused_mut)]
+        let mut own = if self.config.persist_async {
+            self.log.durable_index()
+        } else {
+            last
+        };
+        #[cfg(test)]
+        if self.bugs.count_own_log_unsynced {
+            own = last;
+        }
         #[allow(unused_mut)]
         let mut index = self.config_in_force().quorum_index(|id| {
             if *id == self.id {
-                last
+                own
             } else {
                 self.progress.get(id).map_or(0, |pr| pr.match_index)
             }
@@ -1667,6 +1692,7 @@ impl RaftNode {
         debug_assert!(self.log.snapshot_index() <= self.log.applied_index());
         debug_assert!(self.log.applied_index() <= self.log.commit_index());
         debug_assert!(self.log.commit_index() <= self.log.last_index());
+        debug_assert!(self.log.durable_index() <= self.log.last_index());
         debug_assert!(!self.configs.is_empty());
         debug_assert!(self.configs.windows(2).all(|w| w[0].0 < w[1].0));
         debug_assert!(

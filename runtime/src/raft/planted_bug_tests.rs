@@ -23,6 +23,13 @@ fn vote_without_log_check(node: &mut RaftNode) {
     });
 }
 
+fn count_own_log_unsynced(node: &mut RaftNode) {
+    node.set_planted_bugs(PlantedBugs {
+        count_own_log_unsynced: true,
+        ..PlantedBugs::default()
+    });
+}
+
 /// Runs the default seeds with `hook` on every peer until one fails (all of them with
 /// `HAMOK_SIM_FAULT_ALL=1`, to measure the catch rate); panics if none fails.
 fn assert_caught(name: &str, hook: fn(&mut RaftNode)) {
@@ -77,5 +84,16 @@ fn simulation_catches_vote_without_log_check() {
     assert_caught(
         "simulation_catches_vote_without_log_check",
         vote_without_log_check,
+    );
+}
+
+/// Only the seeds that sync a leader's log in the background (`persist_async`, half of them) can
+/// catch it: a leader that counts its unsynced copy commits with one follower fewer than a majority
+/// holds, and a power cut that loses the copy loses the write.
+#[test]
+fn simulation_catches_counting_the_leaders_unsynced_log() {
+    assert_caught(
+        "simulation_catches_counting_the_leaders_unsynced_log",
+        count_own_log_unsynced,
     );
 }

@@ -20,6 +20,9 @@ pub struct RaftLog {
     bytes: usize,
     /// Lowest index changed since the last [`RaftLog::take_unpersisted`].
     unpersisted_from: Option<LogIndex>,
+    /// The end of the prefix the driver reported durable (see [`RaftLog::mark_durable`]); never past
+    /// the last index: a truncation lowers it.
+    durable: LogIndex,
 }
 
 impl RaftLog {
@@ -39,6 +42,7 @@ impl RaftLog {
             uncommitted_bytes: 0,
             bytes: 0,
             unpersisted_from: None,
+            durable: snapshot_index,
         };
         for entry in entries {
             let expected = log.last_index() + 1;
@@ -52,6 +56,7 @@ impl RaftLog {
             log.bytes += entry.size_bytes();
             log.entries.push_back(entry);
         }
+        log.durable = log.last_index();
         // Entries up to the persisted commit index were committed when it was written: they count as
         // committed again (and are applied before anything is served). Clamped to the log, so a store
         // that kept the mark but lost its entries cannot claim more than it holds.
@@ -218,6 +223,7 @@ impl RaftLog {
             self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(entry.size_bytes());
             self.bytes -= entry.size_bytes();
         }
+        self.durable = self.durable.min(index - 1);
         self.mark_unpersisted(index);
     }
 
@@ -300,8 +306,10 @@ impl RaftLog {
         if self.matches(index, term) {
             let drop = (index - self.snapshot_index) as usize;
             self.entries.drain(..drop);
+            self.durable = self.durable.max(index);
         } else {
             self.entries.clear();
+            self.durable = index;
             self.mark_unpersisted(index + 1);
         }
         self.snapshot_index = index;
@@ -310,6 +318,22 @@ impl RaftLog {
         self.applied = index;
         self.uncommitted_bytes = self.entries.iter().map(Entry::size_bytes).sum();
         self.bytes = self.uncommitted_bytes;
+    }
+
+    /// The end of the prefix reported durable.
+    pub fn durable_index(&self) -> LogIndex {
+        self.durable
+    }
+
+    /// The driver made the log durable up to `index`, whose entry had `term` when it was written.
+    /// Ignored (`false`) when the log no longer holds that entry (truncated since, or compacted) or
+    /// already counts it durable.
+    pub fn mark_durable(&mut self, index: LogIndex, term: Term) -> bool {
+        if index <= self.durable || self.term(index) != Some(term) {
+            return false;
+        }
+        self.durable = index;
+        true
     }
 
     fn mark_unpersisted(&mut self, index: LogIndex) {

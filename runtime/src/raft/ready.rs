@@ -29,6 +29,12 @@ pub struct ReadState {
 /// 2. send `messages` (only now: a vote or an acknowledgement must never outrun the state it promises);
 /// 3. restore `snapshot` into the state machines, then apply `committed` in order;
 /// 4. answer each of `read_states` once the applied index reaches its index.
+///
+/// With [`RaftConfig::persist_async`](super::RaftConfig::persist_async), a leader's Ready that carries
+/// no `hard_state` and no `snapshot` may send its messages and apply before its log write is durable
+/// (they promise nothing about the leader's own log); report each write with
+/// [`RaftNode::on_persisted`](super::RaftNode::on_persisted) once it is, every other Ready's right
+/// after step 1.
 #[derive(Clone, Debug, Default)]
 pub struct Ready {
     /// Set when role, term or leader changed.

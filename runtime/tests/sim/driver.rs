@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::raft::{
-    Membership, MembershipChange, PeerId, PersistedState, RaftConfig, RaftLimits, RaftNode, Role,
+    LogIndex, Membership, MembershipChange, PeerId, PersistedState, RaftConfig, RaftLimits,
+    RaftNode, Role, Term,
 };
 
 use super::checks::{ensure, violation, Check, Registry};
@@ -16,7 +17,7 @@ use super::kv::{Command, KEYS};
 use super::linearizability::{check_history, LinError, LinStats, Op, OpKind};
 use super::network::{NetConfig, Network};
 use super::trace::Trace;
-use super::util::Rng;
+use super::util::{mix64, Rng};
 
 /// Most messages in flight at once before a run is declared a message storm (a typical run has < 100).
 const MAX_IN_FLIGHT: usize = 100_000;
@@ -91,6 +92,7 @@ pub fn config_for(rng: &mut Rng) -> RaftConfig {
             max_pending_reads: rng.between(8, 256) as usize,
             max_command_bytes: 1024,
         },
+        persist_async: false,
     }
 }
 
@@ -98,7 +100,10 @@ impl Cluster {
     /// Builds the cluster of one seed (nothing runs yet).
     pub fn build(seed: u64, hook: Option<fn(&mut RaftNode)>, trace: Trace) -> (Cluster, Plan) {
         let mut plan_rng = Rng::stream(seed, "plan");
-        let config = config_for(&mut plan_rng);
+        let mut config = config_for(&mut plan_rng);
+        // Half the seeds sync a leader's log in the background. Drawn apart from the plan's stream,
+        // so the other half runs exactly as before this option existed.
+        config.persist_async = mix64(seed ^ 0xa5c_5e1f) & 1 == 1;
         let eto = config.election_timeout_ms;
         let initial_voters = [3usize, 3, 4, 5, 5][plan_rng.index(5)];
         let plan = Plan {
@@ -160,7 +165,7 @@ impl Cluster {
         let c = &self.config;
         let s = format!(
             "seed {}: {} voters, {} clients, chaos {} ms, election timeout {} ms, heartbeat {} ms, \
-             max_entries_per_append {}, max_inflight {}, snapshot chunk {} B, apply batch {}, compaction every {}..{}",
+             max_entries_per_append {}, max_inflight {}, snapshot chunk {} B, apply batch {}, compaction every {}..{}, persist_async {}",
             self.seed,
             plan.initial_voters,
             plan.clients,
@@ -172,7 +177,8 @@ impl Cluster {
             c.limits.snapshot_chunk_bytes,
             c.limits.max_apply_batch,
             self.compact_min,
-            self.compact_max
+            self.compact_max,
+            c.persist_async
         );
         self.note(s);
         for id in self.genesis.voters.clone() {
@@ -268,6 +274,44 @@ impl Cluster {
         self.finish(plan, live)
     }
 
+    /// A leader's background sync completed (unless its peer crashed since: that incarnation's
+    /// writes are then whatever the crash left). A paused peer hears of it when it resumes.
+    fn on_synced(&mut self, id: &PeerId, incarnation: u32, index: LogIndex, term: Term) -> Check {
+        let now = self.now;
+        let Some(slot) = self.slots.get(id) else {
+            return Ok(());
+        };
+        if slot.incarnation != incarnation || slot.live.is_none() {
+            return Ok(());
+        }
+        if slot.paused_until > now {
+            let at = slot.paused_until;
+            self.schedule(
+                at,
+                DriverEv::Synced {
+                    id: id.clone(),
+                    incarnation,
+                    index,
+                    term,
+                },
+            );
+            return Ok(());
+        }
+        self.with_slot(id, |c, slot| {
+            if slot.durable.term_at(index) == Some(term) {
+                if let Some(from) = slot.unsynced_from {
+                    if from <= index {
+                        slot.unsynced_from =
+                            (index < slot.durable.last_index()).then_some(index + 1);
+                    }
+                }
+            }
+            slot.live.as_mut().unwrap().node.on_persisted(index, term);
+            c.drain_node(slot)
+        })
+        .unwrap_or(Ok(()))
+    }
+
     fn driver_event(&mut self, ev: DriverEv, plan: &Plan, live: &mut Liveness) -> Check {
         match ev {
             DriverEv::ClientWake(c) => {
@@ -338,6 +382,12 @@ impl Cluster {
                     self.schedule(self.now + 5, DriverEv::FinalStep);
                 }
             }
+            DriverEv::Synced {
+                id,
+                incarnation,
+                index,
+                term,
+            } => self.on_synced(&id, incarnation, index, term)?,
             DriverEv::Sweep => {
                 self.check_all()?;
                 self.resolve_conf_ops();
@@ -579,7 +629,11 @@ impl Cluster {
             }
             5 => {
                 if let Some(id) = self.best_leader() {
-                    self.fault_crash(&id);
+                    if self.config.persist_async && self.fault_rng.chance(0.5) {
+                        self.fault_power_cut(&id);
+                    } else {
+                        self.fault_crash(&id);
+                    }
                 }
             }
             6 => {
@@ -718,6 +772,26 @@ impl Cluster {
         self.crash(id, false);
         let at = self.now + self.fault_rng.between(100, 3_000);
         self.schedule(at, DriverEv::Restart(id.clone()));
+    }
+
+    /// A power cut takes down the leader and another running peer at once (seeds with
+    /// `persist_async`, where the leader may lose entries no sync covered yet): a majority may be
+    /// down; they come back at different times.
+    fn fault_power_cut(&mut self, leader: &PeerId) {
+        let others: Vec<PeerId> = self
+            .running_ids()
+            .into_iter()
+            .filter(|id| id != leader)
+            .collect();
+        let mut down = vec![leader.clone()];
+        down.extend(self.fault_rng.pick(&others).cloned());
+        self.note(format!("power cut: {down:?}"));
+        for id in down {
+            self.stats.crashes += 1;
+            self.crash(&id, false);
+            let at = self.now + self.fault_rng.between(100, 3_000);
+            self.schedule(at, DriverEv::Restart(id));
+        }
     }
 
     fn fault_transfer(&mut self) -> Check {

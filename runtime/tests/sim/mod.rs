@@ -115,6 +115,8 @@ pub struct SimReport {
     pub conf_committed: u64,
     pub compactions: u64,
     pub snapshots_installed: u64,
+    /// Crashes that lost a leader's unsynced entries (seeds with `persist_async`).
+    pub unsynced_lost: u64,
     pub leader_after_heal_ms: u64,
     pub max_commit_latency_ms: u64,
     pub net: NetStats,
@@ -293,6 +295,7 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
             conf_committed: cluster.stats.conf_committed,
             compactions: cluster.stats.compactions,
             snapshots_installed: cluster.stats.snapshots_installed,
+            unsynced_lost: cluster.stats.unsynced_lost,
             leader_after_heal_ms: out.leader_after_heal_ms,
             max_commit_latency_ms: out.max_commit_latency_ms,
             net: cluster.network.stats,
@@ -369,7 +372,7 @@ impl Batch {
             self.reports.iter().map(|r| r.sim_ms as f64).sum::<f64>() / n as f64
         ));
         s.push_str(&format!(
-            "  totals: {w} committed writes, {r} reads, {l} ops checked; {} failed and {} unknown writes; {} crashes, {} partitions, {} transfers, {} membership changes committed, {} compactions, {} snapshots installed\n",
+            "  totals: {w} committed writes, {r} reads, {l} ops checked; {} failed and {} unknown writes; {} crashes, {} partitions, {} transfers, {} membership changes committed, {} compactions, {} snapshots installed, {} crashes that lost a leader's unsynced entries\n",
             sum(|r| r.writes_failed),
             sum(|r| r.writes_unknown),
             sum(|r| r.crashes as usize),
@@ -378,6 +381,7 @@ impl Batch {
             sum(|r| r.conf_committed as usize),
             sum(|r| r.compactions as usize),
             sum(|r| r.snapshots_installed as usize),
+            sum(|r| r.unsynced_lost as usize),
         ));
         if let Some(min) = self.reports.iter().map(|r| r.writes_ok + r.reads_ok).min() {
             s.push_str(&format!("  fewest ops checked in a seed: {min}\n"));
