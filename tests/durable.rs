@@ -16,9 +16,20 @@ use hamok::runtime::store::StorageError;
 
 /// Builds a durable peer on `dir`; `id` is only given on the first start (the directory keeps it).
 async fn durable(cluster: &TestCluster, dir: &Path, id: Option<&str>) -> Result<Hamok, HamokError> {
+    durable_with(cluster, dir, id, false).await
+}
+
+/// [`durable`], with `storage.background_sync` as given.
+async fn durable_with(
+    cluster: &TestCluster,
+    dir: &Path,
+    id: Option<&str>,
+    background_sync: bool,
+) -> Result<Hamok, HamokError> {
     let o = &cluster.opts;
     let mut b = register_kinds(Hamok::builder())
         .storage_dir(dir)
+        .set("storage.background_sync", background_sync)
         .cluster_id(cluster.cluster_id.clone())
         .transport(cluster.hub.clone())
         .election_timeout_ms(o.election_timeout_ms)
@@ -39,10 +50,20 @@ fn dirs(root: &Path) -> Vec<PathBuf> {
 }
 
 async fn start(cluster: &TestCluster, dirs: &[PathBuf], first: bool) -> Vec<Hamok> {
+    start_with(cluster, dirs, first, false).await
+}
+
+/// [`start`], with `storage.background_sync` as given.
+async fn start_with(
+    cluster: &TestCluster,
+    dirs: &[PathBuf],
+    first: bool,
+    background_sync: bool,
+) -> Vec<Hamok> {
     let ids = ["a", "b", "c"];
     let mut peers = Vec::new();
     for (dir, id) in dirs.iter().zip(ids) {
-        let peer = durable(cluster, dir, first.then_some(id))
+        let peer = durable_with(cluster, dir, first.then_some(id), background_sync)
             .await
             .unwrap_or_else(|e| panic!("build {id}: {e}"));
         assert_eq!(
@@ -159,10 +180,20 @@ async fn a_peer_restarted_on_an_empty_directory_is_a_new_peer_and_needs_a_snapsh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_map_entry_config_revision_and_fence() {
+    whole_cluster_restart(false).await;
+}
+
+/// The same with leaders syncing their own log writes in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_keeps_everything_with_background_syncs_too() {
+    whole_cluster_restart(true).await;
+}
+
+async fn whole_cluster_restart(background_sync: bool) {
     let root = tempfile::tempdir().unwrap();
     let dirs = dirs(root.path());
     let cluster = TestCluster::new("durable-all", Opts::default());
-    let peers = start(&cluster, &dirs, true).await;
+    let peers = start_with(&cluster, &dirs, true, background_sync).await;
     let map = peers[1]
         .get_or_create_map::<String, u64>("orders")
         .await
@@ -186,7 +217,7 @@ async fn a_whole_cluster_restart_keeps_every_map_entry_config_revision_and_fence
 
     // Every peer restarts at once from its directory: no bootstrap of a new cluster, an election
     // among the old members, and all of the state.
-    let peers = start(&cluster, &dirs, false).await;
+    let peers = start_with(&cluster, &dirs, false, background_sync).await;
     agreed_leader(&peers).await;
     for peer in &peers {
         let map = peer
@@ -340,6 +371,17 @@ async fn a_directory_of_an_earlier_cluster_does_not_mix_into_a_new_one() {
 /// and the write waiting for it is not acknowledged; what was synced before is intact on restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
+    failed_fsync(false).await;
+}
+
+/// The same when the leader (here alone) syncs its writes in the background: the write is
+/// acknowledged only once its sync returned, so a failed one is never acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
+    failed_fsync(true).await;
+}
+
+async fn failed_fsync(background_sync: bool) {
     use hamok::runtime::store::{FileLogStore, FileLogStoreOptions};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -350,6 +392,7 @@ async fn a_failed_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
     let fail = Arc::new(AtomicBool::new(false));
     let options = FileLogStoreOptions {
         fail_syncs: Some(fail.clone()),
+        background_sync,
         ..FileLogStoreOptions::default()
     };
     let a = register_kinds(Hamok::builder())
@@ -374,7 +417,8 @@ async fn a_failed_fsync_stops_the_peer_and_loses_nothing_acknowledged() {
     }
     wait_until("the peer stops", WAIT, || a.is_closed()).await;
     assert!(
-        events.any(|e| matches!(e, HamokEvent::Error(m) if m.contains("fdatasync"))),
+        events.any(|e| matches!(e, HamokEvent::Error(m)
+            if m.contains("fdatasync") && (!background_sync || m.contains("in the background")))),
         "the reason is reported: {:?}",
         events.all()
     );

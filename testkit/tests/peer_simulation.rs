@@ -192,3 +192,18 @@ fn pop_and_abandon_consumer_is_caught() {
         first.detail.lines().next().unwrap_or("")
     );
 }
+
+/// A leader that counts its own log write durable when its background sync starts, not when it
+/// returns: a power cut then loses an entry that only the leader and too few followers held, which
+/// the cluster had committed and a client was told of.
+#[test]
+fn planted_report_of_unsynced_writes_is_caught() {
+    assert_caught(
+        "report_unsynced_writes",
+        PlantedBugs {
+            report_unsynced_writes: true,
+            ..PlantedBugs::default()
+        },
+        &["linearizability", "no acknowledged write lost"],
+    );
+}

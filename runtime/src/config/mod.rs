@@ -289,6 +289,16 @@ pub struct StorageConfig {
     ///
     /// Why 100 ms: a tenth of a second of writes is what a power cut may take, at a tenth of the syncs.
     pub sync_interval_ms: u64,
+    /// With `sync = "batch"`: a leader syncs its own log writes on a thread of the store while it goes
+    /// on, and counts its copy toward a commit once that sync returns (the followers' syncs may commit
+    /// an entry first). Loses nothing `batch` keeps.
+    ///
+    /// Why off: measured on 2026-12-01 with 3 durable peers in one process on one shared disk (2
+    /// cores), it gained nothing: at 1,000 writes in flight from the leader 54-72 k ops/s against
+    /// 56-83 k inline (six runs each, alternated), and a leader's write took about 35 µs more at one
+    /// in flight (a thread wake-up and a message more per sync). It is for leaders whose disk is
+    /// slower than their followers', with cores to spare.
+    pub background_sync: bool,
 }
 
 impl Default for StorageConfig {
@@ -297,6 +307,7 @@ impl Default for StorageConfig {
             dir: None,
             sync: SyncPolicy::Batch,
             sync_interval_ms: 100,
+            background_sync: false,
         }
     }
 }

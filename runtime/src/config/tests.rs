@@ -524,6 +524,9 @@ fn storage_is_in_memory_unless_a_directory_is_given() {
     );
     assert_eq!(config.storage.sync, crate::store::SyncPolicy::Interval);
     assert_eq!(config.storage.sync_interval_ms, 20);
+    assert!(!config.storage.background_sync, "off unless asked");
+    let config = load_with(None, &[("HAMOK_STORAGE__BACKGROUND_SYNC", "true")]).unwrap();
+    assert!(config.storage.background_sync);
     // From the environment, a directory named like a number stays a path.
     let config = load_with(
         None,

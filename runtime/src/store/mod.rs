@@ -4,7 +4,8 @@
 //!
 //! The node actor writes what each [`Ready`](crate::raft::Ready) asks for, in order (snapshot, term and
 //! vote, entries, commit mark), then calls [`LogStore::sync`] once (group commit), and only then sends
-//! that Ready's messages. A durable store must have made every write durable when `sync` returns (as
+//! that Ready's messages (a leader's own log write may instead be synced by
+//! [`LogStore::sync_in_background`], when the store offers it). A durable store must have made every write durable when `sync` returns (as
 //! far as its [`SyncPolicy`] promises); a store that fails any call stops the peer (a failed fsync is
 //! never retried: the kernel may have dropped the dirty pages, so a retry that succeeds proves nothing).
 
@@ -39,8 +40,22 @@ pub trait LogStore: Send + 'static {
         let _ = (index, term);
         Ok(())
     }
-    /// Makes every write so far durable (a no-op for the in-memory store).
+    /// Makes every write so far durable (a no-op for the in-memory store). A durable store first waits
+    /// for its background syncs, and fails if one did.
     fn sync(&mut self) -> Result<(), HamokError>;
+
+    /// Whether [`LogStore::sync_in_background`] may start syncs (the node then lets a leader's own
+    /// log writes become durable after its messages leave). Default: `false`.
+    fn syncs_in_background(&self) -> bool {
+        false
+    }
+    /// Writes every pending write to the kernel and starts making it durable on another thread;
+    /// `done` gets the outcome there, once. `Ok(false)` when nothing needs a sync or no sync could be
+    /// started (the default): the caller then calls [`LogStore::sync`].
+    fn sync_in_background(&mut self, done: SyncDone) -> Result<bool, HamokError> {
+        let _ = done;
+        Ok(false)
+    }
 
     /// Number of entries and their approximate bytes currently stored.
     fn size(&self) -> (u64, u64);
@@ -76,6 +91,10 @@ pub trait LogStore: Send + 'static {
         Ok(())
     }
 }
+
+/// Called once, on a store's sync thread, with the outcome of a sync started by
+/// [`LogStore::sync_in_background`].
+pub type SyncDone = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 /// When a durable store calls `fdatasync`, and what each choice can lose.
 ///

@@ -127,6 +127,8 @@ pub struct Counts {
     /// Long partitions that cut off two or more peers together.
     pub long_group_cuts: usize,
     pub crashes: usize,
+    /// Crashes that were power cuts losing log writes no sync covered yet.
+    pub unsynced_lost: usize,
     pub restarts: usize,
     pub leaves: usize,
     pub added: usize,
@@ -420,7 +422,7 @@ impl Batch {
         ));
         s.push_str(&format!(
             "  totals: {} requests ({} writes, {} linearizable reads checked, {} pushes acknowledged), {} ops in the linearizability check; \
-             {} partitions ({} longer than peer_max_idle, {} of them cutting off 2+ peers together), {} crashes, {} restarts, {} leaves, {} peers added; \
+             {} partitions ({} longer than peer_max_idle, {} of them cutting off 2+ peers together), {} crashes ({} power cuts losing unsynced writes), {} restarts, {} leaves, {} peers added; \
              {} removals of silent members, {} rejoins, {} joins\n",
             sum(|c| c.requests),
             sum(|c| c.writes),
@@ -431,6 +433,7 @@ impl Batch {
             sum(|c| c.long_partitions),
             sum(|c| c.long_group_cuts),
             sum(|c| c.crashes),
+            sum(|c| c.unsynced_lost),
             sum(|c| c.restarts),
             sum(|c| c.leaves),
             sum(|c| c.added),

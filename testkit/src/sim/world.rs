@@ -20,7 +20,7 @@ use hamok_collections::{
     register_kinds, DeliveryId, HamokCollections, HamokLock, HamokMap, HamokQueue, LockOptions,
 };
 use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
-use hamok_runtime::store::{LogStore, MemoryLogStore};
+use hamok_runtime::store::{LogStore, MemoryLogStore, SyncDone};
 use hamok_runtime::testing::PlantedBugs;
 use hamok_runtime::transport::memory::InProcessHub;
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
@@ -45,42 +45,165 @@ const CLUSTER: &str = "sim";
 const LIVENESS_CLIENT: usize = 1_000;
 
 /// A log store that survives its peer: a crashed peer restarts from it, as a durable peer would.
+///
+/// In seeds with background syncs it behaves as a durable store under the `batch` policy: a leader's
+/// own log writes are synced in the background (each sync takes a seeded time, and they complete in
+/// order), every other write is synced inline, and [`SharedStore::power_cut`] loses what no sync
+/// covered yet, commit marks included.
 #[derive(Clone, Default)]
-pub struct SharedStore(Arc<Mutex<MemoryLogStore>>);
+pub struct SharedStore(Arc<Mutex<StoreState>>);
+
+#[derive(Default)]
+struct StoreState {
+    store: MemoryLogStore,
+    /// The seeded time each background sync takes; `None`: this store syncs inline only.
+    background: Option<Rng>,
+    /// The first index written that no sync covered yet.
+    unsynced_from: Option<LogIndex>,
+    /// A write that needs an `fdatasync` (anything but a commit mark) waits for one, as in the file
+    /// store: an inline `sync` with nothing such only writes, it covers no background write.
+    needs_sync: bool,
+    /// The last index written.
+    last_written: LogIndex,
+    /// The commit mark as recorded, and as a sync last covered it.
+    committed: LogIndex,
+    committed_synced: LogIndex,
+    /// When the last background sync started completes (they complete in order).
+    last_done: Option<Instant>,
+    /// Bumped by a power cut: the syncs then in flight never make anything durable.
+    generation: u64,
+}
+
+impl StoreState {
+    /// Every write so far is durable.
+    fn synced(&mut self) {
+        self.needs_sync = false;
+        self.unsynced_from = None;
+        self.committed_synced = self.committed;
+    }
+}
 
 impl SharedStore {
-    fn inner(&self) -> MutexGuard<'_, MemoryLogStore> {
+    /// A store; with `background`, one that syncs a leader's writes in the background, each sync
+    /// taking a time drawn from it.
+    pub fn new(background: Option<Rng>) -> Self {
+        SharedStore(Arc::new(Mutex::new(StoreState {
+            background,
+            ..StoreState::default()
+        })))
+    }
+
+    fn inner(&self) -> MutexGuard<'_, StoreState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The power fails: writes no sync covered are lost, and syncs in flight never complete.
+    /// Returns the first index lost, if any.
+    pub fn power_cut(&self) -> Option<LogIndex> {
+        let mut s = self.inner();
+        s.generation += 1;
+        s.committed = s.committed_synced;
+        let lost = s.unsynced_from.take();
+        if let Some(from) = lost {
+            let _ = s.store.write_entries(from, &[]);
+            s.last_written = from - 1;
+        }
+        lost
     }
 }
 
 impl LogStore for SharedStore {
     fn load(&mut self) -> Result<PersistedState, HamokError> {
-        self.inner().load()
+        let mut s = self.inner();
+        let committed = s.committed;
+        let mut state = s.store.load()?;
+        state.committed = committed;
+        Ok(state)
     }
     fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError> {
-        self.inner().save_hard_state(state)
+        let mut s = self.inner();
+        s.needs_sync = true;
+        s.store.save_hard_state(state)
     }
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
-        self.inner().save_snapshot(snapshot)
+        // Durable when it returns, with every write before it (as the file store's).
+        let mut s = self.inner();
+        s.store.save_snapshot(snapshot)?;
+        s.last_written = s.last_written.max(snapshot.meta.last_index);
+        s.synced();
+        Ok(())
     }
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
-        self.inner().write_entries(from, entries)
+        let mut s = self.inner();
+        s.store.write_entries(from, entries)?;
+        s.last_written = from - 1 + entries.len() as u64;
+        s.needs_sync = true;
+        if s.background.is_some() {
+            s.unsynced_from = Some(s.unsynced_from.map_or(from, |u| u.min(from)));
+        }
+        Ok(())
     }
-    fn save_committed(&mut self, index: LogIndex, term: u64) -> Result<(), HamokError> {
-        self.inner().save_committed(index, term)
+    fn save_committed(&mut self, index: LogIndex, _term: u64) -> Result<(), HamokError> {
+        let mut s = self.inner();
+        s.committed = s.committed.max(index);
+        Ok(())
     }
     fn incarnation(&self) -> u64 {
-        self.inner().incarnation()
+        self.inner().store.incarnation()
     }
     fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
-        self.inner().save_incarnation(incarnation)
+        self.inner().store.save_incarnation(incarnation)
     }
     fn sync(&mut self) -> Result<(), HamokError> {
-        self.inner().sync()
+        let mut s = self.inner();
+        if s.needs_sync || s.background.is_none() {
+            s.synced();
+        }
+        Ok(())
+    }
+    fn syncs_in_background(&self) -> bool {
+        self.inner().background.is_some()
+    }
+    fn sync_in_background(&mut self, done: SyncDone) -> Result<bool, HamokError> {
+        let (at, generation, upto, committed) = {
+            let mut s = self.inner();
+            if !s.needs_sync || s.unsynced_from.is_none() {
+                return Ok(false);
+            }
+            s.needs_sync = false;
+            let Some(rng) = s.background.as_mut() else {
+                return Ok(false);
+            };
+            // Often slow against the clients' pace (a write every few ms): the window a power cut
+            // can hit must be wide for the seeds to find what it loses.
+            let took_ms = if rng.chance(0.3) {
+                rng.between(20, 150)
+            } else {
+                rng.between(1, 10)
+            };
+            let at = (Instant::now() + Duration::from_millis(took_ms))
+                .max(s.last_done.unwrap_or_else(Instant::now));
+            s.last_done = Some(at);
+            (at, s.generation, s.last_written, s.committed)
+        };
+        let store = self.clone();
+        tokio::spawn(async move {
+            sleep_until(at).await;
+            {
+                let mut s = store.inner();
+                if s.generation == generation {
+                    if s.unsynced_from.is_some_and(|u| u <= upto) {
+                        s.unsynced_from = (s.last_written > upto).then_some(upto + 1);
+                    }
+                    s.committed_synced = s.committed_synced.max(committed);
+                }
+            }
+            done(Ok(()));
+        });
+        Ok(true)
     }
     fn size(&self) -> (u64, u64) {
-        self.inner().size()
+        self.inner().store.size()
     }
 
     fn may_block(&self) -> bool {
@@ -258,6 +381,9 @@ pub struct World {
     qseq: u64,
     clients: Vec<JoinHandle<()>>,
     next_peer: usize,
+    /// This seed's durable peers sync a leader's own log writes in the background (half the seeds;
+    /// drawn apart from the plan, so the other half runs as before), and a crash is mostly a power cut.
+    background_syncs: bool,
 }
 
 impl World {
@@ -302,6 +428,7 @@ impl World {
             qseq: 0,
             clients: Vec::new(),
             next_peer: plan.initial_peers + 1,
+            background_syncs: mix64(seed ^ 0x0073_796e_6373) & 1 == 1,
             plan,
         }
     }
@@ -389,12 +516,15 @@ impl World {
     }
 
     fn add_slot(&mut self, id: String, only_follower: bool) {
+        let syncs = self
+            .background_syncs
+            .then(|| Rng::stream(self.seed ^ super::plan::fnv64(id.as_bytes()), "syncs"));
         self.slots.insert(
             id.clone(),
             Slot {
                 id,
                 only_follower,
-                store: SharedStore::default(),
+                store: SharedStore::new(syncs),
                 incarnation: 0,
                 status: Status::Crashed,
                 leave_task: None,
@@ -433,6 +563,18 @@ impl World {
         }
         self.slots.get_mut(id).expect("known").status = Status::Crashed;
         hamok.close().await;
+        // Mostly a power cut, where a leader may lose log writes no background sync covered yet.
+        if self.background_syncs && self.rng.chance(0.7) {
+            let store = self.slots[id].store.clone();
+            let lost = store.power_cut();
+            let mut s = lock(&self.shared);
+            s.note(format!(
+                "{id}: power cut, unsynced writes lost from {lost:?}"
+            ));
+            if lost.is_some() {
+                s.counts.unsynced_lost += 1;
+            }
+        }
     }
 
     fn leave(&mut self, id: &str) {
@@ -737,7 +879,15 @@ impl World {
                 self.schedule(now + lasts, Action::CalmNetwork(gen));
             }
             2 if !up.is_empty() => {
-                let id = up[self.rng.index(up.len())].clone();
+                // With background syncs, often the leader: only a leader's writes can be lost.
+                let leader = up
+                    .iter()
+                    .find(|id| self.handle(id).is_some_and(|h| h.is_leader()))
+                    .cloned();
+                let id = match leader {
+                    Some(leader) if self.background_syncs && self.rng.chance(0.5) => leader,
+                    _ => up[self.rng.index(up.len())].clone(),
+                };
                 self.crash(&id).await;
                 let after = self.rng.between(200, 3_000);
                 self.schedule(now + after, Action::Restart(id));

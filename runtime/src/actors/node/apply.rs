@@ -12,7 +12,7 @@ use crate::state_machine::{
     Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, StateMachines,
 };
 use crate::stats::Counters;
-use crate::store::LogStore;
+use crate::store::{LogStore, SyncDone};
 
 /// A hook run on a collection's state machine whenever it is (re)created (to attach local observers).
 pub(crate) type AttachFn = Arc<dyn Fn(&mut dyn StateMachine) + Send + Sync>;
@@ -105,11 +105,42 @@ impl Apply {
     /// messages leave. The commit mark goes with it, so a restarted peer applies as far as it had
     /// before serving anything (a durable store syncs the mark with the next batch that must be synced,
     /// as etcd does: a power cut can take the mark back, never an acknowledged entry).
-    pub(super) fn persist(&mut self, ready: &Ready) -> Result<(), HamokError> {
-        off_the_runtime(self.store.may_block(), || self.persist_now(ready))
+    ///
+    /// With `background`, the sync may run on the store's sync thread instead: `Ok(true)` when it
+    /// does (`background` then gets its outcome there); otherwise the writes are durable on return.
+    pub(super) fn persist(
+        &mut self,
+        ready: &Ready,
+        background: Option<SyncDone>,
+    ) -> Result<bool, HamokError> {
+        let blocks = self.store.may_block();
+        if let Some(done) = background {
+            // Nothing here waits on the disk (the writes only reach the kernel, the sync runs on
+            // the store's thread): no hand-off of the worker's tasks, which costs more than a write.
+            if !self.write(ready)? {
+                return Ok(false);
+            }
+            if self.store.sync_in_background(done)? {
+                return Ok(true);
+            }
+            off_the_runtime(blocks, || self.store.sync())?;
+            return Ok(false);
+        }
+        off_the_runtime(blocks, || {
+            if self.write(ready)? {
+                self.store.sync()?;
+            }
+            Ok(false)
+        })
     }
 
-    fn persist_now(&mut self, ready: &Ready) -> Result<(), HamokError> {
+    /// Whether the store can sync in the background (see [`Apply::persist`]).
+    pub(super) fn syncs_in_background(&self) -> bool {
+        self.store.syncs_in_background()
+    }
+
+    /// Writes what `ready` asks for; whether there was anything to write.
+    fn write(&mut self, ready: &Ready) -> Result<bool, HamokError> {
         if let Some(snapshot) = &ready.snapshot {
             self.store.save_snapshot(snapshot)?;
         }
@@ -122,14 +153,10 @@ impl Apply {
         if let Some(last) = ready.committed.last() {
             self.store.save_committed(last.index, last.term)?;
         }
-        if ready.snapshot.is_some()
+        Ok(ready.snapshot.is_some()
             || ready.hard_state.is_some()
             || ready.entries_from.is_some()
-            || !ready.committed.is_empty()
-        {
-            self.store.sync()?;
-        }
-        Ok(())
+            || !ready.committed.is_empty())
     }
 
     /// Time passed: lets a store with an interval sync policy sync writes that wait for it.

@@ -87,6 +87,11 @@ pub(crate) enum NodeMsg {
     },
     /// The leader's view of each member's match index (empty on a follower).
     Replication(oneshot::Sender<Vec<(PeerId, crate::raft::LogIndex)>>),
+    /// A background sync of the store ended (from the store's sync thread).
+    Synced {
+        ticket: u64,
+        result: Result<(), crate::store::StorageError>,
+    },
 }
 
 /// Everything the node actor starts from. The peer is built (and its store loaded) by the caller, so
@@ -137,10 +142,16 @@ impl Actor for NodeActor {
         let tick = Duration::from_millis(args.tick_interval_ms);
         myself.send_interval(tick, || NodeMsg::Tick);
         let id = args.peer.id().to_string();
+        let mut peer = args.peer;
+        // A background sync's outcome comes back as a message, handled in turn with the rest.
+        let me = myself.clone();
+        peer.set_sync_notifier(Arc::new(move |ticket, result| {
+            let _ = me.send_message(NodeMsg::Synced { ticket, result });
+        }));
         let state = NodeState {
             span: tracing::info_span!("hamok_peer", peer = %id),
             label: Arc::from(id),
-            peer: args.peer,
+            peer,
             started: args.contact.started(),
             link: None,
             inbound: args.inbound,
@@ -239,6 +250,10 @@ impl Actor for NodeActor {
             } => peer.send_direct(to, channel, payload),
             NodeMsg::Replication(reply) => {
                 let _ = reply.send(peer.replication());
+                publish = false;
+            }
+            NodeMsg::Synced { ticket, result } => {
+                peer.on_synced(ticket, result);
                 publish = false;
             }
         }

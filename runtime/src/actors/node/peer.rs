@@ -4,7 +4,7 @@
 //! engine's own time base) and draws randomness only from its seed. What it wants done (frames to send,
 //! events, a stop) collects in an [`Output`] that the actor shell drains after each input.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,12 +22,12 @@ use crate::config::HamokConfig;
 use crate::error::HamokError;
 use crate::events::HamokEvent;
 use crate::raft::{
-    Entry, EntryPayload, Membership, Message, MessageBody, PeerId, PersistedState, RaftNode, Ready,
-    Role,
+    Entry, EntryPayload, LogIndex, Membership, Message, MessageBody, PeerId, PersistedState,
+    RaftNode, Ready, Role, Term,
 };
 use crate::state_machine::{Applied, ClientId, Op, StateMachineFactory};
 use crate::stats::{Counters, JoinState, PeerStatus};
-use crate::store::LogStore;
+use crate::store::{LogStore, StorageError, SyncDone};
 use crate::wire::HamokMessage;
 
 /// A handler of direct (unordered, peer-to-peer) messages of one channel.
@@ -71,6 +71,10 @@ pub(crate) type TimeApply<'a> = &'a mut dyn FnMut(&mut dyn FnMut());
 /// leave before its own log write (see `Peer::send_replication_early`).
 pub(crate) type SendNow<'a> = &'a mut dyn FnMut(Vec<(Option<PeerId>, Bytes)>);
 
+/// How a background sync of the store reaches the shell: its ticket and outcome, from the store's
+/// sync thread (see [`Peer::on_synced`]).
+pub(crate) type SyncNotifier = Arc<dyn Fn(u64, Result<(), StorageError>) + Send + Sync>;
+
 pub(crate) struct Peer {
     id: PeerId,
     config: HamokConfig,
@@ -97,6 +101,16 @@ pub(crate) struct Peer {
     /// The foreign incarnation last reported (one event per foreign cluster, not one per frame).
     reported_foreign_incarnation: Option<u64>,
     out: Output,
+    /// Set by the shell when the store can sync in the background: a leader's own log writes then
+    /// become durable after its messages leave.
+    sync_notifier: Option<SyncNotifier>,
+    /// Background syncs in flight, oldest first: ticket, and the last entry they make durable. At most
+    /// what the store's sync queue holds (it refuses more, and the Ready is then synced inline).
+    background_syncs: VecDeque<(u64, LogIndex, Term)>,
+    next_sync_ticket: u64,
+    /// The engine counts its own log only as reported durable (`RaftConfig::persist_async`, on when
+    /// the store can sync in the background): every log write is reported, inline ones at once.
+    persist_async: bool,
 }
 
 impl Peer {
@@ -118,7 +132,14 @@ impl Peer {
             apply.plant_fence_not_checked();
         }
         let persisted = apply.load()?;
-        let raft = RaftNode::new(id.clone(), config.raft_config(), seed, now_ms, persisted)?;
+        let persist_async = apply.syncs_in_background();
+        let raft = RaftNode::new(
+            id.clone(),
+            engine_config(&config, persist_async),
+            seed,
+            now_ms,
+            persisted,
+        )?;
         let mut codec = Codec::new(id.clone(), &config);
         codec.incarnation = apply.incarnation();
         let client = ClientId {
@@ -150,6 +171,10 @@ impl Peer {
             last_heartbeat_event_ms: now_ms,
             reported_foreign_incarnation: None,
             out: Output::new(events),
+            sync_notifier: None,
+            background_syncs: VecDeque::new(),
+            next_sync_ticket: 0,
+            persist_async,
             id,
             config,
             seed,
@@ -430,16 +455,48 @@ impl Peer {
             }
             let ready = self.raft.take_ready();
             if let Err(e) = self.handle_ready(now_ms, ready, &mut *time_apply, &mut *send_now) {
-                tracing::error!(
-                    peer = %self.id,
-                    error = %e,
-                    "cannot handle the engine's output: the peer stops"
-                );
-                let reason = format!("the peer stops: {e}");
-                self.out.emit(HamokEvent::Error(reason.clone()));
-                self.out.stop = Some(reason);
-                return;
+                return self.stop_on(&e);
             }
+        }
+    }
+
+    /// The engine's output cannot be persisted or applied: the peer stops (see [`Peer::flush`]).
+    fn stop_on(&mut self, e: &HamokError) {
+        tracing::error!(
+            peer = %self.id,
+            error = %e,
+            "cannot handle the engine's output: the peer stops"
+        );
+        let reason = format!("the peer stops: {e}");
+        self.out.emit(HamokEvent::Error(reason.clone()));
+        self.out.stop = Some(reason);
+    }
+
+    /// Lets a leader's own log writes be synced in the background when the store can: `notify` is
+    /// how their outcomes reach the shell (which hands them to [`Peer::on_synced`]).
+    pub(crate) fn set_sync_notifier(&mut self, notify: SyncNotifier) {
+        if self.apply.syncs_in_background() {
+            self.sync_notifier = Some(notify);
+        }
+    }
+
+    /// A background sync ended. Done: the engine hears that the log is durable up to the last entry
+    /// it covered (a leader's own copy then counts toward a commit). Failed: the peer stops, as for
+    /// any store failure (the store refuses every later call too).
+    pub(crate) fn on_synced(&mut self, ticket: u64, result: Result<(), StorageError>) {
+        if let Err(e) = result {
+            return self.stop_on(&HamokError::Storage(e));
+        }
+        let mut durable = None;
+        while let Some(&(t, index, term)) = self.background_syncs.front() {
+            if t > ticket {
+                break;
+            }
+            self.background_syncs.pop_front();
+            durable = Some((index, term));
+        }
+        if let Some((index, term)) = durable {
+            self.raft.on_persisted(index, term);
         }
     }
 
@@ -600,6 +657,15 @@ impl Peer {
         }
     }
 
+    /// Whether this Ready's log write may become durable after its messages leave: a leader's, that
+    /// changes neither term nor vote and carries no snapshot. Its messages promise nothing about the
+    /// leader's own log, whose copy the engine counts toward a commit only once `on_synced` reports
+    /// it (`RaftConfig::persist_async`); a follower's acknowledgement, a vote or a snapshot must be
+    /// durable before anything leaves.
+    fn may_sync_in_background(&self, ready: &Ready) -> bool {
+        self.raft.role() == Role::Leader && ready.hard_state.is_none() && ready.snapshot.is_none()
+    }
+
     fn handle_ready(
         &mut self,
         now_ms: u64,
@@ -609,7 +675,27 @@ impl Peer {
     ) -> Result<(), HamokError> {
         // 1. Persist, in order, before anything else leaves (a leader's replication may leave first).
         self.send_replication_early(&mut ready, send_now);
-        self.apply.persist(&ready)?;
+        let last_written = ready.entries.last().map(|e| (e.index, e.term));
+        let background = match (&self.sync_notifier, last_written) {
+            (Some(notify), Some(_)) if self.may_sync_in_background(&ready) => {
+                let (notify, ticket) = (notify.clone(), self.next_sync_ticket);
+                let done: SyncDone = Box::new(move |result| notify(ticket, result));
+                Some(done)
+            }
+            _ => None,
+        };
+        if self.apply.persist(&ready, background)? {
+            let (index, term) =
+                last_written.expect("only a Ready with entries syncs in background");
+            self.background_syncs
+                .push_back((self.next_sync_ticket, index, term));
+            if self.bugs.report_unsynced_writes() {
+                self.raft.on_persisted(index, term);
+            }
+            self.next_sync_ticket += 1;
+        } else if let (true, Some((index, term))) = (self.persist_async, last_written) {
+            self.raft.on_persisted(index, term);
+        }
         let Ready {
             soft_state,
             snapshot,
@@ -864,7 +950,7 @@ impl Peer {
             crate::raft::SeededRng::new(self.seed ^ now_ms.rotate_left(32)).next_u64() | 1;
         let mut raft = match RaftNode::new(
             self.id.clone(),
-            self.config.raft_config(),
+            engine_config(&self.config, self.persist_async),
             self.seed,
             now_ms,
             genesis.clone(),
@@ -932,4 +1018,13 @@ fn trace_role_change(id: &PeerId, term: u64, old: Role, new: Role, leader: Optio
         _ => {}
     }
     tracing::info!(peer = %id, term, role = ?new, old = ?old, "role changed");
+}
+
+/// The engine's configuration for this peer: the configured one, counting its own log only as
+/// reported durable when the store syncs in the background (see `Peer::persist_async`).
+fn engine_config(config: &HamokConfig, persist_async: bool) -> crate::raft::RaftConfig {
+    crate::raft::RaftConfig {
+        persist_async,
+        ..config.raft_config()
+    }
 }

@@ -20,6 +20,9 @@ pub struct PlantedBugs {
     pub idle_timer_refreshed_by_any_higher_term: bool,
     /// Fenced commands are applied without checking the lock's current token.
     pub fence_not_checked: bool,
+    /// A leader's log write synced in the background is reported durable to the engine as soon as
+    /// the sync starts, not when it returns.
+    pub report_unsynced_writes: bool,
 }
 
 /// Which planted bugs are on: none can be, without the `testing` feature.
@@ -41,6 +44,9 @@ impl PlantedBugs {
     pub(crate) fn fence_not_checked(&self) -> bool {
         self.fence_not_checked
     }
+    pub(crate) fn report_unsynced_writes(&self) -> bool {
+        self.report_unsynced_writes
+    }
 }
 
 #[cfg(not(feature = "testing"))]
@@ -55,6 +61,9 @@ impl PlantedBugs {
         false
     }
     pub(crate) const fn fence_not_checked(&self) -> bool {
+        false
+    }
+    pub(crate) const fn report_unsynced_writes(&self) -> bool {
         false
     }
 }

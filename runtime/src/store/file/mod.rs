@@ -4,7 +4,8 @@
 //!
 //! * `wal/`: the write-ahead log (`wal.rs`: chunk files of checksummed records, an exclusive `LOCK`
 //!   file): term and vote as one record, entries, truncations, purges behind the snapshot, the commit
-//!   mark, and this peer's id with the cluster incarnation. Written and synced on the calling thread.
+//!   mark, and this peer's id with the cluster incarnation. Written on the calling thread, and synced
+//!   there or, for a leader's own log writes, on the store's sync thread (`syncer.rs`).
 //! * `snapshot`: the latest snapshot, replaced atomically (see `snapshot.rs`).
 //!
 //! Recovery rules (at [`FileLogStore::open`]):
@@ -24,6 +25,7 @@
 //! peer stops: a failed fsync is never retried.
 
 mod snapshot;
+mod syncer;
 mod wal;
 
 use std::collections::VecDeque;
@@ -32,10 +34,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{LogStore, StorageError, SyncPolicy};
+use super::{LogStore, StorageError, SyncDone, SyncPolicy};
 use crate::config::StorageConfig;
 use crate::error::{Cause, HamokError};
 use crate::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot, Term};
+use syncer::Syncer;
 use wal::{Recovered, Wal};
 
 /// Largest chunk file of the log: the log is compacted behind snapshots a whole chunk at a time, so
@@ -52,6 +55,9 @@ pub struct FileLogStoreOptions {
     pub sync_interval: Duration,
     /// Largest chunk file (default 64 MiB; tests use small chunks to exercise several).
     pub chunk_max_bytes: usize,
+    /// With [`SyncPolicy::Batch`]: sync a leader's own log writes on the store's sync thread (see
+    /// `storage.background_sync`; default off).
+    pub background_sync: bool,
     /// Fault injection (`testing` feature): while set, every sync fails as an `fdatasync` error would.
     #[cfg(any(test, feature = "testing"))]
     pub fail_syncs: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -63,6 +69,7 @@ impl Default for FileLogStoreOptions {
             sync: SyncPolicy::Batch,
             sync_interval: Duration::from_millis(100),
             chunk_max_bytes: CHUNK_MAX_BYTES,
+            background_sync: false,
             #[cfg(any(test, feature = "testing"))]
             fail_syncs: None,
         }
@@ -75,6 +82,7 @@ impl FileLogStoreOptions {
         FileLogStoreOptions {
             sync: storage.sync,
             sync_interval: Duration::from_millis(storage.sync_interval_ms),
+            background_sync: storage.background_sync,
             ..FileLogStoreOptions::default()
         }
     }
@@ -94,6 +102,9 @@ impl FileLogStoreOptions {
 /// ```
 pub struct FileLogStore {
     dir: PathBuf,
+    /// The sync thread, once a background sync was asked for. Declared before `wal`: dropped first,
+    /// it finishes its syncs before the log's files and lock are released.
+    syncer: Option<Syncer>,
     wal: Wal,
     options: FileLogStoreOptions,
     snapshot_index: LogIndex,
@@ -139,6 +150,7 @@ impl FileLogStore {
         let snapshot = snapshot::read(&dir)?.unwrap_or_default();
         let mut store = FileLogStore {
             dir,
+            syncer: None,
             wal,
             options,
             snapshot_index: snapshot.meta.last_index,
@@ -253,7 +265,10 @@ impl FileLogStore {
     fn check(&self) -> Result<(), HamokError> {
         match &self.failed {
             Some(e) => Err(HamokError::Storage(e.clone())),
-            None => Ok(()),
+            None => match self.syncer.as_ref().and_then(Syncer::failed) {
+                Some(e) => Err(HamokError::Storage(e)),
+                None => Ok(()),
+            },
         }
     }
 
@@ -278,6 +293,12 @@ impl FileLogStore {
                 source: None,
             });
         }
+        if sync {
+            // Every background sync first: a failure there must not hide behind this one's success.
+            if let Some(syncer) = &self.syncer {
+                syncer.wait_idle()?;
+            }
+        }
         let wal_dir = self.dir.join(wal::DIR_NAME);
         self.wal.flush(sync).map_err(|e| StorageError::Io {
             context: format!(
@@ -295,6 +316,35 @@ impl FileLogStore {
             self.unsynced = true;
         }
         Ok(())
+    }
+
+    fn sync_in_background_inner(&mut self, done: SyncDone) -> Result<bool, HamokError> {
+        if !self.syncs_in_background() || !self.needs_sync {
+            return Ok(false);
+        }
+        if self.syncer.is_none() {
+            let wal_dir = self.dir.join(wal::DIR_NAME);
+            self.syncer = Some(Syncer::start(
+                wal_dir.display().to_string(),
+                #[cfg(any(test, feature = "testing"))]
+                self.options.fail_syncs.clone(),
+            )?);
+        }
+        if !self.syncer.as_ref().is_some_and(Syncer::has_room) {
+            return Ok(false);
+        }
+        self.flush(false)?;
+        let file = self.wal.open_chunk().map_err(|e| StorageError::Io {
+            context: format!(
+                "duplicate the open chunk's descriptor in {}",
+                self.dir.display()
+            ),
+            source: Some(Cause::new(e)),
+        })?;
+        if let Some(syncer) = &self.syncer {
+            syncer.submit(file, done)?;
+        }
+        Ok(true)
     }
 
     fn last_index(&self) -> LogIndex {
@@ -457,6 +507,14 @@ impl LogStore for FileLogStore {
                 Ok(())
             }
         })
+    }
+
+    fn syncs_in_background(&self) -> bool {
+        self.options.sync == SyncPolicy::Batch && self.options.background_sync
+    }
+
+    fn sync_in_background(&mut self, done: SyncDone) -> Result<bool, HamokError> {
+        guarded!(self, self.sync_in_background_inner(done))
     }
 
     fn size(&self) -> (u64, u64) {

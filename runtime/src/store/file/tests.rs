@@ -328,6 +328,71 @@ fn a_failed_fsync_stops_the_store_for_good() {
 }
 
 #[test]
+fn a_background_sync_reports_its_outcome_and_a_failed_one_fails_every_later_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let options = FileLogStoreOptions {
+        fail_syncs: Some(fail.clone()),
+        background_sync: true,
+        ..FileLogStoreOptions::default()
+    };
+    let mut s = FileLogStore::open(dir.path(), options).unwrap();
+    assert!(s.syncs_in_background());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done = |tx: &std::sync::mpsc::Sender<Result<(), StorageError>>| -> crate::store::SyncDone {
+        let tx = tx.clone();
+        Box::new(move |r| tx.send(r).unwrap())
+    };
+    let wait = || rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+
+    s.write_entries(1, &entries(1, 3, 1)).unwrap();
+    assert!(s.sync_in_background(done(&tx)).unwrap());
+    assert_eq!(wait(), Ok(()));
+    assert!(
+        !s.sync_in_background(done(&tx)).unwrap(),
+        "nothing waits for a sync"
+    );
+
+    s.write_entries(4, &entries(4, 5, 1)).unwrap();
+    fail.store(true, Ordering::SeqCst);
+    assert!(s.sync_in_background(done(&tx)).unwrap());
+    let failed = wait().unwrap_err();
+    assert!(matches!(failed, StorageError::Io { .. }), "{failed:?}");
+    // Sticky, for inline calls too, even once the disk "recovers".
+    fail.store(false, Ordering::SeqCst);
+    let expected = HamokError::Storage(failed);
+    assert_eq!(s.sync().unwrap_err(), expected);
+    assert_eq!(s.write_entries(6, &entries(6, 6, 1)).unwrap_err(), expected);
+    assert_eq!(s.sync_in_background(done(&tx)).unwrap_err(), expected);
+    drop(s);
+
+    // What the first background sync covered is there after a reopen.
+    let mut s = open(dir.path()).unwrap();
+    let loaded = s.load().unwrap();
+    assert!(loaded.entries.len() >= 3, "{:?}", loaded.entries);
+}
+
+#[test]
+fn nothing_is_synced_in_the_background_unless_asked_and_under_batch() {
+    for (sync, background_sync) in [
+        (SyncPolicy::Batch, false),
+        (SyncPolicy::Interval, true),
+        (SyncPolicy::Never, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileLogStoreOptions {
+            sync,
+            background_sync,
+            ..FileLogStoreOptions::default()
+        };
+        let mut s = FileLogStore::open(dir.path(), options).unwrap();
+        assert!(!s.syncs_in_background());
+        s.write_entries(1, &entries(1, 3, 1)).unwrap();
+        assert!(!s.sync_in_background(Box::new(|_| {})).unwrap());
+    }
+}
+
+#[test]
 fn the_memory_store_keeps_the_commit_mark_too() {
     let mut s = crate::store::MemoryLogStore::new();
     s.write_entries(1, &entries(1, 5, 1)).unwrap();

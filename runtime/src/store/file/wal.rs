@@ -227,6 +227,11 @@ impl Wal {
         &self.state
     }
 
+    /// A second descriptor of the open chunk, for a sync on another thread.
+    pub(super) fn open_chunk(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Whether records wait to be written.
     pub(super) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
