@@ -621,10 +621,11 @@ impl Peer {
     /// A leader's replication messages (append, heartbeat, snapshot chunk) leave before its own log
     /// write, which then runs in parallel with the followers' (the Raft dissertation, §10.2.1): one
     /// sync fewer on the commit path. Safe because they promise nothing about the leader's log, and
-    /// the leader's entries commit only through its followers' responses, which this peer steps after
-    /// this Ready is durable (the actor handles one input at a time and the write is synchronous); a
-    /// single-voter leader applies only after the write. Not when the Ready changes the term or vote
-    /// or carries a snapshot: those are durable before anything else leaves.
+    /// the leader's own copy counts toward a commit only once durable: inline, this peer steps its
+    /// followers' responses only after this Ready's write returned (the actor handles one input at a
+    /// time); in the background (`storage.background_sync`), the engine counts it once `on_synced`
+    /// reported it. Not when the Ready changes the term or vote or carries a snapshot: those are
+    /// durable before anything else leaves.
     fn send_replication_early(&mut self, ready: &mut Ready, send_now: SendNow<'_>) {
         if ready.hard_state.is_some()
             || ready.snapshot.is_some()
@@ -684,17 +685,21 @@ impl Peer {
             }
             _ => None,
         };
-        if self.apply.persist(&ready, background)? {
-            let (index, term) =
-                last_written.expect("only a Ready with entries syncs in background");
-            self.background_syncs
-                .push_back((self.next_sync_ticket, index, term));
-            if self.bugs.report_unsynced_writes() {
-                self.raft.on_persisted(index, term);
+        let in_background = self.apply.persist(&ready, background)?;
+        match (in_background, last_written) {
+            (true, Some((index, term))) => {
+                self.background_syncs
+                    .push_back((self.next_sync_ticket, index, term));
+                self.next_sync_ticket += 1;
+                if self.bugs.report_unsynced_writes() {
+                    self.raft.on_persisted(index, term);
+                }
             }
-            self.next_sync_ticket += 1;
-        } else if let (true, Some((index, term))) = (self.persist_async, last_written) {
-            self.raft.on_persisted(index, term);
+            // Durable already: the engine hears it at once.
+            (false, Some((index, term))) if self.persist_async => {
+                self.raft.on_persisted(index, term)
+            }
+            _ => {}
         }
         let Ready {
             soft_state,
