@@ -884,13 +884,25 @@ impl World {
                     .iter()
                     .find(|id| self.handle(id).is_some_and(|h| h.is_leader()))
                     .cloned();
-                let id = match leader {
-                    Some(leader) if self.background_syncs && self.rng.chance(0.5) => leader,
-                    _ => up[self.rng.index(up.len())].clone(),
+                let mut down = match leader {
+                    Some(leader) if self.background_syncs && self.rng.chance(0.5) => vec![leader],
+                    _ => vec![up[self.rng.index(up.len())].clone()],
                 };
-                self.crash(&id).await;
-                let after = self.rng.between(200, 3_000);
-                self.schedule(now + after, Action::Restart(id));
+                // Now and then a power cut takes a follower down with the leader: the leader's
+                // unsynced entries are then held by fewer peers than the cluster may have counted.
+                if self.background_syncs && up.len() >= 3 && self.rng.chance(0.3) {
+                    let other = up
+                        .iter()
+                        .filter(|id| **id != down[0])
+                        .nth(self.rng.index(up.len() - 1))
+                        .cloned();
+                    down.extend(other);
+                }
+                for id in down {
+                    self.crash(&id).await;
+                    let after = self.rng.between(200, 3_000);
+                    self.schedule(now + after, Action::Restart(id));
+                }
             }
             3 if up.len() >= 2 => {
                 let id = up[self.rng.index(up.len())].clone();
