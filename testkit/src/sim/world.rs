@@ -129,7 +129,8 @@ impl LogStore for SharedStore {
         // Durable when it returns, with every write before it (as the file store's).
         let mut s = self.inner();
         s.store.save_snapshot(snapshot)?;
-        s.last_written = s.last_written.max(snapshot.meta.last_index);
+        // The entries after it are kept when the log agreed with it, dropped otherwise.
+        s.last_written = snapshot.meta.last_index + s.store.size().0;
         s.synced();
         Ok(())
     }
