@@ -76,9 +76,9 @@ fn flush<A: Clone>(groups: &mut Vec<(A, Vec<Bytes>)>, out: &mut Vec<Message<A>>)
 }
 
 /// The message for `frames` (one or more) to `to`.
-fn body<A>(to: A, mut frames: Vec<Bytes>) -> Message<A> {
-    if frames.len() == 1 {
-        return single(to, frames.pop().expect("one frame"));
+fn body<A>(to: A, frames: Vec<Bytes>) -> Message<A> {
+    if let [frame] = frames.as_slice() {
+        return single(to, frame.clone());
     }
     let frame_bytes: usize = frames.iter().map(Bytes::len).sum();
     let mut body = BytesMut::with_capacity(1 + 4 * frames.len() + frame_bytes);
@@ -106,12 +106,10 @@ pub(crate) fn split(body: Bytes) -> Result<Vec<Bytes>, Bytes> {
     let mut frames = Vec::new();
     let mut at = 1;
     while at < body.len() {
-        let Some(len) = body
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-        else {
+        let Some(&[a, b, c, d]) = body.get(at..at + 4) else {
             return Err(body);
         };
+        let len = u32::from_le_bytes([a, b, c, d]) as usize;
         let start = at + 4;
         if len == 0 || body.len() - start < len || frames.len() == MAX_BATCH_FRAMES {
             return Err(body);

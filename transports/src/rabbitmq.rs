@@ -13,8 +13,9 @@
 //! insists on it): `.`, `*` and `#` mean something in topic routing keys, so anything else is refused.
 //! Frames are published raw (the encoded [`hamok_runtime::wire::Frame`]) with the sender's peer id as
 //! `app_id`, and the frames one batch of the writer holds for the same peer travel in one message
-//! (`batch.rs`: a broker's cost is per message; a broadcast is never moved across); the exchange routes a peer's broadcasts back to its own queue too, and the consumer skips
-//! those ([`TransportStats::self_echo_skipped`]).
+//! (`batch.rs`: a broker's cost is per message; a broadcast is never moved across); the exchange
+//! routes a peer's broadcasts back to its own queue too, and the consumer skips those
+//! ([`TransportStats::self_echo_skipped`]).
 //!
 //! # Flow control
 //!

@@ -475,7 +475,7 @@ impl Peer {
     /// Lets a leader's own log writes be synced in the background when the store can: `notify` is
     /// how their outcomes reach the shell (which hands them to [`Peer::on_synced`]).
     pub(crate) fn set_sync_notifier(&mut self, notify: SyncNotifier) {
-        if self.apply.syncs_in_background() {
+        if self.persist_async {
             self.sync_notifier = Some(notify);
         }
     }
