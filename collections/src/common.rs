@@ -62,6 +62,24 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, HamokErr
     Ok(Bytes::from(rmp_serde::to_vec(value)?))
 }
 
+/// The length of [`encode`]'s bytes for `value`, counted without building them.
+pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, HamokError> {
+    /// A writer that only counts.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    rmp_serde::encode::write(&mut count, value)?;
+    Ok(count.0)
+}
+
 /// Decodes a value encoded by [`encode`].
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HamokError> {
     Ok(rmp_serde::from_slice(bytes)?)
@@ -272,6 +290,33 @@ pub(crate) fn write_lock<S>(lock: &RwLock<S>) -> std::sync::RwLockWriteGuard<'_,
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A handle group's event channel, made at its first subscriber: a broadcast channel holds its
+/// [`EVENT_CAPACITY`] slots from birth (about half a MiB), and most handle groups never have a
+/// subscriber. Sending before then reaches nobody, as sending to a channel without receivers does.
+#[derive(Default)]
+pub(crate) struct EventChannel(std::sync::OnceLock<broadcast::Sender<Raw>>);
+
+impl EventChannel {
+    /// A receiver of every event sent from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Raw> {
+        self.0
+            .get_or_init(|| broadcast::channel(EVENT_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// How many receivers there are (0 before the first subscriber).
+    pub(crate) fn receiver_count(&self) -> usize {
+        self.0.get().map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Sends `event` to the receivers there are (none: dropped).
+    pub(crate) fn send(&self, event: Raw) {
+        if let Some(sender) = self.0.get() {
+            let _ = sender.send(event);
+        }
+    }
+}
+
 /// A machine's gate (see the module documentation): held while events are sent.
 pub(crate) type Gate = Arc<Mutex<()>>;
 
@@ -297,7 +342,7 @@ pub(crate) struct Local<S, X> {
     /// The gate of the machine whose state `slot` holds (set with it by `Core::observe`); `None` until
     /// the group is first linked to a machine.
     pub(crate) gate: RwLock<Option<Gate>>,
-    pub(crate) events: broadcast::Sender<Raw>,
+    pub(crate) events: EventChannel,
     closed: AtomicBool,
     /// Whether a task watches the peer for `Close` (started with the first event stream).
     watching: AtomicBool,
@@ -306,12 +351,11 @@ pub(crate) struct Local<S, X> {
 
 impl<S: Default, X> Local<S, X> {
     fn new(id: &str, extra: X) -> Self {
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Local {
             id: id.to_string(),
             slot: RwLock::new(Arc::new(RwLock::new(S::default()))),
             gate: RwLock::new(None),
-            events,
+            events: EventChannel::default(),
             closed: AtomicBool::new(false),
             watching: AtomicBool::new(false),
             extra,
@@ -352,7 +396,7 @@ impl<S, X> Local<S, X> {
     pub(crate) fn emit(&self, events: Vec<Raw>) {
         if self.events.receiver_count() > 0 {
             for e in events {
-                let _ = self.events.send(e);
+                self.events.send(e);
             }
         }
     }
@@ -364,7 +408,7 @@ impl<S, X> Local<S, X> {
     /// Marks the handles closed and tells their subscribers (once).
     pub(crate) fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
-            let _ = self.events.send(Raw::Close);
+            self.events.send(Raw::Close);
         }
     }
 

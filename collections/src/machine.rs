@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::common::{
-    decode, decode_command, encode, hold, read_lock, write_lock, Envelope, Gate, Local, Raw,
-    ResyncReason,
+    decode, decode_command, encode, encoded_len, hold, read_lock, write_lock, Envelope, Gate,
+    Local, Raw, ResyncReason,
 };
 
 /// What is particular to one kind of collection.
@@ -125,7 +125,7 @@ impl<L: Logic> Machine<L> {
         if relinked && L::EVENTS_FROM_APPLY && local.events.receiver_count() > 0 {
             match encode(&*read_lock(&self.core.state)) {
                 Ok(state) => {
-                    let _ = local.events.send(Raw::Resync {
+                    local.events.send(Raw::Resync {
                         state,
                         reason: ResyncReason::SnapshotInstalled,
                     });
@@ -162,6 +162,11 @@ impl<L: Logic> StateMachine for Machine<L> {
         let state = read_lock(&self.core.state);
         rmp_serde::encode::write(out, &(self.core.initialized, &*state))?;
         Ok(())
+    }
+
+    fn snapshot_len(&self) -> Option<usize> {
+        let state = read_lock(&self.core.state);
+        encoded_len(&(self.core.initialized, &*state)).ok()
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), HamokError> {
@@ -237,7 +242,7 @@ impl<S, X> Core<S, X> {
             if let Some(local) = weak.upgrade() {
                 if local.events.receiver_count() > 0 {
                     for e in &events {
-                        let _ = local.events.send(e.clone());
+                        local.events.send(e.clone());
                     }
                 }
             }

@@ -837,6 +837,7 @@ impl Ctx {
             let log_mib_max = stats.iter().map(|s| s.status.log_bytes).max().unwrap_or(0) as f64
                 / (1024.0 * 1024.0);
             let snapshots: u64 = stats.iter().map(|s| s.counters.snapshots_taken).sum();
+            let installed: u64 = stats.iter().map(|s| s.counters.snapshots_installed).sum();
             let r = self
                 .load_record(
                     "memory",
@@ -854,6 +855,7 @@ impl Ctx {
                 .extra("log_entries_max", log_entries_max)
                 .extra("log_mib_max", log_mib_max)
                 .extra("snapshots_taken", snapshots)
+                .extra("snapshots_installed", installed)
                 .config("keys", keys)
                 .config("peak_reset", hwm_reset)
                 .config("scope", "whole process: every peer and the harness");

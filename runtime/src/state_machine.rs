@@ -46,6 +46,13 @@ pub trait StateMachine: Send + 'static {
         out.extend_from_slice(&self.snapshot()?);
         Ok(())
     }
+    /// The length of the bytes [`snapshot_into`](Self::snapshot_into) would append, if the machine can
+    /// tell without building them. A peer's first snapshot buffer is sized from it: grown by doubling
+    /// instead, a buffer of a few MiB briefly holds its old and new halves (three times its size), on
+    /// every peer at once since peers snapshot at about the same index. Default: `None` (not known).
+    fn snapshot_len(&self) -> Option<usize> {
+        None
+    }
     /// Replaces the whole state with a snapshot.
     fn restore(&mut self, data: &[u8]) -> Result<(), HamokError>;
     /// For local reads by typed handles.
@@ -347,7 +354,16 @@ impl StateMachines {
     /// stays in memory until the next one (a buffer grown by doubling holds up to twice its size).
     pub fn snapshot(&self) -> Result<Bytes, HamokError> {
         use std::sync::atomic::Ordering;
-        let hint = self.last_snapshot_bytes.load(Ordering::Relaxed);
+        let mut hint = self.last_snapshot_bytes.load(Ordering::Relaxed);
+        if hint == 0 {
+            // The first snapshot: sized from what the machines can tell (each collection's own header
+            // is a few bytes, covered by the margin below).
+            hint = self
+                .machines
+                .values()
+                .filter_map(|m| m.snapshot_len())
+                .sum();
+        }
         let mut buf = Vec::with_capacity(hint + hint / 8 + 256);
         let array = |buf: &mut Vec<u8>, len: usize| -> Result<(), HamokError> {
             let len = u32::try_from(len)

@@ -1770,6 +1770,56 @@ fn compact_drops_the_applied_log_prefix() {
 }
 
 #[test]
+fn compaction_would_strand_a_follower_that_keeps_up_but_was_not_sent_the_entries() {
+    // One append in flight per follower: `c`'s window stays full while its answer is held back.
+    let mut net = settled(cfg_with(|l| l.max_inflight_appends = 1));
+    let now = net.now;
+    let mut held = Vec::new();
+    let mut hold_c = |m: Message| {
+        if m.from == pid("c") {
+            held.push(m);
+            None
+        } else {
+            Some(m)
+        }
+    };
+    net.node_mut("a").propose(now, cmd("x1")).unwrap();
+    net.deliver_all_with(&mut hold_c);
+    let (x2, _) = net.node_mut("a").propose(now, cmd("x2")).unwrap();
+    net.deliver_all_with(&mut hold_c);
+    let a = net.node("a");
+    assert_eq!(a.applied_index(), x2, "committed with b alone");
+    assert!(
+        a.compaction_would_strand(x2),
+        "c was sent x1 but not x2 (its window is full): compacting x2 would leave it a snapshot"
+    );
+    assert!(
+        !a.compaction_would_strand(x2 - 1),
+        "c was sent everything up to x1"
+    );
+    // c's answer arrives: the leader sends it x2, and compacting x2 strands nobody.
+    for m in held {
+        net.deliver(m);
+    }
+    net.deliver_all();
+    assert!(!net.node("a").compaction_would_strand(x2));
+    assert!(
+        !net.node("b").compaction_would_strand(x2),
+        "only a leader sends entries"
+    );
+
+    // A follower not heard from for a check-quorum period does not hold compaction back.
+    net.isolate("c");
+    net.run_for(3 * ELECTION);
+    let now = net.now;
+    let (x3, _) = net.node_mut("a").propose(now, cmd("x3")).unwrap();
+    net.deliver_all();
+    let a = net.node("a");
+    assert_eq!(a.applied_index(), x3);
+    assert!(!a.compaction_would_strand(x3), "c is gone, not keeping up");
+}
+
+#[test]
 fn compaction_beyond_the_applied_index_or_not_past_the_snapshot_is_refused() {
     let mut net = settled(cfg());
     let now = net.now;

@@ -208,8 +208,9 @@ pub struct HamokConfig {
     /// Why 10 000: together with `snapshot_after_bytes` it bounds the memory of the log under endless
     /// writes, while snapshots (a copy of the whole state) stay rare enough to cost little; a lagging peer
     /// is caught up from the log when it is at most this far behind. While the leader streams a snapshot
-    /// to a peer it waits up to twice this (and twice `snapshot_after_bytes`), so that snapshot is not
-    /// stale on arrival. Must be at least 1.
+    /// to a peer, or has not yet sent a follower that keeps up entries the compaction would drop, it
+    /// waits up to twice this (and twice `snapshot_after_bytes`), so that the snapshot is not stale on
+    /// arrival and no follower needs one for a few entries. Must be at least 1.
     pub snapshot_after_entries: u64,
 
     /// Bytes of log payload since the last snapshot that trigger a new snapshot and log compaction.

@@ -620,6 +620,20 @@ impl RaftNode {
                 .any(|pr| pr.state == ProgressState::Snapshot)
     }
 
+    /// Whether compacting the log up to `index` now would take from a follower that keeps up (heard
+    /// from this check-quorum period) entries it has not been sent yet: with its send window full when
+    /// they were appended, it would need the whole snapshot for a gap of a few entries. A leader's
+    /// driver waits for it, within the slack of its snapshot thresholds.
+    pub fn compaction_would_strand(&self, index: LogIndex) -> bool {
+        self.role == Role::Leader
+            && self.progress.iter().any(|(id, pr)| {
+                *id != self.id
+                    && pr.recent_active
+                    && pr.state != ProgressState::Snapshot
+                    && pr.next_index <= index
+            })
+    }
+
     /// The leader's view of `peer`'s match index (`None` when not leader or not a member).
     pub fn match_index(&self, peer: &PeerId) -> Option<LogIndex> {
         if self.role != Role::Leader {
