@@ -353,6 +353,12 @@ impl StateMachines {
     /// double the memory a snapshot takes), and the buffer is sized from the last snapshot, since it
     /// stays in memory until the next one (a buffer grown by doubling holds up to twice its size).
     pub fn snapshot(&self) -> Result<Bytes, HamokError> {
+        self.snapshot_into_buffer(Vec::new())
+    }
+
+    /// [`snapshot`](Self::snapshot), written into `buf` (cleared first): the last snapshot's buffer,
+    /// when the engine could hand it over, so a peer never holds two snapshots at once.
+    pub fn snapshot_into_buffer(&self, mut buf: Vec<u8>) -> Result<Bytes, HamokError> {
         use std::sync::atomic::Ordering;
         let mut hint = self.last_snapshot_bytes.load(Ordering::Relaxed);
         if hint == 0 {
@@ -364,7 +370,8 @@ impl StateMachines {
                 .filter_map(|m| m.snapshot_len())
                 .sum();
         }
-        let mut buf = Vec::with_capacity(hint + hint / 8 + 256);
+        buf.clear();
+        buf.reserve(hint + hint / 8 + 256);
         let array = |buf: &mut Vec<u8>, len: usize| -> Result<(), HamokError> {
             let len = u32::try_from(len)
                 .map_err(|_| HamokError::codec("too many items for one snapshot array", None))?;
@@ -393,6 +400,10 @@ impl StateMachines {
         let members: Vec<&PeerId> = self.members.iter().collect();
         rmp_serde::encode::write(&mut buf, &members)?;
         self.last_snapshot_bytes.store(buf.len(), Ordering::Relaxed);
+        if buf.capacity() / 2 > buf.len() {
+            // A reused buffer from a larger state: it would hold twice what is needed until the next.
+            buf.shrink_to_fit();
+        }
         Ok(Bytes::from(buf))
     }
 

@@ -1345,7 +1345,7 @@ fn follower_that_truncates_an_uncommitted_membership_entry_reverts_to_the_previo
     log.push(Entry {
         term: 1,
         index: 2,
-        payload: EntryPayload::Membership(with_d.clone()),
+        payload: EntryPayload::Membership(Box::new(with_d.clone())),
     });
     let mut b = restored_node("b", persisted(&ids, 1, log));
     assert_eq!(b.latest_membership(), &with_d);
@@ -1849,6 +1849,65 @@ fn compaction_beyond_the_applied_index_or_not_past_the_snapshot_is_refused() {
 }
 
 #[test]
+fn the_snapshot_buffer_is_handed_over_only_when_unique_and_nothing_is_sent_from_it_meanwhile() {
+    let mut net = settled(cfg_with(|l| {
+        l.snapshot_chunk_bytes = 4;
+    }));
+    net.add_node("d", PersistedState::default());
+    net.drop_messages_to("d");
+    let now = net.now;
+    net.node_mut("a")
+        .propose_membership(now, MembershipChange::AddLearner(pid("d")))
+        .unwrap();
+    net.deliver_all();
+    for i in 0..3 {
+        net.node_mut("a")
+            .propose(now, cmd(&format!("{i}")))
+            .unwrap();
+    }
+    net.deliver_all();
+    let first = net.node("a").applied_index();
+    let held = Bytes::from(b"0123456789".to_vec());
+    let a = net.node_mut("a");
+    a.compact(first, held.clone()).unwrap();
+    assert_eq!(a.take_snapshot_buffer(), None, "someone else holds it");
+    assert_eq!(a.snapshot().data, held, "and it is left as it was");
+    drop(held);
+    assert_eq!(
+        a.take_snapshot_buffer().as_deref(),
+        Some(&b"0123456789"[..])
+    );
+    assert_eq!(a.take_snapshot_buffer(), None, "handed over once");
+
+    // d needs the snapshot, but nothing is sent from a buffer being written over.
+    net.heal();
+    net.delivered.clear();
+    net.run_for(5 * HEARTBEAT);
+    let install = |b: &MessageBody| matches!(b, MessageBody::InstallSnapshot { .. });
+    assert!(net.delivered_to("d", install).is_empty());
+
+    // The next compaction ends that: d gets the new snapshot.
+    let now = net.now;
+    net.node_mut("a").propose(now, cmd("3")).unwrap();
+    net.deliver_all();
+    let second = net.node("a").applied_index();
+    assert!(second > first);
+    net.node_mut("a")
+        .compact(second, Bytes::from(b"abcdef".to_vec()))
+        .unwrap();
+    net.run_for(5 * HEARTBEAT);
+    let sent: Vec<LogIndex> = net
+        .delivered_to("d", install)
+        .iter()
+        .map(|m| match &m.body {
+            MessageBody::InstallSnapshot { meta, .. } => meta.last_index,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(sent, vec![second, second]);
+}
+
+#[test]
 fn peer_behind_the_snapshot_receives_it_in_chunks_and_restores_it() {
     let mut net = settled(cfg_with(|l| {
         l.snapshot_chunk_bytes = 4;
@@ -2332,9 +2391,9 @@ fn candidate_asks_every_voter_of_the_latest_configuration() {
     state.entries = vec![Entry {
         term: 1,
         index: 1,
-        payload: EntryPayload::Membership(Membership::with_voters(
+        payload: EntryPayload::Membership(Box::new(Membership::with_voters(
             ["a", "b", "c", "d"].into_iter().map(pid),
-        )),
+        ))),
     }];
     let mut net = Net::with_states(cfg(), vec![("a", state)]);
     net.run_for(3 * cfg().election_timeout_ms);

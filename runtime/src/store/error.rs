@@ -45,7 +45,8 @@ pub enum StorageError {
         configured: PeerId,
     },
     /// A volatile in-memory store ([`MemoryLogStore::volatile`](super::MemoryLogStore::volatile)) was
-    /// asked to load after entries were written to it: it keeps none, so it cannot give them back.
+    /// asked to load after entries or a snapshot were written to it: it keeps neither, so it cannot
+    /// give them back.
     #[error("a volatile in-memory store keeps no log and cannot be loaded again")]
     Volatile,
     /// A read, write or `fdatasync` failed. After a failed sync the store refuses every further call:

@@ -12,10 +12,12 @@ use crate::raft::{Entry, HardState, LogIndex, PersistedState, Snapshot, Term};
 /// Two modes:
 /// - [`MemoryLogStore::new`] keeps a copy of the log, so a wrapper that outlives the peer (a test's
 ///   simulated crash and restart) can [`load`](LogStore::load) it again;
-/// - [`MemoryLogStore::volatile`], the builder's default, keeps no entries: a peer owns its store and
-///   dies with it, so the engine's own log is the only copy anyone reads, and a second copy would only
-///   double the log's memory. Loading a volatile store once entries were written is refused
-///   ([`StorageError::Volatile`]): it could not give them back.
+/// - [`MemoryLogStore::volatile`], the builder's default, keeps no entries and no snapshot bytes: a
+///   peer owns its store and dies with it, so the engine's own log and snapshot are the only copies
+///   anyone reads. A second copy of the log would double its memory, and a second hold on the snapshot
+///   would keep the peer from writing the next snapshot into its buffer. Loading a volatile store once
+///   entries or a snapshot were written is refused ([`StorageError::Volatile`]): it could not give
+///   them back.
 #[derive(Debug, Default)]
 pub struct MemoryLogStore {
     hard_state: HardState,
@@ -26,8 +28,8 @@ pub struct MemoryLogStore {
     incarnation: u64,
     /// Keeps no entries (see the type's docs).
     volatile: bool,
-    /// A volatile store was written entries since it was created.
-    wrote_entries: bool,
+    /// A volatile store was written entries or a snapshot since it was created.
+    written: bool,
 }
 
 impl MemoryLogStore {
@@ -37,7 +39,8 @@ impl MemoryLogStore {
         Self::default()
     }
 
-    /// An empty store that keeps no entries, for a peer that owns it (the builder's default).
+    /// An empty store that keeps no entries and no snapshot, for a peer that owns it (the builder's
+    /// default).
     pub fn volatile() -> Self {
         Self {
             volatile: true,
@@ -52,7 +55,7 @@ impl MemoryLogStore {
 
 impl LogStore for MemoryLogStore {
     fn load(&mut self) -> Result<PersistedState, HamokError> {
-        if self.wrote_entries {
+        if self.written {
             return Err(StorageError::Volatile.into());
         }
         Ok(PersistedState {
@@ -69,6 +72,10 @@ impl LogStore for MemoryLogStore {
     }
 
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
+        if self.volatile {
+            self.written = true;
+            return Ok(());
+        }
         let last = snapshot.meta.last_index;
         let matches = self
             .entries
@@ -90,7 +97,7 @@ impl LogStore for MemoryLogStore {
 
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
         if self.volatile {
-            self.wrote_entries |= !entries.is_empty();
+            self.written |= !entries.is_empty();
             return Ok(());
         }
         let from = from.max(self.first_index());
@@ -165,6 +172,27 @@ mod tests {
         .unwrap();
         s.write_entries(1, &[e(1, 1), e(2, 1)]).unwrap();
         assert_eq!(s.size(), (0, 0));
+        assert!(matches!(
+            s.load(),
+            Err(HamokError::Storage(StorageError::Volatile))
+        ));
+
+        // A snapshot is not kept either (it would hold the peer's snapshot buffer), so it too makes
+        // the store refuse to load.
+        let mut s = MemoryLogStore::volatile();
+        let snapshot = Snapshot {
+            meta: SnapshotMeta {
+                last_index: 2,
+                last_term: 1,
+                membership: Default::default(),
+            },
+            data: bytes::Bytes::from(vec![7u8; 16]),
+        };
+        s.save_snapshot(&snapshot).unwrap();
+        assert!(
+            snapshot.data.is_unique(),
+            "the store holds no reference to it"
+        );
         assert!(matches!(
             s.load(),
             Err(HamokError::Storage(StorageError::Volatile))

@@ -227,8 +227,8 @@ impl Registry {
             None => {
                 let membership = match &e.payload {
                     crate::raft::EntryPayload::Membership(m) => {
-                        self.memberships.insert(e.index, m.clone());
-                        Some(m.clone())
+                        self.memberships.insert(e.index, Membership::clone(m));
+                        Some(Membership::clone(m))
                     }
                     _ => None,
                 };

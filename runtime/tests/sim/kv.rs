@@ -192,7 +192,7 @@ impl Kv {
         match &e.payload {
             EntryPayload::Noop => Ok(None),
             EntryPayload::Membership(m) => {
-                self.membership = m.clone();
+                self.membership = Membership::clone(m);
                 Ok(None)
             }
             EntryPayload::Command(b) => {

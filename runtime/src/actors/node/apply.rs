@@ -267,7 +267,10 @@ impl Apply {
         {
             return Ok(None);
         }
-        let data = self.state_machines.snapshot()?;
+        // The last snapshot's buffer, when nothing else holds it: written over, not doubled. Should
+        // this fail, the peer stops (see `Peer::flush`) and the engine sends nothing from the buffer.
+        let buffer = raft.take_snapshot_buffer().unwrap_or_default();
+        let data = self.state_machines.snapshot_into_buffer(buffer)?;
         raft.compact(applied, data)?;
         off_the_runtime(self.store.may_block(), || {
             self.store.save_snapshot(raft.snapshot())
