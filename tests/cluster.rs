@@ -934,7 +934,8 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
         let id = p.local_peer_id().clone();
         wait_until(&format!("{id} counts every dropped frame"), WAIT, || {
             let s = p.stats();
-            s.counters.dropped_malformed - b.counters.dropped_malformed > ROUNDS * 3
+            s.counters.dropped_malformed - b.counters.dropped_malformed > ROUNDS * 2
+                && s.counters.dropped_misrouted - b.counters.dropped_misrouted >= ROUNDS
                 && s.counters.dropped_foreign_cluster - b.counters.dropped_foreign_cluster >= ROUNDS
                 && s.counters.dropped_version - b.counters.dropped_version >= ROUNDS
         })
@@ -955,6 +956,11 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
             s.counters.dropped_version - b.counters.dropped_version,
             ROUNDS
         );
+        assert_eq!(
+            s.counters.dropped_misrouted - b.counters.dropped_misrouted,
+            ROUNDS,
+            "a sound frame for another peer is misrouted, not malformed"
+        );
     }
     // The forged submits entered no log: only the 150 real writes are there.
     for p in &peers {
@@ -966,7 +972,7 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
     let s = peers[leader].stats();
     if s.status.raft.term == before[leader].status.raft.term && peers[leader].is_leader() {
         assert!(
-            s.counters.dropped_malformed - before[leader].counters.dropped_malformed > ROUNDS * 4,
+            s.counters.dropped_malformed - before[leader].counters.dropped_malformed > ROUNDS * 3,
             "{s:?}"
         );
     }

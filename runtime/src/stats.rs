@@ -126,6 +126,9 @@ counters! {
     frames_out,
     /// Frames dropped: not decodable (garbage, truncated, wrong types, too large).
     dropped_malformed,
+    /// Frames dropped: addressed to another peer (a transport that delivered a unicast frame to the
+    /// wrong peer; counted apart from `dropped_malformed`, since the frame itself was sound).
+    dropped_misrouted,
     /// Frames dropped: another cluster's.
     dropped_foreign_cluster,
     /// Frames dropped: another protocol version.

@@ -71,13 +71,18 @@ pub(crate) fn render_stats(stats: &HamokStats) -> String {
     let s = &stats.status;
     let peer = escape(s.raft.id.as_str());
     let mut out = String::new();
-    let counters: [(&str, &str, u64); 14] = [
+    let counters: [(&str, &str, u64); 15] = [
         ("frames_in", "Frames received.", c.frames_in),
         ("frames_out", "Frames sent.", c.frames_out),
         (
             "dropped_malformed",
             "Frames dropped: not decodable.",
             c.dropped_malformed,
+        ),
+        (
+            "dropped_misrouted",
+            "Frames dropped: addressed to another peer.",
+            c.dropped_misrouted,
         ),
         (
             "dropped_foreign_cluster",

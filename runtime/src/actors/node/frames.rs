@@ -122,7 +122,10 @@ impl Codec {
                     DecodeError::ForeignCluster(_) => &counters.dropped_foreign_cluster,
                     DecodeError::Version(_) => &counters.dropped_version,
                     DecodeError::Unauthenticated => &counters.dropped_unauthenticated,
-                    _ => &counters.dropped_malformed,
+                    DecodeError::NotForUs => &counters.dropped_misrouted,
+                    DecodeError::Malformed(_) | DecodeError::TooLarge(_) => {
+                        &counters.dropped_malformed
+                    }
                 };
                 Counters::bump(counter);
                 if !matches!(e, DecodeError::NotForUs) {

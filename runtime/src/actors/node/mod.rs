@@ -327,6 +327,7 @@ impl NodeState {
         }
         let c = self.counters.values(self.inbound.dropped());
         let total = c.dropped_malformed
+            + c.dropped_misrouted
             + c.dropped_foreign_cluster
             + c.dropped_version
             + c.dropped_foreign_incarnation
@@ -339,6 +340,7 @@ impl NodeState {
                 peer = %self.label,
                 dropped = total - reported,
                 malformed = c.dropped_malformed,
+                misrouted = c.dropped_misrouted,
                 foreign_cluster = c.dropped_foreign_cluster,
                 version = c.dropped_version,
                 foreign_incarnation = c.dropped_foreign_incarnation,
