@@ -126,9 +126,16 @@ impl LogStore for SharedStore {
         s.store.save_hard_state(state)
     }
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), HamokError> {
-        // Durable when it returns, with every write before it (as the file store's).
+        // Durable when it returns, with every write before it (as the file store's). A copy, not a
+        // second hold on the peer's buffer: as with the file and volatile stores, the peer then writes
+        // its next snapshot into that buffer (`RaftNode::take_snapshot_buffer`), and the simulation
+        // runs that path.
+        let copy = Snapshot {
+            meta: snapshot.meta.clone(),
+            data: bytes::Bytes::copy_from_slice(&snapshot.data),
+        };
         let mut s = self.inner();
-        s.store.save_snapshot(snapshot)?;
+        s.store.save_snapshot(&copy)?;
         // The entries after it are kept when the log agreed with it, dropped otherwise.
         s.last_written = snapshot.meta.last_index + s.store.size().0;
         s.synced();
