@@ -219,6 +219,8 @@ pub struct Stats {
     pub conf_proposed: u64,
     pub conf_committed: u64,
     pub compactions: u64,
+    /// Compactions written into the engine's last snapshot buffer (`take_snapshot_buffer`).
+    pub snapshot_buffers_reused: u64,
     pub snapshots_installed: u64,
     /// Crashes that lost a leader's unsynced entries (`persist_async`).
     pub unsynced_lost: u64,
@@ -1116,7 +1118,11 @@ impl Cluster {
                 )
             },
         )?;
-        let data = live.kv.serialize();
+        // Written into the engine's last snapshot buffer when nothing else holds it (no chunk in
+        // flight), as the runtime does; the durable copy below is a copy, so the next one can be too.
+        let buffer = live.node.take_snapshot_buffer();
+        self.stats.snapshot_buffers_reused += u64::from(buffer.is_some());
+        let data = live.kv.serialize_into(buffer.unwrap_or_default());
         let next = applied + self.rng.between(self.compact_min, self.compact_max);
         live.compact_at = next;
         match live.node.compact(applied, data.clone()) {
@@ -1129,7 +1135,7 @@ impl Cluster {
                         last_term: term,
                         membership: live.kv.membership.clone(),
                     },
-                    data,
+                    data: bytes::Bytes::copy_from_slice(&data),
                 };
                 slot.durable.log.retain(|e| e.index > applied);
                 if let Some(store) = slot.file.as_mut() {

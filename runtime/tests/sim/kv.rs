@@ -228,7 +228,14 @@ impl Kv {
 
     /// The replica's state as snapshot bytes (deterministic: sorted keys).
     pub fn serialize(&self) -> Bytes {
-        let mut out = Vec::with_capacity(32 + self.map.len() * 9 + self.recent.len() * 8);
+        self.serialize_into(Vec::new())
+    }
+
+    /// [`serialize`](Self::serialize) into `out` (cleared first): the engine's last snapshot buffer
+    /// when it hands it over (`RaftNode::take_snapshot_buffer`), as the runtime does.
+    pub fn serialize_into(&self, mut out: Vec<u8>) -> Bytes {
+        out.clear();
+        out.reserve(32 + self.map.len() * 9 + self.recent.len() * 8);
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&self.applied.to_le_bytes());
         out.extend_from_slice(&self.applied_term.to_le_bytes());

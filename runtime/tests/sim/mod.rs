@@ -114,6 +114,8 @@ pub struct SimReport {
     pub conf_proposed: u64,
     pub conf_committed: u64,
     pub compactions: u64,
+    /// Compactions written into the engine's last snapshot buffer.
+    pub snapshot_buffers_reused: u64,
     pub snapshots_installed: u64,
     /// Crashes that lost a leader's unsynced entries (seeds with `persist_async`).
     pub unsynced_lost: u64,
@@ -294,6 +296,7 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimFailure> {
             conf_proposed: cluster.stats.conf_proposed,
             conf_committed: cluster.stats.conf_committed,
             compactions: cluster.stats.compactions,
+            snapshot_buffers_reused: cluster.stats.snapshot_buffers_reused,
             snapshots_installed: cluster.stats.snapshots_installed,
             unsynced_lost: cluster.stats.unsynced_lost,
             leader_after_heal_ms: out.leader_after_heal_ms,
@@ -372,7 +375,7 @@ impl Batch {
             self.reports.iter().map(|r| r.sim_ms as f64).sum::<f64>() / n as f64
         ));
         s.push_str(&format!(
-            "  totals: {w} committed writes, {r} reads, {l} ops checked; {} failed and {} unknown writes; {} crashes, {} partitions, {} transfers, {} membership changes committed, {} compactions, {} snapshots installed, {} crashes that lost a leader's unsynced entries\n",
+            "  totals: {w} committed writes, {r} reads, {l} ops checked; {} failed and {} unknown writes; {} crashes, {} partitions, {} transfers, {} membership changes committed, {} compactions ({} into the last snapshot's buffer), {} snapshots installed, {} crashes that lost a leader's unsynced entries\n",
             sum(|r| r.writes_failed),
             sum(|r| r.writes_unknown),
             sum(|r| r.crashes as usize),
@@ -380,6 +383,7 @@ impl Batch {
             sum(|r| r.transfers as usize),
             sum(|r| r.conf_committed as usize),
             sum(|r| r.compactions as usize),
+            sum(|r| r.snapshot_buffers_reused as usize),
             sum(|r| r.snapshots_installed as usize),
             sum(|r| r.unsynced_lost as usize),
         ));
