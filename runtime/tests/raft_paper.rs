@@ -1848,8 +1848,9 @@ fn compaction_beyond_the_applied_index_or_not_past_the_snapshot_is_refused() {
     assert_eq!(a.snapshot_index(), applied);
 }
 
-#[test]
-fn the_snapshot_buffer_is_handed_over_only_when_unique_and_nothing_is_sent_from_it_meanwhile() {
+/// A settled cluster (`a` leads, snapshot chunks of 4 bytes) with a new learner `d` that hears nothing,
+/// and three commands applied on the others since it was added.
+fn deaf_learner_d_behind_three_commands() -> Net {
     let mut net = settled(cfg_with(|l| {
         l.snapshot_chunk_bytes = 4;
     }));
@@ -1866,6 +1867,12 @@ fn the_snapshot_buffer_is_handed_over_only_when_unique_and_nothing_is_sent_from_
             .unwrap();
     }
     net.deliver_all();
+    net
+}
+
+#[test]
+fn the_snapshot_buffer_is_handed_over_only_when_unique_and_nothing_is_sent_from_it_meanwhile() {
+    let mut net = deaf_learner_d_behind_three_commands();
     let first = net.node("a").applied_index();
     let held = Bytes::from(b"0123456789".to_vec());
     let a = net.node_mut("a");
@@ -1909,22 +1916,7 @@ fn the_snapshot_buffer_is_handed_over_only_when_unique_and_nothing_is_sent_from_
 
 #[test]
 fn peer_behind_the_snapshot_receives_it_in_chunks_and_restores_it() {
-    let mut net = settled(cfg_with(|l| {
-        l.snapshot_chunk_bytes = 4;
-    }));
-    net.add_node("d", PersistedState::default());
-    net.drop_messages_to("d");
-    let now = net.now;
-    net.node_mut("a")
-        .propose_membership(now, MembershipChange::AddLearner(pid("d")))
-        .unwrap();
-    net.deliver_all();
-    for i in 0..3 {
-        net.node_mut("a")
-            .propose(now, cmd(&format!("{i}")))
-            .unwrap();
-    }
-    net.deliver_all();
+    let mut net = deaf_learner_d_behind_three_commands();
     let snap_index = net.node("a").applied_index();
     let snap_term = net.node("a").term_at(snap_index).unwrap();
     net.node_mut("a")

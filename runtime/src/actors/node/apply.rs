@@ -256,15 +256,15 @@ impl Apply {
         let applied = raft.applied_index();
         let since = applied.saturating_sub(raft.snapshot_index());
         let (_, bytes) = raft.log_size();
-        let slack = if raft.snapshot_send_in_progress() || raft.compaction_would_strand(applied) {
-            2
-        } else {
-            1
+        let due = |slack: u64| {
+            since > 0
+                && (since >= self.snapshot_after_entries.saturating_mul(slack)
+                    || bytes >= self.snapshot_after_bytes.saturating_mul(slack))
         };
-        if since == 0
-            || (since < self.snapshot_after_entries.saturating_mul(slack)
-                && bytes < self.snapshot_after_bytes.saturating_mul(slack))
-        {
+        // The peers' progress is only looked at once a snapshot is due (this runs at every flush).
+        let hold_back =
+            || raft.snapshot_send_in_progress() || raft.compaction_would_strand(applied);
+        if !due(1) || (!due(2) && hold_back()) {
             return Ok(None);
         }
         // The last snapshot's buffer, when nothing else holds it: written over, not doubled. Should
