@@ -137,14 +137,20 @@ impl Net {
 /// The sync policy of durable peers: the default, one `fdatasync` per Ready batch (group commit).
 pub const SYNC_POLICY: SyncPolicy = SyncPolicy::Batch;
 
-/// [`SYNC_POLICY`] as the configuration spells it (`batch`).
+/// Set, the environment's `storage.sync` replaces [`SYNC_POLICY`] (to compare policies, e.g.
+/// `never`: what a durable write costs without its `fdatasync`).
+const SYNC_POLICY_ENV: &str = "HAMOK_STORAGE__SYNC";
+
+/// The sync policy of the run as the configuration spells it (`batch`, or the environment's).
 pub fn sync_policy_name() -> String {
-    format!("{SYNC_POLICY:?}").to_lowercase()
+    std::env::var(SYNC_POLICY_ENV).unwrap_or_else(|_| format!("{SYNC_POLICY:?}").to_lowercase())
 }
 
-/// `b` keeping its state in `dir` (with [`SYNC_POLICY`]), or `b` unchanged for `None`.
+/// `b` keeping its state in `dir` (with [`SYNC_POLICY`] unless the environment sets one), or `b`
+/// unchanged for `None`.
 fn durable(b: HamokBuilder, dir: Option<PathBuf>) -> HamokBuilder {
     match dir {
+        Some(dir) if std::env::var_os(SYNC_POLICY_ENV).is_some() => b.storage_dir(dir),
         Some(dir) => b.storage_dir(dir).storage_sync(SYNC_POLICY),
         None => b,
     }
@@ -584,10 +590,12 @@ pub fn filesystem_type(path: &Path) -> Option<String> {
         .map(|(_, kind)| kind)
 }
 
-/// Times up to `n` back-to-back appends of 4 KiB to a new file in `dir`, each followed by `fdatasync`
-/// (`File::sync_data`), stopping after [`WAIT`]: the raw sync cost `dd oflag=dsync` shows. Blocking.
-pub fn fdatasync_probe(dir: &Path, n: u64, writers: usize) -> Res<Hist> {
-    use std::io::Write as _;
+/// Times up to `n` back-to-back writes of 4 KiB to a new file in `dir`, each followed by `fdatasync`
+/// (`File::sync_data`), stopping after [`WAIT`], in `writers` loops at once (one file each). Appends
+/// give the raw sync cost `dd oflag=dsync` shows; with `preallocated`, the file is first filled with
+/// zeros (synced, untimed) and the writes go over them, as hamok's log writes do. Blocking.
+pub fn fdatasync_probe(dir: &Path, n: u64, writers: usize, preallocated: bool) -> Res<Hist> {
+    use std::io::{Seek as _, Write as _};
     let hist = Hist::default();
     let deadline = Instant::now() + WAIT;
     std::thread::scope(|scope| -> Res<()> {
@@ -597,9 +605,16 @@ pub fn fdatasync_probe(dir: &Path, n: u64, writers: usize) -> Res<Hist> {
                 scope.spawn(move || -> std::io::Result<()> {
                     let mut file = std::fs::OpenOptions::new()
                         .create_new(true)
-                        .append(true)
+                        .write(true)
                         .open(&path)?;
                     let block = [0u8; 4096];
+                    if preallocated {
+                        for _ in 0..n {
+                            file.write_all(&block)?;
+                        }
+                        file.sync_data()?;
+                        file.rewind()?;
+                    }
                     for _ in 0..n {
                         let t = Instant::now();
                         file.write_all(&block)?;

@@ -30,7 +30,8 @@
 //! the default sync policy, one `fdatasync` per Ready batch). The rows say which in their `storage`
 //! column (and JSON field), a last table sets each durable row beside its in-memory one, and first
 //! and last rows time back-to-back 4 KiB appends + `fdatasync` in that directory (what
-//! `dd oflag=dsync` measures), one loop alone and one loop per peer at once (the peers share the
+//! `dd oflag=dsync` measures), then the same over preallocated zeros (as hamok's log writes), one
+//! loop alone and one loop per peer at once (the peers share the
 //! disk, and a write's syncs on the leader and its followers overlap): context for the durable rows,
 //! not a bound on them. Other I/O on the
 //! machine moves it a lot (on a busy VM it has read ~4 ms while hamok's own `fdatasync`s, traced in
@@ -544,8 +545,9 @@ async fn run(args: Args, threads: usize) -> Res<()> {
     }
 }
 
-/// `--durable`: emits rows timing raw 4 KiB appends + `fdatasync` in `dir` (without hamok), one loop
-/// alone and `peers` loops at once, taken at the `when` (`start`, `end`) of the run.
+/// `--durable`: emits rows timing raw 4 KiB writes + `fdatasync` in `dir` (without hamok), appends
+/// and overwrites of preallocated zeros, one loop alone and `peers` loops at once, taken at the
+/// `when` (`start`, `end`) of the run.
 async fn disk_probe(
     ctx: &mut Ctx,
     meta: &mut Vec<(String, Value)>,
@@ -556,29 +558,40 @@ async fn disk_probe(
 ) -> Res<()> {
     let n = if quick { 100 } else { 500 };
     // One loop alone, then one per peer at once: the peers of a run share this disk, and a write's
-    // syncs (the leader's and its followers') run at the same time.
-    for writers in [1, peers] {
-        let dir = dir.to_path_buf();
-        let hist = tokio::task::spawn_blocking(move || cluster::fdatasync_probe(&dir, n, writers))
+    // syncs (the leader's and its followers') run at the same time. Appends, then writes over
+    // preallocated zeros (what hamok's log does: see the file store's `wal.rs`).
+    for preallocated in [false, true] {
+        for writers in [1, peers] {
+            let dir = dir.to_path_buf();
+            let hist = tokio::task::spawn_blocking(move || {
+                cluster::fdatasync_probe(&dir, n, writers, preallocated)
+            })
             .await??;
-        let what = if writers == 1 {
-            format!("4 KiB append + fdatasync loop, no hamok ({when} of run)")
-        } else {
-            format!("{writers} such loops at once, one file each ({when} of run)")
-        };
-        let mut r = Record::new("disk", "-", writers, "-", &what)
-            .config("file", "new file in the storage directory");
-        r.storage = "durable".into();
-        r.summary = hist.summary();
-        r.ops_per_s = writers as f64 * 1e6 / r.summary.mean_us.max(1e-3);
-        let key = if writers == 1 {
-            format!("fdatasync_{when}")
-        } else {
-            format!("fdatasync_{writers}_at_once_{when}")
-        };
-        meta.push((format!("{key}_p50_us"), r.summary.p50_us.into()));
-        meta.push((format!("{key}_p99_us"), r.summary.p99_us.into()));
-        ctx.emit_record(r);
+            let how = if preallocated {
+                "overwrite of preallocated zeros"
+            } else {
+                "append"
+            };
+            let what = if writers == 1 {
+                format!("4 KiB {how} + fdatasync loop, no hamok ({when} of run)")
+            } else {
+                format!("{writers} such loops at once, one file each ({when} of run)")
+            };
+            let mut r = Record::new("disk", "-", writers, "-", &what)
+                .config("file", "new file in the storage directory");
+            r.storage = "durable".into();
+            r.summary = hist.summary();
+            r.ops_per_s = writers as f64 * 1e6 / r.summary.mean_us.max(1e-3);
+            let kind = if preallocated { "_preallocated" } else { "" };
+            let key = if writers == 1 {
+                format!("fdatasync{kind}_{when}")
+            } else {
+                format!("fdatasync{kind}_{writers}_at_once_{when}")
+            };
+            meta.push((format!("{key}_p50_us"), r.summary.p50_us.into()));
+            meta.push((format!("{key}_p99_us"), r.summary.p99_us.into()));
+            ctx.emit_record(r);
+        }
     }
     Ok(())
 }
