@@ -218,6 +218,20 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(args)
 }
 
+/// With `--features mimalloc` the benchmark runs on mimalloc instead of the system allocator (the
+/// header and the JSON name the allocator). The library never picks one: a service embedding hamok
+/// chooses its own (see README "Performance").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The global allocator of this build, as the report names it.
+const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "system"
+};
+
 fn main() {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -298,8 +312,9 @@ async fn run(args: Args, threads: usize) -> Res<()> {
                 .map_or(0, |n| n.get())
                 .into(),
         ),
+        ("allocator".into(), ALLOCATOR.into()),
     ];
-    eprintln!("-- load average at start: {load_start}");
+    eprintln!("-- load average at start: {load_start}; allocator: {ALLOCATOR}");
     // `--nats-cluster`: the servers live as long as the run (they stop when the last reference, this
     // one or the context's, is dropped: on every return, error or not).
     let nats_cluster = if args.nats_cluster {

@@ -31,6 +31,13 @@
 //! Logs (tracing) go to standard error, filtered by `RUST_LOG` (default `warn` for the REPL, `info` for
 //! `serve`).
 
+/// With `--features mimalloc` the program runs on mimalloc: profiled, the system allocator's malloc and
+/// free took about a third of a peer's CPU under load (see README "Performance" for the trade-off in
+/// memory). The library itself never picks one.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cluster;
 mod exec;
 mod input;
