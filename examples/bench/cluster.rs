@@ -593,7 +593,8 @@ pub fn filesystem_type(path: &Path) -> Option<String> {
 /// Times up to `n` back-to-back writes of 4 KiB to a new file in `dir`, each followed by `fdatasync`
 /// (`File::sync_data`), stopping after [`WAIT`], in `writers` loops at once (one file each). Appends
 /// give the raw sync cost `dd oflag=dsync` shows; with `preallocated`, the file is first filled with
-/// zeros (synced, untimed) and the writes go over them, as hamok's log writes do. Blocking.
+/// zeros (synced, untimed) and the writes go over them (what a preallocated log would pay; hamok's log
+/// appends, see the file store's `wal.rs`). Blocking.
 pub fn fdatasync_probe(dir: &Path, n: u64, writers: usize, preallocated: bool) -> Res<Hist> {
     use std::io::{Seek as _, Write as _};
     let hist = Hist::default();

@@ -30,7 +30,8 @@
 //! the default sync policy, one `fdatasync` per Ready batch). The rows say which in their `storage`
 //! column (and JSON field), a last table sets each durable row beside its in-memory one, and first
 //! and last rows time back-to-back 4 KiB appends + `fdatasync` in that directory (what
-//! `dd oflag=dsync` measures), then the same over preallocated zeros (as hamok's log writes), one
+//! `dd oflag=dsync` measures), then the same over preallocated zeros (what a preallocated log would pay; hamok's
+//! log appends), one
 //! loop alone and one loop per peer at once (the peers share the
 //! disk, and a write's syncs on the leader and its followers overlap): context for the durable rows,
 //! not a bound on them. Other I/O on the
@@ -573,8 +574,9 @@ async fn disk_probe(
 ) -> Res<()> {
     let n = if quick { 100 } else { 500 };
     // One loop alone, then one per peer at once: the peers of a run share this disk, and a write's
-    // syncs (the leader's and its followers') run at the same time. Appends, then writes over
-    // preallocated zeros (what hamok's log does: see the file store's `wal.rs`).
+    // syncs (the leader's and its followers') run at the same time. Appends (what hamok's log does),
+    // then writes over preallocated zeros (what a preallocated log would pay: see the file store's
+    // `wal.rs` for why it does not).
     for preallocated in [false, true] {
         for writers in [1, peers] {
             let dir = dir.to_path_buf();

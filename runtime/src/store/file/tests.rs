@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::wal::records_end;
 use super::*;
 use crate::raft::{EntryPayload, Membership, SnapshotMeta};
 
@@ -191,37 +190,27 @@ fn a_crash_between_snapshot_and_compaction_is_finished_on_open() {
 
 #[test]
 fn a_torn_tail_is_cut_at_the_last_whole_record() {
-    // The last record (entry 10) lost its last bytes, a write the power cut interrupted: inside the
-    // preallocated space (its bytes left as zeros), or at the end of the file (a log written without
-    // preallocation, or a chunk cut to its records).
-    for cut_file in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = open(dir.path()).unwrap();
-        s.write_entries(1, &entries(1, 10, 1)).unwrap();
-        s.sync().unwrap();
-        drop(s);
-        let last = chunk_files(dir.path()).pop().unwrap();
-        let mut bytes = fs::read(&last).unwrap();
-        let end = records_end(&bytes);
-        assert!(end < bytes.len(), "the chunk is preallocated");
-        if cut_file {
-            bytes.truncate(end - 5);
-        } else {
-            bytes[end - 5..end].fill(0);
-        }
-        fs::write(&last, bytes).unwrap();
-        let mut s = open(dir.path()).unwrap();
-        assert_eq!(
-            ids(&s.load().unwrap()).last(),
-            Some(&(9, 1)),
-            "cut {cut_file}"
-        );
-        // And the store goes on from there.
-        s.write_entries(10, &entries(10, 11, 1)).unwrap();
-        s.sync().unwrap();
-        drop(s);
-        assert_eq!(open(dir.path()).unwrap().load().unwrap().entries.len(), 11);
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    s.write_entries(1, &entries(1, 10, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let last = chunk_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&last).unwrap().len();
+    // The last record (entry 10) lost its last bytes: a write the power cut interrupted.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    let mut s = open(dir.path()).unwrap();
+    assert_eq!(ids(&s.load().unwrap()).last(), Some(&(9, 1)));
+    // And the store goes on from there.
+    s.write_entries(10, &entries(10, 11, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    assert_eq!(open(dir.path()).unwrap().load().unwrap().entries.len(), 11);
 }
 
 #[test]
@@ -412,14 +401,10 @@ fn the_memory_store_keeps_the_commit_mark_too() {
 }
 
 #[test]
-fn zeros_after_the_records_are_preallocated_space_and_the_rest_of_an_interrupted_write_a_torn_tail()
-{
-    for (tail, cut) in [
-        (vec![0u8; 4096], false),
-        (
-            b"\x2a\x00\x00\x00garbage of a write cut short".to_vec(),
-            true,
-        ),
+fn trailing_zeros_and_the_rest_of_an_interrupted_write_are_a_torn_tail() {
+    for tail in [
+        vec![0u8; 4096],
+        b"\x2a\x00\x00\x00garbage of a write cut short".to_vec(),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path()).unwrap();
@@ -428,28 +413,12 @@ fn zeros_after_the_records_are_preallocated_space_and_the_rest_of_an_interrupted
         drop(s);
         let last = chunk_files(dir.path()).pop().unwrap();
         let mut bytes = fs::read(&last).unwrap();
-        let end = records_end(&bytes);
-        let len = bytes.len();
-        assert!(bytes[end..].iter().all(|&b| b == 0), "preallocated zeros");
-        bytes[end..end + tail.len()].copy_from_slice(&tail);
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(&tail);
         fs::write(&last, bytes).unwrap();
         let mut s = open(dir.path()).unwrap();
         assert_eq!(ids(&s.load().unwrap()).last(), Some(&(10, 1)));
-        let expected_len = if cut { end } else { len };
-        assert_eq!(
-            fs::metadata(&last).unwrap().len() as usize,
-            expected_len,
-            "only a tail that is not zeros is cut"
-        );
-        // The next records go right after the last one, over the zeros or the cut.
-        s.write_entries(11, &entries(11, 12, 1)).unwrap();
-        s.sync().unwrap();
-        drop(s);
-        assert_eq!(
-            ids(&open(dir.path()).unwrap().load().unwrap()).last(),
-            Some(&(12, 1))
-        );
-        assert!(records_end(&fs::read(&last).unwrap()) > end);
+        assert_eq!(fs::metadata(&last).unwrap().len(), whole, "the tail is cut");
     }
 }
 
@@ -460,16 +429,7 @@ fn a_damaged_record_in_a_closed_chunk_refuses_to_start_even_at_its_end() {
     s.write_entries(1, &entries(1, 300, 1)).unwrap();
     s.sync().unwrap();
     drop(s);
-    let chunks = chunk_files(dir.path());
-    for closed in &chunks[..chunks.len() - 1] {
-        let bytes = fs::read(closed).unwrap();
-        assert_eq!(
-            records_end(&bytes),
-            bytes.len(),
-            "a closed chunk ends at its records"
-        );
-    }
-    let first = chunks[0].clone();
+    let first = chunk_files(dir.path()).remove(0);
     let mut bytes = fs::read(&first).unwrap();
     let n = bytes.len();
     // The last byte of the first chunk: a torn tail is possible only in the last chunk.
@@ -501,11 +461,8 @@ fn a_truncation_across_chunks_and_a_cut_header_survive_a_reopen() {
     let loaded = small_chunks(dir.path()).load().unwrap();
     assert_eq!(ids(&loaded), expected);
     assert_eq!(loaded.committed, 50);
-    // A crash right after a new chunk was created, before its header reached the disk (the chunk
-    // before it was cut to its records first, as the log does before it starts a chunk).
+    // A crash right after a new chunk was created, before its header reached the disk.
     let last = chunk_files(dir.path()).pop().unwrap();
-    let bytes = fs::read(&last).unwrap();
-    fs::write(&last, &bytes[..records_end(&bytes)]).unwrap();
     let name = last.file_name().unwrap().to_string_lossy().into_owned();
     let next: u64 = name.trim_end_matches(".wal").parse::<u64>().unwrap() + 1;
     fs::write(last.with_file_name(format!("{next:020}.wal")), b"").unwrap();
@@ -562,7 +519,7 @@ fn a_truncation_that_opens_a_chunk_survives_the_removal_of_the_chunks_before_it(
         s.write_entries(last, &entries(last, last, 1)).unwrap();
         s.sync().unwrap();
         let chunk = chunk_files(dir.path()).pop().unwrap();
-        if records_end(&fs::read(chunk).unwrap()) >= 4 << 10 {
+        if fs::metadata(chunk).unwrap().len() >= 4 << 10 {
             break;
         }
     }

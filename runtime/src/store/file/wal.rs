@@ -8,6 +8,16 @@
 //! racing on the same disk. The engine already batches (one flush per Ready), so the worker bought
 //! nothing here; its payload cache also kept a second copy of recent entries.
 //!
+//! Why chunks are not preallocated (measured 2026-12-01, then reverted): an `fdatasync` after
+//! writing over zeros already in the file costs half one after an append here (a 4 KiB write + sync
+//! 124-134 µs against 200-309 µs; a durable leader write 412-469 µs against 461-553 µs), because the
+//! file system commits no new size or blocks. But then a power cut in the middle of a multi-page
+//! write can leave a never-written (zero) page *before* pages that did reach the disk, so records
+//! that verify follow a record that does not: recovery would call that corruption and refuse to
+//! start, where an append-only file (on ext4, `data=ordered`) only ever loses its end. Telling that
+//! hole from damage to synced records needs each flush to declare its extent (a record kind of its
+//! own, so a format change): left for later.
+//!
 //! Layout of `wal/`: an exclusive `LOCK` file and chunks named by a sequence number
 //! (`00000000000000000000.wal`, ...; consecutive). A chunk is a sequence of records:
 //!
@@ -22,17 +32,8 @@
 //! cluster incarnation). Every chunk starts with the state at its start (`Meta`, `Vote`, `Purge`,
 //! `Commit`), so the chunks before it can be deleted once every entry they hold is purged.
 //!
-//! The open chunk is preallocated: zeros are written ahead of the records, [`PREALLOCATE_BYTES`] at
-//! a time, so that the `fdatasync` of a record lands in blocks the file system already allocated
-//! and sized. That sync then writes the data and flushes the device, with no journal commit for the
-//! file's size and extents: on this project's ext4 VM a 4 KiB write + `fdatasync` took 119-155 µs
-//! in a preallocated file against 322-330 µs as an append (three such loops at once: 301-333 µs
-//! against 524-571 µs). A chunk is cut to its records when the next one starts, so only the last
-//! chunk ends in zeros.
-//!
-//! Recovery replays every chunk in order. In the last chunk, zeros from a record boundary to the end
-//! of the file are the preallocated space, not damage. A record that does not verify is a torn tail
-//! only in the last chunk, and only when no record that verifies starts anywhere after it (cut short, zeros, the
+//! Recovery replays every chunk in order. A record that does not verify is a torn tail only in the
+//! last chunk, and only when no record that verifies starts anywhere after it (cut short, zeros, the
 //! remains of an interrupted write): the file is cut there (it was never synced, so never
 //! acknowledged). A damaged last record is indistinguishable from a torn one and is cut too. Anything
 //! else that does not verify, a missing chunk, or entries that skip indexes
@@ -58,11 +59,6 @@ const HEAD_BYTES: usize = 12;
 const MAX_BODY_BYTES: usize = 256 << 20;
 /// The largest entry payload [`Wal::append`] takes: room left for the record's other fields.
 const MAX_ENTRY_PAYLOAD_BYTES: usize = MAX_BODY_BYTES - 4096;
-/// The open chunk is extended by this many bytes of zeros at a time, ahead of its records (see the
-/// module docs): one sync in this many bytes of log pays for the file's new size and blocks.
-pub(super) const PREALLOCATE_BYTES: u64 = 1 << 20;
-/// The zeros written by a preallocation, a slice at a time.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// The pending buffer keeps at most this capacity between flushes (a burst of large entries must not
 /// keep its memory).
 const PENDING_KEEP_BYTES: usize = 4 << 20;
@@ -102,12 +98,8 @@ pub(super) struct Wal {
     /// Held for the log's lifetime: the exclusive lock on the directory.
     _lock: File,
     chunk_max_bytes: u64,
-    /// The open chunk (the last one), positioned at the end of its records.
+    /// The open chunk (the last one), positioned at its end.
     file: File,
-    /// Bytes of records written to the open chunk (the file's position).
-    written: u64,
-    /// The open chunk's length: `written` plus the zeros preallocated after it.
-    allocated: u64,
     /// The chunks kept, oldest first; the last is the open one.
     chunks: VecDeque<Chunk>,
     /// Bytes of the chunk the next record goes to, written or pending.
@@ -187,12 +179,8 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(store_dir, "open the last log chunk", e))?;
-        // The records end where the scan stopped; zeros after them are preallocated space.
-        let allocated = file
+        let chunk_bytes = file
             .seek(SeekFrom::End(0))
-            .map_err(|e| io_error(store_dir, "seek the last log chunk", e))?;
-        let chunk_bytes = scan.last_chunk_end.min(allocated);
-        file.seek(SeekFrom::Start(chunk_bytes))
             .map_err(|e| io_error(store_dir, "seek the last log chunk", e))?;
         let last_index = scan.entries.last().map_or(scan.state.base.0, |e| e.index);
         let mut wal = Wal {
@@ -200,8 +188,6 @@ impl Wal {
             _lock: lock,
             chunk_max_bytes: chunk_max_bytes as u64,
             file,
-            written: chunk_bytes,
-            allocated,
             chunks,
             chunk_bytes,
             pending: Vec::new(),
@@ -332,17 +318,12 @@ impl Wal {
     pub(super) fn flush(&mut self, sync: bool) -> io::Result<()> {
         let mut written = 0;
         let rolled = !self.rolls.is_empty();
-        let pending = std::mem::take(&mut self.pending);
-        let result = (|| {
-            for (at, last_at_start) in std::mem::take(&mut self.rolls) {
-                self.write_records(&pending[written..at])?;
-                written = at;
-                self.start_chunk(last_at_start)?;
-            }
-            self.write_records(&pending[written..])
-        })();
-        self.pending = pending;
-        result?;
+        for (at, last_at_start) in std::mem::take(&mut self.rolls) {
+            self.file.write_all(&self.pending[written..at])?;
+            written = at;
+            self.start_chunk(last_at_start)?;
+        }
+        self.file.write_all(&self.pending[written..])?;
         self.pending.clear();
         if self.pending.capacity() > PENDING_KEEP_BYTES {
             self.pending.shrink_to(PENDING_KEEP_BYTES);
@@ -360,36 +341,9 @@ impl Wal {
         Ok(())
     }
 
-    /// Writes records to the open chunk at its position, preallocating ahead of them first while the
-    /// chunk is below its largest size.
-    fn write_records(&mut self, records: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
-        let end = self.written + records.len() as u64;
-        if end > self.allocated && self.allocated < self.chunk_max_bytes {
-            // Zeros up to the next step past the records, within the chunk's size; the records'
-            // own sync makes them durable with the first records written over them.
-            let target = (end + PREALLOCATE_BYTES).min(self.chunk_max_bytes).max(end);
-            let mut at = self.allocated.max(self.written);
-            while at < target {
-                let n = (target - at).min(ZEROS.len() as u64) as usize;
-                self.file.write_all_at(&ZEROS[..n], at)?;
-                at += n as u64;
-            }
-            self.allocated = target;
-        }
-        self.file.write_all(records)?;
-        self.written = end;
-        self.allocated = self.allocated.max(end);
-        Ok(())
-    }
-
-    /// Closes the full chunk, cut to its records (its preallocated zeros go: only the last chunk may
-    /// end in them) and synced (a later chunk must never outlive it: recovery would find a hole),
+    /// Closes the full chunk, synced (a later chunk must never outlive it: recovery would find a hole)
     /// and opens the next one.
     fn start_chunk(&mut self, last_at_start: LogIndex) -> io::Result<()> {
-        if self.allocated > self.written {
-            self.file.set_len(self.written)?;
-        }
         self.file.sync_data()?;
         let seq = self.chunks.back().expect("one chunk at least").seq + 1;
         self.file = OpenOptions::new()
@@ -398,8 +352,6 @@ impl Wal {
             .write(true)
             .open(chunk_path(&self.dir, seq))?;
         self.chunks.push_back(Chunk { seq, last_at_start });
-        self.written = 0;
-        self.allocated = 0;
         Ok(())
     }
 
@@ -551,8 +503,6 @@ struct Scan {
     state: WalState,
     entries: Vec<Entry>,
     chunks: Vec<Chunk>,
-    /// Where the records of the last chunk end (after a cut torn tail; before its preallocated zeros).
-    last_chunk_end: u64,
 }
 
 /// Replays every chunk (see the module docs for what verifies); with `repair`, cuts a torn tail.
@@ -575,7 +525,6 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
     }
     let mut replay = Replay::default();
     let mut chunks = Vec::with_capacity(seqs.len());
-    let mut last_chunk_end = 0;
     for (i, &seq) in seqs.iter().enumerate() {
         let is_last = i + 1 == seqs.len();
         let path = chunk_path(dir, seq);
@@ -595,10 +544,6 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                         .apply(kind, body)
                         .map_err(|d| corrupt(format!("chunk {}: {d}", path.display())))?;
                     at += len;
-                }
-                Err(_) if is_last && bytes[at..].iter().all(|&b| b == 0) => {
-                    // The preallocated space after the last record.
-                    break;
                 }
                 Err(bad) => {
                     let torn = is_last && !valid_record_after(&bytes[at + 1..]);
@@ -627,9 +572,6 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                 }
             }
         }
-        if is_last {
-            last_chunk_end = at as u64;
-        }
     }
     let Replay {
         state,
@@ -647,7 +589,6 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
         state,
         entries: entries.into(),
         chunks,
-        last_chunk_end,
     })
 }
 
@@ -666,17 +607,6 @@ enum Bad {
 /// is followed by good ones. Runs only on recovery of a damaged chunk.
 fn valid_record_after(bytes: &[u8]) -> bool {
     (0..bytes.len()).any(|at| parse_record(&bytes[at..]).is_ok())
-}
-
-/// Where the run of records that verify at the start of `bytes` ends: a chunk's records, before its
-/// preallocated zeros (tests damage the records, not the zeros after them).
-#[cfg(test)]
-pub(super) fn records_end(bytes: &[u8]) -> usize {
-    let mut at = 0;
-    while let Ok((_, _, len)) = parse_record(&bytes[at..]) {
-        at += len;
-    }
-    at
 }
 
 /// Parses the record at the start of `bytes`: `(kind, fields, record length)`.
