@@ -30,9 +30,8 @@
 //! the default sync policy, one `fdatasync` per Ready batch). The rows say which in their `storage`
 //! column (and JSON field), a last table sets each durable row beside its in-memory one, and first
 //! and last rows time back-to-back 4 KiB appends + `fdatasync` in that directory (what
-//! `dd oflag=dsync` measures), then the same over preallocated zeros (what a preallocated log would pay; hamok's
-//! log appends), one
-//! loop alone and one loop per peer at once (the peers share the
+//! `dd oflag=dsync` measures), then the same over preallocated zeros (what a preallocated log would
+//! pay; hamok's log appends), one loop alone and one loop per peer at once (the peers share the
 //! disk, and a write's syncs on the leader and its followers overlap): context for the durable rows,
 //! not a bound on them. Other I/O on the
 //! machine moves it a lot (on a busy VM it has read ~4 ms while hamok's own `fdatasync`s, traced in
