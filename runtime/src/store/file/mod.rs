@@ -12,8 +12,10 @@
 //!
 //! * a torn tail (after the last record that verifies in the last chunk, no record verifies: cut
 //!   short, zeros, the rest of an interrupted write) is cut at the last valid record: it was never
-//!   synced, so it was never acknowledged;
-//! * a bad checksum or an undecodable record anywhere else, a missing chunk or a gap between chunks, a
+//!   synced, so it was never acknowledged; so is a seal (a full chunk's last record, naming the next
+//!   chunk) cut short by a crash before the next chunk received anything;
+//! * a bad checksum or an undecodable record anywhere else, a missing chunk (the newest too: its
+//!   predecessor's seal names it) or a gap between chunks, a
 //!   log that does not continue its snapshot, or a snapshot file that does not verify is
 //!   [`StorageError::Corrupt`]: the peer refuses to start (cutting there could drop committed entries);
 //! * a directory whose lock another live process holds is [`StorageError::Locked`];

@@ -235,7 +235,7 @@ fn a_flipped_bit_before_the_tail_refuses_to_start() {
 
 #[test]
 fn a_missing_chunk_refuses_to_start() {
-    for victim in ["middle", "first"] {
+    for victim in ["middle", "first", "newest"] {
         let dir = tempfile::tempdir().unwrap();
         let mut s = small_chunks(dir.path());
         s.write_entries(1, &entries(1, 300, 1)).unwrap();
@@ -243,15 +243,62 @@ fn a_missing_chunk_refuses_to_start() {
         drop(s);
         let chunks = chunk_files(dir.path());
         assert!(chunks.len() >= 3);
-        let gone = if victim == "first" {
-            &chunks[0]
-        } else {
-            &chunks[chunks.len() / 2]
+        let gone = match victim {
+            "first" => &chunks[0],
+            "newest" => chunks.last().unwrap(),
+            _ => &chunks[chunks.len() / 2],
         };
         fs::remove_file(gone).unwrap();
         let detail = corrupt(FileLogStore::open(dir.path(), small_chunks_options()));
-        assert!(!detail.is_empty(), "{victim}");
+        assert!(detail.contains("missing"), "{victim}: {detail}");
     }
+}
+
+/// The crash points of closing a full chunk (`Wal::start_chunk`): after the new chunk was created
+/// and before or while its predecessor's seal was written. Both leave an empty newest chunk; the
+/// store opens with every record before the seal, and the cut seal stays cut.
+#[test]
+fn a_crash_while_closing_a_chunk_loses_nothing_written_before() {
+    for cut in [wal::SEAL_BYTES, 7, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small_chunks(dir.path());
+        s.write_entries(1, &entries(1, 300, 1)).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let chunks = chunk_files(dir.path());
+        let (newest, before) = (&chunks[chunks.len() - 1], &chunks[chunks.len() - 2]);
+        // What the newest chunk held, and the seal (or part of it) at the end of the one before.
+        let mut old = fs::read(before).unwrap();
+        let n = old.len();
+        old.truncate(n - cut);
+        fs::write(before, &old).unwrap();
+        fs::write(newest, b"").unwrap();
+        let open_prefix = || {
+            let loaded = FileLogStore::open(dir.path(), small_chunks_options())
+                .unwrap()
+                .load()
+                .unwrap();
+            let got = ids(&loaded);
+            let last = got.last().unwrap().0;
+            assert!(last < 300, "the newest chunk's entries are gone");
+            assert_eq!(got, (1..=last).map(|i| (i, 1)).collect::<Vec<_>>());
+            last
+        };
+        let first = open_prefix();
+        // The second open finds a header in the newest chunk: the cut seal must be gone by then.
+        assert_eq!(open_prefix(), first, "cut {cut}");
+    }
+    // A seal cut short before a chunk that holds records is damage, not a crash.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    s.write_entries(1, &entries(1, 300, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let chunks = chunk_files(dir.path());
+    let before = &chunks[chunks.len() - 2];
+    let old = fs::read(before).unwrap();
+    fs::write(before, &old[..old.len() - 3]).unwrap();
+    assert!(corrupt(FileLogStore::open(dir.path(), small_chunks_options())).contains("verify"));
 }
 
 #[test]

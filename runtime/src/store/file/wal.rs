@@ -29,15 +29,19 @@
 //! Kinds: `Vote` (term, voted for: one record, never torn apart), `Entry` (index, term, the MessagePack
 //! of the [`EntryPayload`]), `Truncate` (drop entries from an index on), `Purge` (the log's base:
 //! entries up to it are behind the snapshot), `Commit` (the commit mark), `Meta` (the peer id and the
-//! cluster incarnation). Every chunk starts with the state at its start (`Meta`, `Vote`, `Purge`,
-//! `Commit`), so the chunks before it can be deleted once every entry they hold is purged.
+//! cluster incarnation), `Next` (the seal: the last record of a full chunk, naming its successor).
+//! Every chunk starts with the state at its start (`Meta`, `Vote`, `Purge`, `Commit`), so the chunks
+//! before it can be deleted once every entry they hold is purged.
 //!
 //! Recovery replays every chunk in order. A record that does not verify is a torn tail only in the
 //! last chunk, and only when no record that verifies starts anywhere after it (cut short, zeros, the
 //! remains of an interrupted write): the file is cut there (it was never synced, so never
-//! acknowledged). A damaged last record is indistinguishable from a torn one and is cut too. Anything
-//! else that does not verify, a missing chunk, or entries that skip indexes
-//! the log's base does not cover is [`StorageError::Corrupt`].
+//! acknowledged). A damaged last record is indistinguishable from a torn one and is cut too. The
+//! one other torn tail is a seal cut short before an empty last chunk (a crash while a chunk was
+//! being closed, see `Wal::start_chunk`), also cut. Anything else that does not verify, a missing
+//! chunk (the newest one too: its predecessor's seal names it), or entries that skip indexes the
+//! log's base does not cover is [`StorageError::Corrupt`]. Chunks closed by builds before the seal
+//! (2026-12-01) have none: deleting the newest of those goes unnoticed, as it did then.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -69,6 +73,10 @@ const KIND_TRUNCATE: u8 = 3;
 const KIND_PURGE: u8 = 4;
 const KIND_COMMIT: u8 = 5;
 const KIND_META: u8 = 6;
+/// The last record of a full chunk: the sequence number of the chunk that follows it.
+const KIND_NEXT: u8 = 7;
+/// The bytes of a `Next` record.
+pub(super) const SEAL_BYTES: usize = HEAD_BYTES + 1 + 8;
 
 /// What the log holds, as recovery replays it.
 #[derive(Debug, Default)]
@@ -317,7 +325,6 @@ impl Wal {
     /// must stop using the log: what reached the disk is unknown.
     pub(super) fn flush(&mut self, sync: bool) -> io::Result<()> {
         let mut written = 0;
-        let rolled = !self.rolls.is_empty();
         for (at, last_at_start) in std::mem::take(&mut self.rolls) {
             self.file.write_all(&self.pending[written..at])?;
             written = at;
@@ -330,27 +337,40 @@ impl Wal {
         }
         if sync {
             self.file.sync_data()?;
-        }
-        if rolled {
-            // The new chunks' names must outlive a power cut before anything in them is acknowledged.
-            sync_dir(&self.dir)?;
-        }
-        if sync {
             self.remove_passed_chunks()?;
         }
         Ok(())
     }
 
-    /// Closes the full chunk, synced (a later chunk must never outlive it: recovery would find a hole)
-    /// and opens the next one.
+    /// Closes the full chunk and opens the next one, in an order that leaves recovery a state it can
+    /// tell from damage at every crash point:
+    ///
+    /// 1. the full chunk is synced (a later chunk must never outlive its records: recovery would
+    ///    find a hole);
+    /// 2. the next chunk is created and its name synced (so the seal below never outlives it);
+    /// 3. the full chunk is sealed (a `Next` record naming its successor) and synced again: from
+    ///    then on, a missing successor is a deleted chunk, never a crash, and recovery refuses it.
+    ///
+    /// A crash inside step 3 leaves a torn seal before an empty chunk, which recovery cuts.
+    /// Costs two more syncs per chunk (one chunk per 64 MiB of log by default).
     fn start_chunk(&mut self, last_at_start: LogIndex) -> io::Result<()> {
         self.file.sync_data()?;
         let seq = self.chunks.back().expect("one chunk at least").seq + 1;
-        self.file = OpenOptions::new()
+        let next = OpenOptions::new()
             .create_new(true)
             .read(true)
             .write(true)
             .open(chunk_path(&self.dir, seq))?;
+        sync_dir(&self.dir)?;
+        let mut seal = Vec::with_capacity(SEAL_BYTES);
+        seal.extend_from_slice(&[0; HEAD_BYTES]);
+        seal.push(KIND_NEXT);
+        seal.extend_from_slice(&seq.to_le_bytes());
+        fill_head(&mut seal);
+        debug_assert_eq!(seal.len(), SEAL_BYTES);
+        self.file.write_all(&seal)?;
+        self.file.sync_data()?;
+        self.file = next;
         self.chunks.push_back(Chunk { seq, last_at_start });
         Ok(())
     }
@@ -438,12 +458,7 @@ impl Wal {
             body_len <= MAX_BODY_BYTES,
             "a log record of {body_len} bytes"
         );
-        let body_crc = crc32fast::hash(&self.pending[start + HEAD_BYTES..]);
-        let head = &mut self.pending[start..start + HEAD_BYTES];
-        head[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&body_crc.to_le_bytes());
-        let head_crc = crc32fast::hash(&head[..8]);
-        head[8..].copy_from_slice(&head_crc.to_le_bytes());
+        fill_head(&mut self.pending[start..]);
         self.chunk_bytes += (HEAD_BYTES + body_len) as u64;
         HEAD_BYTES + body_len
     }
@@ -454,6 +469,17 @@ impl Wal {
             source: Some(Cause::new(e)),
         }
     }
+}
+
+/// Fills in the head of `record` (its body already follows the head's reserved bytes).
+fn fill_head(record: &mut [u8]) {
+    let body_len = record.len() - HEAD_BYTES;
+    let body_crc = crc32fast::hash(&record[HEAD_BYTES..]);
+    let head = &mut record[..HEAD_BYTES];
+    head[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&body_crc.to_le_bytes());
+    let head_crc = crc32fast::hash(&head[..8]);
+    head[8..].copy_from_slice(&head_crc.to_le_bytes());
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -537,8 +563,21 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
             last_at_start: replay.next - 1,
         });
         let mut at = 0usize;
+        let mut sealed = false;
         while at < bytes.len() {
             match parse_record(&bytes[at..]) {
+                Ok((kind, body, len)) if kind == KIND_NEXT => {
+                    if body != (seq + 1).to_le_bytes() || at + len != bytes.len() {
+                        return Err(corrupt(format!(
+                            "chunk {}: a seal at byte {at} that is not the chunk's last record or \
+                             does not name chunk {}",
+                            path.display(),
+                            seq + 1
+                        )));
+                    }
+                    sealed = true;
+                    at += len;
+                }
                 Ok((kind, body, len)) => {
                     replay
                         .apply(kind, body)
@@ -546,7 +585,18 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                     at += len;
                 }
                 Err(bad) => {
-                    let torn = is_last && !valid_record_after(&bytes[at + 1..]);
+                    // A torn tail: in the last chunk, or a seal cut short by a crash while the next
+                    // chunk, just created, is still empty (see `Wal::start_chunk`).
+                    let torn = if is_last {
+                        !valid_record_after(&bytes[at + 1..])
+                    } else {
+                        i + 2 == seqs.len()
+                            && bytes.len() - at <= SEAL_BYTES
+                            && fs::metadata(chunk_path(dir, seqs[i + 1]))
+                                .map_err(|e| io_error(store_dir, "read a log chunk", e))?
+                                .len()
+                                == 0
+                    };
                     if !torn {
                         return Err(corrupt(format!(
                             "chunk {}: the record at byte {at} does not verify ({bad:?})",
@@ -571,6 +621,13 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                     break;
                 }
             }
+        }
+        if is_last && sealed {
+            return Err(corrupt(format!(
+                "log chunk {} is missing: chunk {} was sealed with it as its successor",
+                seq + 1,
+                path.display()
+            )));
         }
     }
     let Replay {
