@@ -260,20 +260,17 @@ impl Stores {
     // ---------------------------------------------------------------------------------------------
     // Hashes
 
-    /// Sets fields of hash `name`; returns how many were new.
+    /// Sets fields of hash `name`, atomically (one log entry: every peer sees all of them or none,
+    /// and an error leaves none set unless it says the write may have taken effect); returns how
+    /// many were new. A field named twice takes its last value and counts once.
     pub async fn hash_set(
         &self,
         name: &str,
         fields: &[(String, String)],
     ) -> Result<usize, HamokError> {
         let map = self.hash(name).await?;
-        let mut added = 0;
-        for (k, v) in fields {
-            if map.set(k.clone(), v.clone()).await?.is_none() {
-                added += 1;
-            }
-        }
-        Ok(added)
+        let had_value = map.set_all(fields.iter().cloned()).await?;
+        Ok(fields.len() - had_value.len())
     }
 
     /// One field of hash `name`.
@@ -298,16 +295,10 @@ impl Stores {
         Ok(all)
     }
 
-    /// Deletes fields of hash `name`; returns how many existed.
+    /// Deletes fields of hash `name`, atomically (one log entry); returns how many existed.
     pub async fn hash_del(&self, name: &str, fields: &[String]) -> Result<usize, HamokError> {
         let map = self.hash(name).await?;
-        let mut removed = 0;
-        for f in fields {
-            if map.delete(f.clone()).await? {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        Ok(map.delete_all(fields.iter().cloned()).await?.len())
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -445,5 +436,67 @@ impl Stores {
             .get(name)
             .filter(|g| !g.is_lost())
             .map(|g| g.token())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    /// A multi-field `HSET` or `HDEL` is one log entry (so no reader and no failure sees half of
+    /// it), and counts like Redis: new fields, existing fields, a repeated field once.
+    #[tokio::test]
+    async fn hash_writes_of_several_fields_are_one_log_entry() {
+        let hamok = register_kinds(Hamok::builder().cluster_id("stores-hash-atomic"))
+            .build()
+            .await
+            .unwrap();
+        hamok.join().await.unwrap();
+        let stores = Stores::new(hamok.clone());
+        let pairs = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // Opens (creates) the hash first: creating it is an entry of its own.
+        assert_eq!(
+            stores.hash_set("h", &pairs(&[("a", "0")])).await.unwrap(),
+            1
+        );
+        // What this peer has applied, read by the node itself after a ReadIndex round.
+        let applied = || async {
+            hamok
+                .wait_until_linearizable(Duration::from_secs(5))
+                .await
+                .unwrap()
+        };
+        let before = applied().await;
+        let added = stores
+            .hash_set(
+                "h",
+                &pairs(&[("a", "1"), ("b", "2"), ("c", "3"), ("b", "4")]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(added, 2, "b and c are new, a existed, b counts once");
+        assert_eq!(applied().await, before + 1, "one log entry");
+        assert_eq!(
+            stores.hash_get("h", "b", true).await.unwrap().as_deref(),
+            Some("4")
+        );
+        let before = applied().await;
+        let fields: Vec<String> = ["a", "zz", "c", "a"]
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(
+            stores.hash_del("h", &fields).await.unwrap(),
+            2,
+            "a and c existed"
+        );
+        assert_eq!(applied().await, before + 1, "one log entry");
+        assert_eq!(stores.hash_all("h").await.unwrap(), pairs(&[("b", "4")]));
+        hamok.close().await;
     }
 }
