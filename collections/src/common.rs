@@ -373,6 +373,8 @@ pub(crate) struct Local<S, X> {
     pub(crate) gate: RwLock<Option<Gate>>,
     pub(crate) events: EventChannel,
     closed: AtomicBool,
+    /// Wakes every [`Local::closed`] waiter when `closed` is set.
+    closed_notify: tokio::sync::Notify,
     /// Whether a task watches the peer for `Close` (started with the first event stream).
     watching: AtomicBool,
     pub(crate) extra: X,
@@ -386,6 +388,7 @@ impl<S: Default, X> Local<S, X> {
             gate: RwLock::new(None),
             events: EventChannel::default(),
             closed: AtomicBool::new(false),
+            closed_notify: tokio::sync::Notify::new(),
             watching: AtomicBool::new(false),
             extra,
         }
@@ -438,7 +441,18 @@ impl<S, X> Local<S, X> {
     pub(crate) fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             self.events.send(Raw::Close);
+            self.closed_notify.notify_waiters();
         }
+    }
+
+    /// Completes once the handles are closed (at once if they are).
+    pub(crate) async fn closed(&self) {
+        // Registered before the flag is read: a `close` between the two still wakes it.
+        let notified = self.closed_notify.notified();
+        if self.is_closed() {
+            return;
+        }
+        notified.await;
     }
 
     pub(crate) fn check_open(&self) -> Result<(), HamokError> {

@@ -394,18 +394,14 @@ impl<T: DeserializeOwned> ConfigWatch<T> {
         if self.first {
             self.first = false;
         } else {
-            loop {
-                if self.keep.is_closed() {
-                    return None;
-                }
-                tokio::select! {
-                    changed = self.rx.changed() => {
-                        if changed.is_err() {
-                            return None;
-                        }
-                        break;
+            tokio::select! {
+                // Closed first: a watch of a closed peer ends even while changes keep coming.
+                biased;
+                _ = self.keep.closed() => return None,
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        return None;
                     }
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
                 }
             }
         }
