@@ -31,7 +31,11 @@
 //!   the context's [`JobContext::cancelled`] fires; the closure must return promptly.
 //! - **It campaigns again by itself** after a loss or after the closure returned (no process exit
 //!   needed), until [`LeaderJob::stop`], which cancels the run, awaits the closure and resigns, or until
-//!   the peer closes.
+//!   the peer closes. A closure that returns by itself less than [`LeaderJob::SHORT_RUN`] after it
+//!   started makes the next campaign wait ([`LeaderJob::SHORT_RUN_PAUSE_MIN`], doubling with every
+//!   short run in a row up to [`LeaderJob::SHORT_RUN_PAUSE_MAX`]): a job that fails at once (a database down, a bad setting) would
+//!   otherwise take and release its lock as fast as the log commits, two log entries per turn on
+//!   every peer.
 //! - The closure runs on a task of its own: a panic in it ends that run (logged) like a return.
 //!
 //! Several named jobs spread over peers as their locks are granted: nothing ties them to the Raft
@@ -118,6 +122,14 @@ impl std::fmt::Debug for LeaderJob {
 }
 
 impl LeaderJob {
+    /// A run whose closure returns by itself sooner than this after it started is short: the next
+    /// campaign waits (see the module docs).
+    pub const SHORT_RUN: Duration = Duration::from_secs(1);
+    /// The wait after the first short run in a row.
+    pub const SHORT_RUN_PAUSE_MIN: Duration = Duration::from_millis(50);
+    /// The longest wait after short runs in a row (each doubles the last).
+    pub const SHORT_RUN_PAUSE_MAX: Duration = Duration::from_secs(30);
+
     /// Campaigns for job `name` on lock table `locks` and runs `job` whenever this peer holds it.
     pub fn start<F, Fut>(locks: &HamokLock, name: &str, job: F) -> LeaderJob
     where
@@ -173,6 +185,7 @@ async fn campaign<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(10);
+    let mut short_run_pause = LeaderJob::SHORT_RUN_PAUSE_MIN;
     let set = |next: JobState| {
         // A repeated state (campaigning again after a failed attempt) is not a change.
         state.send_if_modified(|s| {
@@ -212,16 +225,18 @@ async fn campaign<F, Fut>(
             cancel: cancel.clone(),
         };
         set(JobState::Running { token });
+        let started = tokio::time::Instant::now();
         let mut run = tokio::spawn((job)(ctx));
-        let stopping = tokio::select! {
+        // Whether `stop` was called, and whether the closure returned by itself.
+        let (stopping, returned) = tokio::select! {
             biased;
-            _ = stop.cancelled() => true,
-            _ = guard.lost() => false,
+            _ = stop.cancelled() => (true, false),
+            _ = guard.lost() => (false, false),
             r = &mut run => {
                 if let Err(e) = r {
                     tracing::warn!("job `{name}`: run {token} failed: {e}");
                 }
-                false
+                (false, true)
             }
         };
         // Resign only once the closure has returned.
@@ -235,6 +250,19 @@ async fn campaign<F, Fut>(
         set(JobState::Stopped { token });
         if stopping {
             break;
+        }
+        if returned && started.elapsed() < LeaderJob::SHORT_RUN {
+            tracing::debug!(
+                "job `{name}`: run {token} returned after {:?}; campaigning again in {short_run_pause:?}",
+                started.elapsed()
+            );
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(short_run_pause) => {}
+            }
+            short_run_pause = (short_run_pause * 2).min(LeaderJob::SHORT_RUN_PAUSE_MAX);
+        } else {
+            short_run_pause = LeaderJob::SHORT_RUN_PAUSE_MIN;
         }
     }
     set(JobState::Finished);

@@ -171,3 +171,40 @@ async fn leadership_watch_follows_the_raft_leader() {
     assert_ne!(new, leader);
     c.close().await;
 }
+
+/// A closure that returns at once does not spin on its lock: each short run in a row makes the next
+/// campaign wait twice as long as the last, from `SHORT_RUN_PAUSE_MIN`. (Only lower bounds on the
+/// gaps are checked: a sleep is never shorter than asked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_returns_at_once_backs_off_between_runs() {
+    let c = Cluster::start("job-short-runs", 1).await;
+    let locks = c.peers[0].get_or_create_lock_table("jobs").await.unwrap();
+    let starts: Arc<Mutex<Vec<(u64, tokio::time::Instant)>>> = Arc::default();
+    let rec = starts.clone();
+    let job = LeaderJob::start(&locks, "fails-at-once", move |ctx| {
+        rec.lock()
+            .unwrap()
+            .push((ctx.token(), tokio::time::Instant::now()));
+        async {}
+    });
+    const RUNS: usize = 5;
+    eventually("five runs", WAIT, || {
+        let n = starts.lock().unwrap().len();
+        async move { (n >= RUNS).then_some(()) }
+    })
+    .await;
+    job.stop().await;
+    let starts = starts.lock().unwrap().clone();
+    let mut pause = LeaderJob::SHORT_RUN_PAUSE_MIN;
+    for pair in starts.windows(2).take(RUNS - 1) {
+        let ((t0, at0), (t1, at1)) = (pair[0], pair[1]);
+        assert!(t1 > t0, "every run holds a newer grant: {starts:?}");
+        assert!(
+            at1 - at0 >= pause,
+            "runs {t0} and {t1} {:?} apart, less than the pause {pause:?}",
+            at1 - at0
+        );
+        pause *= 2;
+    }
+    c.close().await;
+}
