@@ -1,8 +1,14 @@
 //! Reading command lines: with rustyline (line editing, history, completion from the command table)
 //! when standard input is a terminal, else line by line from standard input (scripts, tests). Lines are
 //! bounded by [`MAX_LINE_BYTES`].
+//!
+//! A terminal's history is kept in a file across runs, like redis-cli's: [`history_file`] says which.
+//! Each line is appended as it is entered (a killed REPL loses none), the file is cut to the newest
+//! [`HISTORY_LINES`], and rustyline creates it readable by its owner only: values typed there (a
+//! `CONFIG SET` of a secret) are in it.
 
 use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
 
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
@@ -14,8 +20,22 @@ use rustyline::{Context, Editor, Helper};
 
 /// Longest command line, in bytes (longer ones are answered with an error and skipped).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
-/// Most lines kept in the (in-memory) history.
+/// Most lines kept in the history (in memory and in its file).
 const HISTORY_LINES: usize = 1_000;
+/// Names the history file; set to the empty string, no history is kept on disk.
+pub const HISTORY_FILE_ENV: &str = "HAMOK_HISTFILE";
+
+/// Where a terminal's history is kept: `$HAMOK_HISTFILE` when set (no file when it is empty), else
+/// `~/.hamok_history`; none without a home directory.
+pub fn history_file() -> Option<PathBuf> {
+    match std::env::var_os(HISTORY_FILE_ENV) {
+        Some(path) if path.is_empty() => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => std::env::var_os("HOME")
+            .filter(|home| !home.is_empty())
+            .map(|home| Path::new(&home).join(".hamok_history")),
+    }
+}
 
 /// One read.
 pub enum Line {
@@ -119,24 +139,61 @@ impl Helper for CommandHelper {}
 /// A terminal: rustyline.
 pub struct Terminal {
     editor: Editor<CommandHelper, DefaultHistory>,
+    /// The history file, while it can be written (the first failure is reported and ends its use).
+    history: Option<PathBuf>,
 }
 
 impl Terminal {
-    /// A line editor with completion and an in-memory history.
-    pub fn new() -> rustyline::Result<Self> {
+    /// A line editor with completion and a history, loaded from `history` and appended to it (see
+    /// the module docs). A history file that cannot be read is reported and left alone.
+    pub fn new(history: Option<PathBuf>) -> rustyline::Result<Self> {
         let config = rustyline::Config::builder()
             .max_history_size(HISTORY_LINES)?
             .auto_add_history(true)
             .build();
         let mut editor = Editor::with_config(config)?;
         editor.set_helper(Some(CommandHelper));
-        Ok(Terminal { editor })
+        let mut terminal = Terminal { editor, history };
+        terminal.load_history();
+        Ok(terminal)
+    }
+
+    fn load_history(&mut self) {
+        let Some(path) = &self.history else { return };
+        match self.editor.load_history(path) {
+            Ok(()) => {}
+            Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                // Unreadable (not ours, not a history file): never overwritten.
+                eprintln!(
+                    "hamok: history file {} not used: {e} (set {HISTORY_FILE_ENV} to another file, or empty for none)",
+                    path.display()
+                );
+                self.history = None;
+            }
+        }
+    }
+
+    /// Appends the lines entered since the last call to the history file.
+    fn save_history(&mut self) {
+        let Some(path) = &self.history else { return };
+        if let Err(e) = self.editor.append_history(path) {
+            eprintln!(
+                "hamok: cannot write the history file {}: {e}; history is kept in memory only",
+                path.display()
+            );
+            self.history = None;
+        }
     }
 }
 
 impl Input for Terminal {
     fn read(&mut self, prompt: &str) -> Line {
-        match self.editor.readline(prompt) {
+        let read = self.editor.readline(prompt);
+        if matches!(&read, Ok(line) if !line.trim().is_empty()) {
+            self.save_history();
+        }
+        match read {
             Ok(line) if line.len() > MAX_LINE_BYTES => {
                 Line::Bad(format!("line longer than {MAX_LINE_BYTES} bytes"))
             }
@@ -148,6 +205,80 @@ impl Input for Terminal {
                 eprintln!("hamok: cannot read the terminal: {e}");
                 Line::Eof
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines entered in one run are in the file and in the next run's history; what another run
+    /// appended in between is kept too; the file never holds more than `HISTORY_LINES`.
+    #[test]
+    fn history_survives_a_restart_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history");
+        let entered = |t: &mut Terminal, line: &str| {
+            t.editor.add_history_entry(line).unwrap();
+            t.save_history();
+        };
+        let mut first = Terminal::new(Some(path.clone())).unwrap();
+        entered(&mut first, "SET a 1");
+        entered(&mut first, "GET a");
+        let mut second = Terminal::new(Some(path.clone())).unwrap();
+        let had: Vec<String> = second.editor.history().iter().cloned().collect();
+        assert_eq!(had, ["SET a 1", "GET a"]);
+        entered(&mut second, "DEL a");
+        entered(&mut first, "HGET h f");
+        let third = Terminal::new(Some(path.clone())).unwrap();
+        let had: Vec<String> = third.editor.history().iter().cloned().collect();
+        assert_eq!(had, ["SET a 1", "GET a", "DEL a", "HGET h f"]);
+        let mut t = third;
+        for i in 0..HISTORY_LINES + 10 {
+            entered(&mut t, &format!("GET k{i}"));
+        }
+        let last = Terminal::new(Some(path.clone())).unwrap();
+        let had: Vec<String> = last.editor.history().iter().cloned().collect();
+        assert_eq!(had.len(), HISTORY_LINES);
+        assert_eq!(had.last().unwrap(), &format!("GET k{}", HISTORY_LINES + 9));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "only its owner reads the history: {mode:o}"
+            );
+        }
+    }
+
+    /// A file that is not a history is reported and never written over.
+    #[test]
+    fn an_unreadable_history_file_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-a-history");
+        std::fs::write(&path, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+        let mut t = Terminal::new(Some(path.clone())).unwrap();
+        t.editor.add_history_entry("SET a 1").unwrap();
+        t.save_history();
+        assert_eq!(std::fs::read(&path).unwrap(), [0xff, 0xfe, 0x00, 0x80]);
+    }
+
+    #[test]
+    fn the_history_file_follows_the_environment() {
+        // One test owns the variable (tests run in threads of one process).
+        std::env::set_var(HISTORY_FILE_ENV, "");
+        assert_eq!(history_file(), None);
+        std::env::set_var(HISTORY_FILE_ENV, "/tmp/h");
+        assert_eq!(history_file(), Some(PathBuf::from("/tmp/h")));
+        std::env::remove_var(HISTORY_FILE_ENV);
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            assert_eq!(
+                history_file(),
+                Some(Path::new(&home).join(".hamok_history"))
+            );
         }
     }
 }

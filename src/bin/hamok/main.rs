@@ -22,8 +22,9 @@
 //! items one per line, `(nil)` as an empty line), errors still as `(error) ...`. Every command is
 //! bounded (5 s; `LOCK` and `CONFIG WATCH` add their own wait; `RESTART` 30 s).
 //!
-//! When standard input is a terminal, lines are edited with rustyline (history, Tab completes command
-//! names); otherwise commands are read line by line from standard input, without a prompt, and the
+//! When standard input is a terminal, lines are edited with rustyline (history, kept in
+//! `~/.hamok_history` or `$HAMOK_HISTFILE`, none when that is empty; Tab completes command names);
+//! otherwise commands are read line by line from standard input, without a prompt, and the
 //! program exits with status 0 at the end of input (non-zero only when the peers cannot start). Lines
 //! are at most 1 MiB. On exit the in-process peers are closed without leaving (a `--durable` cluster
 //! started again on the same directory resumes where it was); a broker peer leaves first.
@@ -180,7 +181,7 @@ fn repl(rt: &tokio::runtime::Runtime, args: ReplArgs) -> i32 {
     let interactive = std::io::stdin().is_terminal();
     let pretty = std::io::stdout().is_terminal();
     let mut input: Box<dyn Input> = if interactive {
-        match input::Terminal::new() {
+        match input::Terminal::new(input::history_file()) {
             Ok(t) => Box::new(t),
             Err(e) => {
                 eprintln!("hamok: cannot open the terminal: {e}");
