@@ -677,3 +677,101 @@ fn the_checker_refuses_bad_text() {
     );
     assert!(std::panic::catch_unwind(|| check_prometheus_text("a one\n")).is_err());
 }
+
+/// The queue routes: push on one peer, pop and take on others, at-least-once delivery (a lease that
+/// runs out delivers the item again, counted), acknowledgement through any gateway, and `400`s for a
+/// bad lease or id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_push_pop_take_and_ack() {
+    let c = Cluster::start("gw-queue", false).await;
+    let http = client();
+    let leader = c.urls[c.leader].clone();
+    let follower = c.urls[c.follower()].clone();
+    for (i, v) in ["a", "b", "c"].iter().enumerate() {
+        let r = http
+            .post(format!("{follower}/v1/queue/jobs"))
+            .json(&json!({"value": v}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["len"], i + 1, "{body}");
+    }
+    // At most once: the head leaves for good.
+    let body = json_of(http.post(format!("{leader}/v1/queue/jobs/pop"))).await;
+    assert_eq!(body["value"], "a");
+    // At least once: "b" leased briefly to the follower and never acknowledged.
+    let b = json_of(http.post(format!("{follower}/v1/queue/jobs/take?lease_ms=300"))).await;
+    assert_eq!(
+        (&b["value"], &b["deliveries"]),
+        (&json!("b"), &json!(1)),
+        "{b}"
+    );
+    let b_first = b["id"].as_u64().expect("a delivery id");
+    // "c" leased to the leader, acknowledged through the follower's gateway.
+    let cc = json_of(http.post(format!("{leader}/v1/queue/jobs/take?lease_ms=60000"))).await;
+    assert_eq!(cc["value"], "c", "{cc}");
+    let c_id = cc["id"].as_u64().unwrap();
+    let ack = json_of(http.post(format!("{follower}/v1/queue/jobs/ack/{c_id}"))).await;
+    assert_eq!(ack["acked"], true, "{ack}");
+    let ack = json_of(http.post(format!("{leader}/v1/queue/jobs/ack/{c_id}"))).await;
+    assert_eq!(ack["acked"], false, "acknowledged already: {ack}");
+    // Once b's lease ran out it is delivered again, counted as a second delivery.
+    let again = common::eventually("b delivered again", WAIT, || {
+        let (http, leader) = (http.clone(), leader.clone());
+        async move {
+            let t: Value = http
+                .post(format!("{leader}/v1/queue/jobs/take?lease_ms=60000"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            // Empty (`id` null) while b is still leased.
+            t["id"].is_u64().then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(
+        (&again["value"], &again["deliveries"]),
+        (&json!("b"), &json!(2)),
+        "{again}"
+    );
+    let ack = json_of(http.post(format!("{leader}/v1/queue/jobs/ack/{b_first}"))).await;
+    assert_eq!(
+        ack["acked"], false,
+        "the first delivery is no longer held: {ack}"
+    );
+    let b_id = again["id"].as_u64().unwrap();
+    let ack = json_of(http.post(format!("{leader}/v1/queue/jobs/ack/{b_id}"))).await;
+    assert_eq!(ack["acked"], true, "{ack}");
+    // Empty now.
+    let t = json_of(http.post(format!("{follower}/v1/queue/jobs/take"))).await;
+    assert!(t["id"].is_null() && t["value"].is_null(), "{t}");
+    let p = json_of(http.post(format!("{follower}/v1/queue/jobs/pop"))).await;
+    assert!(p["value"].is_null(), "{p}");
+    // Client mistakes.
+    for bad in [
+        "jobs/take?lease_ms=0",
+        "jobs/take?lease_ms=999999999999",
+        "jobs/take?lease=5",
+        "jobs/ack/seven",
+    ] {
+        let r = http
+            .post(format!("{follower}/v1/queue/{bad}"))
+            .send()
+            .await
+            .unwrap();
+        expect_error(r, StatusCode::BAD_REQUEST).await;
+    }
+    let r = http
+        .post(format!("{follower}/v1/queue/jobs"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::BAD_REQUEST).await;
+    c.close().await;
+}

@@ -159,6 +159,7 @@ mod tests {
         assert!(redirectable(&Method::DELETE, "/v1/set/s/m"));
         assert!(!redirectable(&Method::GET, "/v1/kv/a"));
         assert!(!redirectable(&Method::POST, "/v1/locks/l"));
+        assert!(!redirectable(&Method::POST, "/v1/queue/q/take"));
         assert!(!redirectable(&Method::PUT, "/metrics"));
     }
 }

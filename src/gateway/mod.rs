@@ -31,6 +31,10 @@
 //! | `POST` or `PUT /v1/locks/{name}?wait_ms=n` | takes the lock for this peer (waits up to `wait_ms`, default 5 000, at most 60 000) | `{"name", "token"}` |
 //! | `DELETE /v1/locks/{name}` | releases it if this peer took it | `{"name", "released"}` |
 //! | `GET /v1/locks/{name}` | whether this peer holds it (through this gateway or the REPL) | `{"name", "held", "token"}` |
+//! | `POST /v1/queue/{name}` | appends the value to queue `name` | `{"name", "value", "len"}` (`503` when the queue is full) |
+//! | `POST /v1/queue/{name}/pop` | removes the head (at most once) | `{"name", "value"}` (`null` when empty) |
+//! | `POST /v1/queue/{name}/take?lease_ms=n` | leases the head to this peer (default 30 000 ms; at least once) | `{"name", "id", "value", "deliveries", "lease_ms"}` (`id` and `value` `null` when empty) |
+//! | `POST /v1/queue/{name}/ack/{id}` | acknowledges delivery `id` (taken through any gateway) | `{"name", "id", "acked"}` |
 //! | `GET /v1/config/{name}` | value and revision (`ETag: "<revision>"`) | `{"name", "value", "revision"}`, `404` if never set |
 //! | `PUT /v1/config/{name}` | sets it (`If-Match: "<revision>"` or `*`, `If-None-Match: *`: `412` if not met) | `{"name", "value", "revision"}` + `ETag` |
 //! | `GET /v1/config/{name}/watch` | Server-Sent Events: the current value, then every new one (`event: value`, `id: <revision>`, data `{"name", "value", "revision"}`; `value` null while never set), keep-alive comments every 15 s | `text/event-stream` |
@@ -42,7 +46,8 @@
 //! stores (`PUT`/`POST`/`DELETE` under `/v1/kv`, `/v1/hash`, `/v1/set`, `/v1/config`) with
 //! `307 Temporary Redirect` to the leader's advertised base URL plus the same path and query; when the
 //! leader or its address is not known yet it forwards instead. Locks are never redirected: a lock is
-//! held by the peer that took it, which is the peer the client asked.
+//! held by the peer that took it, which is the peer the client asked. Nor are queues: a `take` leases
+//! the item to the peer asked.
 //!
 //! **Advertised addresses.** Each gateway puts `peer id -> advertised URL` into the replicated map
 //! `gateway:addresses` once its peer has joined (retried in the background, bounded), and reads the
@@ -61,7 +66,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query};
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hamok_collections::HamokMap;
 use serde::Deserialize;
 
@@ -74,6 +79,7 @@ mod hash;
 mod kv;
 mod locks;
 mod metrics;
+mod queue;
 mod set;
 mod status;
 
@@ -176,6 +182,10 @@ pub fn router(stores: Stores, options: GatewayOptions) -> axum::Router {
                 .put(locks::take)
                 .delete(locks::release),
         )
+        .route("/v1/queue/{name}", post(queue::push))
+        .route("/v1/queue/{name}/pop", post(queue::pop))
+        .route("/v1/queue/{name}/take", post(queue::take))
+        .route("/v1/queue/{name}/ack/{id}", post(queue::ack))
         .route("/v1/config/{name}", get(config::get).put(config::put))
         .route("/v1/config/{name}/watch", get(config::watch))
         .route("/v1/status", get(status::get))
