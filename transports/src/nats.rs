@@ -458,6 +458,8 @@ impl Connectivity {
             Event::ClientError(ClientError::MaxReconnects) => self
                 .link
                 .die("NATS client gave up reconnecting (max reconnects)"),
+            // Our own close drains the connection: nothing to warn about.
+            Event::Draining => tracing::debug!("NATS connection draining"),
             other => tracing::warn!(event = %other, "NATS client event"),
         }
     }
