@@ -501,6 +501,10 @@ impl AmqpInner {
         let me: ShortString = local.as_str().into();
         let events = conn.events_listener();
         let status = conn.status().clone();
+        let bus = AmqpBus {
+            conn: Mutex::new(Some(conn)),
+            publisher: Mutex::new(Some(publisher.clone())),
+        };
         let publisher = AmqpPublisher {
             channel: publisher,
             exchange: format!("{}.{cluster}", c.exchange_prefix).into(),
@@ -524,9 +528,7 @@ impl AmqpInner {
         });
         let link = BusLink::start(
             state.clone(),
-            AmqpBus {
-                conn: Mutex::new(Some(conn)),
-            },
+            bus,
             publisher,
             c.outbound_capacity,
             received,
@@ -576,6 +578,11 @@ async fn watch_connection(
 /// How a [`BusLink`] reaches RabbitMQ: routing keys, and the connection to close.
 struct AmqpBus {
     conn: Mutex<Option<Connection>>,
+    /// A second handle of the publisher's channel, let go only once the connection is closed. The
+    /// writer task's handle goes when the link aborts it, and lapin closes a channel when its last
+    /// handle goes: that close, racing the connection's, made lapin log a connection error on every
+    /// shutdown. Closed with the connection instead, the channel sends nothing of its own.
+    publisher: Mutex<Option<Channel>>,
 }
 
 impl Bus for AmqpBus {
@@ -592,6 +599,11 @@ impl Bus for AmqpBus {
 
     fn shutdown(&self) {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let publisher = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let (Some(conn), Ok(handle)) = (conn, tokio::runtime::Handle::try_current()) {
             handle.spawn(async move {
                 if conn.status().connected() {
@@ -601,6 +613,7 @@ impl Bus for AmqpBus {
                     )
                     .await;
                 }
+                drop(publisher);
             });
         }
         // Without a runtime the connection is dropped here, which closes it too.

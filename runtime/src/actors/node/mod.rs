@@ -223,7 +223,9 @@ impl Actor for NodeActor {
             }
             NodeMsg::LinkDown => {
                 if state.link.take().is_some() {
-                    tracing::warn!(peer = %state.label, "transport link down");
+                    // Also the last word of an orderly close; a lost link is warned about by the
+                    // supervisor ("transport link lost: reconnecting").
+                    tracing::info!(peer = %state.label, "transport link down");
                 }
             }
             NodeMsg::Join => peer.join(now_ms),
