@@ -41,6 +41,8 @@ pub const MAX_NAME_BYTES: usize = 128;
 const MAX_OPEN_HANDLES: usize = 4_096;
 /// Most locks one peer holds through these stores at once.
 pub const MAX_HELD_LOCKS: usize = 1_024;
+/// The lease of a queue take that names none (the REPL's `QTAKE`, the gateway's `take`), in ms.
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
 
 /// The stores of one peer. Cheap to clone (shared).
 #[derive(Clone)]

@@ -773,5 +773,12 @@ async fn queue_push_pop_take_and_ack() {
         .await
         .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST).await;
+    // The same millisecond check guards the lock route's wait.
+    let r = http
+        .post(format!("{follower}/v1/locks/l?wait_ms=60001"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::BAD_REQUEST).await;
     c.close().await;
 }

@@ -33,9 +33,9 @@
 //!   needed), until [`LeaderJob::stop`], which cancels the run, awaits the closure and resigns, or until
 //!   the peer closes. A closure that returns by itself less than [`LeaderJob::SHORT_RUN`] after it
 //!   started makes the next campaign wait ([`LeaderJob::SHORT_RUN_PAUSE_MIN`], doubling with every
-//!   short run in a row up to [`LeaderJob::SHORT_RUN_PAUSE_MAX`]): a job that fails at once (a database down, a bad setting) would
-//!   otherwise take and release its lock as fast as the log commits, two log entries per turn on
-//!   every peer.
+//!   short run in a row up to [`LeaderJob::SHORT_RUN_PAUSE_MAX`]): a job that fails at once (a
+//!   database down, a bad setting) would otherwise take and release its lock as fast as the log
+//!   commits, two log entries per turn on every peer.
 //! - The closure runs on a task of its own: a panic in it ends that run (logged) like a return.
 //!
 //! Several named jobs spread over peers as their locks are granted: nothing ties them to the Raft

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::{path, Shared};
+use super::{millis_param, path, Shared};
 
 /// How long taking a lock waits by default.
 const DEFAULT_WAIT_MS: u64 = 5_000;
@@ -33,12 +33,7 @@ pub(crate) async fn take(
 ) -> Result<Json<Value>, ApiError> {
     let name = path(name)?;
     ApiError::check_name(&name)?;
-    let wait_ms = q?.0.wait_ms.unwrap_or(DEFAULT_WAIT_MS);
-    if wait_ms > MAX_WAIT_MS {
-        return Err(ApiError::bad_request(format!(
-            "wait_ms is at most {MAX_WAIT_MS}"
-        )));
-    }
+    let wait_ms = millis_param(q?.0.wait_ms, "wait_ms", DEFAULT_WAIT_MS, 0..=MAX_WAIT_MS)?;
     let token = g.stores.lock(&name, Duration::from_millis(wait_ms)).await?;
     Ok(Json(json!({ "name": name, "token": token })))
 }

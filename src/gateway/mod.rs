@@ -234,6 +234,25 @@ pub(crate) fn consistent(q: Result<Query<ReadParams>, QueryRejection>) -> Result
     Ok(q?.0.consistent)
 }
 
+/// A millisecond query parameter `name`: `default` when absent, else within `range` or a `400`.
+pub(crate) fn millis_param(
+    value: Option<u64>,
+    name: &str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ApiError> {
+    let ms = value.unwrap_or(default);
+    if range.contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{name} must be from {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
 /// A path's parameters, or a `400`.
 pub(crate) fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     Ok(p?.0)

@@ -15,10 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::{path, value_of, Shared};
-
-/// The lease of a `take` that names none (the REPL's `QTAKE` default too).
-const DEFAULT_LEASE_MS: u64 = 30_000;
+use super::{millis_param, path, value_of, Shared};
+use crate::stores::DEFAULT_LEASE_MS;
 
 /// `POST /v1/queue/{name}` with `{"value": "..."}`: appends it; answers the queue's length after.
 pub(crate) async fn push(
@@ -66,12 +64,12 @@ pub(crate) async fn take(
 ) -> Result<Json<Value>, ApiError> {
     let name = path(name)?;
     ApiError::check_name(&name)?;
-    let lease_ms = q?.0.lease_ms.unwrap_or(DEFAULT_LEASE_MS);
-    if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
-        return Err(ApiError::bad_request(format!(
-            "lease_ms must be from 1 to {MAX_LEASE_MS}"
-        )));
-    }
+    let lease_ms = millis_param(
+        q?.0.lease_ms,
+        "lease_ms",
+        DEFAULT_LEASE_MS,
+        1..=MAX_LEASE_MS,
+    )?;
     let delivery = g
         .stores
         .queue_take(&name, Duration::from_millis(lease_ms))

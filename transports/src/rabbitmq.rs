@@ -502,8 +502,7 @@ impl AmqpInner {
         let events = conn.events_listener();
         let status = conn.status().clone();
         let bus = AmqpBus {
-            conn: Mutex::new(Some(conn)),
-            publisher: Mutex::new(Some(publisher.clone())),
+            open: Mutex::new(Some((conn, publisher.clone()))),
         };
         let publisher = AmqpPublisher {
             channel: publisher,
@@ -577,12 +576,12 @@ async fn watch_connection(
 
 /// How a [`BusLink`] reaches RabbitMQ: routing keys, and the connection to close.
 struct AmqpBus {
-    conn: Mutex<Option<Connection>>,
-    /// A second handle of the publisher's channel, let go only once the connection is closed. The
-    /// writer task's handle goes when the link aborts it, and lapin closes a channel when its last
-    /// handle goes: that close, racing the connection's, made lapin log a connection error on every
-    /// shutdown. Closed with the connection instead, the channel sends nothing of its own.
-    publisher: Mutex<Option<Channel>>,
+    /// The connection, with a second handle of the publisher's channel that is let go only once the
+    /// connection is closed. The writer task's handle goes when the link aborts it, and lapin closes
+    /// a channel when its last handle goes: that close, racing the connection's, made lapin log a
+    /// connection error on every shutdown. Closed with the connection instead, the channel sends
+    /// nothing of its own.
+    open: Mutex<Option<(Connection, Channel)>>,
 }
 
 impl Bus for AmqpBus {
@@ -598,13 +597,9 @@ impl Bus for AmqpBus {
     }
 
     fn shutdown(&self) {
-        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let publisher = self
-            .publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let (Some(conn), Ok(handle)) = (conn, tokio::runtime::Handle::try_current()) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some((conn, publisher)), Ok(handle)) = (open, tokio::runtime::Handle::try_current())
+        {
             handle.spawn(async move {
                 if conn.status().connected() {
                     let _ = tokio::time::timeout(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hamok::collections::queue::MAX_LEASE_MS;
 use hamok::prelude::{DeliveryId, HamokError};
-use hamok::stores::Stores;
+use hamok::stores::{Stores, DEFAULT_LEASE_MS};
 
 use crate::cluster::Cluster;
 use crate::reply::Reply;
@@ -269,7 +269,7 @@ async fn store_reply(s: &Stores, cmd: Cmd, a: &[String]) -> Result<Reply, HamokE
 }
 
 async fn queue_take(s: &Stores, a: &[String]) -> Result<Reply, HamokError> {
-    let lease_ms = match number(a.get(1), 30_000, MAX_LEASE_MS, "lease_ms") {
+    let lease_ms = match number(a.get(1), DEFAULT_LEASE_MS, MAX_LEASE_MS, "lease_ms") {
         Ok(0) => return Ok(Reply::error("lease_ms must be at least 1")),
         Ok(ms) => ms,
         Err(reply) => return Ok(reply),

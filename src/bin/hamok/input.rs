@@ -3,9 +3,10 @@
 //! bounded by [`MAX_LINE_BYTES`].
 //!
 //! A terminal's history is kept in a file across runs, like redis-cli's: [`history_file`] says which.
-//! Each line is appended as it is entered (a killed REPL loses none), the file is cut to the newest
-//! [`HISTORY_LINES`], and rustyline creates it readable by its owner only: values typed there (a
-//! `CONFIG SET` of a secret) are in it.
+//! Each line is appended as it is entered (a killed REPL loses none; blank lines and lines over
+//! [`HISTORY_LINE_MAX_BYTES`] are not kept), the file is cut to the newest [`HISTORY_LINES`], and
+//! rustyline creates it readable by its owner only: values typed there (a `CONFIG SET` of a secret)
+//! are in it.
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ use rustyline::{Context, Editor, Helper};
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Most lines kept in the history (in memory and in its file).
 const HISTORY_LINES: usize = 1_000;
+/// Longest line kept in the history: with [`HISTORY_LINES`], bounds its file to 8 MiB (a command
+/// line may be up to [`MAX_LINE_BYTES`], and a few such would make a history of gigabytes).
+const HISTORY_LINE_MAX_BYTES: usize = 8 << 10;
 /// Names the history file; set to the empty string, no history is kept on disk.
 pub const HISTORY_FILE_ENV: &str = "HAMOK_HISTFILE";
 
@@ -149,7 +153,6 @@ impl Terminal {
     pub fn new(history: Option<PathBuf>) -> rustyline::Result<Self> {
         let config = rustyline::Config::builder()
             .max_history_size(HISTORY_LINES)?
-            .auto_add_history(true)
             .build();
         let mut editor = Editor::with_config(config)?;
         editor.set_helper(Some(CommandHelper));
@@ -174,6 +177,17 @@ impl Terminal {
         }
     }
 
+    /// Keeps an entered line in the history (and its file), unless it is blank or longer than
+    /// [`HISTORY_LINE_MAX_BYTES`].
+    fn remember(&mut self, line: &str) {
+        if line.trim().is_empty() || line.len() > HISTORY_LINE_MAX_BYTES {
+            return;
+        }
+        // Only an I/O error of rustyline's in-memory history: nothing to report.
+        let _ = self.editor.add_history_entry(line);
+        self.save_history();
+    }
+
     /// Appends the lines entered since the last call to the history file.
     fn save_history(&mut self) {
         let Some(path) = &self.history else { return };
@@ -190,8 +204,8 @@ impl Terminal {
 impl Input for Terminal {
     fn read(&mut self, prompt: &str) -> Line {
         let read = self.editor.readline(prompt);
-        if matches!(&read, Ok(line) if !line.trim().is_empty()) {
-            self.save_history();
+        if let Ok(line) = &read {
+            self.remember(line);
         }
         match read {
             Ok(line) if line.len() > MAX_LINE_BYTES => {
@@ -213,18 +227,21 @@ impl Input for Terminal {
 mod tests {
     use super::*;
 
-    /// Lines entered in one run are in the file and in the next run's history; what another run
-    /// appended in between is kept too; the file never holds more than `HISTORY_LINES`.
+    /// Lines entered in one run are in the file and in the next run's history (not blank ones, nor
+    /// ones over `HISTORY_LINE_MAX_BYTES`); what another run appended in between is kept too; the
+    /// file never holds more than `HISTORY_LINES`.
     #[test]
     fn history_survives_a_restart_and_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history");
-        let entered = |t: &mut Terminal, line: &str| {
-            t.editor.add_history_entry(line).unwrap();
-            t.save_history();
-        };
+        let entered = |t: &mut Terminal, line: &str| t.remember(line);
         let mut first = Terminal::new(Some(path.clone())).unwrap();
         entered(&mut first, "SET a 1");
+        entered(&mut first, "   ");
+        entered(
+            &mut first,
+            &format!("SET big {}", "v".repeat(HISTORY_LINE_MAX_BYTES)),
+        );
         entered(&mut first, "GET a");
         let mut second = Terminal::new(Some(path.clone())).unwrap();
         let had: Vec<String> = second.editor.history().iter().cloned().collect();
@@ -261,8 +278,7 @@ mod tests {
         let path = dir.path().join("not-a-history");
         std::fs::write(&path, [0xff, 0xfe, 0x00, 0x80]).unwrap();
         let mut t = Terminal::new(Some(path.clone())).unwrap();
-        t.editor.add_history_entry("SET a 1").unwrap();
-        t.save_history();
+        t.remember("SET a 1");
         assert_eq!(std::fs::read(&path).unwrap(), [0xff, 0xfe, 0x00, 0x80]);
     }
 

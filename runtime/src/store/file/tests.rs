@@ -51,6 +51,13 @@ fn small_chunks(dir: &Path) -> FileLogStore {
     FileLogStore::open(dir, small_chunks_options()).unwrap()
 }
 
+/// Entries 1 to 300 of term 1 in small chunks (several of them), synced, the store closed.
+fn closed_store_of_300_entries_in_small_chunks(dir: &Path) {
+    let mut s = small_chunks(dir);
+    s.write_entries(1, &entries(1, 300, 1)).unwrap();
+    s.sync().unwrap();
+}
+
 fn ids(state: &PersistedState) -> Vec<(LogIndex, Term)> {
     state.entries.iter().map(|e| (e.index, e.term)).collect()
 }
@@ -237,10 +244,7 @@ fn a_flipped_bit_before_the_tail_refuses_to_start() {
 fn a_missing_chunk_refuses_to_start() {
     for victim in ["middle", "first", "newest"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = small_chunks(dir.path());
-        s.write_entries(1, &entries(1, 300, 1)).unwrap();
-        s.sync().unwrap();
-        drop(s);
+        closed_store_of_300_entries_in_small_chunks(dir.path());
         let chunks = chunk_files(dir.path());
         assert!(chunks.len() >= 3);
         let gone = match victim {
@@ -261,10 +265,7 @@ fn a_missing_chunk_refuses_to_start() {
 fn a_crash_while_closing_a_chunk_loses_nothing_written_before() {
     for cut in [wal::SEAL_BYTES, 7, 1] {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = small_chunks(dir.path());
-        s.write_entries(1, &entries(1, 300, 1)).unwrap();
-        s.sync().unwrap();
-        drop(s);
+        closed_store_of_300_entries_in_small_chunks(dir.path());
         let chunks = chunk_files(dir.path());
         let (newest, before) = (&chunks[chunks.len() - 1], &chunks[chunks.len() - 2]);
         // What the newest chunk held, and the seal (or part of it) at the end of the one before.
@@ -290,10 +291,7 @@ fn a_crash_while_closing_a_chunk_loses_nothing_written_before() {
     }
     // A seal cut short before a chunk that holds records is damage, not a crash.
     let dir = tempfile::tempdir().unwrap();
-    let mut s = small_chunks(dir.path());
-    s.write_entries(1, &entries(1, 300, 1)).unwrap();
-    s.sync().unwrap();
-    drop(s);
+    closed_store_of_300_entries_in_small_chunks(dir.path());
     let chunks = chunk_files(dir.path());
     let before = &chunks[chunks.len() - 2];
     let old = fs::read(before).unwrap();
@@ -472,10 +470,7 @@ fn trailing_zeros_and_the_rest_of_an_interrupted_write_are_a_torn_tail() {
 #[test]
 fn a_damaged_record_in_a_closed_chunk_refuses_to_start_even_at_its_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = small_chunks(dir.path());
-    s.write_entries(1, &entries(1, 300, 1)).unwrap();
-    s.sync().unwrap();
-    drop(s);
+    closed_store_of_300_entries_in_small_chunks(dir.path());
     let first = chunk_files(dir.path()).remove(0);
     let mut bytes = fs::read(&first).unwrap();
     let n = bytes.len();
