@@ -280,8 +280,8 @@ async fn rolling_replacement_loses_no_acknowledged_write() {
                     };
                     let cmd = put_cmd(&key, &key);
                     let op = hamok::runtime::state_machine::Op::Apply {
-                        collection: COLLECTION.to_string(),
-                        payload: cmd,
+                        collection: COLLECTION.into(),
+                        payload: cmd.into(),
                         fence: None,
                     };
                     match peer
@@ -486,8 +486,8 @@ async fn partition_minority_cannot_commit_and_heal_converges() {
             let p = p.clone();
             tokio::spawn(async move {
                 let op = hamok::runtime::state_machine::Op::Apply {
-                    collection: COLLECTION.to_string(),
-                    payload: put_cmd(&format!("minority-{i}"), "lost"),
+                    collection: COLLECTION.into(),
+                    payload: put_cmd(&format!("minority-{i}"), "lost").into(),
                     fence: None,
                 };
                 p.submit_op_with_timeout(op, short).await
@@ -714,8 +714,8 @@ async fn forced_leader_change_applies_no_increment_twice() {
             while !stop.load(Ordering::Relaxed) {
                 submitted.store(id + 1, Ordering::Relaxed);
                 let op = hamok::runtime::state_machine::Op::Apply {
-                    collection: COLLECTION.to_string(),
-                    payload: incr_cmd(id),
+                    collection: COLLECTION.into(),
+                    payload: incr_cmd(id).into(),
                     fence: None,
                 };
                 if follower

@@ -66,20 +66,35 @@ pub const EVENT_CAPACITY: usize = 4096;
 /// one exact allocation. An encoding larger than [`SCRATCH_KEEP_BYTES`] leaves with its buffer
 /// instead, so the scratch buffer never keeps more than about twice that.
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, HamokError> {
+    encode_as(value, Bytes::copy_from_slice, Bytes::from)
+}
+
+/// [`encode`] into a `Vec` (a log command's payload is one): one exact allocation as well.
+pub(crate) fn encode_to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, HamokError> {
+    encode_as(value, <[u8]>::to_vec, |big| big)
+}
+
+/// Encodes `value` in the scratch buffer and hands it out with `copy`, or, when it is too big to keep
+/// (or the buffer is taken), as the whole `Vec` it was encoded in, with `take`.
+fn encode_as<T: Serialize + ?Sized, R>(
+    value: &T,
+    copy: impl FnOnce(&[u8]) -> R,
+    take: impl FnOnce(Vec<u8>) -> R,
+) -> Result<R, HamokError> {
     SCRATCH.with(|scratch| {
         // A `Serialize` that itself encodes (none here does) finds the buffer taken: a fresh one.
         let Ok(mut buf) = scratch.try_borrow_mut() else {
-            return Ok(Bytes::from(rmp_serde::to_vec(value)?));
+            return Ok(take(rmp_serde::to_vec(value)?));
         };
         buf.clear();
         let written = rmp_serde::encode::write(&mut *buf, value);
         if buf.len() > SCRATCH_KEEP_BYTES {
             let big = std::mem::take(&mut *buf);
             written?;
-            return Ok(Bytes::from(big));
+            return Ok(take(big));
         }
         written?;
-        Ok(Bytes::copy_from_slice(&buf))
+        Ok(copy(&buf))
     })
 }
 
@@ -630,10 +645,10 @@ impl<S, X> Handle<S, X> {
         cmd: C,
     ) -> Result<R, HamokError> {
         self.local.check_open()?;
-        let payload = encode(&Envelope::Op(cmd))?.to_vec();
+        let payload = encode_to_vec(&Envelope::Op(cmd))?;
         let op = Op::Apply {
-            collection: self.local.id.clone(),
-            payload,
+            collection: self.local.id.clone().into(),
+            payload: payload.into(),
             fence: self.fence.clone(),
         };
         let response = self
@@ -881,6 +896,7 @@ mod tests {
             let value = (len as u64, "v".repeat(len));
             let bytes = encode(&value).unwrap();
             assert_eq!(&bytes[..], &rmp_serde::to_vec(&value).unwrap()[..], "{len}");
+            assert_eq!(encode_to_vec(&value).unwrap(), &bytes[..], "{len}");
             assert_eq!(decode::<(u64, String)>(&bytes).unwrap(), value);
             let room = SCRATCH.with(|s| s.borrow().capacity());
             assert!(room <= 2 * SCRATCH_KEEP_BYTES, "{len}: {room}");

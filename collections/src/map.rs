@@ -17,6 +17,7 @@ use hamok_runtime::state_machine::ApplyContext;
 use hamok_runtime::HamokError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 
 use crate::common::{
     decode, encode, handle_basics, plain_opened, write_lock, Events, Handle, Raw, ResyncReason,
@@ -34,12 +35,16 @@ pub(crate) struct MapState {
     pub(crate) entries: BTreeMap<Bytes, Bytes>,
 }
 
+/// Per-key parts of a command or response: most carry one, held inline (no allocation). Encoded as
+/// the `Vec` they replaced: an array either way.
+type PerKey<T> = SmallVec<[T; 1]>;
+
 #[derive(Serialize, Deserialize)]
 pub(crate) enum MapCmd {
-    Set(Vec<(Bytes, Bytes)>),
-    Insert(Vec<(Bytes, Bytes)>),
-    Delete(Vec<Bytes>),
-    Remove(Vec<Bytes>),
+    Set(PerKey<(Bytes, Bytes)>),
+    Insert(PerKey<(Bytes, Bytes)>),
+    Delete(PerKey<Bytes>),
+    Remove(PerKey<Bytes>),
     UpdateIf {
         key: Bytes,
         new: Bytes,
@@ -87,7 +92,7 @@ impl Logic for MapLogic {
             let map = &mut state.entries;
             match cmd {
                 MapCmd::Set(entries) => {
-                    let mut olds = Vec::with_capacity(entries.len());
+                    let mut olds = PerKey::<Option<Bytes>>::with_capacity(entries.len());
                     for (key, value) in entries {
                         if !listening {
                             // Nobody to tell: move the bytes in rather than share them.
@@ -108,7 +113,7 @@ impl Logic for MapLogic {
                     encode(&olds)
                 }
                 MapCmd::Insert(entries) => {
-                    let mut existing = Vec::with_capacity(entries.len());
+                    let mut existing = PerKey::<Option<Bytes>>::with_capacity(entries.len());
                     for (key, value) in entries {
                         match map.get(&key) {
                             Some(v) => existing.push(Some(v.clone())),
@@ -122,7 +127,7 @@ impl Logic for MapLogic {
                     encode(&existing)
                 }
                 MapCmd::Delete(keys) => {
-                    let mut deleted = Vec::with_capacity(keys.len());
+                    let mut deleted = PerKey::<bool>::with_capacity(keys.len());
                     for key in keys {
                         let old = map.remove(&key);
                         deleted.push(old.is_some());
@@ -133,7 +138,7 @@ impl Logic for MapLogic {
                     encode(&deleted)
                 }
                 MapCmd::Remove(keys) => {
-                    let mut removed = Vec::with_capacity(keys.len());
+                    let mut removed = PerKey::<Option<Bytes>>::with_capacity(keys.len());
                     for key in keys {
                         let old = map.remove(&key);
                         if let Some(value) = &old {
@@ -315,7 +320,7 @@ impl<K, V> std::fmt::Debug for HamokMap<K, V> {
 
 fn pairs<K: Serialize, V: Serialize>(
     entries: impl IntoIterator<Item = (K, V)>,
-) -> Result<Vec<(Bytes, Bytes)>, HamokError> {
+) -> Result<PerKey<(Bytes, Bytes)>, HamokError> {
     entries
         .into_iter()
         .map(|(k, v)| Ok((encode(&k)?, encode(&v)?)))
@@ -403,9 +408,9 @@ where
 
     /// Sets `key` to `value`; returns the previous value.
     pub async fn set(&self, key: K, value: V) -> Result<Option<V>, HamokError> {
-        let olds: Vec<Option<Bytes>> = self
+        let olds: PerKey<Option<Bytes>> = self
             .handle
-            .submit(MapCmd::Set(vec![(encode(&key)?, encode(&value)?)]))
+            .submit(MapCmd::Set(smallvec![(encode(&key)?, encode(&value)?)]))
             .await?;
         first_value(olds)
     }
@@ -425,9 +430,9 @@ where
     /// Sets `key` to `value` only if `key` is absent; returns the existing value if there was one (and
     /// then nothing changed).
     pub async fn insert(&self, key: K, value: V) -> Result<Option<V>, HamokError> {
-        let existing: Vec<Option<Bytes>> = self
+        let existing: PerKey<Option<Bytes>> = self
             .handle
-            .submit(MapCmd::Insert(vec![(encode(&key)?, encode(&value)?)]))
+            .submit(MapCmd::Insert(smallvec![(encode(&key)?, encode(&value)?)]))
             .await?;
         first_value(existing)
     }
@@ -446,9 +451,9 @@ where
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: K) -> Result<bool, HamokError> {
-        let deleted: Vec<bool> = self
+        let deleted: PerKey<bool> = self
             .handle
-            .submit(MapCmd::Delete(vec![encode(&key)?]))
+            .submit(MapCmd::Delete(smallvec![encode(&key)?]))
             .await?;
         Ok(deleted.first().copied().unwrap_or(false))
     }
@@ -462,7 +467,10 @@ where
             .into_iter()
             .map(|k| encode(&k))
             .collect::<Result<_, _>>()?;
-        let deleted: Vec<bool> = self.handle.submit(MapCmd::Delete(keys.clone())).await?;
+        let deleted: Vec<bool> = self
+            .handle
+            .submit(MapCmd::Delete(keys.clone().into()))
+            .await?;
         keys.iter()
             .zip(deleted)
             .filter(|(_, d)| *d)
@@ -472,9 +480,9 @@ where
 
     /// Removes `key`; returns the value it held.
     pub async fn remove(&self, key: K) -> Result<Option<V>, HamokError> {
-        let removed: Vec<Option<Bytes>> = self
+        let removed: PerKey<Option<Bytes>> = self
             .handle
-            .submit(MapCmd::Remove(vec![encode(&key)?]))
+            .submit(MapCmd::Remove(smallvec![encode(&key)?]))
             .await?;
         first_value(removed)
     }
@@ -488,7 +496,10 @@ where
             .into_iter()
             .map(|k| encode(&k))
             .collect::<Result<_, _>>()?;
-        let removed: Vec<Option<Bytes>> = self.handle.submit(MapCmd::Remove(keys.clone())).await?;
+        let removed: Vec<Option<Bytes>> = self
+            .handle
+            .submit(MapCmd::Remove(keys.clone().into()))
+            .await?;
         zip_some(keys, removed)
     }
 
@@ -595,7 +606,9 @@ where
     }
 }
 
-fn first_value<V: DeserializeOwned>(values: Vec<Option<Bytes>>) -> Result<Option<V>, HamokError> {
+fn first_value<V: DeserializeOwned>(
+    values: PerKey<Option<Bytes>>,
+) -> Result<Option<V>, HamokError> {
     match values.into_iter().next().flatten() {
         Some(v) => Ok(Some(decode(&v)?)),
         None => Ok(None),
@@ -611,4 +624,30 @@ fn zip_some<K: DeserializeOwned, V: DeserializeOwned>(
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .map(|(k, v)| Ok((decode(k)?, decode(&v)?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commands and responses held inline encode and decode as the `Vec`s earlier builds wrote: logs,
+    /// snapshots (they cache responses) and peers of either build read each other's.
+    #[test]
+    fn per_key_parts_are_encoded_as_vecs() {
+        for n in [0usize, 1, 3] {
+            let entries: Vec<(Bytes, Bytes)> = (0..n)
+                .map(|i| (encode(&i).unwrap(), encode(&format!("v{i}")).unwrap()))
+                .collect();
+            let olds: Vec<Option<Bytes>> = (0..n).map(|i| (i % 2 == 0).then(Bytes::new)).collect();
+            let inline = PerKey::from_vec(entries.clone());
+            assert_eq!(encode(&inline).unwrap(), encode(&entries).unwrap(), "{n}");
+            assert_eq!(
+                encode(&PerKey::from_vec(olds.clone())).unwrap(),
+                encode(&olds).unwrap(),
+                "{n}"
+            );
+            let back: PerKey<(Bytes, Bytes)> = decode(&encode(&entries).unwrap()).unwrap();
+            assert_eq!(back, inline, "{n}");
+        }
+    }
 }

@@ -643,7 +643,7 @@ impl Hamok {
 
     /// Submits an operation through the log; resolves with the state machine's response once this peer
     /// has applied it (read-your-writes). Retried across leader changes and applied at most once.
-    pub async fn submit_op(&self, op: Op) -> Result<Bytes, HamokError> {
+    pub async fn submit_op(&self, op: Op<'static>) -> Result<Bytes, HamokError> {
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
         self.submit_op_with_timeout(op, timeout).await
     }
@@ -651,7 +651,7 @@ impl Hamok {
     /// [`Hamok::submit_op`] with an explicit timeout.
     pub async fn submit_op_with_timeout(
         &self,
-        op: Op,
+        op: Op<'static>,
         timeout: Duration,
     ) -> Result<Bytes, HamokError> {
         let _permit = self.permit(timeout).await?;
@@ -677,8 +677,8 @@ impl Hamok {
         command: impl Into<Vec<u8>>,
     ) -> Result<Bytes, HamokError> {
         self.submit_op(Op::Apply {
-            collection: collection.to_string(),
-            payload: command.into(),
+            collection: collection.to_string().into(),
+            payload: command.into().into(),
             fence: None,
         })
         .await
@@ -688,8 +688,8 @@ impl Hamok {
     /// exists with another).
     pub async fn create_collection(&self, id: &str, kind: &str) -> Result<(), HamokError> {
         self.submit_op(Op::Create {
-            collection: id.to_string(),
-            kind: kind.to_string(),
+            collection: id.to_string().into(),
+            kind: kind.to_string().into(),
         })
         .await
         .map(|_| ())

@@ -5,6 +5,7 @@
 //! so a snapshot of this layer ([`StateMachines::snapshot`]) is the whole replicated state.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -107,8 +108,12 @@ pub struct ClientId {
 }
 
 /// The envelope of every command in the log.
+///
+/// Its strings and payload are [`Cow`]s: a submitter builds it owned (`LogCommand<'static>`), and every
+/// peer that applies it decodes it borrowing from the log entry's bytes, so applying a command copies
+/// neither its collection id nor its payload (see [`LogCommand::decode`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogCommand {
+pub struct LogCommand<'a> {
     /// Who submitted it.
     pub client: ClientId,
     /// The client's sequence number for this request (from 1).
@@ -116,10 +121,11 @@ pub struct LogCommand {
     /// Every request of this client below `floor` has been answered; its dedup state may go.
     pub floor: u64,
     /// What to do.
-    pub op: Op,
+    #[serde(borrow)]
+    pub op: Op<'a>,
 }
 
-impl LogCommand {
+impl LogCommand<'_> {
     /// Encodes the command for the log, into a buffer sized for it up front: the bytes stay in the log
     /// of every peer until the next snapshot, so a buffer grown by doubling would hold up to twice
     /// their size (and cost a reallocation per doubling on the write path).
@@ -148,23 +154,51 @@ impl LogCommand {
     }
 }
 
-/// A runtime-level operation.
+impl<'a> LogCommand<'a> {
+    /// Decodes a command, borrowing its collection id, kind and payload from `bytes`.
+    ///
+    /// ```
+    /// use hamok_runtime::state_machine::{ClientId, LogCommand, Op};
+    /// use std::borrow::Cow;
+    ///
+    /// let cmd = LogCommand {
+    ///     client: ClientId { peer: "peer-a".into(), nonce: 7 },
+    ///     seq: 1,
+    ///     floor: 1,
+    ///     op: Op::Apply { collection: "users".into(), payload: vec![1, 2, 3].into(), fence: None },
+    /// };
+    /// let bytes = cmd.encode()?;
+    /// let decoded = LogCommand::decode(&bytes)?;
+    /// assert_eq!(decoded, cmd);
+    /// assert!(matches!(decoded.op, Op::Apply { payload: Cow::Borrowed(_), .. }));
+    /// # Ok::<(), hamok_runtime::HamokError>(())
+    /// ```
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, HamokError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// A runtime-level operation. Owned (`Op<'static>`) when submitted; borrowed from the log entry when a
+/// peer applies it (see [`LogCommand`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Op {
+pub enum Op<'a> {
     /// Creates collection `collection` of `kind` if absent. Fails if it exists with another kind.
     Create {
         /// The collection id.
-        collection: String,
+        #[serde(borrow)]
+        collection: Cow<'a, str>,
         /// Its kind.
-        kind: String,
+        #[serde(borrow)]
+        kind: Cow<'a, str>,
     },
     /// Applies `payload` to collection `collection`.
     Apply {
         /// The collection id.
-        collection: String,
+        #[serde(borrow)]
+        collection: Cow<'a, str>,
         /// The collection's command.
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
+        #[serde(borrow, with = "serde_bytes")]
+        payload: Cow<'a, [u8]>,
         /// Apply only while this fence holds (see [`Fence`]).
         fence: Option<Fence>,
     },
@@ -182,7 +216,8 @@ pub const MAX_CLIENT_SESSIONS: usize = 16_384;
 /// What applying a log command produced.
 #[derive(Debug)]
 pub enum Applied {
-    /// Applied: the response (or the deterministic rejection).
+    /// Applied: the response (empty unless the command was submitted on this peer), or the
+    /// deterministic rejection.
     Done(Result<Bytes, HamokError>),
     /// A retry of a request already applied: skipped.
     Duplicate,
@@ -260,8 +295,16 @@ impl StateMachines {
             .collect()
     }
 
-    /// Applies one command with at-most-once semantics per (client, seq).
-    pub fn apply(&mut self, index: LogIndex, term: Term, cmd: LogCommand, local: bool) -> Applied {
+    /// Applies one command with at-most-once semantics per (client, seq). `local`: it was submitted on
+    /// this peer, whose caller waits for the response; elsewhere a success answers empty bytes (the
+    /// response is kept for a retry all the same, see [`StateMachines::cached_response`]).
+    pub fn apply(
+        &mut self,
+        index: LogIndex,
+        term: Term,
+        cmd: LogCommand<'_>,
+        local: bool,
+    ) -> Applied {
         let LogCommand {
             client,
             seq,
@@ -298,10 +341,18 @@ impl StateMachines {
             &ctx,
             op,
         );
-        if let Ok(response) = &result {
-            let delta = session.cache_response(seq, response.clone());
+        // The response stays in the session for a retry. Only the submitting peer answers a caller
+        // with it: elsewhere it is moved in, not shared (a `Bytes`' first clone allocates).
+        let result = result.map(|response| {
+            let answer = if local {
+                response.clone()
+            } else {
+                Bytes::new()
+            };
+            let delta = session.cache_response(seq, response);
             self.response_cache_bytes = self.response_cache_bytes.saturating_add_signed(delta);
-        }
+            answer
+        });
         if self.sessions.len() > MAX_CLIENT_SESSIONS {
             // The current client is the most recently active, so it is never the one evicted.
             let stalest = self
@@ -470,26 +521,26 @@ fn apply_op(
     members: &BTreeSet<PeerId>,
     fence_checked: bool,
     ctx: &ApplyContext,
-    op: Op,
+    op: Op<'_>,
 ) -> Result<Bytes, HamokError> {
     match op {
         Op::Noop => Ok(Bytes::new()),
         Op::Create { collection, kind } => {
-            if let Some(existing) = machines.get(&collection) {
+            if let Some(existing) = machines.get(collection.as_ref()) {
                 if existing.kind() != kind {
                     return Err(HamokError::KindMismatch {
-                        id: collection,
+                        id: collection.into_owned(),
                         existing: existing.kind().to_string(),
                     });
                 }
                 return Ok(Bytes::new());
             }
             let factory = kinds
-                .get(&kind)
+                .get(kind.as_ref())
                 .ok_or_else(|| HamokError::Rejected(format!("unknown collection kind `{kind}`")))?;
             let mut machine = factory();
             machine.on_members(ctx.index, members);
-            machines.insert(collection, machine);
+            machines.insert(collection.into_owned(), machine);
             Ok(Bytes::new())
         }
         Op::Apply {
@@ -509,7 +560,7 @@ fn apply_op(
                     });
                 }
             }
-            match machines.get_mut(&collection) {
+            match machines.get_mut(collection.as_ref()) {
                 Some(machine) => machine.apply(ctx, &payload),
                 None => Err(HamokError::Rejected(format!(
                     "no collection `{collection}`"
@@ -576,10 +627,10 @@ mod tests {
         }
     }
 
-    fn add(n: i64) -> Op {
+    fn add(n: i64) -> Op<'static> {
         Op::Apply {
             collection: "c".into(),
-            payload: n.to_le_bytes().to_vec(),
+            payload: n.to_le_bytes().to_vec().into(),
             fence: None,
         }
     }
@@ -617,11 +668,82 @@ mod tests {
     }
 
     #[test]
+    fn only_the_submitting_peer_is_answered_and_every_peer_keeps_the_response() {
+        let client = cmd(1, 1, Op::Noop).client;
+        for local in [true, false] {
+            let mut s = state_machines();
+            let create = Op::Create {
+                collection: "c".into(),
+                kind: "counter".into(),
+            };
+            assert!(matches!(
+                s.apply(1, 1, cmd(1, 1, create), local),
+                Applied::Done(Ok(_))
+            ));
+            let Applied::Done(Ok(answer)) = s.apply(2, 1, cmd(2, 1, add(10)), local) else {
+                panic!("applied");
+            };
+            let total = Bytes::copy_from_slice(&10i64.to_le_bytes());
+            let expected = if local { total.clone() } else { Bytes::new() };
+            assert_eq!(answer, expected, "local: {local}");
+            // What a retry through this peer (a later leader) would be answered with.
+            assert_eq!(s.cached_response(&client, 2), Some(total), "local: {local}");
+        }
+    }
+
+    #[test]
+    fn a_log_command_decodes_borrowing_its_strings_and_payload() {
+        let fenced = LogCommand {
+            op: Op::Apply {
+                collection: "c".into(),
+                payload: vec![1, 2, 3].into(),
+                fence: Some(Fence {
+                    table: "locks".into(),
+                    name: "l".into(),
+                    token: 9,
+                }),
+            },
+            ..cmd(4, 2, Op::Noop)
+        };
+        let create = cmd(
+            1,
+            1,
+            Op::Create {
+                collection: "c".into(),
+                kind: "counter".into(),
+            },
+        );
+        for command in [fenced, create, cmd(2, 1, Op::Noop)] {
+            let bytes = command.encode().unwrap();
+            let decoded = LogCommand::decode(&bytes).unwrap();
+            assert_eq!(decoded, command);
+            match decoded.op {
+                Op::Apply {
+                    collection,
+                    payload,
+                    ..
+                } => assert!(matches!(
+                    (collection, payload),
+                    (Cow::Borrowed(_), Cow::Borrowed(_))
+                )),
+                Op::Create { collection, kind } => {
+                    assert!(matches!(
+                        (collection, kind),
+                        (Cow::Borrowed(_), Cow::Borrowed(_))
+                    ))
+                }
+                Op::Noop => {}
+            }
+        }
+        assert!(LogCommand::decode(&[0xc1]).is_err());
+    }
+
+    #[test]
     fn kind_mismatch_is_an_error_and_snapshot_round_trips() {
         let mut s = state_machines();
         let create = |kind: &str| Op::Create {
             collection: "c".into(),
-            kind: kind.into(),
+            kind: kind.to_string().into(),
         };
         assert!(matches!(
             s.apply(1, 1, cmd(1, 1, create("counter")), true),
@@ -729,10 +851,10 @@ mod tests {
         }
     }
 
-    fn fenced(n: i64, token: u64) -> Op {
+    fn fenced(n: i64, token: u64) -> Op<'static> {
         Op::Apply {
             collection: "c".into(),
-            payload: n.to_le_bytes().to_vec(),
+            payload: n.to_le_bytes().to_vec().into(),
             fence: Some(Fence {
                 table: "t".into(),
                 name: "l".into(),
@@ -747,8 +869,8 @@ mod tests {
         s.register_kind("table", Arc::new(|| Box::<Table>::default()));
         s.apply_members(1, [PeerId::from("a"), PeerId::from("b")].into());
         let create = |id: &str, kind: &str| Op::Create {
-            collection: id.into(),
-            kind: kind.into(),
+            collection: id.to_string().into(),
+            kind: kind.to_string().into(),
         };
         assert!(matches!(
             s.apply(2, 1, cmd(1, 1, create("c", "counter")), true),
@@ -780,7 +902,7 @@ mod tests {
         // `a` takes the lock at index 5: token 5.
         let grab = Op::Apply {
             collection: "t".into(),
-            payload: vec![],
+            payload: vec![].into(),
             fence: None,
         };
         assert!(matches!(

@@ -22,9 +22,67 @@ pub type LogIndex = u64;
 /// assert_eq!(a.as_str(), "peer-a");
 /// assert!(PeerId::from("a") < PeerId::from("b"));
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct PeerId(Arc<str>);
+
+/// Most peer ids a thread keeps for decoding (see [`PeerId::interned`]): a cluster has a handful of
+/// peers, and each process start of one is one more client, so a few slots hit nearly always while the
+/// cache stays a few hundred bytes.
+const INTERNED_PEER_IDS: usize = 8;
+
+thread_local! {
+    /// The ids this thread decoded last, most recent first.
+    static RECENT_PEER_IDS: std::cell::RefCell<Vec<PeerId>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl PeerId {
+    /// The id `s`, shared with an equal id this thread decoded lately. Every frame and every log
+    /// command carries peer ids, and a decoded `Arc<str>` costs two allocations (serde builds a
+    /// `String`, then the `Arc` copies it): this costs none on a hit.
+    fn interned(s: &str) -> PeerId {
+        RECENT_PEER_IDS.with(|recent| {
+            let Ok(mut recent) = recent.try_borrow_mut() else {
+                return PeerId::from(s);
+            };
+            if let Some(at) = recent.iter().position(|id| id.as_str() == s) {
+                let id = recent[at].clone();
+                // Move to the front: the ids in use stay, a burst of new ones evicts the oldest.
+                recent[..=at].rotate_right(1);
+                return id;
+            }
+            let id = PeerId::from(s);
+            if recent.len() == INTERNED_PEER_IDS {
+                recent.pop();
+            }
+            recent.insert(0, id.clone());
+            id
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PeerId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a peer id (a string)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PeerId, E> {
+                Ok(PeerId::interned(s))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<PeerId, E> {
+                // rmp-serde hands a string that is not UTF-8 over as bytes: refused, as before.
+                std::str::from_utf8(b)
+                    .map(PeerId::interned)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
 
 impl PeerId {
     /// Wraps a string as a peer id.
@@ -183,5 +241,40 @@ impl PersistedState {
             entries: Vec::new(),
             committed: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(id: &str) -> PeerId {
+        rmp_serde::from_slice(&rmp_serde::to_vec(id).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn decoded_peer_ids_are_equal_and_shared_while_recent() {
+        let a = decode("peer-a");
+        assert_eq!(a, PeerId::from("peer-a"));
+        // Decoded again: the same allocation, not a new one.
+        assert!(Arc::ptr_eq(&a.0, &decode("peer-a").0));
+        // Twice as many other ids as the cache holds: each decodes right, and "peer-a" is evicted
+        // (a new allocation, still equal).
+        for n in 0..2 * INTERNED_PEER_IDS {
+            let id = format!("other-{n}");
+            assert_eq!(decode(&id).as_str(), id);
+        }
+        let again = decode("peer-a");
+        assert_eq!(again, a);
+        assert!(!Arc::ptr_eq(&a.0, &again.0));
+        RECENT_PEER_IDS.with(|r| assert_eq!(r.borrow().len(), INTERNED_PEER_IDS));
+    }
+
+    #[test]
+    fn a_peer_id_that_is_not_utf8_is_refused() {
+        // A MessagePack str of 2 bytes that are not UTF-8.
+        let bad = [0xa2, 0xff, 0xfe];
+        assert!(rmp_serde::from_slice::<PeerId>(&bad).is_err());
+        assert!(rmp_serde::from_slice::<PeerId>(&rmp_serde::to_vec(&7u32).unwrap()).is_err());
     }
 }

@@ -183,7 +183,7 @@ impl Apply {
         bytes: &[u8],
         local: &ClientId,
     ) -> CommandApplied {
-        let cmd: LogCommand = match rmp_serde::from_slice(bytes) {
+        let cmd = match LogCommand::decode(bytes) {
             Ok(c) => c,
             Err(e) => return CommandApplied::Undecodable(format!("undecodable command: {e}")),
         };

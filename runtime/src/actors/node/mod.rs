@@ -64,7 +64,7 @@ pub(crate) enum NodeMsg {
     Leave(oneshot::Sender<Result<(), HamokError>>),
     /// Submit an operation; answered once applied on this peer.
     Submit {
-        op: Op,
+        op: Op<'static>,
         timeout: Duration,
         reply: oneshot::Sender<Result<Bytes, HamokError>>,
     },

@@ -332,8 +332,7 @@ pub(super) fn admit_forwarded(
         out.send(from, HamokMessage::SubmitRedirect { seq, leader });
         return;
     }
-    let valid = rmp_serde::from_slice::<LogCommand>(&command)
-        .is_ok_and(|c| c.client.peer == from && c.seq == seq);
+    let valid = LogCommand::decode(&command).is_ok_and(|c| c.client.peer == from && c.seq == seq);
     if !valid {
         Counters::bump(&counters.dropped_malformed);
         return;
