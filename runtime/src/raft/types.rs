@@ -28,8 +28,11 @@ pub struct PeerId(Arc<str>);
 
 /// Most peer ids a thread keeps for decoding (see [`PeerId::interned`]): a cluster has a handful of
 /// peers, and each process start of one is one more client, so a few slots hit nearly always while the
-/// cache stays a few hundred bytes.
+/// cache stays small (at most 8 ids of at most [`MAX_INTERNED_ID_BYTES`] each, per thread).
 const INTERNED_PEER_IDS: usize = 8;
+
+/// The longest id the cache keeps: a garbage frame's id, however long, must not stay behind it.
+const MAX_INTERNED_ID_BYTES: usize = 256;
 
 thread_local! {
     /// The ids this thread decoded last, most recent first.
@@ -42,6 +45,9 @@ impl PeerId {
     /// command carries peer ids, and a decoded `Arc<str>` costs two allocations (serde builds a
     /// `String`, then the `Arc` copies it): this costs none on a hit.
     fn interned(s: &str) -> PeerId {
+        if s.len() > MAX_INTERNED_ID_BYTES {
+            return PeerId::from(s);
+        }
         RECENT_PEER_IDS.with(|recent| {
             let Ok(mut recent) = recent.try_borrow_mut() else {
                 return PeerId::from(s);
@@ -268,6 +274,10 @@ mod tests {
         assert_eq!(again, a);
         assert!(!Arc::ptr_eq(&a.0, &again.0));
         RECENT_PEER_IDS.with(|r| assert_eq!(r.borrow().len(), INTERNED_PEER_IDS));
+        // An id longer than the cache keeps decodes right and is not kept.
+        let long = "x".repeat(MAX_INTERNED_ID_BYTES + 1);
+        assert_eq!(decode(&long).as_str(), long);
+        RECENT_PEER_IDS.with(|r| assert!(r.borrow().iter().all(|id| id.as_str() != long)));
     }
 
     #[test]
