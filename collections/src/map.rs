@@ -36,15 +36,48 @@ pub(crate) struct MapState {
 }
 
 /// Per-key parts of a command or response: most carry one, held inline (no allocation). Encoded as
-/// the `Vec` they replaced: an array either way.
+/// the `Vec` they replaced: an array either way. A command's are decoded with [`per_key`].
 type PerKey<T> = SmallVec<[T; 1]>;
+
+/// Most elements a decoded [`PerKey`] reserves room for before they arrive.
+const MAX_RESERVED_PER_KEY: usize = 1024;
+
+/// Decodes a [`PerKey`] without trusting the length its array header claims: smallvec's own decoding
+/// reserves whatever the header says (a garbage command claiming 10⁸ entries would reserve gigabytes
+/// before failing on the missing data); this reserves at most [`MAX_RESERVED_PER_KEY`] and grows with
+/// the elements that really come, as serde's `Vec` does.
+fn per_key<'de, D, T>(deserializer: D) -> Result<PerKey<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+        type Value = PerKey<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<PerKey<T>, A::Error> {
+            let mut out = PerKey::new();
+            out.reserve(seq.size_hint().unwrap_or(0).min(MAX_RESERVED_PER_KEY));
+            while let Some(element) = seq.next_element()? {
+                out.push(element);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_seq(Visitor(std::marker::PhantomData))
+}
 
 #[derive(Serialize, Deserialize)]
 pub(crate) enum MapCmd {
-    Set(PerKey<(Bytes, Bytes)>),
-    Insert(PerKey<(Bytes, Bytes)>),
-    Delete(PerKey<Bytes>),
-    Remove(PerKey<Bytes>),
+    Set(#[serde(deserialize_with = "per_key")] PerKey<(Bytes, Bytes)>),
+    Insert(#[serde(deserialize_with = "per_key")] PerKey<(Bytes, Bytes)>),
+    Delete(#[serde(deserialize_with = "per_key")] PerKey<Bytes>),
+    Remove(#[serde(deserialize_with = "per_key")] PerKey<Bytes>),
     UpdateIf {
         key: Bytes,
         new: Bytes,
@@ -408,7 +441,7 @@ where
 
     /// Sets `key` to `value`; returns the previous value.
     pub async fn set(&self, key: K, value: V) -> Result<Option<V>, HamokError> {
-        let olds: PerKey<Option<Bytes>> = self
+        let olds: Vec<Option<Bytes>> = self
             .handle
             .submit(MapCmd::Set(smallvec![(encode(&key)?, encode(&value)?)]))
             .await?;
@@ -430,7 +463,7 @@ where
     /// Sets `key` to `value` only if `key` is absent; returns the existing value if there was one (and
     /// then nothing changed).
     pub async fn insert(&self, key: K, value: V) -> Result<Option<V>, HamokError> {
-        let existing: PerKey<Option<Bytes>> = self
+        let existing: Vec<Option<Bytes>> = self
             .handle
             .submit(MapCmd::Insert(smallvec![(encode(&key)?, encode(&value)?)]))
             .await?;
@@ -451,7 +484,7 @@ where
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: K) -> Result<bool, HamokError> {
-        let deleted: PerKey<bool> = self
+        let deleted: Vec<bool> = self
             .handle
             .submit(MapCmd::Delete(smallvec![encode(&key)?]))
             .await?;
@@ -480,7 +513,7 @@ where
 
     /// Removes `key`; returns the value it held.
     pub async fn remove(&self, key: K) -> Result<Option<V>, HamokError> {
-        let removed: PerKey<Option<Bytes>> = self
+        let removed: Vec<Option<Bytes>> = self
             .handle
             .submit(MapCmd::Remove(smallvec![encode(&key)?]))
             .await?;
@@ -606,9 +639,7 @@ where
     }
 }
 
-fn first_value<V: DeserializeOwned>(
-    values: PerKey<Option<Bytes>>,
-) -> Result<Option<V>, HamokError> {
+fn first_value<V: DeserializeOwned>(values: Vec<Option<Bytes>>) -> Result<Option<V>, HamokError> {
     match values.into_iter().next().flatten() {
         Some(v) => Ok(Some(decode(&v)?)),
         None => Ok(None),
@@ -646,8 +677,62 @@ mod tests {
                 encode(&olds).unwrap(),
                 "{n}"
             );
-            let back: PerKey<(Bytes, Bytes)> = decode(&encode(&entries).unwrap()).unwrap();
+            let Ok(MapCmd::Set(back)) =
+                decode::<MapCmd>(&encode(&MapCmd::Set(inline.clone())).unwrap())
+            else {
+                panic!("{n}: a set");
+            };
             assert_eq!(back, inline, "{n}");
         }
+    }
+
+    /// What a decoded command reserves is bounded, not taken from the length its encoding claims: an
+    /// array claiming 2⁴⁰ elements that holds two decodes to two, with room for at most
+    /// `MAX_RESERVED_PER_KEY` (smallvec's own decoding would reserve a terabyte).
+    #[test]
+    fn a_claimed_length_is_not_trusted() {
+        struct Claims(u64);
+        impl<'de> serde::de::SeqAccess<'de> for Claims {
+            type Error = serde::de::value::Error;
+            fn next_element_seed<T: serde::de::DeserializeSeed<'de>>(
+                &mut self,
+                seed: T,
+            ) -> Result<Option<T::Value>, Self::Error> {
+                if self.0 == 0 {
+                    return Ok(None);
+                }
+                self.0 -= 1;
+                seed.deserialize(serde::de::value::BoolDeserializer::new(true))
+                    .map(Some)
+            }
+            fn size_hint(&self) -> Option<usize> {
+                Some(1 << 40)
+            }
+        }
+        struct Lying;
+        impl<'de> serde::Deserializer<'de> for Lying {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                visitor: V,
+            ) -> Result<V::Value, Self::Error> {
+                visitor.visit_seq(Claims(2))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map struct
+                enum identifier ignored_any
+            }
+        }
+        let decoded: PerKey<bool> = per_key(Lying).unwrap();
+        assert_eq!(decoded.as_slice(), [true, true]);
+        assert!(decoded.capacity() <= MAX_RESERVED_PER_KEY);
+        // And a real command cut short after such a claim is refused.
+        let mut bytes = encode(&MapCmd::Delete(smallvec![Bytes::from_static(b"k")]))
+            .unwrap()
+            .to_vec();
+        let header = bytes.iter().rposition(|b| *b == 0x91).expect("fixarray(1)");
+        bytes.splice(header..=header, [0xdd, 0x05, 0xf5, 0xe1, 0x00]);
+        assert!(decode::<MapCmd>(&bytes).is_err());
     }
 }
