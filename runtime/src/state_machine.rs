@@ -627,6 +627,14 @@ mod tests {
         }
     }
 
+    /// Creates the counter `c`.
+    fn create_counter() -> Op<'static> {
+        Op::Create {
+            collection: "c".into(),
+            kind: "counter".into(),
+        }
+    }
+
     fn add(n: i64) -> Op<'static> {
         Op::Apply {
             collection: "c".into(),
@@ -638,10 +646,7 @@ mod tests {
     #[test]
     fn retried_request_applies_once_even_out_of_order() {
         let mut s = state_machines();
-        let create = Op::Create {
-            collection: "c".into(),
-            kind: "counter".into(),
-        };
+        let create = create_counter();
         assert!(matches!(
             s.apply(1, 1, cmd(1, 1, create), true),
             Applied::Done(Ok(_))
@@ -672,10 +677,7 @@ mod tests {
         let client = cmd(1, 1, Op::Noop).client;
         for local in [true, false] {
             let mut s = state_machines();
-            let create = Op::Create {
-                collection: "c".into(),
-                kind: "counter".into(),
-            };
+            let create = create_counter();
             assert!(matches!(
                 s.apply(1, 1, cmd(1, 1, create), local),
                 Applied::Done(Ok(_))
@@ -705,14 +707,7 @@ mod tests {
             },
             ..cmd(4, 2, Op::Noop)
         };
-        let create = cmd(
-            1,
-            1,
-            Op::Create {
-                collection: "c".into(),
-                kind: "counter".into(),
-            },
-        );
+        let create = cmd(1, 1, create_counter());
         for command in [fenced, create, cmd(2, 1, Op::Noop)] {
             let bytes = command.encode().unwrap();
             let decoded = LogCommand::decode(&bytes).unwrap();

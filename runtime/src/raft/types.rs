@@ -41,6 +41,16 @@ thread_local! {
 }
 
 impl PeerId {
+    /// Wraps a string as a peer id.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        PeerId(id.into())
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// The id `s`, shared with an equal id this thread decoded lately. Every frame and every log
     /// command carries peer ids, and a decoded `Arc<str>` costs two allocations (serde builds a
     /// `String`, then the `Arc` copies it): this costs none on a hit.
@@ -87,18 +97,6 @@ impl<'de> Deserialize<'de> for PeerId {
             }
         }
         deserializer.deserialize_str(Visitor)
-    }
-}
-
-impl PeerId {
-    /// Wraps a string as a peer id.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        PeerId(id.into())
-    }
-
-    /// The id as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
