@@ -11,7 +11,7 @@ use sha2::Sha256;
 use crate::raft::{self, PeerId, Term};
 
 /// The version of the wire protocol this build speaks. Frames of any other version are dropped.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One frame on the bus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +322,7 @@ mod tests {
                     payload: EntryPayload::Command(Bytes::from_static(b"hello")),
                 }],
                 leader_commit: 1,
+                committed_once_held: 2,
             },
         })
     }

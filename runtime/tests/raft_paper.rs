@@ -74,6 +74,7 @@ fn append(prev: (LogIndex, Term), entries: Vec<Entry>, leader_commit: LogIndex) 
         prev_log_term: prev.1,
         entries,
         leader_commit,
+        committed_once_held: 0,
     }
 }
 
@@ -134,6 +135,7 @@ fn appends_to(msgs: &[Message], to: &str) -> Vec<(LogIndex, Term, Vec<Entry>, Lo
                 prev_log_term,
                 entries,
                 leader_commit,
+                ..
             } => Some((
                 *prev_log_index,
                 *prev_log_term,
@@ -2612,4 +2614,228 @@ fn with_persist_async_two_followers_commit_without_the_leaders_report() {
     let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
     net.deliver_all();
     assert_eq!(net.node("a").commit_index(), index);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Committed once held: with three voters, the leader's copy and the follower's are a majority
+
+/// `committed_once_held` of every append to `to`.
+fn held_promises(msgs: &[Message], to: &str) -> Vec<LogIndex> {
+    msgs.iter()
+        .filter(|m| m.to.as_str() == to)
+        .filter_map(|m| match m.body {
+            MessageBody::AppendEntries {
+                committed_once_held,
+                ..
+            } => Some(committed_once_held),
+            _ => None,
+        })
+        .collect()
+}
+
+fn heartbeats_in(msgs: &[Message]) -> usize {
+    msgs.iter()
+        .filter(|m| matches!(m.body, MessageBody::Heartbeat { .. }))
+        .count()
+}
+
+#[test]
+fn with_three_voters_a_follower_commits_an_entry_of_the_leaders_term_as_soon_as_it_holds_it() {
+    let mut net = settled(cfg());
+    let now = net.now;
+    let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
+    let ready = net.drain("a");
+    for f in ["b", "c"] {
+        assert_eq!(held_promises(&ready.messages, f), vec![index], "to {f}");
+    }
+    let to_b = net
+        .take_queue()
+        .into_iter()
+        .find(|m| m.to == pid("b"))
+        .unwrap();
+    net.deliver(to_b);
+    let at_b = net.drain("b");
+    assert_eq!(
+        indices(&at_b.committed),
+        vec![index],
+        "b commits (and applies) on receipt"
+    );
+    assert_eq!(
+        net.node("a").commit_index(),
+        index - 1,
+        "before the leader has counted any answer"
+    );
+    // The leader counts b's answer and commits; both followers know already: no commit notice.
+    net.deliver_all_with(|m| (m.to == pid("a")).then_some(m));
+    assert_eq!(net.node("a").commit_index(), index);
+    assert_eq!(heartbeats_in(&net.drain("a").messages), 0);
+}
+
+#[test]
+fn a_follower_does_not_commit_on_a_promise_for_an_entry_of_an_earlier_term() {
+    // b holds entry 2 of term 1; a leader of term 2 (forged: no leader makes this promise) says it is
+    // committed once held. Counting replicas commits only entries of the current term (§5.4.2).
+    let mut b = restored_node("b", persisted(&["a", "b", "c"], 2, entries(&[(1, 1)])));
+    b.step(
+        0,
+        msg(
+            "a",
+            "b",
+            2,
+            MessageBody::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: 1,
+                entries: entries(&[(2, 1)]),
+                leader_commit: 0,
+                committed_once_held: 2,
+            },
+        ),
+    );
+    assert_eq!(b.last_index(), 2);
+    assert_eq!(b.commit_index(), 0);
+    assert_eq!(
+        append_responses(&b.take_ready().messages),
+        vec![(true, 2, 0, 0)]
+    );
+}
+
+#[test]
+fn with_five_voters_no_append_promises_a_commit() {
+    let ids = ["a", "b", "c", "d", "e"];
+    let mut net = Net::new(&ids, cfg());
+    net.elect("a");
+    net.run_for(HEARTBEAT);
+    let now = net.now;
+    net.node_mut("a").propose(now, cmd("x")).unwrap();
+    let ready = net.drain("a");
+    for f in &ids[1..] {
+        assert_eq!(held_promises(&ready.messages, f), vec![0], "to {f}");
+    }
+}
+
+#[test]
+fn no_append_promises_a_commit_while_a_configuration_change_is_pending_or_to_a_learner() {
+    let mut net = settled(cfg());
+    net.add_node("d", PersistedState::default());
+    let now = net.now;
+    net.node_mut("a")
+        .propose_membership(now, MembershipChange::AddLearner(pid("d")))
+        .unwrap();
+    net.node_mut("a").propose(now, cmd("x")).unwrap();
+    let ready = net.drain("a");
+    for f in ["b", "c", "d"] {
+        assert!(
+            held_promises(&ready.messages, f).iter().all(|p| *p == 0),
+            "to {f} while the change is pending"
+        );
+    }
+    net.deliver_all();
+    net.run_for(2 * HEARTBEAT);
+    assert!(net.node("a").membership().is_learner(&pid("d")));
+    let now = net.now;
+    let (index, _) = net.node_mut("a").propose(now, cmd("y")).unwrap();
+    let ready = net.drain("a");
+    assert_eq!(held_promises(&ready.messages, "b"), vec![index]);
+    assert_eq!(
+        held_promises(&ready.messages, "d"),
+        vec![0],
+        "d is no voter"
+    );
+}
+
+#[test]
+fn with_persist_async_an_append_promises_only_what_the_leader_holds_durably() {
+    let mut net = settled(async_cfg());
+    let now = net.now;
+    let (first, term) = net.node_mut("a").propose(now, cmd("x")).unwrap();
+    let ready = net.drain("a");
+    assert!(
+        held_promises(&ready.messages, "b")
+            .iter()
+            .all(|p| *p < first),
+        "its copy of {first} is not durable yet"
+    );
+    let to_b = net
+        .take_queue()
+        .into_iter()
+        .find(|m| m.to == pid("b"))
+        .unwrap();
+    net.deliver(to_b);
+    assert!(net.node("b").commit_index() < first);
+    net.node_mut("a").on_persisted(first, term);
+    // The next append (window permitting) promises the first entry, now durable, but not itself.
+    let (second, _) = net.node_mut("a").propose(now, cmd("y")).unwrap();
+    let ready = net.drain("a");
+    let promises = held_promises(&ready.messages, "c");
+    assert!(promises.contains(&first), "{promises:?}");
+    assert!(promises.iter().all(|p| *p < second), "{promises:?}");
+}
+
+#[test]
+fn a_read_begins_no_lower_than_what_a_follower_may_have_committed_on_a_promise() {
+    let mut net = settled(cfg());
+    let now = net.now;
+    let commit = net.node("a").commit_index();
+    let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
+    net.drain("a");
+    // b holds the entry and commits it on the promise; its answer is lost, c hears nothing.
+    let to_b = net
+        .take_queue()
+        .into_iter()
+        .find(|m| m.to == pid("b"))
+        .unwrap();
+    net.deliver(to_b);
+    net.drain("b");
+    net.queue.clear();
+    assert_eq!(net.node("b").commit_index(), index);
+    assert_eq!(net.node("a").commit_index(), commit);
+    // A read at the leader now must see the write b may have answered.
+    net.node_mut("a").read_index(now, 7).unwrap();
+    net.drain("a");
+    net.deliver_all_with(|m| {
+        matches!(
+            m.body,
+            MessageBody::Heartbeat { .. } | MessageBody::HeartbeatResponse { .. }
+        )
+        .then_some(m)
+    });
+    assert_eq!(
+        net.read_states.get(&pid("a")).cloned().unwrap_or_default(),
+        vec![ReadState {
+            ctx: 7,
+            index: Some(index)
+        }],
+        "confirmed at the promised index, not at the commit index {commit}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Who may campaign
+
+#[test]
+fn a_peer_whose_log_holds_its_own_uncommitted_removal_campaigns_commits_it_and_hands_over() {
+    // The leader `a` appended b's removal, b stored it, and `a` lost it (a power cut before its sync).
+    // a's log is shorter than b's, so b refuses it its vote; only b can be elected, although b is no
+    // voter in its latest configuration.
+    let removal = Entry {
+        term: 1,
+        index: 2,
+        payload: EntryPayload::Membership(Box::new(voters(&["a"]))),
+    };
+    let a = persisted(&["a", "b"], 1, entries(&[(1, 1)]));
+    let b = persisted(&["a", "b"], 1, vec![entries(&[(1, 1)])[0].clone(), removal]);
+    let mut net = Net::with_states(cfg(), vec![("a", a), ("b", b)]);
+    net.tick_until_leader(20 * ELECTION);
+    net.run_for(4 * ELECTION);
+    // b led (only it could win), replicated its log, committed its own removal and handed over.
+    assert!(
+        net.sent
+            .iter()
+            .any(|m| m.from == pid("b") && matches!(m.body, MessageBody::AppendEntries { .. })),
+        "b never led"
+    );
+    assert_eq!(net.leader(), Some(pid("a")));
+    assert_eq!(net.node("a").membership(), &voters(&["a"]));
+    assert!(net.node("a").commit_index() >= 2);
+    assert_eq!(net.node("b").role(), Role::Follower);
 }

@@ -38,8 +38,11 @@ fn peer_simulation_random_seeds() {
 /// entries), 23 (a rejoined peer's writes went to a fresh in-memory store instead of its own; restarted,
 /// it had lost acknowledged entries, and the leader probed above them forever), 617 (a new leader
 /// removed members as silent on what it had heard as a follower), 639 (a pristine peer that had met the
-/// cluster, cut off when joining again, founded a second cluster under the same id).
-const REGRESSION_SEEDS: &[u64] = &[1, 11, 23, 617, 639];
+/// cluster, cut off when joining again, founded a second cluster under the same id), 426 and 631 (a
+/// peer left by timeout while the leader's log held its removal; a power cut took the removal from
+/// the leader, the peer's longer log refused the last voter its vote, and outside its latest
+/// configuration the peer would not campaign: no leader ever again).
+const REGRESSION_SEEDS: &[u64] = &[1, 11, 23, 426, 617, 631, 639];
 
 #[test]
 fn peer_simulation_regression_seeds() {

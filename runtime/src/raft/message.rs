@@ -49,6 +49,14 @@ pub enum MessageBody {
         entries: Vec<Entry>,
         /// The leader's commit index.
         leader_commit: LogIndex,
+        /// Entries up to this index are committed as soon as the recipient holds them (0: no such
+        /// promise). Set only by the leader of a configuration of exactly three voters with no change
+        /// pending, to a voter, for entries of its own term that it holds durably: with the
+        /// recipient's copy they are on two of three voters, a majority, and since any two
+        /// configurations in use differ by one server, every later majority overlaps them. The
+        /// recipient commits them without waiting for the leader to count its answer: a follower's
+        /// write completes one round trip sooner, and the leader's separate commit notice is not needed.
+        committed_once_held: LogIndex,
     },
     /// Answers [`MessageBody::AppendEntries`].
     AppendResponse {

@@ -36,6 +36,14 @@ pub(crate) struct PlantedBugs {
     /// With `persist_async`, the leader counts its own log toward a commit before it is reported
     /// durable.
     pub count_own_log_unsynced: bool,
+    /// An append's `committed_once_held` is set whatever the number of voters (with five, two copies
+    /// are no majority).
+    pub committed_once_held_any_size: bool,
+    /// An append's `committed_once_held` counts the leader's copy before it is durable.
+    pub committed_once_held_unsynced: bool,
+    /// A read begins at the leader's commit index, below what a follower may have committed on a
+    /// promise (and answered).
+    pub read_ignores_promises: bool,
 }
 
 /// A snapshot of a peer's observable state.
@@ -100,6 +108,10 @@ pub struct RaftNode {
 
     // Leader state.
     progress: BTreeMap<PeerId, Progress>,
+    /// The highest `committed_once_held` this leader has sent in its term: a follower may have
+    /// committed (and answered a client) up to there before this leader counted it, so no read
+    /// index is lower.
+    promised: LogIndex,
     heartbeat_deadline_ms: u64,
     check_quorum_deadline_ms: u64,
     transfer: Option<(PeerId, u64)>,
@@ -165,6 +177,7 @@ impl RaftNode {
             votes: VoteTally::default(),
             incoming_snapshot: None,
             progress: BTreeMap::new(),
+            promised: 0,
             heartbeat_deadline_ms: now_ms,
             check_quorum_deadline_ms: now_ms,
             transfer: None,
@@ -314,7 +327,14 @@ impl RaftNode {
                 prev_log_term,
                 entries,
                 leader_commit,
-            } => self.handle_append(from, prev_log_index, prev_log_term, entries, leader_commit),
+                committed_once_held,
+            } => self.handle_append(
+                from,
+                (prev_log_index, prev_log_term),
+                entries,
+                leader_commit,
+                committed_once_held,
+            ),
             MessageBody::AppendResponse {
                 success,
                 index,
@@ -719,8 +739,16 @@ impl RaftNode {
     }
 
     /// Only voters of the configuration in force campaign (learners and removed peers never do).
+    /// Whether this peer may campaign: it is a voter in its latest configuration, or in its committed
+    /// one while its log holds its own uncommitted removal. The votes are counted over the latest
+    /// configuration either way (a candidate outside it does not count itself), so this decides
+    /// only who tries, never who wins. Without the second case, a peer whose log held its removal
+    /// could not campaign after the leader that appended the removal lost it (a power cut before
+    /// its sync): the one voter left needed this peer's vote, which its longer log refused, and
+    /// neither could ever be elected (peer simulation seed 426). Elected, such a peer replicates its
+    /// log, commits its own removal and hands leadership on (`maybe_step_down_removed`).
     fn is_promotable(&self) -> bool {
-        self.config_in_force().is_voter(&self.id)
+        self.config_in_force().is_voter(&self.id) || self.membership().is_voter(&self.id)
     }
 
     /// Whether we heard from a live leader within the election timeout (or are the leader).
@@ -890,6 +918,7 @@ impl RaftNode {
         self.transfer = None;
         debug_assert!(self.read_only.is_empty(), "only a leader queues reads");
         self.progress.clear();
+        self.promised = 0;
         self.rebuild_progress();
         for pr in self.progress.values_mut() {
             pr.recent_active = true; // they just voted for us; judge them from the next period
@@ -1031,9 +1060,9 @@ impl RaftNode {
             }
         }
         if !was_in_term && self.committed_in_term() {
-            let commit = self.log.commit_index();
+            let index = self.read_index_floor();
             for read in self.read_only.take_waiting() {
-                self.register_read(read.ctx, read.from, commit);
+                self.register_read(read.ctx, read.from, index);
             }
         }
     }
@@ -1300,8 +1329,15 @@ impl RaftNode {
             pr.on_sent(last_sent, self.now_ms);
             let probing = pr.state == ProgressState::Probe;
             let leader_commit = self.log.commit_index();
-            // The follower will take the commit index up to the last entry of this message.
-            pr.commit_sent = pr.commit_sent.max(leader_commit.min(last_sent));
+            let committed_once_held = self.committed_once_held(peer, last_sent);
+            self.promised = self.promised.max(committed_once_held);
+            let pr = self.progress.get_mut(peer).expect("peer has progress");
+            // The follower will take the commit index up to the last entry of this message, and
+            // what it commits once it holds them: no commit notice needed for those.
+            pr.commit_sent = pr
+                .commit_sent
+                .max(leader_commit.min(last_sent))
+                .max(committed_once_held);
             self.send(
                 peer.clone(),
                 MessageBody::AppendEntries {
@@ -1309,12 +1345,47 @@ impl RaftNode {
                     prev_log_term: prev_term,
                     entries,
                     leader_commit,
+                    committed_once_held,
                 },
             );
             sent = true;
             if probing {
                 return sent;
             }
+        }
+    }
+
+    /// What an append to `peer` ending at `last_sent` promises is committed once `peer` holds it
+    /// (see `MessageBody::AppendEntries::committed_once_held`): the last of those entries this leader
+    /// holds durably, when they are of its term, the configuration has exactly three voters, `peer`
+    /// and this leader among them, and no configuration change is pending; 0 otherwise.
+    fn committed_once_held(&self, peer: &PeerId, last_sent: LogIndex) -> LogIndex {
+        let config = self.config_in_force();
+        #[allow(unused_mut)]
+        let mut three = config.voters.len() == 3;
+        #[cfg(test)]
+        if self.bugs.committed_once_held_any_size {
+            three = true;
+        }
+        let settled = self.committed_config + 1 == self.configs.len();
+        if !three || !settled || !config.is_voter(&self.id) || !config.is_voter(peer) {
+            return 0;
+        }
+        #[allow(unused_mut)]
+        let mut own = if self.config.persist_async {
+            self.log.durable_index()
+        } else {
+            self.log.last_index()
+        };
+        #[cfg(test)]
+        if self.bugs.committed_once_held_unsynced {
+            own = self.log.last_index();
+        }
+        let held = own.min(last_sent);
+        if self.log.term(held) == Some(self.term) {
+            held
+        } else {
+            0
         }
     }
 
@@ -1450,10 +1521,10 @@ impl RaftNode {
     fn handle_append(
         &mut self,
         from: PeerId,
-        prev_log_index: LogIndex,
-        prev_log_term: Term,
+        (prev_log_index, prev_log_term): (LogIndex, Term),
         entries: Vec<Entry>,
         leader_commit: LogIndex,
+        committed_once_held: LogIndex,
     ) {
         if self.role == Role::Leader {
             return;
@@ -1495,6 +1566,13 @@ impl RaftNode {
                 self.sync_configs_after_append(new_configs);
             }
             self.follower_commit_to(leader_commit.min(last_new));
+            // Held now (durable before anything of this Ready is sent or applied): on a majority
+            // with the leader's copy, when of the leader's term (which this peer's is now).
+            let held = committed_once_held.min(last_new);
+            if self.log.term(held) == Some(self.term) && self.latest_membership().is_voter(&self.id)
+            {
+                self.follower_commit_to(held);
+            }
             self.send(
                 from,
                 MessageBody::AppendResponse {
@@ -1675,9 +1753,20 @@ impl RaftNode {
             self.read_only.add_waiting(ctx, from);
             return Ok(());
         }
-        let commit = self.log.commit_index();
-        self.register_read(ctx, from, commit);
+        let index = self.read_index_floor();
+        self.register_read(ctx, from, index);
         Ok(())
+    }
+
+    /// The index a read that begins now waits for: the commit index, or what a follower may have
+    /// committed on this leader's promise if higher (a write it answered must be visible to every
+    /// read that begins after).
+    fn read_index_floor(&self) -> LogIndex {
+        #[cfg(test)]
+        if self.bugs.read_ignores_promises {
+            return self.log.commit_index();
+        }
+        self.log.commit_index().max(self.promised)
     }
 
     fn register_read(&mut self, ctx: u64, from: Option<PeerId>, index: LogIndex) {

@@ -97,3 +97,54 @@ fn simulation_catches_counting_the_leaders_unsynced_log() {
         count_own_log_unsynced,
     );
 }
+
+fn committed_once_held_any_size(node: &mut RaftNode) {
+    node.set_planted_bugs(PlantedBugs {
+        committed_once_held_any_size: true,
+        ..PlantedBugs::default()
+    });
+}
+
+fn committed_once_held_unsynced(node: &mut RaftNode) {
+    node.set_planted_bugs(PlantedBugs {
+        committed_once_held_unsynced: true,
+        ..PlantedBugs::default()
+    });
+}
+
+/// With four or more voters, a follower that commits on the leader's copy and its own commits what
+/// no majority holds: only seeds with such clusters, a crash or partition at the right time, can show it.
+#[test]
+fn simulation_catches_a_commit_promise_in_a_cluster_of_more_than_three() {
+    assert_caught(
+        "simulation_catches_a_commit_promise_in_a_cluster_of_more_than_three",
+        committed_once_held_any_size,
+    );
+}
+
+/// Only seeds that sync a leader's log in the background can catch it, as for
+/// `simulation_catches_counting_the_leaders_unsynced_log`.
+#[test]
+fn simulation_catches_a_commit_promise_on_the_leaders_unsynced_copy() {
+    assert_caught(
+        "simulation_catches_a_commit_promise_on_the_leaders_unsynced_copy",
+        committed_once_held_unsynced,
+    );
+}
+
+fn read_ignores_promises(node: &mut RaftNode) {
+    node.set_planted_bugs(PlantedBugs {
+        read_ignores_promises: true,
+        ..PlantedBugs::default()
+    });
+}
+
+/// A follower answers a write on the leader's promise before the leader counts it; a read that
+/// begins at the leader's commit index after that answer misses the write.
+#[test]
+fn simulation_catches_a_read_that_ignores_commit_promises() {
+    assert_caught(
+        "simulation_catches_a_read_that_ignores_commit_promises",
+        read_ignores_promises,
+    );
+}

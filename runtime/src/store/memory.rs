@@ -146,6 +146,10 @@ impl LogStore for MemoryLogStore {
     fn may_block(&self) -> bool {
         false
     }
+
+    fn is_volatile(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,15 @@ pub trait LogStore: Send + 'static {
     /// Number of entries and their approximate bytes currently stored.
     fn size(&self) -> (u64, u64);
 
+    /// Whether what this store holds dies with the process (an in-memory store). A leader's log write
+    /// then needs no report before its copy counts toward a commit (nothing survives a crash that
+    /// could hold less than its followers were told); a store that outlives the process has each
+    /// write reported durable first, and a follower is promised a commit only on what was reported
+    /// (`AppendEntries::committed_once_held`). Default: `false`, the safe answer.
+    fn is_volatile(&self) -> bool {
+        false
+    }
+
     /// Whether calls may wait on the disk or the network. The node then makes them without holding
     /// up the runtime's other tasks (`tokio::task::block_in_place` on a multi-thread runtime), at the
     /// cost of a thread hand-off per call. Default: `true`; a store that only touches memory answers

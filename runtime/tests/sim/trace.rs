@@ -94,6 +94,7 @@ impl MsgSum {
                 prev_log_term,
                 entries,
                 leader_commit,
+                ..
             } => MsgText::Append {
                 prev_index: *prev_log_index,
                 prev_term: *prev_log_term,

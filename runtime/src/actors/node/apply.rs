@@ -139,6 +139,15 @@ impl Apply {
         self.store.syncs_in_background()
     }
 
+    /// Whether the engine must count this peer's log writes only as reported durable
+    /// (`RaftConfig::persist_async`): when the store syncs in the background, and whenever it
+    /// outlives the process (`LogStore::is_volatile`), because a leader's replication leaves before
+    /// its own write (`Peer::send_replication_early`) and a follower promised a commit on an
+    /// unwritten copy could answer a write that a power cut then takes from the leader.
+    pub(super) fn counts_only_reported_writes(&self) -> bool {
+        self.store.syncs_in_background() || !self.store.is_volatile()
+    }
+
     /// Writes what `ready` asks for; whether there was anything to write.
     fn write(&mut self, ready: &Ready) -> Result<bool, HamokError> {
         if let Some(snapshot) = &ready.snapshot {
@@ -321,5 +330,33 @@ impl LogStore for Released {
     }
     fn may_block(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FileLogStore, FileLogStoreOptions, MemoryLogStore};
+
+    fn apply(store: Box<dyn LogStore>) -> Apply {
+        Apply::new(store, BTreeMap::new(), &HamokConfig::default())
+    }
+
+    #[test]
+    fn only_an_in_memory_store_counts_writes_unreported() {
+        assert!(!apply(Box::new(MemoryLogStore::new())).counts_only_reported_writes());
+        let dir = tempfile::tempdir().unwrap();
+        for background_sync in [false, true] {
+            let options = FileLogStoreOptions {
+                background_sync,
+                ..FileLogStoreOptions::default()
+            };
+            let store =
+                FileLogStore::open(dir.path().join(format!("{background_sync}")), options).unwrap();
+            assert!(
+                apply(Box::new(store)).counts_only_reported_writes(),
+                "file store, background sync {background_sync}"
+            );
+        }
     }
 }

@@ -108,8 +108,8 @@ pub(crate) struct Peer {
     /// what the store's sync queue holds (it refuses more, and the Ready is then synced inline).
     background_syncs: VecDeque<(u64, LogIndex, Term)>,
     next_sync_ticket: u64,
-    /// The engine counts its own log only as reported durable (`RaftConfig::persist_async`, on when
-    /// the store can sync in the background): every log write is reported, inline ones at once.
+    /// The engine counts its own log only as reported durable (`RaftConfig::persist_async`; see
+    /// `Apply::counts_only_reported_writes`): every log write is reported, inline ones at once.
     persist_async: bool,
 }
 
@@ -132,7 +132,7 @@ impl Peer {
             apply.plant_fence_not_checked();
         }
         let persisted = apply.load()?;
-        let persist_async = apply.syncs_in_background();
+        let persist_async = apply.counts_only_reported_writes();
         let raft = RaftNode::new(
             id.clone(),
             engine_config(&config, persist_async),
@@ -475,7 +475,7 @@ impl Peer {
     /// Lets a leader's own log writes be synced in the background when the store can: `notify` is
     /// how their outcomes reach the shell (which hands them to [`Peer::on_synced`]).
     pub(crate) fn set_sync_notifier(&mut self, notify: SyncNotifier) {
-        if self.persist_async {
+        if self.apply.syncs_in_background() {
             self.sync_notifier = Some(notify);
         }
     }
@@ -1026,7 +1026,7 @@ fn trace_role_change(id: &PeerId, term: u64, old: Role, new: Role, leader: Optio
 }
 
 /// The engine's configuration for this peer: the configured one, counting its own log only as
-/// reported durable when the store syncs in the background (see `Peer::persist_async`).
+/// reported durable when the store outlives the process (see `Peer::persist_async`).
 fn engine_config(config: &HamokConfig, persist_async: bool) -> crate::raft::RaftConfig {
     crate::raft::RaftConfig {
         persist_async,
