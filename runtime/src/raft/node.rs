@@ -738,15 +738,15 @@ impl RaftNode {
         self.election_deadline_ms = self.now_ms + self.rng.range(base, 2 * base);
     }
 
-    /// Only voters of the configuration in force campaign (learners and removed peers never do).
-    /// Whether this peer may campaign: it is a voter in its latest configuration, or in its committed
-    /// one while its log holds its own uncommitted removal. The votes are counted over the latest
-    /// configuration either way (a candidate outside it does not count itself), so this decides
-    /// only who tries, never who wins. Without the second case, a peer whose log held its removal
-    /// could not campaign after the leader that appended the removal lost it (a power cut before
-    /// its sync): the one voter left needed this peer's vote, which its longer log refused, and
-    /// neither could ever be elected (peer simulation seed 426). Elected, such a peer replicates its
-    /// log, commits its own removal and hands leadership on (`maybe_step_down_removed`).
+    /// Whether this peer may campaign (learners never do, nor peers that know their removal
+    /// committed): it is a voter in its latest configuration, or in its committed one while its log
+    /// holds its own uncommitted removal. The votes are counted over the latest configuration either way (a
+    /// candidate outside it does not count itself), so this decides only who tries, never who wins.
+    /// Without the second case, a peer whose log held its removal could not campaign after the
+    /// leader that appended the removal lost it (a power cut before its sync): the one voter left
+    /// needed this peer's vote, which its longer log refused, and neither could ever be elected
+    /// (peer simulation seeds 426, 631). Elected, such a peer replicates its log, commits its own
+    /// removal and hands leadership on (`maybe_step_down_removed`).
     fn is_promotable(&self) -> bool {
         self.config_in_force().is_voter(&self.id) || self.membership().is_voter(&self.id)
     }

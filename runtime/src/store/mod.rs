@@ -61,10 +61,10 @@ pub trait LogStore: Send + 'static {
     fn size(&self) -> (u64, u64);
 
     /// Whether what this store holds dies with the process (an in-memory store). A leader's log write
-    /// then needs no report before its copy counts toward a commit (nothing survives a crash that
-    /// could hold less than its followers were told); a store that outlives the process has each
-    /// write reported durable first, and a follower is promised a commit only on what was reported
-    /// (`AppendEntries::committed_once_held`). Default: `false`, the safe answer.
+    /// then counts toward a commit without being reported durable first: a crash loses the whole
+    /// store anyway, and the peer comes back as a new one. A store that outlives the process has
+    /// each write reported durable first, and a follower is promised a commit only on what was
+    /// reported (`AppendEntries::committed_once_held`). Default: `false`, the safe answer.
     fn is_volatile(&self) -> bool {
         false
     }
