@@ -162,6 +162,16 @@ fn append_responses(msgs: &[Message]) -> Vec<(bool, LogIndex, LogIndex, Term)> {
         .collect()
 }
 
+/// Takes everything queued and delivers only the first message to `to` (the rest is lost).
+fn deliver_only_first_to(net: &mut Net, to: &str) {
+    let first = net
+        .take_queue()
+        .into_iter()
+        .find(|m| m.to.as_str() == to)
+        .expect("a message to deliver");
+    net.deliver(first);
+}
+
 fn indices(entries: &[Entry]) -> Vec<LogIndex> {
     entries.iter().map(|e| e.index).collect()
 }
@@ -837,9 +847,7 @@ fn leader_commits_an_entry_once_a_majority_holds_it() {
     let mut net = settled(cfg());
     let now = net.now;
     let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
-    let sent = net.take_queue();
-    let to_b = sent.iter().find(|m| m.to.as_str() == "b").unwrap().clone();
-    net.deliver(to_b);
+    deliver_only_first_to(&mut net, "b");
     let answer = net.drain("b").messages;
     net.queue.clear();
     assert!(
@@ -2648,12 +2656,7 @@ fn with_three_voters_a_follower_commits_an_entry_of_the_leaders_term_as_soon_as_
     for f in ["b", "c"] {
         assert_eq!(held_promises(&ready.messages, f), vec![index], "to {f}");
     }
-    let to_b = net
-        .take_queue()
-        .into_iter()
-        .find(|m| m.to == pid("b"))
-        .unwrap();
-    net.deliver(to_b);
+    deliver_only_first_to(&mut net, "b");
     let at_b = net.drain("b");
     assert_eq!(
         indices(&at_b.committed),
@@ -2755,12 +2758,7 @@ fn with_persist_async_an_append_promises_only_what_the_leader_holds_durably() {
             .all(|p| *p < first),
         "its copy of {first} is not durable yet"
     );
-    let to_b = net
-        .take_queue()
-        .into_iter()
-        .find(|m| m.to == pid("b"))
-        .unwrap();
-    net.deliver(to_b);
+    deliver_only_first_to(&mut net, "b");
     assert!(net.node("b").commit_index() < first);
     net.node_mut("a").on_persisted(first, term);
     // The next append (window permitting) promises the first entry, now durable, but not itself.
@@ -2779,12 +2777,7 @@ fn a_read_begins_no_lower_than_what_a_follower_may_have_committed_on_a_promise()
     let (index, _) = net.node_mut("a").propose(now, cmd("x")).unwrap();
     net.drain("a");
     // b holds the entry and commits it on the promise; its answer is lost, c hears nothing.
-    let to_b = net
-        .take_queue()
-        .into_iter()
-        .find(|m| m.to == pid("b"))
-        .unwrap();
-    net.deliver(to_b);
+    deliver_only_first_to(&mut net, "b");
     net.drain("b");
     net.queue.clear();
     assert_eq!(net.node("b").commit_index(), index);

@@ -9,25 +9,17 @@ mod sim;
 use super::node::PlantedBugs;
 use super::RaftNode;
 
-fn commit_without_quorum(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        commit_without_quorum: true,
-        ..PlantedBugs::default()
-    });
-}
-
-fn vote_without_log_check(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        vote_without_log_check: true,
-        ..PlantedBugs::default()
-    });
-}
-
-fn count_own_log_unsynced(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        count_own_log_unsynced: true,
-        ..PlantedBugs::default()
-    });
+/// The hook that switches on the planted bug `field` in a peer (a plain `fn`, as `assert_caught`
+/// takes).
+macro_rules! planted {
+    ($field:ident) => {
+        |node: &mut RaftNode| {
+            node.set_planted_bugs(PlantedBugs {
+                $field: true,
+                ..PlantedBugs::default()
+            })
+        }
+    };
 }
 
 /// Runs the default seeds with `hook` on every peer until one fails (all of them with
@@ -75,7 +67,7 @@ fn assert_caught(name: &str, hook: fn(&mut RaftNode)) {
 fn simulation_catches_commit_without_quorum() {
     assert_caught(
         "simulation_catches_commit_without_quorum",
-        commit_without_quorum,
+        planted!(commit_without_quorum),
     );
 }
 
@@ -83,7 +75,7 @@ fn simulation_catches_commit_without_quorum() {
 fn simulation_catches_vote_without_log_check() {
     assert_caught(
         "simulation_catches_vote_without_log_check",
-        vote_without_log_check,
+        planted!(vote_without_log_check),
     );
 }
 
@@ -94,22 +86,8 @@ fn simulation_catches_vote_without_log_check() {
 fn simulation_catches_counting_the_leaders_unsynced_log() {
     assert_caught(
         "simulation_catches_counting_the_leaders_unsynced_log",
-        count_own_log_unsynced,
+        planted!(count_own_log_unsynced),
     );
-}
-
-fn committed_once_held_any_size(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        committed_once_held_any_size: true,
-        ..PlantedBugs::default()
-    });
-}
-
-fn committed_once_held_unsynced(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        committed_once_held_unsynced: true,
-        ..PlantedBugs::default()
-    });
 }
 
 /// With four or more voters, a follower that commits on the leader's copy and its own commits what
@@ -118,7 +96,7 @@ fn committed_once_held_unsynced(node: &mut RaftNode) {
 fn simulation_catches_a_commit_promise_in_a_cluster_of_more_than_three() {
     assert_caught(
         "simulation_catches_a_commit_promise_in_a_cluster_of_more_than_three",
-        committed_once_held_any_size,
+        planted!(committed_once_held_any_size),
     );
 }
 
@@ -128,15 +106,8 @@ fn simulation_catches_a_commit_promise_in_a_cluster_of_more_than_three() {
 fn simulation_catches_a_commit_promise_on_the_leaders_unsynced_copy() {
     assert_caught(
         "simulation_catches_a_commit_promise_on_the_leaders_unsynced_copy",
-        committed_once_held_unsynced,
+        planted!(committed_once_held_unsynced),
     );
-}
-
-fn read_ignores_promises(node: &mut RaftNode) {
-    node.set_planted_bugs(PlantedBugs {
-        read_ignores_promises: true,
-        ..PlantedBugs::default()
-    });
 }
 
 /// A follower answers a write on the leader's promise before the leader counts it; a read that
@@ -145,6 +116,6 @@ fn read_ignores_promises(node: &mut RaftNode) {
 fn simulation_catches_a_read_that_ignores_commit_promises() {
     assert_caught(
         "simulation_catches_a_read_that_ignores_commit_promises",
-        read_ignores_promises,
+        planted!(read_ignores_promises),
     );
 }
