@@ -210,3 +210,23 @@ fn planted_report_of_unsynced_writes_is_caught() {
         &["linearizability", "no acknowledged write lost"],
     );
 }
+
+/// A durable leader that counts its own log copy before writing it: its append, sent before its own
+/// write, promises a follower a commit of entries that a power cut in the middle of that write takes
+/// from the leader (and from the follower that had not written them yet), after the follower that
+/// had answered a client.
+#[test]
+fn planted_count_of_an_unwritten_copy_is_caught() {
+    assert_caught(
+        "counts_unwritten_copy",
+        PlantedBugs {
+            counts_unwritten_copy: true,
+            ..PlantedBugs::default()
+        },
+        &[
+            "linearizability",
+            "no acknowledged write lost",
+            jobs::NOTHING_LOST,
+        ],
+    );
+}

@@ -129,6 +129,8 @@ pub struct Counts {
     pub crashes: usize,
     /// Crashes that were power cuts losing log writes no sync covered yet.
     pub unsynced_lost: usize,
+    /// Power cuts that came in the middle of a log write (after a leader's replication left).
+    pub cut_during_write: usize,
     pub restarts: usize,
     pub leaves: usize,
     pub added: usize,
@@ -422,7 +424,7 @@ impl Batch {
         ));
         s.push_str(&format!(
             "  totals: {} requests ({} writes, {} linearizable reads checked, {} pushes acknowledged), {} ops in the linearizability check; \
-             {} partitions ({} longer than peer_max_idle, {} of them cutting off 2+ peers together), {} crashes ({} power cuts losing unsynced writes), {} restarts, {} leaves, {} peers added; \
+             {} partitions ({} longer than peer_max_idle, {} of them cutting off 2+ peers together), {} crashes ({} power cuts losing unsynced writes, {} during a log write), {} restarts, {} leaves, {} peers added; \
              {} removals of silent members, {} rejoins, {} joins\n",
             sum(|c| c.requests),
             sum(|c| c.writes),
@@ -434,6 +436,7 @@ impl Batch {
             sum(|c| c.long_group_cuts),
             sum(|c| c.crashes),
             sum(|c| c.unsynced_lost),
+            sum(|c| c.cut_during_write),
             sum(|c| c.restarts),
             sum(|c| c.leaves),
             sum(|c| c.added),

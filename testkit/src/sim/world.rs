@@ -20,7 +20,7 @@ use hamok_collections::{
     register_kinds, DeliveryId, HamokCollections, HamokLock, HamokMap, HamokQueue, LockOptions,
 };
 use hamok_runtime::raft::{Entry, HardState, LogIndex, PeerId, PersistedState, Snapshot};
-use hamok_runtime::store::{LogStore, MemoryLogStore, SyncDone};
+use hamok_runtime::store::{LogStore, MemoryLogStore, StorageError, SyncDone};
 use hamok_runtime::testing::PlantedBugs;
 use hamok_runtime::transport::memory::InProcessHub;
 use hamok_runtime::{Hamok, HamokError, HamokEvent};
@@ -50,6 +50,10 @@ const LIVENESS_CLIENT: usize = 1_000;
 /// own log writes are synced in the background (each sync takes a seeded time, and they complete in
 /// order), every other write is synced inline, and [`SharedStore::power_cut`] loses what no sync
 /// covered yet, commit marks included.
+///
+/// In every seed the power can also fail in the middle of a log write
+/// ([`SharedStore::power_cut_at_next_write`]): after a leader's replication left and before its own
+/// copy was written (`send_replication_early`), an instant no crash between two actor messages reaches.
 #[derive(Clone, Default)]
 pub struct SharedStore(Arc<Mutex<StoreState>>);
 
@@ -72,6 +76,13 @@ struct StoreState {
     last_done: Option<Instant>,
     /// Bumped by a power cut: the syncs then in flight never make anything durable.
     generation: u64,
+    /// Armed: the power fails during the next write of entries, and with it that of these stores.
+    cut_at_next_write: Option<Vec<SharedStore>>,
+    /// The armed cut happened (reported once by [`SharedStore::disarm`]).
+    cut_during_write: bool,
+    /// The power is off: every write and sync fails, so the peer stops at its next one, until it
+    /// restarts ([`SharedStore::revive`]).
+    dead: bool,
 }
 
 impl StoreState {
@@ -100,16 +111,62 @@ impl SharedStore {
     /// The power fails: writes no sync covered are lost, and syncs in flight never complete.
     /// Returns the first index lost, if any.
     pub fn power_cut(&self) -> Option<LogIndex> {
+        self.inner().power_cut()
+    }
+
+    /// The power will fail in the middle of this store's next write of entries: that write and every
+    /// write no sync covered are lost, the write fails (its peer stops), and so do all later writes
+    /// and syncs until [`SharedStore::revive`]. The stores `with` lose power at the same instant (a
+    /// follower still to write what the leader sent: it stops at its next write).
+    pub fn power_cut_at_next_write(&self, with: Vec<SharedStore>) {
         let mut s = self.inner();
-        s.generation += 1;
-        s.committed = s.committed_synced;
-        let lost = s.unsynced_from.take();
+        s.cut_at_next_write = Some(with);
+        s.cut_during_write = false;
+    }
+
+    /// Disarms [`SharedStore::power_cut_at_next_write`]; whether the cut happened.
+    pub fn disarm(&self) -> bool {
+        let mut s = self.inner();
+        s.cut_at_next_write = None;
+        std::mem::take(&mut s.cut_during_write)
+    }
+
+    /// Power is back (the peer restarts on this store).
+    pub fn revive(&self) {
+        let mut s = self.inner();
+        s.dead = false;
+        s.cut_at_next_write = None;
+    }
+
+    /// Fails while the power is off.
+    fn alive(&self) -> Result<MutexGuard<'_, StoreState>, HamokError> {
+        let s = self.inner();
+        if s.dead {
+            return Err(power_off());
+        }
+        Ok(s)
+    }
+}
+
+impl StoreState {
+    fn power_cut(&mut self) -> Option<LogIndex> {
+        self.generation += 1;
+        self.committed = self.committed_synced;
+        let lost = self.unsynced_from.take();
         if let Some(from) = lost {
-            let _ = s.store.write_entries(from, &[]);
-            s.last_written = from - 1;
+            let _ = self.store.write_entries(from, &[]);
+            self.last_written = from - 1;
         }
         lost
     }
+}
+
+/// What a store whose power failed answers.
+fn power_off() -> HamokError {
+    HamokError::Storage(StorageError::Io {
+        context: "the power failed (simulated)".into(),
+        source: None,
+    })
 }
 
 impl LogStore for SharedStore {
@@ -121,7 +178,7 @@ impl LogStore for SharedStore {
         Ok(state)
     }
     fn save_hard_state(&mut self, state: &HardState) -> Result<(), HamokError> {
-        let mut s = self.inner();
+        let mut s = self.alive()?;
         s.needs_sync = true;
         s.store.save_hard_state(state)
     }
@@ -134,7 +191,7 @@ impl LogStore for SharedStore {
             meta: snapshot.meta.clone(),
             data: bytes::Bytes::copy_from_slice(&snapshot.data),
         };
-        let mut s = self.inner();
+        let mut s = self.alive()?;
         s.store.save_snapshot(&copy)?;
         // The entries after it are kept when the log agreed with it, dropped otherwise.
         s.last_written = snapshot.meta.last_index + s.store.size().0;
@@ -142,7 +199,22 @@ impl LogStore for SharedStore {
         Ok(())
     }
     fn write_entries(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), HamokError> {
-        let mut s = self.inner();
+        let mut s = self.alive()?;
+        if let Some(with) = (!entries.is_empty())
+            .then(|| s.cut_at_next_write.take())
+            .flatten()
+        {
+            s.power_cut();
+            s.dead = true;
+            s.cut_during_write = true;
+            drop(s);
+            for other in with {
+                let mut o = other.inner();
+                o.power_cut();
+                o.dead = true;
+            }
+            return Err(power_off());
+        }
         s.store.write_entries(from, entries)?;
         s.last_written = from - 1 + entries.len() as u64;
         s.needs_sync = true;
@@ -152,7 +224,7 @@ impl LogStore for SharedStore {
         Ok(())
     }
     fn save_committed(&mut self, index: LogIndex, _term: u64) -> Result<(), HamokError> {
-        let mut s = self.inner();
+        let mut s = self.alive()?;
         s.committed = s.committed.max(index);
         Ok(())
     }
@@ -160,10 +232,10 @@ impl LogStore for SharedStore {
         self.inner().store.incarnation()
     }
     fn save_incarnation(&mut self, incarnation: u64) -> Result<(), HamokError> {
-        self.inner().store.save_incarnation(incarnation)
+        self.alive()?.store.save_incarnation(incarnation)
     }
     fn sync(&mut self) -> Result<(), HamokError> {
-        let mut s = self.inner();
+        let mut s = self.alive()?;
         if s.needs_sync || s.background.is_none() {
             s.synced();
         }
@@ -174,7 +246,7 @@ impl LogStore for SharedStore {
     }
     fn sync_in_background(&mut self, done: SyncDone) -> Result<bool, HamokError> {
         let (at, generation, upto, committed) = {
-            let mut s = self.inner();
+            let mut s = self.alive()?;
             if !s.needs_sync || s.unsynced_from.is_none() {
                 return Ok(false);
             }
@@ -359,6 +431,8 @@ enum Action {
     HealPartition(u64),
     CalmNetwork(u64),
     Restart(String),
+    /// The power cut armed by a fault (`SharedStore::power_cut_at_next_write`) took these peers down.
+    PowerCut(Vec<String>),
     Rejoin(String),
     EndChaos,
 }
@@ -509,6 +583,7 @@ impl World {
             slot.status = Status::Up;
             (slot.only_follower, slot.store.clone(), slot.incarnation)
         };
+        store.revive();
         let hamok = self.build(id, only_follower, store, inc).await;
         {
             let mut s = lock(&self.shared);
@@ -582,6 +657,39 @@ impl World {
             if lost.is_some() {
                 s.counts.unsynced_lost += 1;
             }
+        }
+    }
+
+    /// Ends a power cut armed by a fault: whether or not a log write came (and failed), its peers are
+    /// down from now on, and restart later. Now and then every other peer goes down too, a moment
+    /// later (the whole cluster restarts, in a random order, with what each had written).
+    async fn power_cut(&mut self, mut ids: Vec<String>) {
+        let during_write = self.slots[&ids[0]].store.disarm();
+        if self.rng.chance(0.3) {
+            let others: Vec<String> = self
+                .up_ids()
+                .into_iter()
+                .filter(|id| !ids.contains(id))
+                .collect();
+            ids.extend(others);
+        }
+        {
+            let mut s = lock(&self.shared);
+            s.note(format!(
+                "{ids:?}: power cut {}",
+                if during_write {
+                    "came during a log write"
+                } else {
+                    "before any log write"
+                }
+            ));
+            s.counts.cut_during_write += usize::from(during_write);
+        }
+        let now = self.now_ms();
+        for id in ids {
+            self.crash(&id).await;
+            let after = self.rng.between(200, 3_000);
+            self.schedule(now + after, Action::Restart(id));
         }
     }
 
@@ -807,6 +915,7 @@ impl World {
                     self.start_peer(&id, 0).await;
                 }
             }
+            Action::PowerCut(ids) => self.power_cut(ids).await,
             Action::Rejoin(id) => {
                 if self
                     .slots
@@ -887,18 +996,23 @@ impl World {
                 self.schedule(now + lasts, Action::CalmNetwork(gen));
             }
             2 if !up.is_empty() => {
-                // With background syncs, often the leader: only a leader's writes can be lost.
+                // Now and then the power fails in the middle of the first peer's next log write,
+                // which for a leader may come after its replication left (see `SharedStore`).
+                let during_write = self.rng.chance(0.3);
+                let losing = self.background_syncs || during_write;
+                // Where writes can be lost, often the leader: only a leader's copy can be counted
+                // (and promised) before it is durable.
                 let leader = up
                     .iter()
                     .find(|id| self.handle(id).is_some_and(|h| h.is_leader()))
                     .cloned();
                 let mut down = match leader {
-                    Some(leader) if self.background_syncs && self.rng.chance(0.5) => vec![leader],
+                    Some(leader) if losing && self.rng.chance(0.5) => vec![leader],
                     _ => vec![up[self.rng.index(up.len())].clone()],
                 };
                 // Now and then a power cut takes a follower down with the leader: the leader's
                 // unsynced entries are then held by fewer peers than the cluster may have counted.
-                if self.background_syncs && up.len() >= 3 && self.rng.chance(0.3) {
+                if losing && up.len() >= 3 && self.rng.chance(0.3) {
                     let other = up
                         .iter()
                         .filter(|id| **id != down[0])
@@ -906,10 +1020,24 @@ impl World {
                         .cloned();
                     down.extend(other);
                 }
-                for id in down {
-                    self.crash(&id).await;
-                    let after = self.rng.between(200, 3_000);
-                    self.schedule(now + after, Action::Restart(id));
+                if during_write {
+                    let with = down[1..]
+                        .iter()
+                        .map(|id| self.slots[id].store.clone())
+                        .collect();
+                    self.slots[&down[0]].store.power_cut_at_next_write(with);
+                    self.note(format!(
+                        "{down:?}: power cut armed at {}'s next log write",
+                        down[0]
+                    ));
+                    let at = now + self.rng.between(1, 40);
+                    self.schedule(at, Action::PowerCut(down));
+                } else {
+                    for id in down {
+                        self.crash(&id).await;
+                        let after = self.rng.between(200, 3_000);
+                        self.schedule(now + after, Action::Restart(id));
+                    }
                 }
             }
             3 if up.len() >= 2 => {
@@ -950,6 +1078,17 @@ impl World {
         };
         self.apply_net();
         self.note("=== heal: every fault lifted, crashed peers restart, departed peers rejoin ===");
+        // A power cut still armed ends now: its peers are down and restart below.
+        let cuts: Vec<Vec<String>> = std::mem::take(&mut self.queue)
+            .into_values()
+            .filter_map(|a| match a {
+                Action::PowerCut(ids) => Some(ids),
+                _ => None,
+            })
+            .collect();
+        for ids in cuts {
+            self.power_cut(ids).await;
+        }
         let ids: Vec<String> = self.slots.keys().cloned().collect();
         for id in ids {
             match self.slots[&id].status {

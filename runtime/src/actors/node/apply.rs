@@ -143,7 +143,9 @@ impl Apply {
     /// (`RaftConfig::persist_async`): when the store syncs in the background, and whenever it
     /// outlives the process (`LogStore::is_volatile`), because a leader's replication leaves before
     /// its own write (`Peer::send_replication_early`) and a follower promised a commit on an
-    /// unwritten copy could answer a write that a power cut then takes from the leader.
+    /// unwritten copy could answer a write that a power cut then takes from the leader. The peer
+    /// simulation cuts the power in the middle of a leader's write and catches the planted bug
+    /// `counts_unwritten_copy` (this rule without `is_volatile`).
     pub(super) fn counts_only_reported_writes(&self) -> bool {
         self.store.syncs_in_background() || !self.store.is_volatile()
     }

@@ -132,7 +132,11 @@ impl Peer {
             apply.plant_fence_not_checked();
         }
         let persisted = apply.load()?;
-        let persist_async = apply.counts_only_reported_writes();
+        let persist_async = if bugs.counts_unwritten_copy() {
+            apply.syncs_in_background()
+        } else {
+            apply.counts_only_reported_writes()
+        };
         let raft = RaftNode::new(
             id.clone(),
             engine_config(&config, persist_async),

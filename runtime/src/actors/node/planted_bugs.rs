@@ -23,6 +23,11 @@ pub struct PlantedBugs {
     /// A leader's log write synced in the background is reported durable to the engine as soon as
     /// the sync starts, not when it returns.
     pub report_unsynced_writes: bool,
+    /// A peer whose store outlives the process and syncs inline counts its own log copy as soon as
+    /// it is in memory, not once written: the engine runs without `persist_async` (as it did before
+    /// commit on receipt), so a leader's append, sent before its own write, can promise followers a
+    /// commit of entries a power cut then takes from the leader.
+    pub counts_unwritten_copy: bool,
 }
 
 /// Which planted bugs are on: none can be, without the `testing` feature.
@@ -47,6 +52,9 @@ impl PlantedBugs {
     pub(crate) fn report_unsynced_writes(&self) -> bool {
         self.report_unsynced_writes
     }
+    pub(crate) fn counts_unwritten_copy(&self) -> bool {
+        self.counts_unwritten_copy
+    }
 }
 
 #[cfg(not(feature = "testing"))]
@@ -64,6 +72,9 @@ impl PlantedBugs {
         false
     }
     pub(crate) const fn report_unsynced_writes(&self) -> bool {
+        false
+    }
+    pub(crate) const fn counts_unwritten_copy(&self) -> bool {
         false
     }
 }
