@@ -3,16 +3,20 @@
 //!
 //! A body that carries several frames starts with [`BATCH_MARKER`] (`0xc1`, the one byte no
 //! MessagePack value starts with), then, per frame, its length (u32, little-endian) and its bytes. A
-//! frame alone is its own body, unchanged. Bodies built from several frames stay under
-//! [`MAX_BATCH_BODY_BYTES`]; a frame that would pass it starts the next body.
+//! frame alone is its own body, unchanged. Bodies built from several frames stay under the limit the
+//! publisher gives (at most [`MAX_BATCH_BODY_BYTES`]; NATS: also the server's `max_payload`); a frame
+//! that would pass it starts the next body.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The first byte of a body that carries several frames.
 pub(crate) const BATCH_MARKER: u8 = 0xc1;
-/// The largest body built from several frames (a broker's message limit is far above it, and a
-/// receiver holds one body at a time per delivery).
+/// The largest body built from several frames (a receiver holds one body at a time per delivery;
+/// NATS's default `max_payload` is the same 1 MiB).
 pub(crate) const MAX_BATCH_BODY_BYTES: usize = 1 << 20;
+/// The default most frames a link's writer takes from its queue at once (and so the most one broker
+/// message can carry from one batch).
+pub(crate) const DEFAULT_PUBLISH_BATCH: usize = 256;
 /// The most frames one body carries: what a receiver splits one delivery into is bounded.
 pub(crate) const MAX_BATCH_FRAMES: usize = 1024;
 
@@ -27,14 +31,21 @@ pub(crate) struct Message<A> {
 
 /// The messages that carry `batch`, in order. Frames to the same destination travel together, in the
 /// order they were queued; a frame to `barrier` (the broadcast destination) travels alone and is
-/// never moved across, so what one receiver gets from broadcasts and unicasts keeps its order.
-pub(crate) fn coalesce<A: Clone + PartialEq>(batch: &[(A, Bytes)], barrier: &A) -> Vec<Message<A>> {
+/// never moved across, so what one receiver gets from broadcasts and unicasts keeps its order. A body
+/// of several frames stays within `max_body_bytes` (capped at [`MAX_BATCH_BODY_BYTES`]); a frame is
+/// never split, so one larger than that travels alone.
+pub(crate) fn coalesce<A: Clone + PartialEq>(
+    batch: &[(A, Bytes)],
+    barrier: &A,
+    max_body_bytes: usize,
+) -> Vec<Message<A>> {
+    let max_body_bytes = max_body_bytes.min(MAX_BATCH_BODY_BYTES);
     let mut out = Vec::new();
     // The destinations since the last barrier, in the order of their first frame.
     let mut groups: Vec<(A, Vec<Bytes>)> = Vec::new();
     for (to, frame) in batch {
         if to == barrier {
-            flush(&mut groups, &mut out);
+            flush(&mut groups, &mut out, max_body_bytes);
             out.push(single(to.clone(), frame.clone()));
             continue;
         }
@@ -43,7 +54,7 @@ pub(crate) fn coalesce<A: Clone + PartialEq>(batch: &[(A, Bytes)], barrier: &A) 
             None => groups.push((to.clone(), vec![frame.clone()])),
         }
     }
-    flush(&mut groups, &mut out);
+    flush(&mut groups, &mut out, max_body_bytes);
     out
 }
 
@@ -56,13 +67,17 @@ fn single<A>(to: A, frame: Bytes) -> Message<A> {
     }
 }
 
-fn flush<A: Clone>(groups: &mut Vec<(A, Vec<Bytes>)>, out: &mut Vec<Message<A>>) {
+fn flush<A: Clone>(
+    groups: &mut Vec<(A, Vec<Bytes>)>,
+    out: &mut Vec<Message<A>>,
+    max_body_bytes: usize,
+) {
     for (to, frames) in groups.drain(..) {
         let mut run: Vec<Bytes> = Vec::new();
         let mut run_bytes = 1;
         for frame in frames {
             let grown = run_bytes + 4 + frame.len();
-            if !run.is_empty() && (grown > MAX_BATCH_BODY_BYTES || run.len() == MAX_BATCH_FRAMES) {
+            if !run.is_empty() && (grown > max_body_bytes || run.len() == MAX_BATCH_FRAMES) {
                 out.push(body(to.clone(), std::mem::take(&mut run)));
                 run_bytes = 1;
             }
@@ -148,7 +163,7 @@ mod tests {
             ("c", f("c2")),
             ("b", f("b3")),
         ];
-        let out = coalesce(&batch, &"all");
+        let out = coalesce(&batch, &"all", MAX_BATCH_BODY_BYTES);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].to, "b");
         assert_eq!(out[0].frames, 3);
@@ -167,7 +182,7 @@ mod tests {
             ("b", f("b2")),
             ("b", f("b3")),
         ];
-        let out = coalesce(&batch, &"all");
+        let out = coalesce(&batch, &"all", MAX_BATCH_BODY_BYTES);
         let order: Vec<(&str, u64)> = out.iter().map(|m| (m.to, m.frames)).collect();
         assert_eq!(order, vec![("b", 1), ("all", 1), ("b", 2)]);
         assert_eq!(out[0].body, f("b1"), "unchanged");
@@ -178,26 +193,43 @@ mod tests {
     fn bodies_stay_under_their_bounds() {
         let big = Bytes::from(vec![7u8; MAX_BATCH_BODY_BYTES / 3]);
         let batch: Vec<(&str, Bytes)> = (0..7).map(|_| ("b", big.clone())).collect();
-        let out = coalesce(&batch, &"all");
+        let out = coalesce(&batch, &"all", MAX_BATCH_BODY_BYTES);
         assert!(out.len() >= 3, "{}", out.len());
         assert!(out.iter().all(|m| m.body.len() <= MAX_BATCH_BODY_BYTES));
         assert_eq!(frames_to(&out, "b").len(), 7);
         let tiny: Vec<(&str, Bytes)> = (0..MAX_BATCH_FRAMES + 5).map(|_| ("b", f("t"))).collect();
-        let out = coalesce(&tiny, &"all");
+        let out = coalesce(&tiny, &"all", MAX_BATCH_BODY_BYTES);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].frames, MAX_BATCH_FRAMES as u64);
         // A frame larger than a batch body travels alone.
         let huge = Bytes::from(vec![1u8; MAX_BATCH_BODY_BYTES + 1]);
-        let out = coalesce(&[("b", f("s")), ("b", huge.clone())], &"all");
+        let out = coalesce(
+            &[("b", f("s")), ("b", huge.clone())],
+            &"all",
+            MAX_BATCH_BODY_BYTES,
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].body, huge);
+        // A smaller limit (a NATS server's `max_payload`) holds too: 4 frames of 10 bytes per body.
+        let small: Vec<(&str, Bytes)> = (0..40).map(|_| ("b", f("0123456789"))).collect();
+        let out = coalesce(&small, &"all", 64);
+        assert_eq!(out.len(), 10);
+        assert!(out.iter().all(|m| m.body.len() <= 64));
+        assert_eq!(
+            frames_to(&out, "b"),
+            small.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn damaged_batches_are_handed_on_whole() {
-        let good = coalesce(&[("b", f("one")), ("b", f("two"))], &"all")[0]
-            .body
-            .clone();
+        let good = coalesce(
+            &[("b", f("one")), ("b", f("two"))],
+            &"all",
+            MAX_BATCH_BODY_BYTES,
+        )[0]
+        .body
+        .clone();
         assert_eq!(split(good.clone()).unwrap(), vec![f("one"), f("two")]);
         for bad in [
             good.slice(..good.len() - 1),                       // cut short

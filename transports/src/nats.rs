@@ -10,8 +10,12 @@
 //! Cluster and peer ids must be 1 to 128 bytes of `[A-Za-z0-9_-]` (the runtime's configuration already
 //! insists on it); anything else is refused rather than escaped, since `.`, `*` and `>` have a meaning in
 //! a subject. `connect` returns once the server has the subscriptions (checked with a round trip through
-//! the server: a request nobody answers, which the server itself refuses). Frames are published raw (the encoded [`hamok_runtime::wire::Frame`]), no headers; each link
-//! has its own connection, made with `no_echo`, so a peer never hears its own broadcasts.
+//! the server: a request nobody answers, which the server itself refuses). Frames are published raw
+//! (the encoded [`hamok_runtime::wire::Frame`]), no headers; the frames one batch of the writer
+//! ([`NatsTransportBuilder::publish_batch`]) holds for the same peer travel in one message, within the
+//! server's `max_payload` (a server's cost is per message; a broadcast travels alone, never moved
+//! across). Each link has its own connection, made with `no_echo`, so a peer never hears its own
+//! broadcasts.
 //!
 //! # Delivery, buffers and drops
 //!
@@ -68,6 +72,7 @@ use hamok_runtime::transport::{BoxFuture, Inbound, Link, Transport};
 use hamok_runtime::HamokError;
 use tokio::sync::watch;
 
+use crate::batch;
 use crate::common::{check_prefix, check_token, env_urls, Counters};
 use crate::link::{counted_connect, Bus, BusLink, LinkState, Publisher, Received};
 use crate::stats::TransportStats;
@@ -111,6 +116,7 @@ struct NatsConfig {
     name: Option<String>,
     subject_prefix: String,
     outbound_capacity: usize,
+    publish_batch: usize,
     subscription_capacity: usize,
     client_capacity: usize,
     connect_timeout: Duration,
@@ -130,6 +136,7 @@ pub struct NatsTransportBuilder {
     name: Option<String>,
     subject_prefix: String,
     outbound_capacity: usize,
+    publish_batch: usize,
     subscription_capacity: usize,
     client_capacity: usize,
     connect_timeout: Duration,
@@ -146,6 +153,7 @@ impl std::fmt::Debug for NatsTransportBuilder {
             .field("auth", &self.auth)
             .field("subject_prefix", &self.subject_prefix)
             .field("outbound_capacity", &self.outbound_capacity)
+            .field("publish_batch", &self.publish_batch)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_disconnected", &self.max_disconnected)
             .finish_non_exhaustive()
@@ -163,6 +171,7 @@ impl Default for NatsTransportBuilder {
             name: None,
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
             outbound_capacity: 65_536,
+            publish_batch: batch::DEFAULT_PUBLISH_BATCH,
             subscription_capacity: 1 << 20,
             client_capacity: 8_192,
             connect_timeout: Duration::from_secs(5),
@@ -252,6 +261,14 @@ impl NatsTransportBuilder {
         self
     }
 
+    /// Most frames the writer takes from the queue at once (default 256): those to the same peer travel
+    /// in one NATS message (a server's cost is per message), a broadcast alone and in its place. `1`
+    /// sends every frame in its own message.
+    pub fn publish_batch(mut self, frames: usize) -> Self {
+        self.publish_batch = frames;
+        self
+    }
+
     /// Most received messages async-nats buffers per subscription before dropping (default 1 Mi;
     /// async-nats's own default of 64 Ki lost 5–14% of a 1 M burst here).
     pub fn subscription_capacity(mut self, messages: usize) -> Self {
@@ -313,6 +330,7 @@ impl NatsTransportBuilder {
         check_prefix("nats.subject_prefix", &self.subject_prefix)?;
         for (key, value) in [
             ("nats.outbound_capacity", self.outbound_capacity),
+            ("nats.publish_batch", self.publish_batch),
             ("nats.subscription_capacity", self.subscription_capacity),
             ("nats.client_capacity", self.client_capacity),
         ] {
@@ -334,6 +352,7 @@ impl NatsTransportBuilder {
                     name: self.name,
                     subject_prefix: self.subject_prefix,
                     outbound_capacity: self.outbound_capacity,
+                    publish_batch: self.publish_batch,
                     subscription_capacity: self.subscription_capacity,
                     client_capacity: self.client_capacity,
                     connect_timeout: self.connect_timeout,
@@ -575,18 +594,30 @@ impl NatsInner {
         sync_with_server(&client, c.connect_timeout).await?;
         let max_payload = client.server_info().max_payload;
 
-        let received =
-            futures::stream::select(sub_all, sub_me).map(|msg| Received::Frame(msg.payload));
+        // Several frames in one message (see `batch`); a damaged batch goes on whole, and the receiver's
+        // decoder counts it as malformed.
+        let received = futures::stream::select(sub_all, sub_me).flat_map(|msg| {
+            let frames = match batch::split(msg.payload) {
+                Ok(frames) => frames,
+                Err(whole) => vec![whole],
+            };
+            futures::stream::iter(frames.into_iter().map(Received::Frame))
+        });
         let link = BusLink::start(
             state,
             NatsBus {
                 connectivity: connectivity.clone(),
                 client: client.clone(),
-                broadcast,
+                broadcast: broadcast.clone(),
                 unicast_prefix,
                 max_payload,
             },
-            NatsPublisher { client },
+            NatsPublisher {
+                client,
+                broadcast,
+                max_batch: c.publish_batch,
+                max_body_bytes: max_payload,
+            },
             c.outbound_capacity,
             received,
             inbound,
@@ -673,14 +704,20 @@ impl Bus for NatsBus {
     }
 }
 
-/// The writer of a NATS link: one frame at a time into the client.
+/// The writer of a NATS link: each batch it takes from the queue goes into the client as one message
+/// per destination (see `batch`), a broadcast alone and in its place.
 struct NatsPublisher {
     client: Client,
+    /// The subject of broadcasts: a barrier when frames are coalesced.
+    broadcast: Subject,
+    max_batch: usize,
+    /// The server's `max_payload`: no body of several frames is larger.
+    max_body_bytes: usize,
 }
 
 impl Publisher<Subject> for NatsPublisher {
     fn batch_limit(&self) -> usize {
-        1
+        self.max_batch
     }
 
     async fn publish(
@@ -688,21 +725,20 @@ impl Publisher<Subject> for NatsPublisher {
         batch: &mut Vec<(Subject, Bytes)>,
         counters: &Counters,
     ) -> Result<(), String> {
-        for (subject, payload) in batch.drain(..) {
+        for m in batch::coalesce(batch, &self.broadcast, self.max_body_bytes) {
             if self.client.connection_state() == State::Disconnected {
                 // Stale by the time we are back: Raft will resend what matters.
-                Counters::bump(&counters.dropped_link_down);
+                Counters::add(&counters.dropped_link_down, m.frames);
                 continue;
             }
-            let len = payload.len() as u64;
-            match self.client.publish(subject, payload).await {
+            match self.client.publish(m.to, m.body).await {
                 Ok(()) => {
-                    Counters::bump(&counters.frames_sent);
+                    Counters::add(&counters.frames_sent, m.frames);
                     Counters::bump(&counters.messages_sent);
-                    Counters::add(&counters.bytes_sent, len);
+                    Counters::add(&counters.bytes_sent, m.frame_bytes);
                 }
                 Err(e) => {
-                    Counters::bump(&counters.dropped_publish_failed);
+                    Counters::add(&counters.dropped_publish_failed, m.frames);
                     tracing::debug!(error = %e, "NATS publish failed");
                 }
             }

@@ -141,7 +141,7 @@ impl Default for AmqpTransportBuilder {
             exchange_prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
             connection_name: None,
             outbound_capacity: 65_536,
-            publish_batch: 256,
+            publish_batch: batch::DEFAULT_PUBLISH_BATCH,
             publisher_confirms: false,
             heartbeat: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -637,7 +637,7 @@ impl Publisher<ShortString> for AmqpPublisher {
         batch: &mut Vec<(ShortString, Bytes)>,
         counters: &Counters,
     ) -> Result<(), String> {
-        let messages = batch::coalesce(batch, &self.broadcast);
+        let messages = batch::coalesce(batch, &self.broadcast, batch::MAX_BATCH_BODY_BYTES);
         let publishes = messages.iter().map(|m| {
             self.channel.basic_publish(
                 self.exchange.clone(),

@@ -27,8 +27,8 @@ pub struct TransportStats {
     pub frames_sent: u64,
     /// Payload bytes of `frames_sent`.
     pub bytes_sent: u64,
-    /// Broker messages that carried `frames_sent`: NATS sends one per frame; RabbitMQ one per
-    /// destination per batch of its writer (the frames queued for one peer travel together).
+    /// Broker messages that carried `frames_sent`: one per destination per batch of the link's writer
+    /// (the frames queued for one peer travel together; a broadcast alone).
     pub messages_sent: u64,
     /// Frames received from the broker (including those the peer then refused as saturated).
     pub frames_received: u64,

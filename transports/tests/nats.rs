@@ -35,6 +35,7 @@ scenario_tests! {
     two_clusters_share_a_server => two_clusters("nats2"),
     link_routing_echo_and_close => link_routing("natsr"),
     full_inbound_drops_and_counts => inbound_bound("natsi"),
+    bursts_travel_several_frames_per_message_in_order => bursts_in_order_per_stream("natsb"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +126,9 @@ async fn slow_consumer_drops_are_counted() {
     });
     let (ia, _) = collector(16);
     let _b = connect(&slow, &cluster, "b", inbound).await;
-    let a = connect(&transport(&url), &cluster, "a", ia).await;
+    // One frame per message: the subscription's buffer counts messages.
+    let one_per_message = builder(&url).publish_batch(1).build().unwrap();
+    let a = connect(&one_per_message, &cluster, "a", ia).await;
     const N: u64 = 300;
     for i in 0..N {
         a.send(

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use hamok_runtime::raft::PeerId;
 use hamok_transports::rabbitmq::{
     peer_routing_key, AmqpTransport, AmqpTransportBuilder, AMQP_URL_ENV, BROADCAST_KEY,
     DEFAULT_AMQP_URL,
@@ -58,6 +57,7 @@ scenario_tests! {
     two_clusters_share_a_broker => two_clusters("amqp2"),
     link_routing_echo_and_close => link_routing("amqpr"),
     full_inbound_drops_and_counts => inbound_bound("amqpi"),
+    bursts_travel_several_frames_per_message_in_order => bursts_in_order("amqpb"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,66 +137,4 @@ async fn full_outbound_queue_refuses_and_counts() {
     let url = broker().await;
     let small = builder(&url).outbound_capacity(8).build().unwrap();
     outbound_queue_bound("amqpq", small, || transport(&url)).await;
-}
-
-/// Frames queued faster than the writer drains them travel several to one AMQP message: each arrives
-/// whole, once, in the order sent (a broadcast keeps its place among a peer's unicasts), and the
-/// writer published fewer messages than frames.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bursts_travel_several_frames_per_message_in_order() {
-    let url = broker().await;
-    let cluster = unique_id("amqpb");
-    let make = || {
-        builder(&url)
-            .outbound_capacity(4096)
-            .build()
-            .expect("AMQP transport settings")
-    };
-    let (ta, tb, tc) = (make(), make(), make());
-    let (ia, _got_a) = collector(16);
-    let (ib, got_b) = collector(4096);
-    let (ic, got_c) = collector(4096);
-    let a = connect(&ta, &cluster, "a", ia).await;
-    let _b = connect(&tb, &cluster, "b", ib).await;
-    let _c = connect(&tc, &cluster, "c", ic).await;
-    let (mut want_b, mut want_c) = (Vec::new(), Vec::new());
-    for i in 0..2000u32 {
-        let frame = Bytes::from(format!("frame {i}"));
-        if i % 250 == 0 {
-            a.broadcast(frame.clone()).unwrap();
-            want_b.push(frame.clone());
-            want_c.push(frame);
-        } else if i % 3 == 0 {
-            a.send(&PeerId::from("c"), frame.clone()).unwrap();
-            want_c.push(frame);
-        } else {
-            a.send(&PeerId::from("b"), frame.clone()).unwrap();
-            want_b.push(frame);
-        }
-    }
-    eventually("b and c to get every frame", WAIT, || {
-        let ok = got_b.lock().unwrap().len() >= want_b.len()
-            && got_c.lock().unwrap().len() >= want_c.len();
-        async move { ok.then_some(()) }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for (peer, got, want) in [("b", &got_b, &want_b), ("c", &got_c, &want_c)] {
-        let got = got.lock().unwrap().clone();
-        let first_difference = got.iter().zip(want.iter()).position(|(g, w)| g != w);
-        assert!(
-            got.len() == want.len() && first_difference.is_none(),
-            "{peer}: each frame whole, once, in order: {} frames for {}, first difference at {first_difference:?}",
-            got.len(),
-            want.len()
-        );
-    }
-    let s = ta.stats();
-    assert_eq!(s.frames_sent, 2000, "{s:?}");
-    assert_eq!(s.dropped, 0, "{s:?}");
-    assert!(
-        s.messages_sent < s.frames_sent,
-        "frames travelled together: {s:?}"
-    );
-    assert_eq!(tb.stats().frames_received as usize, want_b.len());
 }

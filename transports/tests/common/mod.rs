@@ -752,6 +752,85 @@ fn sorted(v: &Arc<Mutex<Vec<Bytes>>>) -> Vec<Bytes> {
     v
 }
 
+/// [`bursts`] where a receiver has one stream (an AMQP queue): a broadcast keeps its place among the
+/// peer's unicasts.
+pub async fn bursts_in_order<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
+    bursts(tag, make, true).await;
+}
+
+/// [`bursts`] where broadcasts and unicasts come on two streams (NATS: two subscriptions): each keeps
+/// its order, not their interleaving.
+pub async fn bursts_in_order_per_stream<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
+    bursts(tag, make, false).await;
+}
+
+/// Frames queued faster than the writer drains them travel several to one broker message: each
+/// arrives whole, once, in the order sent (across broadcasts and unicasts when `one_stream`, else
+/// within each), and the writer published fewer messages than frames.
+async fn bursts<T: TestTransport>(tag: &str, make: impl Fn() -> T, one_stream: bool) {
+    let cluster = unique_id(tag);
+    let (ta, tb, tc) = (make(), make(), make());
+    let (ia, _got_a) = collector(16);
+    let (ib, got_b) = collector(4096);
+    let (ic, got_c) = collector(4096);
+    let a = connect(&ta, &cluster, "a", ia).await;
+    let _b = connect(&tb, &cluster, "b", ib).await;
+    let _c = connect(&tc, &cluster, "c", ic).await;
+    let (mut want_b, mut want_c) = (Vec::new(), Vec::new());
+    let mut broadcasts = std::collections::HashSet::new();
+    for i in 0..2000u32 {
+        let frame = Bytes::from(format!("frame {i}"));
+        if i % 250 == 0 {
+            broadcasts.insert(frame.clone());
+            a.broadcast(frame.clone()).unwrap();
+            want_b.push(frame.clone());
+            want_c.push(frame);
+        } else if i % 3 == 0 {
+            a.send(&PeerId::from("c"), frame.clone()).unwrap();
+            want_c.push(frame);
+        } else {
+            a.send(&PeerId::from("b"), frame.clone()).unwrap();
+            want_b.push(frame);
+        }
+    }
+    eventually("b and c to get every frame", WAIT, || {
+        let ok = got_b.lock().unwrap().len() >= want_b.len()
+            && got_c.lock().unwrap().len() >= want_c.len();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The streams whose order a receiver keeps: all it gets, or its broadcasts and its unicasts.
+    let streams = |frames: &[Bytes]| -> Vec<Vec<Bytes>> {
+        if one_stream {
+            return vec![frames.to_vec()];
+        }
+        let (b, u): (Vec<Bytes>, Vec<Bytes>) =
+            frames.iter().cloned().partition(|f| broadcasts.contains(f));
+        vec![b, u]
+    };
+    for (peer, got, want) in [("b", &got_b, &want_b), ("c", &got_c, &want_c)] {
+        let got = got.lock().unwrap().clone();
+        for (got, want) in streams(&got).iter().zip(streams(want).iter()) {
+            let first_difference = got.iter().zip(want.iter()).position(|(g, w)| g != w);
+            assert!(
+                got.len() == want.len() && first_difference.is_none(),
+                "{peer}: each frame whole, once, in order: {} frames for {}, first difference at {first_difference:?}",
+                got.len(),
+                want.len()
+            );
+        }
+    }
+    let s = ta.stats();
+    assert_eq!(s.frames_sent, 2000, "{s:?}");
+    assert_eq!(s.dropped, 0, "{s:?}");
+    assert!(
+        s.messages_sent < s.frames_sent,
+        "frames travelled together: {s:?}"
+    );
+    assert_eq!(tb.stats().frames_received as usize, want_b.len());
+}
+
 /// Broadcast reaches every other peer of the cluster and not the sender; unicast reaches only its
 /// target; another cluster with the same peer ids hears nothing; a closed link refuses and says why.
 pub async fn link_routing<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
