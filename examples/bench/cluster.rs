@@ -141,16 +141,21 @@ pub const SYNC_POLICY: SyncPolicy = SyncPolicy::Batch;
 /// `never`: what a durable write costs without its `fdatasync`).
 const SYNC_POLICY_ENV: &str = "HAMOK_STORAGE__SYNC";
 
+/// The environment's sync policy, if it sets one (the peers' configuration reads it too).
+fn sync_policy_env() -> Option<String> {
+    std::env::var(SYNC_POLICY_ENV).ok()
+}
+
 /// The sync policy of the run as the configuration spells it (`batch`, or the environment's).
 pub fn sync_policy_name() -> String {
-    std::env::var(SYNC_POLICY_ENV).unwrap_or_else(|_| format!("{SYNC_POLICY:?}").to_lowercase())
+    sync_policy_env().unwrap_or_else(|| format!("{SYNC_POLICY:?}").to_lowercase())
 }
 
 /// `b` keeping its state in `dir` (with [`SYNC_POLICY`] unless the environment sets one), or `b`
 /// unchanged for `None`.
 fn durable(b: HamokBuilder, dir: Option<PathBuf>) -> HamokBuilder {
     match dir {
-        Some(dir) if std::env::var_os(SYNC_POLICY_ENV).is_some() => b.storage_dir(dir),
+        Some(dir) if sync_policy_env().is_some() => b.storage_dir(dir),
         Some(dir) => b.storage_dir(dir).storage_sync(SYNC_POLICY),
         None => b,
     }

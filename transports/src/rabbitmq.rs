@@ -657,7 +657,7 @@ impl Publisher<ShortString> for AmqpPublisher {
                     Counters::bump(&counters.messages_sent);
                     Counters::add(&counters.bytes_sent, m.frame_bytes);
                     if self.confirms {
-                        pending.push(confirm);
+                        pending.push((confirm, m.frames));
                     }
                 }
                 Err(e) => {
@@ -666,9 +666,14 @@ impl Publisher<ShortString> for AmqpPublisher {
                 }
             }
         }
-        for confirmation in futures::future::join_all(pending).await {
+        let (confirms, frames): (Vec<_>, Vec<u64>) = pending.into_iter().unzip();
+        for (confirmation, frames) in futures::future::join_all(confirms)
+            .await
+            .into_iter()
+            .zip(frames)
+        {
             match confirmation {
-                Ok(Confirmation::Nack(_)) => Counters::bump(&counters.dropped_nacked),
+                Ok(Confirmation::Nack(_)) => Counters::add(&counters.dropped_nacked, frames),
                 Ok(_) => {}
                 Err(e) => {
                     failure.get_or_insert(e);

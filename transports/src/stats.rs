@@ -50,11 +50,13 @@ pub struct TransportStats {
     /// Lost: the broker client failed to publish it.
     pub dropped_publish_failed: u64,
     /// Lost on receipt, NATS only: the client's subscription buffer was full (async-nats drops the message
-    /// and reports a slow consumer). A lower bound: the client's event channel is itself bounded.
+    /// and reports a slow consumer). Counts messages, not the frames they carried (a dropped message is
+    /// never seen): a lower bound, as the client's event channel is itself bounded.
     pub dropped_slow_consumer: u64,
     /// Lost on receipt: the peer's bounded inbound queue was full (`Inbound::deliver` refused it; the
     /// peer's own `dropped_inbound_full` counts the same frames).
     pub dropped_inbound_full: u64,
-    /// RabbitMQ with publisher confirms only: the broker refused (nacked) the publish.
+    /// RabbitMQ with publisher confirms only: the broker refused (nacked) the publish (every frame of
+    /// the message).
     pub dropped_nacked: u64,
 }
