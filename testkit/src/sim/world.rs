@@ -685,6 +685,11 @@ impl World {
             ));
             s.counts.cut_during_write += usize::from(during_write);
         }
+        self.crash_and_restart_later(ids).await;
+    }
+
+    /// Crashes `ids`, each to restart 200 ms to 3 s from now.
+    async fn crash_and_restart_later(&mut self, ids: Vec<String>) {
         let now = self.now_ms();
         for id in ids {
             self.crash(&id).await;
@@ -1033,11 +1038,7 @@ impl World {
                     let at = now + self.rng.between(1, 40);
                     self.schedule(at, Action::PowerCut(down));
                 } else {
-                    for id in down {
-                        self.crash(&id).await;
-                        let after = self.rng.between(200, 3_000);
-                        self.schedule(now + after, Action::Restart(id));
-                    }
+                    self.crash_and_restart_later(down).await;
                 }
             }
             3 if up.len() >= 2 => {

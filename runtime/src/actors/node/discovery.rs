@@ -19,7 +19,7 @@ use super::frames::Output;
 use super::planted_bugs::PlantedBugs;
 use crate::config::HamokConfig;
 use crate::events::HamokEvent;
-use crate::raft::{LogIndex, PeerId, RaftNode, ReadState, Role};
+use crate::raft::{LogIndex, Membership, PeerId, RaftNode, ReadState, Role};
 use crate::stats::JoinState;
 use crate::wire::{HamokMessage, Hello};
 
@@ -197,13 +197,20 @@ impl Discovery {
         }
     }
 
+    /// Whether this peer may call itself joined: a voter (any member, when only a follower) of the
+    /// committed configuration and of the latest one in its log. A removal of this peer still pending
+    /// in the log it caught up on would take it out again right after: the whole-peer simulation saw a
+    /// restarted peer's `join()` answer `Ok` and the peer removed 80 ms later, when the removal (decided
+    /// while it was silent) committed. It waits for that removal to commit or be overwritten instead.
     fn is_member(&self, raft: &RaftNode) -> bool {
-        let membership = raft.membership();
-        if self.only_follower {
-            membership.contains(&self.id)
-        } else {
-            membership.is_voter(&self.id)
-        }
+        let lists = |membership: &Membership| {
+            if self.only_follower {
+                membership.contains(&self.id)
+            } else {
+                membership.is_voter(&self.id)
+            }
+        };
+        lists(raft.membership()) && lists(raft.latest_membership())
     }
 
     /// The join and rejoin rules, applied to the engine's committed configuration.
@@ -345,7 +352,10 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::{PersistedState, RaftConfig};
+    use crate::raft::{
+        Entry, EntryPayload, HardState, Message, MessageBody, PersistedState, RaftConfig, Snapshot,
+        SnapshotMeta,
+    };
 
     fn member_hello() -> Hello {
         Hello {
@@ -396,5 +406,71 @@ mod tests {
         discovery.start(10_000);
         let later = 10_000 + 10 * config.discovery_window_ms;
         assert!(!discovery.should_bootstrap(later, &raft, PlantedBugs::default()));
+    }
+
+    /// A peer that caught up with its leader joins only if the latest configuration in its log keeps
+    /// it: a removal of it still pending there (decided while it was silent) would take it out again
+    /// as soon as it commits, right after `join()` answered `Ok`.
+    #[test]
+    fn a_pending_removal_of_the_peer_holds_its_join_back() {
+        let id = |s: &str| PeerId::from(s);
+        let judged = |pending_removal: bool| {
+            let members = Membership::with_voters([id("a"), id("l"), id("x")]);
+            let entries = if pending_removal {
+                vec![Entry {
+                    term: 2,
+                    index: 1,
+                    payload: EntryPayload::Membership(Box::new(Membership::with_voters([
+                        id("l"),
+                        id("x"),
+                    ]))),
+                }]
+            } else {
+                Vec::new()
+            };
+            let persisted = PersistedState {
+                hard_state: HardState {
+                    term: 2,
+                    voted_for: None,
+                },
+                snapshot: Snapshot {
+                    meta: SnapshotMeta {
+                        last_index: 0,
+                        last_term: 0,
+                        membership: members,
+                    },
+                    data: Default::default(),
+                },
+                entries,
+                committed: 0,
+            };
+            let mut raft = RaftNode::new(id("a"), RaftConfig::default(), 1, 0, persisted).unwrap();
+            // The leader's heartbeat: the peer knows its leader, and commits nothing more.
+            raft.step(
+                1,
+                Message {
+                    from: id("l"),
+                    to: id("a"),
+                    term: 2,
+                    body: MessageBody::Heartbeat {
+                        commit: 0,
+                        read_seq: 0,
+                    },
+                },
+            );
+            assert_eq!(raft.leader_id(), Some(&id("l")));
+            assert!(raft.membership().is_voter(&id("a")));
+            let mut discovery = Discovery::new(id("a"), &HamokConfig::default());
+            discovery.start(0);
+            // Caught up with the read index the leader gave.
+            discovery.catch_up_to = Some(0);
+            discovery.judge(2, &raft)
+        };
+        assert!(matches!(judged(false), Some(Transition::Joined)));
+        assert_eq!(
+            judged(true),
+            None,
+            "joined while its own removal is pending"
+        );
     }
 }
