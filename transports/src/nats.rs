@@ -769,6 +769,7 @@ mod tests {
             .outbound_capacity(0)
             .build()
             .is_err());
+        assert!(NatsTransport::builder().publish_batch(0).build().is_err());
         let t = NatsTransport::builder()
             .server("nats://127.0.0.1:4222")
             .subject_prefix("org.hamok")
