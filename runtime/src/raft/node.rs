@@ -740,8 +740,9 @@ impl RaftNode {
 
     /// Whether this peer may campaign (learners never do, nor peers that know their removal
     /// committed): it is a voter in its latest configuration, or in its committed one while its log
-    /// holds its own uncommitted removal. The votes are counted over the latest configuration either way (a
-    /// candidate outside it does not count itself), so this decides only who tries, never who wins.
+    /// holds its own uncommitted removal. The votes are counted over the latest configuration either
+    /// way (a candidate outside it does not count itself), so this decides only who tries, never who
+    /// wins.
     /// Without the second case, a peer whose log held its removal could not campaign after the
     /// leader that appended the removal lost it (a power cut before its sync): the one voter left
     /// needed this peer's vote, which its longer log refused, and neither could ever be elected
