@@ -30,7 +30,7 @@ export HAMOK_NATS_URL=${HAMOK_NATS_URL:-nats://127.0.0.1:4222}
 export HAMOK_AMQP_URL=${HAMOK_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export HAMOK_REDIS_URL=${HAMOK_REDIS_URL:-redis://127.0.0.1:6379}
 
-STEPS=(brokers nats-server fmt clippy test simulation peer-simulation)
+STEPS=(brokers nats-server fmt clippy features test simulation peer-simulation)
 declare -A RESULT=() SECS=()
 CURRENT=""
 START_ALL=$SECONDS
@@ -101,6 +101,18 @@ step fmt "formatting" \
     cargo fmt --all -- --check
 step clippy "lints, warnings denied" \
     cargo clippy --workspace --all-targets --all-features -- -D warnings
+# A service embedding the library picks its transports (Cargo.toml, [features]): each choice alone must
+# build, warnings denied (the workspace steps build everything at once, which hides a module gated on
+# the wrong feature).
+each_feature_alone() {
+    local features
+    for features in "" nats rabbitmq; do
+        echo "    hamok --no-default-features ${features:+--features $features}"
+        cargo clippy -p hamok --no-default-features ${features:+--features "$features"} -- -D warnings
+    done
+}
+step features "the library with no transport, with NATS alone, with RabbitMQ alone" \
+    each_feature_alone
 step test "unit, doc and integration tests (debug)" \
     cargo test --workspace --all-features
 step simulation "simulation, release build (HAMOK_SIM_SEEDS=${HAMOK_SIM_SEEDS:-<default>})" \

@@ -31,7 +31,7 @@
 
 // The shared link (`link`) and most of `common` are used only by the adapters; without either feature
 // only `is_valid_token` and the stats type are reachable.
-#[cfg(feature = "rabbitmq")]
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
 mod batch;
 #[cfg_attr(not(any(feature = "nats", feature = "rabbitmq")), allow(dead_code))]
 mod common;

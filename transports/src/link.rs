@@ -69,8 +69,10 @@ pub(crate) trait Publisher<A>: Send + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// One message from the broker, as the reader task sees it.
+/// One message from the broker, as the reader task sees it. (NATS never echoes a peer's own frames,
+/// `no_echo`, and reports a failed connection through its events: only RabbitMQ makes the last two.)
 #[derive(Debug)]
+#[cfg_attr(not(feature = "rabbitmq"), allow(dead_code))]
 pub(crate) enum Received {
     /// A frame for the peer.
     Frame(Bytes),

@@ -592,7 +592,6 @@ impl NatsInner {
         let sub_all = client.subscribe(broadcast.clone()).await.map_err(sub_err)?;
         let sub_me = client.subscribe(mine).await.map_err(sub_err)?;
         sync_with_server(&client, c.connect_timeout).await?;
-        let max_payload = client.server_info().max_payload;
 
         // Several frames in one message (see `batch`); a damaged batch goes on whole, and the receiver's
         // decoder counts it as malformed.
@@ -610,13 +609,11 @@ impl NatsInner {
                 client: client.clone(),
                 broadcast: broadcast.clone(),
                 unicast_prefix,
-                max_payload,
             },
             NatsPublisher {
                 client,
                 broadcast,
                 max_batch: c.publish_batch,
-                max_body_bytes: max_payload,
             },
             c.outbound_capacity,
             received,
@@ -653,14 +650,13 @@ async fn sync_with_server(client: &Client, limit: Duration) -> Result<(), HamokE
     }
 }
 
-/// How a [`BusLink`] reaches NATS: subjects, the server's payload limit, the client's connection
-/// state, and the client to drain on close.
+/// How a [`BusLink`] reaches NATS: subjects, the client's connection state, and the client (its
+/// server's payload limit, and to drain on close).
 struct NatsBus {
     connectivity: Arc<Connectivity>,
     client: Client,
     broadcast: Subject,
     unicast_prefix: String,
-    max_payload: usize,
 }
 
 impl Bus for NatsBus {
@@ -676,11 +672,14 @@ impl Bus for NatsBus {
     }
 
     fn admit(&self, frame: &Bytes, counters: &Counters) -> Result<(), HamokError> {
-        if frame.len() > self.max_payload {
+        // The limit of the server the client is connected to now: the client reads it from each
+        // server's INFO, also after a reconnect to another server.
+        let limit = self.client.max_payload();
+        if frame.len() > limit {
             Counters::bump(&counters.dropped_too_large);
             return Err(HamokError::TooLarge {
                 size: frame.len(),
-                limit: self.max_payload,
+                limit,
             });
         }
         if !self.connectivity.up.load(Ordering::Acquire) {
@@ -711,8 +710,6 @@ struct NatsPublisher {
     /// The subject of broadcasts: a barrier when frames are coalesced.
     broadcast: Subject,
     max_batch: usize,
-    /// The server's `max_payload`: no body of several frames is larger.
-    max_body_bytes: usize,
 }
 
 impl Publisher<Subject> for NatsPublisher {
@@ -725,7 +722,10 @@ impl Publisher<Subject> for NatsPublisher {
         batch: &mut Vec<(Subject, Bytes)>,
         counters: &Counters,
     ) -> Result<(), String> {
-        for m in batch::coalesce(batch, &self.broadcast, self.max_body_bytes) {
+        // No body of several frames is larger than the current server's `max_payload` (read per batch:
+        // a reconnect may have moved the client to a server with a smaller one).
+        let max_body_bytes = self.client.max_payload();
+        for m in batch::coalesce(batch, &self.broadcast, max_body_bytes) {
             if self.client.connection_state() == State::Disconnected {
                 // Stale by the time we are back: Raft will resend what matters.
                 Counters::add(&counters.dropped_link_down, m.frames);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use hamok_runtime::HamokError;
 use hamok_transports::nats::{NatsTransport, NatsTransportBuilder, DEFAULT_NATS_URL, NATS_URL_ENV};
 use hamok_transports::TransportStats;
 
@@ -147,4 +148,98 @@ async fn slow_consumer_drops_are_counted() {
     println!("[natss] {s:?}");
     assert!(s.frames_received < N, "{s:?}");
     assert!(s.frames_received + s.dropped_slow_consumer <= N, "{s:?}");
+}
+
+/// After a reconnect to a server with a smaller `max_payload`, the link keeps to the new limit: a
+/// frame above it is refused with a typed error, and frames coalesced into one message stay within it
+/// (a body sized for the first server would be refused by the client and its frames lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_to_a_server_with_a_smaller_payload_limit_is_honoured() {
+    use hamok_runtime::raft::PeerId;
+    use hamok_testkit::nats_cluster::NatsCluster;
+    const SMALL_LIMIT_BYTES: usize = 64 * 1024;
+
+    let big = server().await; // the machine's server: the default limit, 1 MiB
+    let config = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(config.path(), format!("max_payload: {SMALL_LIMIT_BYTES}\n")).expect("config");
+    let small = NatsCluster::builder()
+        .servers(1)
+        .jetstream(false)
+        .arg("-c")
+        .arg(config.path().display().to_string())
+        .start()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("a private nats-server with max_payload {SMALL_LIMIT_BYTES}: {e}")
+        });
+    let small_url = small.client_url(0);
+
+    let cluster = unique_id("natsm");
+    let proxy = Proxy::start(host_port(&big, 4222)).await;
+    let moving = builder(&format!("nats://{}", proxy.addr))
+        .reconnect_delay_max(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let (ia, _) = collector(16);
+    let a = connect(&moving, &cluster, "a", ia).await;
+    assert!(
+        a.send(&PeerId::from("b"), Bytes::from(vec![7u8; 100 * 1024]))
+            .is_ok(),
+        "100 KiB is within the first server's limit"
+    );
+
+    // The client's connection moves to the small server.
+    proxy.retarget(host_port(&small_url, 4222));
+    let reconnects = moving.stats().reconnects;
+    proxy.outage(Duration::from_millis(200)).await;
+    eventually("the client to reconnect to the small server", WAIT, || {
+        let s = moving.stats();
+        async move { (s.reconnects > reconnects).then_some(()) }
+    })
+    .await;
+    let stationary = transport(&small_url);
+    let (ib, got_b) = collector(4096);
+    let _b = connect(&stationary, &cluster, "b", ib).await;
+
+    match a.send(&PeerId::from("b"), Bytes::from(vec![7u8; 100 * 1024])) {
+        Err(HamokError::TooLarge { size, limit }) => {
+            assert_eq!((size, limit), (100 * 1024, SMALL_LIMIT_BYTES))
+        }
+        other => panic!("a frame above the new server's limit: {other:?}"),
+    }
+    // 200 frames of 2 KiB, queued at once: several to a message, no message above 64 KiB.
+    let before = moving.stats();
+    const FRAMES: usize = 200;
+    let sent: Vec<Bytes> = (0..FRAMES)
+        .map(|i| {
+            let mut frame = vec![(i % 251) as u8; 2 * 1024];
+            frame[..4].copy_from_slice(&(i as u32).to_le_bytes());
+            Bytes::from(frame)
+        })
+        .collect();
+    for frame in &sent {
+        a.send(&PeerId::from("b"), frame.clone()).unwrap();
+    }
+    eventually("b to get every frame", WAIT, || {
+        let n = got_b.lock().unwrap().len();
+        async move { (n >= FRAMES).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *got_b.lock().unwrap(),
+        sent,
+        "each frame whole, once, in order"
+    );
+    let after = moving.stats();
+    println!("[natsm] {after:?}");
+    assert_eq!(
+        after.dropped_publish_failed, before.dropped_publish_failed,
+        "{after:?}"
+    );
+    let messages = after.messages_sent - before.messages_sent;
+    assert!(
+        messages < FRAMES as u64 && messages >= (FRAMES * 2 * 1024 / SMALL_LIMIT_BYTES) as u64,
+        "{messages} messages for {FRAMES} frames: coalesced, within the small limit"
+    );
 }

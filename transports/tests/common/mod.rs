@@ -587,9 +587,10 @@ where
 // -------------------------------------------------------------------------------------------------
 
 /// A loopback TCP proxy in front of a broker; [`Proxy::outage`] cuts every connection and refuses new
-/// ones for a while.
+/// ones for a while, [`Proxy::retarget`] sends new connections to another broker.
 pub struct Proxy {
     pub addr: String,
+    upstream: Arc<Mutex<String>>,
     up: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
@@ -600,9 +601,11 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let up = Arc::new(AtomicBool::new(true));
+        let upstream = Arc::new(Mutex::new(upstream));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = {
             let up = up.clone();
+            let upstream = upstream.clone();
             let conns = conns.clone();
             tokio::spawn(async move {
                 loop {
@@ -613,7 +616,7 @@ impl Proxy {
                         let _ = client.shutdown().await;
                         continue;
                     }
-                    let upstream = upstream.clone();
+                    let upstream = upstream.lock().unwrap().clone();
                     let task = tokio::spawn(async move {
                         if let Ok(mut server) = TcpStream::connect(&upstream).await {
                             let _ = client.set_nodelay(true);
@@ -629,10 +632,16 @@ impl Proxy {
         };
         Proxy {
             addr,
+            upstream,
             up,
             conns,
             accept,
         }
+    }
+
+    /// Connections made from now on go to `upstream` (the ones open stay where they are).
+    pub fn retarget(&self, upstream: String) {
+        *self.upstream.lock().unwrap() = upstream;
     }
 
     /// Cuts every proxied connection and refuses new ones for `down`.
