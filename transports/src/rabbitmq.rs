@@ -6,8 +6,10 @@
 //! auto-deleted once no queue is bound to it). Each link of peer `p` declares one server-named,
 //! exclusive, auto-delete queue (gone with its connection), bound to the exchange with the routing keys
 //! `all` (broadcasts) and `peer.p` (frames unicast to `p`), and consumes it with no acknowledgements:
-//! Raft retransmits, so a frame lost anywhere only costs a retry. The queue is bounded on the broker
-//! (`x-max-length` in messages, [`AmqpTransportBuilder::queue_max_length`], oldest dropped first).
+//! Raft retransmits, so a frame lost anywhere only costs a retry. The queue is bounded on the broker, in
+//! messages ([`AmqpTransportBuilder::queue_max_length`], `x-max-length`) and in bytes
+//! ([`AmqpTransportBuilder::queue_max_bytes`], `x-max-length-bytes`), oldest dropped first: a peer that
+//! stops reading costs the broker a bounded amount of memory, never the whole node's.
 //!
 //! Cluster and peer ids must be 1 to 128 bytes of `[A-Za-z0-9_-]` (the runtime's configuration already
 //! insists on it): `.`, `*` and `#` mean something in topic routing keys, so anything else is refused.
@@ -87,6 +89,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_EXCHANGE_PREFIX: &str = "hamok";
 /// The routing key of broadcasts.
 pub const BROADCAST_KEY: &str = "all";
+/// The default of [`AmqpTransportBuilder::queue_max_bytes`]: 64 MiB.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 
 /// The routing key of the frames unicast to `peer`.
 pub fn peer_routing_key(peer: &str) -> String {
@@ -103,6 +107,7 @@ struct AmqpConfig {
     publisher_confirms: bool,
     connect_timeout: Duration,
     queue_max_length: Option<u32>,
+    queue_max_bytes: Option<u64>,
     message_ttl: Option<Duration>,
 }
 
@@ -118,6 +123,7 @@ pub struct AmqpTransportBuilder {
     heartbeat: Duration,
     connect_timeout: Duration,
     queue_max_length: Option<u32>,
+    queue_max_bytes: Option<u64>,
     message_ttl: Option<Duration>,
 }
 
@@ -146,6 +152,7 @@ impl Default for AmqpTransportBuilder {
             heartbeat: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             queue_max_length: Some(100_000),
+            queue_max_bytes: Some(DEFAULT_QUEUE_MAX_BYTES),
             message_ttl: None,
         }
     }
@@ -221,6 +228,15 @@ impl AmqpTransportBuilder {
         self
     }
 
+    /// Most bytes of message bodies the broker keeps in a peer's queue, oldest dropped first (default
+    /// 64 MiB; `None`: bounded by [`queue_max_length`](Self::queue_max_length) alone). The message
+    /// bound alone would let a peer that stops reading hold up to 100 000 messages of up to 1 MiB
+    /// each on the broker; Raft retransmits whatever is dropped.
+    pub fn queue_max_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.queue_max_bytes = bytes;
+        self
+    }
+
     /// Frames older than this are discarded by the broker instead of delivered (default: none).
     pub fn message_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.message_ttl = ttl;
@@ -281,6 +297,7 @@ impl AmqpTransportBuilder {
                     publisher_confirms: self.publisher_confirms,
                     connect_timeout: self.connect_timeout,
                     queue_max_length: self.queue_max_length,
+                    queue_max_bytes: self.queue_max_bytes,
                     message_ttl: self.message_ttl,
                 },
                 counters: Arc::new(Counters::default()),
@@ -350,6 +367,30 @@ impl Transport for AmqpTransport {
     }
 }
 
+/// The arguments each link's queue is declared with: the broker-side bounds of the settings.
+fn queue_arguments(c: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(max) = c.queue_max_length {
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongInt(i32::try_from(max).unwrap_or(i32::MAX)),
+        );
+    }
+    if let Some(max) = c.queue_max_bytes {
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(max).unwrap_or(i64::MAX)),
+        );
+    }
+    if let Some(ttl) = c.message_ttl {
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongInt(i32::try_from(ttl.as_millis()).unwrap_or(i32::MAX)),
+        );
+    }
+    args
+}
+
 fn amqp_err(what: &str) -> impl Fn(lapin::Error) -> HamokError + '_ {
     move |e| HamokError::transport(format!("AMQP {what}"), e)
 }
@@ -410,19 +451,6 @@ impl AmqpInner {
             )
             .await
             .map_err(amqp_err("exchange.declare"))?;
-        let mut args = FieldTable::default();
-        if let Some(max) = c.queue_max_length {
-            args.insert(
-                "x-max-length".into(),
-                AMQPValue::LongInt(i32::try_from(max).unwrap_or(i32::MAX)),
-            );
-        }
-        if let Some(ttl) = c.message_ttl {
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongInt(i32::try_from(ttl.as_millis()).unwrap_or(i32::MAX)),
-            );
-        }
         let queue = consume
             .queue_declare(
                 "".into(),
@@ -431,7 +459,7 @@ impl AmqpInner {
                     auto_delete: true,
                     ..Default::default()
                 },
-                args,
+                queue_arguments(c),
             )
             .await
             .map_err(amqp_err("queue.declare"))?;
@@ -715,6 +743,96 @@ mod tests {
             .is_err());
         assert!(AmqpTransport::builder().publish_batch(0).build().is_err());
         assert_eq!(peer_routing_key("p"), "peer.p");
+    }
+
+    /// Each bound of the settings, on a real broker: a queue declared with [`queue_arguments`] and no
+    /// consumer keeps no more than the bound. The links declare their queues with the same function.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_bounds_hold_on_the_broker() {
+        let url = crate::common::env_urls(AMQP_URL_ENV, DEFAULT_AMQP_URL)[0].clone();
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&url, ConnectionProperties::default()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("no answer from RabbitMQ at {AMQP_URL_ENV} / {DEFAULT_AMQP_URL}")
+        })
+        .expect("RabbitMQ connection");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let config = |length: Option<u32>, bytes: Option<u64>, ttl: Option<Duration>| {
+            let mut c = AmqpTransport::builder()
+                .queue_max_length(length)
+                .queue_max_bytes(bytes)
+                .message_ttl(ttl)
+                .build()
+                .unwrap()
+                .inner
+                .config
+                .clone();
+            c.uris.clear();
+            c
+        };
+        // (settings, bodies of 1,000 bytes published, wait, messages left)
+        let cases = [
+            (config(Some(5), None, None), 20, 0, 5),
+            (config(None, Some(10_000), None), 20, 0, 10),
+            (config(Some(100_000), Some(4_500), None), 20, 0, 4),
+            (
+                config(None, None, Some(Duration::from_millis(50))),
+                20,
+                300,
+                0,
+            ),
+            (config(None, None, None), 20, 0, 20),
+        ];
+        for (i, (c, published, wait_ms, left)) in cases.into_iter().enumerate() {
+            let queue = channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    queue_arguments(&c),
+                )
+                .await
+                .unwrap();
+            for _ in 0..published {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.name().clone(),
+                        BasicPublishOptions::default(),
+                        &[7u8; 1_000],
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(confirm.is_ack(), "case {i}: {confirm:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            let now = channel
+                .queue_declare(
+                    queue.name().clone(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(now.message_count(), left, "case {i}");
+        }
+        let _ = conn.close(200, "done".into()).await;
     }
 
     #[test]
