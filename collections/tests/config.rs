@@ -1,6 +1,7 @@
 //! Shared config: revisions, validation before the log, compare-and-set, history and rollback, and
 //! watches whose first item is the current value, that coalesce for a slow watcher, and that end on the
-//! same latest value on every replica after a partition heals.
+//! same latest value on every replica after a partition heals, also when a replica catches up by
+//! installing a snapshot.
 
 mod common;
 
@@ -173,4 +174,54 @@ async fn watches_start_with_the_current_value_coalesce_and_agree_after_a_partiti
         .await
         .expect("the watch ends");
     assert!(end.is_none(), "{end:?}");
+}
+
+/// A follower that catches up by installing a snapshot (every change of the value lies inside it, so
+/// none is applied one by one there) still ends its watch on the latest value: the install relinks
+/// the config and republishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_on_the_latest_value_after_a_snapshot_install() {
+    let c = Cluster::start_with("config-snap", 3, |b| {
+        b.snapshot_after_entries(50).peer_max_idle_ms(60_000)
+    })
+    .await;
+    let cfg = configs(&c).await;
+    let (l, f) = (c.leader(), c.follower());
+    let first = cfg[l].set(Limits { max_conns: 1 }).await.unwrap();
+    let mut watch = cfg[f].watch();
+    watch_until(&mut watch, |v| v.revision == first).await;
+    let installed_before = c.peers[f].stats().counters.snapshots_installed;
+
+    // The follower hears nothing from the leader while the value changes, then while other writes
+    // push the leader's snapshot past the last change.
+    let (lid, fid) = (
+        c.peers[l].local_peer_id().clone(),
+        c.peers[f].local_peer_id().clone(),
+    );
+    c.hub.block(&lid, &fid);
+    let mut last = 0;
+    for n in 2..=120 {
+        last = cfg[l].set(Limits { max_conns: n }).await.unwrap();
+    }
+    let other = c.peers[l].create_map::<u64, u64>("other").await.unwrap();
+    for i in 0..150 {
+        other.set(i, i).await.unwrap();
+    }
+    let snapshot_index = c.peers[l].stats().status.raft.snapshot_index;
+    assert!(
+        snapshot_index >= last,
+        "the leader's snapshot ({snapshot_index}) covers the last change ({last})"
+    );
+    c.hub.unblock(&lid, &fid);
+
+    let seen = watch_until(&mut watch, |v| v.revision == last).await;
+    assert_eq!(seen.value.max_conns, 120);
+    // The counters are published after the install: wait for them rather than read them at once.
+    wait_until(
+        "the follower caught up by installing a snapshot",
+        WAIT,
+        || c.peers[f].stats().counters.snapshots_installed > installed_before,
+    )
+    .await;
+    c.close().await;
 }
