@@ -11,7 +11,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hamok::collections::SharedConfig;
 use hamok::prelude::*;
 use hamok::runtime::transport::memory::InProcessHub;
 use serde::{Deserialize, Serialize};
@@ -149,10 +148,10 @@ async fn main() -> Result<(), HamokError> {
         )
         .await?
     {
-        Err(current) => {
+        CasOutcome::Conflict(current) => {
             println!("bob's compare_and_set over rev {read}: conflict, now {current:?}")
         }
-        Ok(r) => panic!("compare_and_set over a stale revision succeeded (rev {r})"),
+        CasOutcome::Set(r) => panic!("compare_and_set over a stale revision succeeded (rev {r})"),
     }
     settle(&seen, raced).await;
 

@@ -38,8 +38,8 @@ pub mod stores;
 pub mod prelude {
     pub use hamok_collections::RedisRemoteMap;
     pub use hamok_collections::{
-        leadership, ConfigWatch, FenceGate, HamokLock, JobContext, JobState, LeaderJob, LockEvent,
-        LockGuard, LockHolder, LockOptions, SharedConfig, Versioned,
+        leadership, CasOutcome, ConfigWatch, FenceGate, HamokLock, JobContext, JobState, LeaderJob,
+        LockEvent, LockGuard, LockHolder, LockOptions, SharedConfig, Versioned,
     };
     pub use hamok_collections::{
         register_kinds, register_remote_map, DeadLetter, Delivery, DeliveryId, Events, Field,

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hamok_collections::{
-    ConfigWatch, Delivery, DeliveryId, HamokCollections, HamokLock, HamokMap, HamokQueue, HamokSet,
-    LockGuard, LockOptions, SharedConfig, Versioned,
+    CasOutcome, ConfigWatch, Delivery, DeliveryId, HamokCollections, HamokLock, HamokMap,
+    HamokQueue, HamokSet, LockGuard, LockOptions, SharedConfig, Versioned,
 };
 use hamok_runtime::{Hamok, HamokError};
 
@@ -377,17 +377,17 @@ impl Stores {
     }
 
     /// Sets config `name` (only over revision `expected` when given; `Some(0)`: only if never set):
-    /// `Ok(Ok(revision))` with the new revision, or `Ok(Err(current))` with the revision that is there
-    /// instead (nothing changed).
+    /// [`CasOutcome::Set`] with the new revision, or [`CasOutcome::Conflict`] with the revision that
+    /// is there instead (nothing changed).
     pub async fn config_set(
         &self,
         name: &str,
         value: &str,
         expected: Option<u64>,
-    ) -> Result<Result<u64, Option<u64>>, HamokError> {
+    ) -> Result<CasOutcome, HamokError> {
         let config = self.config(name).await?;
         match expected {
-            None => config.set(value.to_string()).await.map(Ok),
+            None => config.set(value.to_string()).await.map(CasOutcome::Set),
             Some(revision) => config.compare_and_set(revision, value.to_string()).await,
         }
     }

@@ -84,11 +84,31 @@ pub(crate) enum ConfigCmd {
     Rollback(u64),
 }
 
-/// What a set answered.
-#[derive(Serialize, Deserialize)]
-enum SetOutcome {
+/// What [`SharedConfig::compare_and_set`] answered (also what every set answers inside the log).
+///
+/// ```
+/// use hamok_collections::CasOutcome;
+/// let won = CasOutcome::Set(7);
+/// assert_eq!(won.revision(), Some(7));
+/// assert_eq!(CasOutcome::Conflict(Some(9)).revision(), None);
+/// ```
+#[must_use = "a conflict means nothing was set"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CasOutcome {
+    /// The value was set: its new revision.
     Set(u64),
+    /// Nothing changed: the revision there instead (`None`: the config was never set).
     Conflict(Option<u64>),
+}
+
+impl CasOutcome {
+    /// The new revision when the value was set, `None` on a conflict.
+    pub fn revision(self) -> Option<u64> {
+        match self {
+            CasOutcome::Set(revision) => Some(revision),
+            CasOutcome::Conflict(_) => None,
+        }
+    }
 }
 
 /// The local part: the watch every handle and watcher of this config on this peer shares.
@@ -129,7 +149,7 @@ impl Logic for ConfigLogic {
                 let current = state.current.as_ref().map(|(r, _)| *r);
                 if let Some(expected) = expected {
                     if current.unwrap_or(0) != expected {
-                        return encode(&SetOutcome::Conflict(current));
+                        return encode(&CasOutcome::Conflict(current));
                     }
                 }
                 value
@@ -160,7 +180,7 @@ impl Logic for ConfigLogic {
         let current = state.current.clone();
         drop(state);
         publish(core, &current);
-        encode(&SetOutcome::Set(ctx.index))
+        encode(&CasOutcome::Set(ctx.index))
     }
 
     fn on_observe(
@@ -292,30 +312,23 @@ where
             })
             .await?
         {
-            SetOutcome::Set(revision) => Ok(revision),
-            SetOutcome::Conflict(_) => Err(HamokError::Rejected("unexpected conflict".into())),
+            CasOutcome::Set(revision) => Ok(revision),
+            CasOutcome::Conflict(_) => Err(HamokError::Rejected("unexpected conflict".into())),
         }
     }
 
-    /// Sets the value only if the current revision is `expected` (`0`: only if never set). `Ok(Ok(rev))`
-    /// with the new revision, or `Ok(Err(current))` with the revision that is there instead.
-    pub async fn compare_and_set(
-        &self,
-        expected: u64,
-        value: T,
-    ) -> Result<Result<u64, Option<u64>>, HamokError> {
+    /// Sets the value only if the current revision is `expected` (`0`: only if never set):
+    /// [`CasOutcome::Set`] with the new revision, or [`CasOutcome::Conflict`] with the revision that
+    /// is there instead (nothing changed). `Err` only when the call failed (it may have taken effect
+    /// where the error says so).
+    pub async fn compare_and_set(&self, expected: u64, value: T) -> Result<CasOutcome, HamokError> {
         let value = self.check(&value)?;
-        let outcome: SetOutcome = self
-            .handle
+        self.handle
             .submit(ConfigCmd::Set {
                 value,
                 expected: Some(expected),
             })
-            .await?;
-        Ok(match outcome {
-            SetOutcome::Set(revision) => Ok(revision),
-            SetOutcome::Conflict(current) => Err(current),
-        })
+            .await
     }
 
     /// Read-modify-write: applies `f` to the current value (linearizable read) and sets the result over
@@ -325,7 +338,7 @@ where
             let current = self.get_linearizable().await?;
             let revision = current.as_ref().map_or(0, |c| c.revision);
             let next = f(current.map(|c| c.value));
-            if let Ok(revision) = self.compare_and_set(revision, next).await? {
+            if let CasOutcome::Set(revision) = self.compare_and_set(revision, next).await? {
                 return Ok(revision);
             }
         }
@@ -354,8 +367,8 @@ where
             self.check(&old.value)?;
         }
         match self.handle.submit(ConfigCmd::Rollback(revision)).await? {
-            SetOutcome::Set(revision) => Ok(revision),
-            SetOutcome::Conflict(_) => Err(HamokError::Rejected("unexpected conflict".into())),
+            CasOutcome::Set(revision) => Ok(revision),
+            CasOutcome::Conflict(_) => Err(HamokError::Rejected("unexpected conflict".into())),
         }
     }
 

@@ -75,7 +75,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use common::{Events, RecvError, ResyncReason, EVENT_CAPACITY};
-pub use config::{ConfigWatch, SharedConfig, Versioned, CONFIG_KIND, MAX_HISTORY};
+pub use config::{CasOutcome, ConfigWatch, SharedConfig, Versioned, CONFIG_KIND, MAX_HISTORY};
 pub use emitter::{EmitterStats, HamokEmitter, HandlerId, SubscriptionEvent, EMITTER_KIND};
 pub use job::{leadership, JobContext, JobState, LeaderJob};
 pub use lock::{

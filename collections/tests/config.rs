@@ -56,14 +56,15 @@ async fn revisions_validation_cas_history_and_rollback() {
         .compare_and_set(r1, Limits { max_conns: 20 })
         .await
         .unwrap()
-        .unwrap();
+        .revision()
+        .expect("set over the current revision");
     assert!(r2 > r1);
     assert_eq!(
         cfg[2]
             .compare_and_set(r1, Limits { max_conns: 30 })
             .await
             .unwrap(),
-        Err(Some(r2))
+        CasOutcome::Conflict(Some(r2))
     );
     // update() is a read-modify-write that retries on conflict.
     let r3 = cfg[2]

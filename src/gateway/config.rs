@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use hamok_collections::{ConfigWatch, Versioned};
+use hamok_collections::{CasOutcome, ConfigWatch, Versioned};
 use hamok_runtime::HamokError;
 use serde_json::json;
 
@@ -85,11 +85,11 @@ pub(crate) async fn put(
         None
     };
     match g.stores.config_set(&name, &value, expected).await? {
-        Ok(revision) => with_etag(
+        CasOutcome::Set(revision) => with_etag(
             &revision_etag(revision),
             json!({ "name": name, "value": value, "revision": revision }),
         ),
-        Err(current) => Err(ApiError::precondition_failed(format!(
+        CasOutcome::Conflict(current) => Err(ApiError::precondition_failed(format!(
             "config {name:?} is at revision {} now",
             current.unwrap_or(0)
         ))),

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use hamok::collections::queue::MAX_LEASE_MS;
-use hamok::prelude::{DeliveryId, HamokError};
+use hamok::prelude::{CasOutcome, DeliveryId, HamokError};
 use hamok::stores::{Stores, DEFAULT_LEASE_MS};
 
 use crate::cluster::Cluster;
@@ -343,9 +343,11 @@ async fn config_set(s: &Stores, a: &[String]) -> Result<Reply, HamokError> {
     };
     Ok(
         match retry(|| s.config_set(&a[0], &a[1], expected)).await? {
-            Ok(revision) => Reply::count(revision),
-            Err(Some(current)) => Reply::Error(format!("conflict: revision {current} is there")),
-            Err(None) => Reply::error("conflict: never set"),
+            CasOutcome::Set(revision) => Reply::count(revision),
+            CasOutcome::Conflict(Some(current)) => {
+                Reply::Error(format!("conflict: revision {current} is there"))
+            }
+            CasOutcome::Conflict(None) => Reply::error("conflict: never set"),
         },
     )
 }
