@@ -232,6 +232,22 @@ const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
     "system"
 };
 
+/// The allocator's settings taken from the environment (`GLIBC_TUNABLES`, `MIMALLOC_*`), as
+/// `NAME=value` pairs, or `defaults`: they change the figures as much as the allocator does (README
+/// "Performance", the allocator).
+fn allocator_settings() -> String {
+    let mut set: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k == "GLIBC_TUNABLES" || k.starts_with("MIMALLOC_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    set.sort();
+    if set.is_empty() {
+        "defaults".into()
+    } else {
+        set.join(" ")
+    }
+}
+
 fn main() {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -313,8 +329,12 @@ async fn run(args: Args, threads: usize) -> Res<()> {
                 .into(),
         ),
         ("allocator".into(), ALLOCATOR.into()),
+        ("allocator_settings".into(), allocator_settings().into()),
     ];
-    eprintln!("-- load average at start: {load_start}; allocator: {ALLOCATOR}");
+    eprintln!(
+        "-- load average at start: {load_start}; allocator: {ALLOCATOR} ({})",
+        allocator_settings()
+    );
     // `--nats-cluster`: the servers live as long as the run (they stop when the last reference, this
     // one or the context's, is dropped: on every return, error or not).
     let nats_cluster = if args.nats_cluster {
