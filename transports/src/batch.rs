@@ -3,9 +3,12 @@
 //!
 //! A body that carries several frames starts with [`BATCH_MARKER`] (`0xc1`, the one byte no
 //! MessagePack value starts with), then, per frame, its length (u32, little-endian) and its bytes. A
-//! frame alone is its own body, unchanged. Bodies built from several frames stay under the limit the
-//! publisher gives (at most [`MAX_BATCH_BODY_BYTES`]; NATS: also the server's `max_payload`); a frame
-//! that would pass it starts the next body.
+//! frame alone is its own body, unchanged, unless it starts with the marker itself (an authenticated
+//! frame: the runtime's `AUTH_MARKER` is the same byte): such a frame travels as a batch of one, so a
+//! body that starts with the marker is always a batch. Sent bare, its tag's first bytes would be read
+//! as a length, and a tag that happened to parse would split the frame into pieces. Bodies built from
+//! several frames stay under the limit the publisher gives (at most [`MAX_BATCH_BODY_BYTES`]; NATS:
+//! also the server's `max_payload`); a frame that would pass it starts the next body.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -58,7 +61,19 @@ pub(crate) fn coalesce<A: Clone + PartialEq>(
     out
 }
 
+/// The bytes of the body that carries `frame` alone (see the module docs).
+pub(crate) fn alone_len(frame: &[u8]) -> usize {
+    if frame.first() == Some(&BATCH_MARKER) {
+        frame.len() + 1 + 4
+    } else {
+        frame.len()
+    }
+}
+
 fn single<A>(to: A, frame: Bytes) -> Message<A> {
+    if frame.first() == Some(&BATCH_MARKER) {
+        return batch_body(to, std::slice::from_ref(&frame));
+    }
     Message {
         to,
         frame_bytes: frame.len() as u64,
@@ -95,10 +110,15 @@ fn body<A>(to: A, frames: Vec<Bytes>) -> Message<A> {
     if let [frame] = frames.as_slice() {
         return single(to, frame.clone());
     }
+    batch_body(to, &frames)
+}
+
+/// `frames` behind the marker, each with its length.
+fn batch_body<A>(to: A, frames: &[Bytes]) -> Message<A> {
     let frame_bytes: usize = frames.iter().map(Bytes::len).sum();
     let mut body = BytesMut::with_capacity(1 + 4 * frames.len() + frame_bytes);
     body.put_u8(BATCH_MARKER);
-    for frame in &frames {
+    for frame in frames {
         body.put_u32_le(frame.len() as u32);
         body.put_slice(frame);
     }
@@ -242,5 +262,42 @@ mod tests {
         }
         // Anything else is one frame, whatever it holds.
         assert_eq!(split(f("plain")).unwrap(), vec![f("plain")]);
+    }
+
+    /// An authenticated frame starts with the marker, and its tag is random: one whose first bytes
+    /// read as a length that fits (here 2, then 1 more piece) must still arrive whole and alone,
+    /// sent alone, as a broadcast or among others.
+    #[test]
+    fn a_frame_that_starts_with_the_marker_arrives_whole() {
+        let tricky = Bytes::from_static(&[BATCH_MARKER, 2, 0, 0, 0, 0xaa, 0xbb, 1, 0, 0, 0, 0xcc]);
+        assert_eq!(
+            split(tricky.clone()).unwrap().len(),
+            2,
+            "bare, it would be cut up"
+        );
+        assert_eq!(alone_len(&tricky), tricky.len() + 5);
+        for batch in [
+            vec![("b", tricky.clone())],
+            vec![("all", tricky.clone())],
+            vec![
+                ("b", f("one")),
+                ("all", tricky.clone()),
+                ("b", tricky.clone()),
+            ],
+        ] {
+            let out = coalesce(&batch, &"all", MAX_BATCH_BODY_BYTES);
+            let got: Vec<Bytes> = out
+                .iter()
+                .flat_map(|m| split(m.body.clone()).unwrap())
+                .collect();
+            let sent: Vec<Bytes> = batch.iter().map(|(_, b)| b.clone()).collect();
+            assert_eq!(got, sent);
+            assert!(out
+                .iter()
+                .all(|m| m.frames == 1 || m.body[0] == BATCH_MARKER));
+            let lone = out.iter().find(|m| m.body.ends_with(&tricky)).unwrap();
+            assert_eq!(lone.frame_bytes, tricky.len() as u64);
+        }
+        assert_eq!(alone_len(b"plain"), 5);
     }
 }

@@ -675,12 +675,10 @@ impl Bus for NatsBus {
         // The limit of the server the client is connected to now: the client reads it from each
         // server's INFO, also after a reconnect to another server.
         let limit = self.client.max_payload();
-        if frame.len() > limit {
+        let size = batch::alone_len(frame);
+        if size > limit {
             Counters::bump(&counters.dropped_too_large);
-            return Err(HamokError::TooLarge {
-                size: frame.len(),
-                limit,
-            });
+            return Err(HamokError::TooLarge { size, limit });
         }
         if !self.connectivity.up.load(Ordering::Acquire) {
             Counters::bump(&counters.dropped_link_down);

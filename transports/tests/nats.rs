@@ -37,6 +37,7 @@ scenario_tests! {
     link_routing_echo_and_close => link_routing("natsr"),
     full_inbound_drops_and_counts => inbound_bound("natsi"),
     bursts_travel_several_frames_per_message_in_order => bursts_in_order_per_stream("natsb"),
+    authenticated_frames_and_batches_share_the_bus => authenticated("natsk"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

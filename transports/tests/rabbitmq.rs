@@ -58,6 +58,7 @@ scenario_tests! {
     link_routing_echo_and_close => link_routing("amqpr"),
     full_inbound_drops_and_counts => inbound_bound("amqpi"),
     bursts_travel_several_frames_per_message_in_order => bursts_in_order("amqpb"),
+    authenticated_frames_and_batches_share_the_bus => authenticated("amqpk"),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
