@@ -61,7 +61,9 @@ pub(crate) fn coalesce<A: Clone + PartialEq>(
     out
 }
 
-/// The bytes of the body that carries `frame` alone (see the module docs).
+/// The bytes of the body that carries `frame` alone (see the module docs). NATS checks it against
+/// the server's `max_payload`; RabbitMQ has no such limit to check.
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 pub(crate) fn alone_len(frame: &[u8]) -> usize {
     if frame.first() == Some(&BATCH_MARKER) {
         frame.len() + 1 + 4
