@@ -356,12 +356,13 @@ async fn a_directory_of_an_earlier_cluster_does_not_mix_into_a_new_one() {
         .map(|p| p.stats().counters.dropped_foreign_incarnation)
         .sum();
     assert!(dropped > 0, "the old peer's frames are counted");
-    assert!(
+    // Reported with the drop, and collected by the logs' own tasks a moment later.
+    wait_until("the drop is reported", WAIT, || {
         reports
             .iter()
-            .any(|r| r.any(|e| matches!(e, HamokEvent::Error(m) if m.contains("incarnation")))),
-        "the drop is reported"
-    );
+            .any(|r| r.any(|e| matches!(e, HamokEvent::Error(m) if m.contains("incarnation"))))
+    })
+    .await;
     joining.abort();
     a.close().await;
     close_all(&new).await;
@@ -416,12 +417,21 @@ async fn failed_fsync(background_sync: bool) {
         other => panic!("a write whose sync failed must not be acknowledged: {other:?}"),
     }
     wait_until("the peer stops", WAIT, || a.is_closed()).await;
-    assert!(
-        events.any(|e| matches!(e, HamokEvent::Error(m)
-            if m.contains("fdatasync") && (!background_sync || m.contains("in the background")))),
-        "the reason is reported: {:?}",
-        events.all()
-    );
+    // The event goes out as the peer stops; the log's task collects it a moment later (this read was
+    // immediate once, and lost that race in CI).
+    let reported = |e: &HamokEvent| {
+        matches!(e, HamokEvent::Error(m)
+            if m.contains("fdatasync") && (!background_sync || m.contains("in the background")))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !events.any(reported) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reason is not reported: {:?}",
+            events.all()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     drop(map);
     drop(a);
 
