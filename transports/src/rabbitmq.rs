@@ -367,6 +367,25 @@ impl Transport for AmqpTransport {
     }
 }
 
+/// Declares a link's queue: server-named, exclusive, auto-deleted, with the broker-side bounds of the
+/// settings ([`queue_arguments`]).
+async fn declare_link_queue(
+    channel: &Channel,
+    c: &AmqpConfig,
+) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            queue_arguments(c),
+        )
+        .await
+}
+
 /// The arguments each link's queue is declared with: the broker-side bounds of the settings.
 fn queue_arguments(c: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
@@ -451,16 +470,7 @@ impl AmqpInner {
             )
             .await
             .map_err(amqp_err("exchange.declare"))?;
-        let queue = consume
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                queue_arguments(c),
-            )
+        let queue = declare_link_queue(&consume, c)
             .await
             .map_err(amqp_err("queue.declare"))?;
         for key in [BROADCAST_KEY.to_string(), peer_routing_key(local.as_str())] {
@@ -745,8 +755,8 @@ mod tests {
         assert_eq!(peer_routing_key("p"), "peer.p");
     }
 
-    /// Each bound of the settings, on a real broker: a queue declared with [`queue_arguments`] and no
-    /// consumer keeps no more than the bound. The links declare their queues with the same function.
+    /// Each bound of the settings, on a real broker: a queue declared as a link declares its own
+    /// ([`declare_link_queue`]), with no consumer, keeps no more than the bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queue_bounds_hold_on_the_broker() {
         let url = crate::common::env_urls(AMQP_URL_ENV, DEFAULT_AMQP_URL)[0].clone();
@@ -791,18 +801,7 @@ mod tests {
             (config(None, None, None), 20, 0, 20),
         ];
         for (i, (c, published, wait_ms, left)) in cases.into_iter().enumerate() {
-            let queue = channel
-                .queue_declare(
-                    "".into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    queue_arguments(&c),
-                )
-                .await
-                .unwrap();
+            let queue = declare_link_queue(&channel, &c).await.unwrap();
             for _ in 0..published {
                 let confirm = channel
                     .basic_publish(

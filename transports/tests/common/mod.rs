@@ -192,11 +192,21 @@ pub async fn start<T: TestTransport>(
     n: usize,
     make: &impl Fn() -> T,
 ) -> (Vec<Hamok>, Vec<T>) {
+    start_keyed(cluster, n, make, None).await
+}
+
+/// [`start`], with the frames authenticated under `key` when one is given.
+pub async fn start_keyed<T: TestTransport>(
+    cluster: &str,
+    n: usize,
+    make: &impl Fn() -> T,
+    key: Option<&str>,
+) -> (Vec<Hamok>, Vec<T>) {
     let mut peers = Vec::new();
     let mut transports = Vec::new();
     for i in 0..n {
         let t = make();
-        peers.push(build_peer(cluster, &pid(i), t.clone()).await);
+        peers.push(build_keyed_peer(cluster, &pid(i), t.clone(), key).await);
         transports.push(t);
     }
     join_all_at_once(&peers).await;
@@ -360,14 +370,7 @@ pub async fn three_peers<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
 pub async fn authenticated<T: TestTransport>(tag: &str, make: impl Fn() -> T) {
     const KEY: &str = "a-cluster-key-for-the-broker-tests";
     let cluster = unique_id(tag);
-    let mut peers = Vec::new();
-    let mut transports = Vec::new();
-    for i in 0..3 {
-        let t = make();
-        peers.push(build_keyed_peer(&cluster, &pid(i), t.clone(), Some(KEY)).await);
-        transports.push(t);
-    }
-    join_all_at_once(&peers).await;
+    let (peers, transports) = start_keyed(&cluster, 3, &make, Some(KEY)).await;
     agreed_leader(&peers).await;
     wait_membership(&peers).await;
     peers[0]
