@@ -10,10 +10,14 @@
 //!
 //! Recovery rules (at [`FileLogStore::open`]):
 //!
-//! * a torn tail (after the last record that verifies in the last chunk, no record verifies: cut
-//!   short, zeros, the rest of an interrupted write) is cut at the last valid record: it was never
-//!   synced, so it was never acknowledged; so is a seal (a full chunk's last record, naming the next
-//!   chunk) cut short by a crash before the next chunk received anything;
+//! * a torn write is cut off: it was never synced, so it was never acknowledged. The log's chunks
+//!   are filled with zeros ahead of their records and every write is declared by a record of its own
+//!   (sequence number, extent, the last write synced), because a write over zeros may reach the disk
+//!   in any order of its sectors: a record that does not verify in the last chunk is torn when no
+//!   later record says its write was synced and, if records that verify follow it, a whole sector
+//!   before them is zeros (the `wal.rs` module docs give the rule and what it cannot tell apart). So
+//!   is a seal (a full chunk's last record, naming the next chunk) cut short by a crash before the
+//!   next chunk received anything;
 //! * a bad checksum or an undecodable record anywhere else, a missing chunk (the newest too: its
 //!   predecessor's seal names it) or a gap between chunks, a
 //!   log that does not continue its snapshot, or a snapshot file that does not verify is
@@ -328,6 +332,7 @@ impl FileLogStore {
             let wal_dir = self.dir.join(wal::DIR_NAME);
             self.syncer = Some(Syncer::start(
                 wal_dir.display().to_string(),
+                self.wal.synced_writes(),
                 #[cfg(any(test, feature = "testing"))]
                 self.options.fail_syncs.clone(),
             )?);
@@ -336,7 +341,7 @@ impl FileLogStore {
             return Ok(false);
         }
         self.flush(false)?;
-        let file = self.wal.open_chunk().map_err(|e| StorageError::Io {
+        let (file, seq) = self.wal.open_chunk().map_err(|e| StorageError::Io {
             context: format!(
                 "duplicate the open chunk's descriptor in {}",
                 self.dir.display()
@@ -344,7 +349,7 @@ impl FileLogStore {
             source: Some(Cause::new(e)),
         })?;
         if let Some(syncer) = &self.syncer {
-            syncer.submit(file, done)?;
+            syncer.submit(file, seq, done)?;
         }
         Ok(true)
     }
@@ -503,7 +508,9 @@ impl LogStore for FileLogStore {
                 }
                 SyncPolicy::Never => false,
             };
-            if self.wal.has_pending() || sync {
+            // With nothing else to write, a write of its own declares the last sync (see
+            // `Wal::mark_synced`): one small write after each quiet spell, none while writes flow.
+            if self.wal.has_pending() || sync || self.wal.mark_synced() {
                 self.flush(sync).map_err(HamokError::Storage)
             } else {
                 Ok(())

@@ -10,6 +10,7 @@
 //! after this thread's failed, and hide it.)
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -21,7 +22,9 @@ use crate::store::{StorageError, SyncDone};
 pub(super) const MAX_QUEUED_SYNCS: usize = 1024;
 
 struct State {
-    jobs: Vec<(File, SyncDone)>,
+    /// A duplicate of the open chunk's descriptor, the sequence number of the last write it holds,
+    /// and who waits for the outcome.
+    jobs: Vec<(File, u64, SyncDone)>,
     /// A sync is running (its jobs are out of `jobs`).
     busy: bool,
     /// The first failed sync: every later one fails with it.
@@ -35,6 +38,9 @@ struct Shared {
     changed: Condvar,
     /// Where, for error messages.
     context: String,
+    /// The log's highest write sequence number synced (`Wal::synced_writes`): raised after each
+    /// sync that returns, before its jobs are told.
+    synced: Arc<AtomicU64>,
     /// Fault injection (`testing` feature): while set, every sync fails.
     #[cfg(any(test, feature = "testing"))]
     fail: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -79,6 +85,7 @@ impl Syncer {
     /// Starts the thread.
     pub(super) fn start(
         context: String,
+        synced: Arc<AtomicU64>,
         #[cfg(any(test, feature = "testing"))] fail: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<Syncer, StorageError> {
         let shared = Arc::new(Shared {
@@ -90,6 +97,7 @@ impl Syncer {
             }),
             changed: Condvar::new(),
             context,
+            synced,
             #[cfg(any(test, feature = "testing"))]
             fail,
         });
@@ -114,15 +122,15 @@ impl Syncer {
         self.shared.lock().jobs.len() < MAX_QUEUED_SYNCS
     }
 
-    /// Queues a sync of `file` (a duplicate of the open chunk's descriptor); `done` gets its outcome.
-    /// Fails at once if an earlier sync failed.
-    pub(super) fn submit(&self, file: File, done: SyncDone) -> Result<(), StorageError> {
+    /// Queues a sync of `file` (a duplicate of the open chunk's descriptor, holding the log's writes up
+    /// to sequence number `seq`); `done` gets its outcome. Fails at once if an earlier sync failed.
+    pub(super) fn submit(&self, file: File, seq: u64, done: SyncDone) -> Result<(), StorageError> {
         let mut state = self.shared.lock();
         if let Some(e) = &state.failed {
             return Err(e.clone());
         }
         debug_assert!(state.jobs.len() < MAX_QUEUED_SYNCS, "checked by has_room");
-        state.jobs.push((file, done));
+        state.jobs.push((file, seq, done));
         self.shared.changed.notify_all();
         Ok(())
     }
@@ -174,7 +182,9 @@ fn run(shared: &Shared) {
         };
         let result = match (failed, jobs.last()) {
             (Some(e), _) => Err(e),
-            (None, Some((file, _))) => shared.sync(file),
+            (None, Some((file, seq, _))) => shared.sync(file).map(|()| {
+                shared.synced.fetch_max(*seq, Ordering::AcqRel);
+            }),
             (None, None) => Ok(()),
         };
         {
@@ -185,7 +195,7 @@ fn run(shared: &Shared) {
             }
             shared.changed.notify_all();
         }
-        for (_, done) in jobs {
+        for (_, _, done) in jobs {
             done(result.clone());
         }
     }

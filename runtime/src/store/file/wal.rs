@@ -8,45 +8,65 @@
 //! racing on the same disk. The engine already batches (one flush per Ready), so the worker bought
 //! nothing here; its payload cache also kept a second copy of recent entries.
 //!
-//! Why chunks are not preallocated (measured 2026-12-01, then reverted): an `fdatasync` after
-//! writing over zeros already in the file costs about half as much as one after an append here (a
-//! 4 KiB write + sync 124-134 µs against 200-309 µs; a durable leader write 412-469 µs against
-//! 461-553 µs), because the file system commits no new size or blocks. But then a power cut in the
-//! middle of a multi-page write can leave a never-written (zero) page *before* pages that did reach
-//! the disk, so records that verify follow a record that does not: recovery would call that
-//! corruption and refuse to start, where an append-only file (on ext4, `data=ordered`) only ever
-//! loses its end. Telling that hole from damage to synced records needs each flush to declare its
-//! extent (a record kind of its own, so a format change): left for later.
+//! Why chunks are preallocated (2026-12-03): an `fdatasync` after writing over zeros already in the
+//! file costs about half as much as one after an append (measured 2026-12-01 on this project's
+//! machine: a 4 KiB write + sync 124-134 µs against 200-309 µs; a durable leader write 412-469 µs
+//! against 461-553 µs), because the file system commits no new size or blocks. So the open chunk is
+//! filled with zeros ahead of its records ([`PREALLOC_BYTES`] at a time) and every write goes over
+//! them. The price: a power cut in the middle of a multi-page write may leave a never-written (zero)
+//! sector *before* sectors that did reach the disk, so records that verify can follow one that does
+//! not, which in an append-only file (ext4, `data=ordered`) only damage could cause. Each write
+//! therefore starts with a `Flush` record declaring the write's sequence number, its extent, and
+//! the last write known synced, and recovery tells a torn write from damage by those records (below).
 //!
 //! Layout of `wal/`: an exclusive `LOCK` file and chunks named by a sequence number
-//! (`00000000000000000000.wal`, ...; consecutive). A chunk is a sequence of records:
+//! (`00000000000000000000.log`, ...; consecutive). A chunk is a sequence of records, then zeros:
 //!
 //! ```text
 //! record := body_len: u32 LE | body_crc: u32 LE (CRC-32 of body) | head_crc: u32 LE (CRC-32 of the 8 bytes before) | body
 //! body   := kind: u8 | fields (integers u64 LE, strings u16 LE length + UTF-8)
 //! ```
 //!
-//! Kinds: `Vote` (term, voted for: one record, never torn apart), `Entry` (index, term, the MessagePack
-//! of the [`EntryPayload`]), `Truncate` (drop entries from an index on), `Purge` (the log's base:
-//! entries up to it are behind the snapshot), `Commit` (the commit mark), `Meta` (the peer id and the
-//! cluster incarnation), `Next` (the seal: the last record of a full chunk, naming its successor).
-//! Every chunk starts with the state at its start (`Meta`, `Vote`, `Purge`, `Commit`), so the chunks
-//! before it can be deleted once every entry they hold is purged.
+//! Kinds: `Flush` (the first record of every write: its sequence number, its bytes from this record
+//! on, and the highest sequence number whose `fdatasync` had returned), `Vote` (term, voted for: one
+//! record, never torn apart), `Entry` (index, term, the MessagePack of the [`EntryPayload`]),
+//! `Truncate` (drop entries from an index on), `Purge` (the log's base: entries up to it are behind
+//! the snapshot), `Commit` (the commit mark), `Meta` (the peer id and the cluster incarnation), `Next`
+//! (the seal: the last record of a full chunk, naming its successor). Every chunk starts with the
+//! state at its start (`Meta`, `Vote`, `Purge`, `Commit`), so the chunks before it can be deleted
+//! once every entry they hold is purged. A write with nothing else to say (a `Flush` record alone)
+//! is made once time passes after a sync, so that the last synced write is also declared synced on
+//! disk (see [`Wal::mark_synced`]).
 //!
-//! Recovery replays every chunk in order. A record that does not verify is a torn tail only in the
-//! last chunk, and only when no record that verifies starts anywhere after it (cut short, zeros, the
-//! remains of an interrupted write): the file is cut there (it was never synced, so never
-//! acknowledged). A damaged last record is indistinguishable from a torn one and is cut too. The
-//! one other torn tail is a seal cut short before an empty last chunk (a crash while a chunk was
+//! Recovery replays every chunk in order. The log of the last chunk ends where the rest of the file
+//! is zeros. A record that does not verify, anywhere else, is a torn write (cut off: it was never
+//! synced, so never acknowledged) only when all of these hold:
+//! - it is in the last chunk;
+//! - no `Flush` record that verifies after it says its write was synced (its write is the one whose
+//!   extent holds it, or, past the last verified write's extent, the next one);
+//! - when records that verify follow it: a whole 512-byte sector between it and the next of them is
+//!   zeros (a sector the write never reached; a flipped bit leaves none).
+//!
+//! The one other torn write is a seal cut short before an empty last chunk (a crash while a chunk was
 //! being closed, see `Wal::start_chunk`), also cut. Anything else that does not verify, a missing
 //! chunk (the newest one too: its predecessor's seal names it), or entries that skip indexes the
-//! log's base does not cover is [`StorageError::Corrupt`]. Chunks closed by builds before the seal
-//! (2026-12-01) have none: deleting the newest of those goes unnoticed, as it did then.
+//! log's base does not cover is [`StorageError::Corrupt`]. What remains ambiguous: damage to the last
+//! synced write before a later record declares it synced (the time until the next write or tick,
+//! plus the kernel's writeback of that record), when the damage leaves no record that verifies
+//! after it or happens to zero a whole sector; such a write is cut like a torn one.
+//!
+//! Chunks written by builds before 2026-12-03 (`.wal`, appended, no `Flush` records) are read with
+//! the rules of their time: a record that does not verify is a torn tail only at the very end of the
+//! last chunk. The first write of this build closes such a chunk and goes on in a new `.log` one.
+//! Chunks closed by builds before the seal (2026-12-01) have none: deleting the newest of those goes
+//! unnoticed, as it did then.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::snapshot::{io_error, sync_dir};
 use crate::error::{Cause, HamokError};
@@ -56,7 +76,10 @@ use crate::store::StorageError;
 /// The directory of the chunks, under the store's directory.
 pub(super) const DIR_NAME: &str = "wal";
 const LOCK_NAME: &str = "LOCK";
-const CHUNK_SUFFIX: &str = ".wal";
+/// The name of a chunk written by this build (preallocated, `Flush` records).
+const CHUNK_SUFFIX: &str = ".log";
+/// The name of a chunk written by builds before 2026-12-03 (appended, no `Flush` records).
+const LEGACY_SUFFIX: &str = ".wal";
 const HEAD_BYTES: usize = 12;
 /// The largest record body written or accepted: entries are bounded far below this by the largest
 /// frame; a corrupt length must not make recovery allocate without bound.
@@ -66,6 +89,15 @@ const MAX_ENTRY_PAYLOAD_BYTES: usize = MAX_BODY_BYTES - 4096;
 /// The pending buffer keeps at most this capacity between flushes (a burst of large entries must not
 /// keep its memory).
 const PENDING_KEEP_BYTES: usize = 4 << 20;
+/// How far ahead of its records the open chunk is filled with zeros (at most up to the chunk's
+/// size): one write in this many bytes of log extends the file and pays for it at its sync.
+pub(super) const PREALLOC_BYTES: u64 = 1 << 20;
+/// Zeros are written in pieces of this size (a static buffer, no allocation).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+/// The unit a disk writes whole or not at all: a torn write leaves whole sectors of old content.
+const SECTOR_BYTES: usize = 512;
+/// Preallocated lengths are whole pages.
+const PAGE_BYTES: u64 = 4096;
 
 const KIND_VOTE: u8 = 1;
 const KIND_ENTRY: u8 = 2;
@@ -75,8 +107,12 @@ const KIND_COMMIT: u8 = 5;
 const KIND_META: u8 = 6;
 /// The last record of a full chunk: the sequence number of the chunk that follows it.
 const KIND_NEXT: u8 = 7;
+/// The first record of every write: its sequence number, its extent, the last write synced.
+const KIND_FLUSH: u8 = 8;
 /// The bytes of a `Next` record.
 pub(super) const SEAL_BYTES: usize = HEAD_BYTES + 1 + 8;
+/// The bytes of a `Flush` record.
+const FLUSH_BYTES: usize = HEAD_BYTES + 1 + 3 * 8;
 
 /// What the log holds, as recovery replays it.
 #[derive(Debug, Default)]
@@ -91,13 +127,56 @@ pub(super) struct WalState {
     pub(super) meta: Option<(String, u64)>,
 }
 
+/// How a chunk was written, told by its file name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Builds before 2026-12-03: appended, no `Flush` records (`.wal`).
+    Legacy,
+    /// Preallocated, every write declared by a `Flush` record (`.log`).
+    Flushed,
+}
+
 /// A chunk file kept by the log.
 #[derive(Debug)]
 struct Chunk {
     seq: u64,
+    format: Format,
     /// The last entry index of the log when the chunk began: the older chunks hold no entry above it,
     /// so they can go once the base reaches it.
     last_at_start: LogIndex,
+}
+
+/// The open chunk's file, where the next write goes and how far it is filled with zeros.
+struct OpenChunk {
+    file: File,
+    /// Where the next write goes (the end of the records); the file's position.
+    write_at: u64,
+    /// The file's length: zeros from `write_at` to it.
+    len: u64,
+}
+
+impl OpenChunk {
+    /// Writes `bytes` at the end of the records, first filling the file with zeros ahead of them
+    /// (up to `prealloc_to`, and past the write in whole pages) when they would pass its end.
+    fn write(&mut self, bytes: &[u8], prealloc_to: u64) -> io::Result<()> {
+        let end = self.write_at + bytes.len() as u64;
+        if end > self.len {
+            let target = end.max(prealloc_to.min(end + PREALLOC_BYTES));
+            let target = target.div_ceil(PAGE_BYTES) * PAGE_BYTES;
+            self.file.seek(SeekFrom::Start(self.len))?;
+            let mut at = self.len;
+            while at < target {
+                let n = (target - at).min(ZEROS.len() as u64) as usize;
+                self.file.write_all(&ZEROS[..n])?;
+                at += n as u64;
+            }
+            self.len = target;
+            self.file.seek(SeekFrom::Start(self.write_at))?;
+        }
+        self.file.write_all(bytes)?;
+        self.write_at = end;
+        Ok(())
+    }
 }
 
 /// The write-ahead log (see the module docs).
@@ -106,16 +185,18 @@ pub(super) struct Wal {
     /// Held for the log's lifetime: the exclusive lock on the directory.
     _lock: File,
     chunk_max_bytes: u64,
-    /// The open chunk (the last one), positioned at its end.
-    file: File,
+    /// The open chunk (the last one).
+    open: OpenChunk,
     /// The chunks kept, oldest first; the last is the open one.
     chunks: VecDeque<Chunk>,
     /// Bytes of the chunk the next record goes to, written or pending.
     chunk_bytes: u64,
-    /// Records encoded but not yet written.
+    /// Records encoded but not yet written; every write in it begins with a `Flush` record whose
+    /// fields are filled in when it is written.
     pending: Vec<u8>,
-    /// Where in `pending` a new chunk begins (its header encoded there), with the log's last index at
-    /// that point: a full chunk ends at a record boundary, so a big batch spans several chunks.
+    /// Where in `pending` a new chunk begins (its `Flush` record and header encoded there), with the
+    /// log's last index at that point: a full chunk ends at a record boundary, so a big batch spans
+    /// several chunks.
     rolls: Vec<(usize, LogIndex)>,
     /// While the header of a new chunk is being encoded (no roll inside it).
     in_header: bool,
@@ -123,6 +204,13 @@ pub(super) struct Wal {
     state: WalState,
     /// The last entry index after every record appended so far.
     last_index: LogIndex,
+    /// The sequence number of the last write.
+    flush_seq: u64,
+    /// The highest write sequence number whose sync has returned (here, or on the store's sync
+    /// thread, which shares it).
+    synced: Arc<AtomicU64>,
+    /// The highest of those that a written `Flush` record declares.
+    declared_synced: u64,
 }
 
 impl std::fmt::Debug for Wal {
@@ -131,6 +219,7 @@ impl std::fmt::Debug for Wal {
             .field("dir", &self.dir)
             .field("chunks", &self.chunks.len())
             .field("last_index", &self.last_index)
+            .field("flush_seq", &self.flush_seq)
             .finish_non_exhaustive()
     }
 }
@@ -175,29 +264,62 @@ impl Wal {
         if fresh {
             chunks.push_back(Chunk {
                 seq: 0,
+                format: Format::Flushed,
                 last_at_start: 0,
             });
         }
-        let last_seq = chunks.back().expect("one chunk at least").seq;
-        let path = chunk_path(&dir, last_seq);
-        let mut file = OpenOptions::new()
+        let last = chunks.back_mut().expect("one chunk at least");
+        if last.format == Format::Legacy && scan.last_end == 0 {
+            // An empty chunk of an earlier build (created, then a crash): this build's from now on.
+            fs::rename(
+                chunk_path(&dir, last.seq, Format::Legacy),
+                chunk_path(&dir, last.seq, Format::Flushed),
+            )
+            .and_then(|_| sync_dir(&dir))
+            .map_err(|e| io_error(store_dir, "rename an empty log chunk", e))?;
+            last.format = Format::Flushed;
+        }
+        let (last_seq, last_format) = (last.seq, last.format);
+        let path = chunk_path(&dir, last_seq, last_format);
+        let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| io_error(store_dir, "open the last log chunk", e))?;
-        let chunk_bytes = file
-            .seek(SeekFrom::End(0))
+        let len = file
+            .metadata()
+            .map_err(|e| io_error(store_dir, "read the last log chunk's length", e))?
+            .len();
+        let mut open = OpenChunk {
+            file,
+            write_at: scan.last_end,
+            len,
+        };
+        open.file
+            .seek(SeekFrom::Start(scan.last_end))
             .map_err(|e| io_error(store_dir, "seek the last log chunk", e))?;
+        if !fresh {
+            // What recovery read may still be only in the kernel (a crash of the process): synced
+            // now, so that the write below can declare it synced.
+            open.file
+                .sync_data()
+                .map_err(|e| io_error(store_dir, "sync the last log chunk", e))?;
+        }
         let last_index = scan.entries.last().map_or(scan.state.base.0, |e| e.index);
         let mut wal = Wal {
             dir,
             _lock: lock,
             chunk_max_bytes: chunk_max_bytes as u64,
-            file,
+            open,
             chunks,
-            chunk_bytes,
+            // A chunk of an earlier build is closed by the first write: this build writes its own.
+            chunk_bytes: if last_format == Format::Legacy {
+                chunk_max_bytes as u64
+            } else {
+                scan.last_end
+            },
             pending: Vec::new(),
             rolls: Vec::new(),
             in_header: false,
@@ -208,8 +330,19 @@ impl Wal {
                 meta: scan.state.meta.clone(),
             },
             last_index,
+            flush_seq: scan.last_flush_seq,
+            synced: Arc::new(AtomicU64::new(scan.last_flush_seq)),
+            declared_synced: 0,
         };
-        if chunk_bytes == 0 {
+        if scan.last_end > 0 && last_format == Format::Flushed {
+            // A write of its own, synced, that declares everything recovered synced and begins where
+            // the records end: the last write before it may have declared an extent past that point
+            // (its end was torn off), and the next damaged record must be told apart from it.
+            wal.reserve_flush();
+            wal.flush(true)
+                .map_err(|e| wal.io("mark the recovered log", e))?;
+        }
+        if scan.last_end == 0 {
             // A new log, or a chunk whose header a crash cut off while it was being started.
             wal.write_header();
             wal.flush(true).map_err(|e| wal.io("start the log", e))?;
@@ -245,14 +378,31 @@ impl Wal {
         &self.state
     }
 
-    /// A second descriptor of the open chunk, for a sync on another thread.
-    pub(super) fn open_chunk(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// A second descriptor of the open chunk, for a sync on another thread, with the sequence number
+    /// of the last write it holds (to record in [`Wal::synced_writes`] once that sync returns).
+    pub(super) fn open_chunk(&self) -> io::Result<(File, u64)> {
+        Ok((self.open.file.try_clone()?, self.flush_seq))
+    }
+
+    /// The highest write sequence number whose sync has returned, shared with a sync thread.
+    pub(super) fn synced_writes(&self) -> Arc<AtomicU64> {
+        self.synced.clone()
     }
 
     /// Whether records wait to be written.
     pub(super) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// Queues a write of a `Flush` record alone when a sync has returned that no written record
+    /// declares yet; returns whether it did. Made when time passes (the store's tick): until a later
+    /// record on disk says so, recovery cannot tell damage to the last synced write from a torn one.
+    pub(super) fn mark_synced(&mut self) -> bool {
+        if !self.pending.is_empty() || self.synced.load(Ordering::Acquire) <= self.declared_synced {
+            return false;
+        }
+        self.reserve_flush();
+        true
     }
 
     /// The last entry index after every record appended so far.
@@ -320,26 +470,49 @@ impl Wal {
         self.state.meta = Some((id.to_owned(), incarnation));
     }
 
-    /// Writes what is pending (starting the new chunks it begins) and, when `sync`, `fdatasync`s the
-    /// open chunk; after a synced flush, deletes the chunks the base has passed. On error the caller
-    /// must stop using the log: what reached the disk is unknown.
+    /// Writes what is pending (starting the new chunks it begins), one write per chunk, each declared
+    /// by its `Flush` record, and, when `sync`, `fdatasync`s the open chunk; after a synced flush,
+    /// deletes the chunks the base has passed. On error the caller must stop using the log: what
+    /// reached the disk is unknown.
     pub(super) fn flush(&mut self, sync: bool) -> io::Result<()> {
         let mut written = 0;
         for (at, last_at_start) in std::mem::take(&mut self.rolls) {
-            self.file.write_all(&self.pending[written..at])?;
+            if at > written {
+                self.write_flush(written, at)?;
+            }
             written = at;
             self.start_chunk(last_at_start)?;
         }
-        self.file.write_all(&self.pending[written..])?;
+        if self.pending.len() > written {
+            self.write_flush(written, self.pending.len())?;
+        }
         self.pending.clear();
         if self.pending.capacity() > PENDING_KEEP_BYTES {
             self.pending.shrink_to(PENDING_KEEP_BYTES);
         }
         if sync {
-            self.file.sync_data()?;
+            self.open.file.sync_data()?;
+            self.synced.fetch_max(self.flush_seq, Ordering::AcqRel);
             self.remove_passed_chunks()?;
         }
         Ok(())
+    }
+
+    /// Fills in the `Flush` record at `pending[from..]` for the write of `pending[from..to]`, and
+    /// makes that write.
+    fn write_flush(&mut self, from: usize, to: usize) -> io::Result<()> {
+        self.flush_seq += 1;
+        let synced = self.synced.load(Ordering::Acquire);
+        let record = &mut self.pending[from..from + FLUSH_BYTES];
+        record[HEAD_BYTES] = KIND_FLUSH;
+        let fields = &mut record[HEAD_BYTES + 1..];
+        fields[..8].copy_from_slice(&self.flush_seq.to_le_bytes());
+        fields[8..16].copy_from_slice(&((to - from) as u64).to_le_bytes());
+        fields[16..].copy_from_slice(&synced.to_le_bytes());
+        fill_head(record);
+        self.declared_synced = self.declared_synced.max(synced);
+        let prealloc_to = self.chunk_max_bytes;
+        self.open.write(&self.pending[from..to], prealloc_to)
     }
 
     /// Closes the full chunk and opens the next one, in an order that leaves recovery a state it can
@@ -348,19 +521,22 @@ impl Wal {
     /// 1. the full chunk is synced (a later chunk must never outlive its records: recovery would
     ///    find a hole);
     /// 2. the next chunk is created and its name synced (so the seal below never outlives it);
-    /// 3. the full chunk is sealed (a `Next` record naming its successor) and synced again: from
-    ///    then on, a missing successor is a deleted chunk, never a crash, and recovery refuses it.
+    /// 3. the full chunk is sealed (a `Next` record naming its successor), cut to its records (its
+    ///    zeros go) and synced again: from then on, a missing successor is a deleted chunk, never a
+    ///    crash, and recovery refuses it.
     ///
-    /// A crash inside step 3 leaves a torn seal before an empty chunk, which recovery cuts.
-    /// Costs two more syncs per chunk (one chunk per 64 MiB of log by default).
+    /// A crash inside step 3 leaves a torn seal before an empty chunk, which recovery cuts, or a
+    /// whole seal followed by zeros, which it accepts. Costs two more syncs per chunk (one chunk per
+    /// 64 MiB of log by default).
     fn start_chunk(&mut self, last_at_start: LogIndex) -> io::Result<()> {
-        self.file.sync_data()?;
+        self.open.file.sync_data()?;
+        self.synced.fetch_max(self.flush_seq, Ordering::AcqRel);
         let seq = self.chunks.back().expect("one chunk at least").seq + 1;
         let next = OpenOptions::new()
             .create_new(true)
             .read(true)
             .write(true)
-            .open(chunk_path(&self.dir, seq))?;
+            .open(chunk_path(&self.dir, seq, Format::Flushed))?;
         sync_dir(&self.dir)?;
         let mut seal = Vec::with_capacity(SEAL_BYTES);
         seal.extend_from_slice(&[0; HEAD_BYTES]);
@@ -368,10 +544,24 @@ impl Wal {
         seal.extend_from_slice(&seq.to_le_bytes());
         fill_head(&mut seal);
         debug_assert_eq!(seal.len(), SEAL_BYTES);
-        self.file.write_all(&seal)?;
-        self.file.sync_data()?;
-        self.file = next;
-        self.chunks.push_back(Chunk { seq, last_at_start });
+        self.open.file.write_all(&seal)?;
+        let end = self.open.write_at + SEAL_BYTES as u64;
+        if self.open.len > end {
+            self.open.file.set_len(end)?;
+            self.open.file.sync_all()?;
+        } else {
+            self.open.file.sync_data()?;
+        }
+        self.open = OpenChunk {
+            file: next,
+            write_at: 0,
+            len: 0,
+        };
+        self.chunks.push_back(Chunk {
+            seq,
+            format: Format::Flushed,
+            last_at_start,
+        });
         Ok(())
     }
 
@@ -381,7 +571,7 @@ impl Wal {
     fn remove_passed_chunks(&mut self) -> io::Result<()> {
         while self.chunks.len() > 1 && self.chunks[1].last_at_start <= self.state.base.0 {
             let gone = self.chunks.pop_front().expect("two chunks at least");
-            match fs::remove_file(chunk_path(&self.dir, gone.seq)) {
+            match fs::remove_file(chunk_path(&self.dir, gone.seq, gone.format)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -434,15 +624,25 @@ impl Wal {
         self.finish(start);
     }
 
-    /// Starts a record (in a new chunk, with the state as its header, when the current one is
-    /// full): reserves its head, writes its kind. Returns where it starts.
+    /// Reserves the `Flush` record that begins a write (filled in by `write_flush`).
+    fn reserve_flush(&mut self) {
+        self.pending.extend_from_slice(&[0; FLUSH_BYTES]);
+        self.chunk_bytes += FLUSH_BYTES as u64;
+    }
+
+    /// Starts a record (in a new chunk, with its `Flush` record and the state as its header, when the
+    /// current one is full; after a `Flush` record when it begins a write): reserves its head, writes
+    /// its kind. Returns where it starts.
     fn begin(&mut self, kind: u8) -> usize {
         if self.chunk_bytes >= self.chunk_max_bytes && !self.in_header {
             self.rolls.push((self.pending.len(), self.last_index));
             self.chunk_bytes = 0;
+            self.reserve_flush();
             self.in_header = true;
             self.write_header();
             self.in_header = false;
+        } else if self.pending.is_empty() {
+            self.reserve_flush();
         }
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; HEAD_BYTES]);
@@ -493,13 +693,17 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&s.as_bytes()[..end]);
 }
 
-fn chunk_path(dir: &Path, seq: u64) -> PathBuf {
-    dir.join(format!("{seq:020}{CHUNK_SUFFIX}"))
+fn chunk_path(dir: &Path, seq: u64, format: Format) -> PathBuf {
+    let suffix = match format {
+        Format::Legacy => LEGACY_SUFFIX,
+        Format::Flushed => CHUNK_SUFFIX,
+    };
+    dir.join(format!("{seq:020}{suffix}"))
 }
 
-/// The chunk sequence numbers in `dir`, sorted; any other file but the lock is an error.
-fn list_chunks(store_dir: &Path, dir: &Path) -> Result<Vec<u64>, StorageError> {
-    let mut seqs = Vec::new();
+/// The chunks in `dir`, sorted by sequence number; any other file but the lock is an error.
+fn list_chunks(store_dir: &Path, dir: &Path) -> Result<Vec<(u64, Format)>, StorageError> {
+    let mut chunks = Vec::new();
     for item in fs::read_dir(dir).map_err(|e| io_error(store_dir, "list the log", e))? {
         let item = item.map_err(|e| io_error(store_dir, "list the log", e))?;
         let name = item.file_name();
@@ -507,11 +711,18 @@ fn list_chunks(store_dir: &Path, dir: &Path) -> Result<Vec<u64>, StorageError> {
         if name == LOCK_NAME {
             continue;
         }
-        match name
-            .strip_suffix(CHUNK_SUFFIX)
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            Some(seq) => seqs.push(seq),
+        let parsed = [
+            (CHUNK_SUFFIX, Format::Flushed),
+            (LEGACY_SUFFIX, Format::Legacy),
+        ]
+        .into_iter()
+        .find_map(|(suffix, format)| {
+            name.strip_suffix(suffix)
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|seq| (seq, format))
+        });
+        match parsed {
+            Some(chunk) => chunks.push(chunk),
             None => {
                 return Err(StorageError::Corrupt {
                     dir: store_dir.to_path_buf(),
@@ -521,14 +732,27 @@ fn list_chunks(store_dir: &Path, dir: &Path) -> Result<Vec<u64>, StorageError> {
             }
         }
     }
-    seqs.sort_unstable();
-    Ok(seqs)
+    chunks.sort_unstable_by_key(|&(seq, _)| seq);
+    Ok(chunks)
 }
 
 struct Scan {
     state: WalState,
     entries: Vec<Entry>,
     chunks: Vec<Chunk>,
+    /// Where the records of the last chunk end (after a cut: where it was cut).
+    last_end: u64,
+    /// The sequence number of the last `Flush` record.
+    last_flush_seq: u64,
+}
+
+/// The writes recovery has seen, to tell a torn write from damage (see the module docs).
+#[derive(Default)]
+struct Writes {
+    /// The sequence number of the last `Flush` record that verified.
+    last_seq: u64,
+    /// Where, in the chunk being read, that write's extent ends (`None` before the chunk's first).
+    end_in_chunk: Option<usize>,
 }
 
 /// Replays every chunk (see the module docs for what verifies); with `repair`, cuts a torn tail.
@@ -538,36 +762,44 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
         detail,
         source: None,
     };
-    let seqs = list_chunks(store_dir, dir)?;
-    for pair in seqs.windows(2) {
-        if pair[1] != pair[0] + 1 {
+    let listed = list_chunks(store_dir, dir)?;
+    for pair in listed.windows(2) {
+        let ((a, a_format), (b, b_format)) = (pair[0], pair[1]);
+        if b != a + 1 {
             return Err(corrupt(format!(
-                "log chunk {} is missing (found {} then {})",
-                pair[0] + 1,
-                pair[0],
-                pair[1]
+                "log chunk {} is missing (found {a} then {b})",
+                a + 1,
+            )));
+        }
+        if a_format == Format::Flushed && b_format == Format::Legacy {
+            return Err(corrupt(format!(
+                "log chunk {b} has the name of an earlier build's chunk after one of this build's"
             )));
         }
     }
     let mut replay = Replay::default();
-    let mut chunks = Vec::with_capacity(seqs.len());
-    for (i, &seq) in seqs.iter().enumerate() {
-        let is_last = i + 1 == seqs.len();
-        let path = chunk_path(dir, seq);
+    let mut writes = Writes::default();
+    let mut chunks = Vec::with_capacity(listed.len());
+    let mut last_end = 0u64;
+    for (i, &(seq, format)) in listed.iter().enumerate() {
+        let is_last = i + 1 == listed.len();
+        let path = chunk_path(dir, seq, format);
         let mut bytes = Vec::new();
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|e| io_error(store_dir, "read a log chunk", e))?;
         chunks.push(Chunk {
             seq,
+            format,
             last_at_start: replay.next - 1,
         });
+        writes.end_in_chunk = None;
         let mut at = 0usize;
         let mut sealed = false;
         while at < bytes.len() {
             match parse_record(&bytes[at..]) {
                 Ok((kind, body, len)) if kind == KIND_NEXT => {
-                    if body != (seq + 1).to_le_bytes() || at + len != bytes.len() {
+                    if body != (seq + 1).to_le_bytes() || !all_zero(&bytes[at + len..]) {
                         return Err(corrupt(format!(
                             "chunk {}: a seal at byte {at} that is not the chunk's last record or \
                              does not name chunk {}",
@@ -576,6 +808,24 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                         )));
                     }
                     sealed = true;
+                    at = bytes.len();
+                }
+                Ok((kind, body, len)) if kind == KIND_FLUSH && format == Format::Flushed => {
+                    let mut r = Fields(body);
+                    let fields = (|| Ok::<_, String>((r.u64()?, r.u64()?, r.u64()?)))();
+                    let (flush, extent, synced) = fields.map_err(|d| {
+                        corrupt(format!("chunk {}: byte {at}: {d}", path.display()))
+                    })?;
+                    if flush <= writes.last_seq || synced > flush || (extent as usize) < len {
+                        return Err(corrupt(format!(
+                            "chunk {}: byte {at}: write {flush} (extent {extent}, synced {synced}) \
+                             after write {}",
+                            path.display(),
+                            writes.last_seq
+                        )));
+                    }
+                    writes.last_seq = flush;
+                    writes.end_in_chunk = Some(at.saturating_add(extent as usize));
                     at += len;
                 }
                 Ok((kind, body, len)) => {
@@ -584,22 +834,38 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                         .map_err(|d| corrupt(format!("chunk {}: {d}", path.display())))?;
                     at += len;
                 }
+                Err(_) if is_last && format == Format::Flushed && all_zero(&bytes[at..]) => {
+                    // The zeros ahead of the records: the log ends here.
+                    break;
+                }
                 Err(bad) => {
-                    // A torn tail: in the last chunk, or a seal cut short by a crash while the next
-                    // chunk, just created, is still empty (see `Wal::start_chunk`).
-                    let torn = if is_last {
-                        !valid_record_after(&bytes[at + 1..])
+                    let verdict = if is_last {
+                        match format {
+                            Format::Legacy => {
+                                if !records_after(&bytes, at + 1).is_empty() {
+                                    Err("records that verify follow it".to_string())
+                                } else {
+                                    Ok(())
+                                }
+                            }
+                            Format::Flushed => torn_write(&bytes, at, &writes),
+                        }
+                    } else if i + 2 == listed.len()
+                        && all_zero(&bytes[(at + SEAL_BYTES).min(bytes.len())..])
+                        && fs::metadata(chunk_path(dir, listed[i + 1].0, listed[i + 1].1))
+                            .map_err(|e| io_error(store_dir, "read a log chunk", e))?
+                            .len()
+                            == 0
+                    {
+                        // A seal cut short by a crash while the next chunk, just created, is still
+                        // empty (see `Wal::start_chunk`).
+                        Ok(())
                     } else {
-                        i + 2 == seqs.len()
-                            && bytes.len() - at <= SEAL_BYTES
-                            && fs::metadata(chunk_path(dir, seqs[i + 1]))
-                                .map_err(|e| io_error(store_dir, "read a log chunk", e))?
-                                .len()
-                                == 0
+                        Err("it is not in the last chunk".to_string())
                     };
-                    if !torn {
+                    if let Err(why) = verdict {
                         return Err(corrupt(format!(
-                            "chunk {}: the record at byte {at} does not verify ({bad:?})",
+                            "chunk {}: the record at byte {at} does not verify ({bad:?}), and {why}",
                             path.display()
                         )));
                     }
@@ -622,12 +888,15 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                 }
             }
         }
-        if is_last && sealed {
-            return Err(corrupt(format!(
-                "log chunk {} is missing: chunk {} was sealed with it as its successor",
-                seq + 1,
-                path.display()
-            )));
+        if is_last {
+            last_end = at as u64;
+            if sealed {
+                return Err(corrupt(format!(
+                    "log chunk {} is missing: chunk {} was sealed with it as its successor",
+                    seq + 1,
+                    path.display()
+                )));
+            }
         }
     }
     let Replay {
@@ -646,7 +915,122 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
         state,
         entries: entries.into(),
         chunks,
+        last_end,
+        last_flush_seq: writes.last_seq,
     })
+}
+
+/// Whether the record at `at` of the last chunk, which does not verify, belongs to a write that was
+/// torn by a crash (`Ok`) rather than damaged (`Err`, saying why). See the module docs.
+fn torn_write(bytes: &[u8], at: usize, writes: &Writes) -> Result<(), String> {
+    let after = records_after(bytes, at + 1);
+    let Some(&(next_at, _, _)) = after.first() else {
+        // Nothing verifies after it: the end of the last write (or damage to the very last record,
+        // which looks the same).
+        return Ok(());
+    };
+    // Its write: the one whose extent holds it, or past that extent, the next one.
+    let damaged = match writes.end_in_chunk {
+        Some(end) if at < end => writes.last_seq,
+        _ => writes.last_seq + 1,
+    };
+    for &(pos, kind, body) in &after {
+        if kind != KIND_FLUSH {
+            continue;
+        }
+        let mut r = Fields(body);
+        let fields = (|| Ok::<_, String>((r.u64()?, r.u64()?, r.u64()?)))();
+        if let Ok((flush, _, synced)) = fields {
+            if synced >= damaged {
+                return Err(format!(
+                    "write {flush} at byte {pos} says write {damaged}, which holds it, was synced"
+                ));
+            }
+        }
+    }
+    if !unwritten_sector(bytes, at, next_at) {
+        return Err(format!(
+            "records that verify follow it from byte {next_at}, with no whole sector of zeros \
+             (one the write never reached) between"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a whole sector of zeros lies in `bytes[from..to]`, or starts in it at `from`: the
+/// sector holding `from` counts when it is zeros from `from` on (what came before `from` in it
+/// was written by an earlier write); a sector reaching `to` does not (the record at `to` verifies,
+/// so that sector reached the disk).
+fn unwritten_sector(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mut sector = from / SECTOR_BYTES * SECTOR_BYTES;
+    while sector + SECTOR_BYTES <= to {
+        if all_zero(&bytes[from.max(sector)..sector + SECTOR_BYTES]) {
+            return true;
+        }
+        sector += SECTOR_BYTES;
+    }
+    false
+}
+
+/// The records that verify in `bytes[from..]`, found at any byte offset (past one that verifies,
+/// the search goes on after it): `(offset, kind, fields)`. Runs only on recovery of a damaged
+/// chunk.
+fn records_after(bytes: &[u8], from: usize) -> Vec<(usize, u8, &[u8])> {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let mut found = Vec::new();
+    let mut at = from;
+    while at < end {
+        match parse_record(&bytes[at..]) {
+            Ok((kind, body, len)) => {
+                found.push((at, kind, body));
+                at += len;
+            }
+            Err(_) => at += 1,
+        }
+    }
+    found
+}
+
+/// Where the records that verify from the start of a chunk end (tests: the log's end in a chunk
+/// whose file goes on with zeros).
+#[cfg(test)]
+pub(super) fn records_end(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Ok((_, _, len)) = parse_record(&bytes[at..]) {
+        at += len;
+    }
+    at
+}
+
+/// A chunk as builds before 2026-12-03 wrote it (tests: reading and continuing such a log): the
+/// header records, then the entries, appended, no `Flush` records.
+#[cfg(test)]
+pub(super) fn legacy_chunk(term: Term, voted_for: &str, entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut record = |kind: u8, fields: &[u8]| {
+        let start = out.len();
+        out.extend_from_slice(&[0; HEAD_BYTES]);
+        out.push(kind);
+        out.extend_from_slice(fields);
+        fill_head(&mut out[start..]);
+    };
+    let mut vote = term.to_le_bytes().to_vec();
+    vote.push(1);
+    put_str(&mut vote, voted_for);
+    record(KIND_VOTE, &vote);
+    record(KIND_PURGE, &[0; 16]);
+    record(KIND_COMMIT, &[0; 16]);
+    for e in entries {
+        let mut fields = e.index.to_le_bytes().to_vec();
+        fields.extend_from_slice(&e.term.to_le_bytes());
+        rmp_serde::encode::write(&mut fields, &e.payload).expect("an entry encodes");
+        record(KIND_ENTRY, &fields);
+    }
+    out
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 /// Why a record does not verify.
@@ -656,14 +1040,6 @@ enum Bad {
     Short,
     /// Its head or body does not match its checksum.
     Mismatch,
-}
-
-/// Whether a whole record that verifies starts anywhere in `bytes`: after a record that does not
-/// verify, none does in a torn tail (what follows the last good record was never synced: cut short,
-/// zeros, or the remains of an interrupted write), while a damaged record in the middle of the log
-/// is followed by good ones. Runs only on recovery of a damaged chunk.
-fn valid_record_after(bytes: &[u8]) -> bool {
-    (0..bytes.len()).any(|at| parse_record(&bytes[at..]).is_ok())
 }
 
 /// Parses the record at the start of `bytes`: `(kind, fields, record length)`.
