@@ -309,6 +309,28 @@ fn a_crash_while_closing_a_chunk_loses_nothing_written_before() {
     assert!(corrupt(FileLogStore::open(dir.path(), small_chunks_options())).contains("verify"));
 }
 
+/// A full chunk is cut to its seal after the seal is written (its preallocated zeros go); a crash
+/// before that cut reached the disk leaves zeros after the seal, which is whole: nothing is lost. Any
+/// other byte after a seal is damage.
+#[test]
+fn zeros_after_a_seal_are_the_rest_of_a_chunk_not_yet_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_store_of_300_entries_in_small_chunks(dir.path());
+    let first = chunk_files(dir.path()).remove(0);
+    let sealed = fs::read(&first).unwrap();
+    let mut with_zeros = sealed.clone();
+    with_zeros.extend_from_slice(&[0; 4096]);
+    fs::write(&first, &with_zeros).unwrap();
+    let loaded = FileLogStore::open(dir.path(), small_chunks_options())
+        .unwrap()
+        .load()
+        .unwrap();
+    assert_eq!(ids(&loaded), (1..=300).map(|i| (i, 1)).collect::<Vec<_>>());
+    with_zeros[sealed.len() + 100] = 1;
+    fs::write(&first, &with_zeros).unwrap();
+    assert!(corrupt(FileLogStore::open(dir.path(), small_chunks_options())).contains("seal"));
+}
+
 #[test]
 fn a_damaged_or_missing_snapshot_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
