@@ -77,6 +77,16 @@ pub trait LogStore: Send + 'static {
         true
     }
 
+    /// Whether a [`sync`](LogStore::sync) now, after at most a commit mark was saved, may wait on the
+    /// disk. When it may not (nothing written needs an `fdatasync` yet, as after a Ready that only
+    /// moves the commit mark under `batch`), the node makes that call, and the mark's write, on the
+    /// runtime's thread: a thread hand-off costs more than the `write(2)`. Default: [`may_block`].
+    ///
+    /// [`may_block`]: LogStore::may_block
+    fn sync_may_block(&self) -> bool {
+        self.may_block()
+    }
+
     /// The peer id this store was written by, if it keeps one (a durable store does, so a restarted
     /// peer keeps its identity without configuring it).
     fn peer_id(&self) -> Option<PeerId> {

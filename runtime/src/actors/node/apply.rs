@@ -113,7 +113,11 @@ impl Apply {
         ready: &Ready,
         background: Option<SyncDone>,
     ) -> Result<bool, HamokError> {
-        let blocks = self.store.may_block();
+        // A Ready that only moves the commit mark writes a few bytes and, unless the store's policy
+        // says a sync is due, syncs nothing: made here, without a thread hand-off.
+        let durable =
+            ready.snapshot.is_some() || ready.hard_state.is_some() || ready.entries_from.is_some();
+        let blocks = self.store.may_block() && (durable || self.store.sync_may_block());
         if let Some(done) = background {
             // Nothing here waits on the disk (the writes only reach the kernel, the sync runs on
             // the store's thread): no hand-off of the worker's tasks, which costs more than a write.
@@ -172,7 +176,7 @@ impl Apply {
 
     /// Time passed: lets a store with an interval sync policy sync writes that wait for it.
     pub(super) fn tick(&mut self) -> Result<(), HamokError> {
-        off_the_runtime(self.store.may_block(), || self.store.sync())
+        off_the_runtime(self.store.sync_may_block(), || self.store.sync())
     }
 
     /// Replaces every collection with a received snapshot's, running the attach hooks.

@@ -324,6 +324,18 @@ impl FileLogStore {
         Ok(())
     }
 
+    /// Whether the next `sync` must `fdatasync`, by the sync policy.
+    fn sync_due(&self) -> bool {
+        match self.options.sync {
+            SyncPolicy::Batch => self.needs_sync,
+            SyncPolicy::Interval => {
+                (self.needs_sync || self.unsynced)
+                    && self.last_sync.elapsed() >= self.options.sync_interval
+            }
+            SyncPolicy::Never => false,
+        }
+    }
+
     fn sync_in_background_inner(&mut self, done: SyncDone) -> Result<bool, HamokError> {
         if !self.syncs_in_background() || !self.needs_sync {
             return Ok(false);
@@ -500,14 +512,7 @@ impl LogStore for FileLogStore {
         guarded!(self, {
             // Whether to fdatasync now; otherwise the writes only reach the kernel (they survive a
             // crash of the process, not a power cut).
-            let sync = match self.options.sync {
-                SyncPolicy::Batch => self.needs_sync,
-                SyncPolicy::Interval => {
-                    (self.needs_sync || self.unsynced)
-                        && self.last_sync.elapsed() >= self.options.sync_interval
-                }
-                SyncPolicy::Never => false,
-            };
+            let sync = self.sync_due();
             // With nothing else to write, a write of its own declares the last sync (see
             // `Wal::mark_synced`): one small write after each quiet spell, none while writes flow.
             if self.wal.has_pending() || sync || self.wal.mark_synced() {
@@ -516,6 +521,11 @@ impl LogStore for FileLogStore {
                 Ok(())
             }
         })
+    }
+
+    fn sync_may_block(&self) -> bool {
+        // A full chunk is closed with syncs (see `Wal::start_chunk`).
+        self.sync_due() || self.wal.next_write_rolls()
     }
 
     fn syncs_in_background(&self) -> bool {

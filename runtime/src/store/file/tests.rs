@@ -978,3 +978,37 @@ fn a_log_of_the_earlier_format_is_read_and_continued() {
         }
     }
 }
+
+/// The node makes a sync on the runtime's thread when the store says it cannot wait on the disk:
+/// only a commit mark written under `batch`, anything under `never`, but not writes that need their
+/// `fdatasync`, nor a write that closes a full chunk.
+#[test]
+fn a_sync_may_block_only_when_it_would_wait_on_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = small_chunks(dir.path());
+    assert!(!s.sync_may_block(), "nothing written");
+    s.write_entries(1, &entries(1, 3, 1)).unwrap();
+    assert!(s.sync_may_block(), "entries wait for their fdatasync");
+    s.sync().unwrap();
+    s.save_committed(2, 1).unwrap();
+    assert!(!s.sync_may_block(), "a commit mark alone is not synced");
+    s.sync().unwrap();
+    // Fill the chunk: the next write closes it, with syncs.
+    let mut last = 3;
+    while log_len(&chunk_files(dir.path()).pop().unwrap()) < 4 << 10 {
+        assert!(!s.sync_may_block(), "entry {last} is synced");
+        last += 1;
+        s.write_entries(last, &entries(last, last, 1)).unwrap();
+        s.sync().unwrap();
+    }
+    assert!(s.sync_may_block(), "the next write closes a full chunk");
+    drop(s);
+    let never = FileLogStoreOptions {
+        sync: SyncPolicy::Never,
+        ..FileLogStoreOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = FileLogStore::open(dir.path(), never).unwrap();
+    s.write_entries(1, &entries(1, 3, 1)).unwrap();
+    assert!(!s.sync_may_block(), "never syncs");
+}

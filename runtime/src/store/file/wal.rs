@@ -405,6 +405,11 @@ impl Wal {
         true
     }
 
+    /// Whether writing what is pending, or the next record, closes a full chunk (which syncs).
+    pub(super) fn next_write_rolls(&self) -> bool {
+        !self.rolls.is_empty() || self.chunk_bytes >= self.chunk_max_bytes
+    }
+
     /// The last entry index after every record appended so far.
     pub(super) fn last_index(&self) -> LogIndex {
         self.last_index
