@@ -58,6 +58,17 @@ fn closed_store_of_300_entries_in_small_chunks(dir: &Path) {
     s.sync().unwrap();
 }
 
+/// A seeded xorshift: `next(n)` is a number below `n` (tests' random walks, the same on every run).
+fn seeded(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    }
+}
+
 fn ids(state: &PersistedState) -> Vec<(LogIndex, Term)> {
     state.entries.iter().map(|e| (e.index, e.term)).collect()
 }
@@ -650,13 +661,7 @@ fn random_walks_reload_what_was_synced() {
         }
     }
     for seed in 1..=40u64 {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n.max(1)
-        };
+        let mut next = seeded(seed);
         let dir = tempfile::tempdir().unwrap();
         let options = || FileLogStoreOptions {
             chunk_max_bytes: 1 << 10,
@@ -793,13 +798,7 @@ fn crash_image(before: &[u8], after: &[u8], mut keep_new: impl FnMut() -> bool) 
 fn a_power_cut_in_the_middle_of_unsynced_writes_keeps_a_prefix_of_them() {
     let mut holes_before_kept_records = 0;
     for seed in 1..=40u64 {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n.max(1)
-        };
+        let mut next = seeded(seed);
         let dir = tempfile::tempdir().unwrap();
         let mut synced: Vec<(LogIndex, Term)> = (1..=10 + next(20)).map(|i| (i, 1)).collect();
         let mut s = open(dir.path()).unwrap();
