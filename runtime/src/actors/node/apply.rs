@@ -115,9 +115,8 @@ impl Apply {
     ) -> Result<bool, HamokError> {
         // A Ready that only moves the commit mark writes a few bytes and, unless the store's policy
         // says a sync is due, syncs nothing: made here, without a thread hand-off.
-        let durable =
-            ready.snapshot.is_some() || ready.hard_state.is_some() || ready.entries_from.is_some();
-        let blocks = self.store.may_block() && (durable || self.store.sync_may_block());
+        let blocks = self.store.may_block()
+            && (writes_more_than_commit(ready) || self.store.sync_may_block());
         if let Some(done) = background {
             // Nothing here waits on the disk (the writes only reach the kernel, the sync runs on
             // the store's thread): no hand-off of the worker's tasks, which costs more than a write.
@@ -168,10 +167,7 @@ impl Apply {
         if let Some(last) = ready.committed.last() {
             self.store.save_committed(last.index, last.term)?;
         }
-        Ok(ready.snapshot.is_some()
-            || ready.hard_state.is_some()
-            || ready.entries_from.is_some()
-            || !ready.committed.is_empty())
+        Ok(writes_more_than_commit(ready) || !ready.committed.is_empty())
     }
 
     /// Time passed: lets a store with an interval sync policy sync writes that wait for it.
@@ -293,6 +289,11 @@ impl Apply {
         Counters::bump(&counters.snapshots_taken);
         Ok(Some(applied))
     }
+}
+
+/// Whether `ready` persists anything besides the commit mark (a snapshot, term and vote, entries).
+fn writes_more_than_commit(ready: &Ready) -> bool {
+    ready.snapshot.is_some() || ready.hard_state.is_some() || ready.entries_from.is_some()
 }
 
 /// Runs `f`, a store call that may wait on the disk (`blocks`), without holding up the runtime's other

@@ -816,9 +816,7 @@ fn scan(store_dir: &Path, dir: &Path, repair: bool) -> Result<Scan, StorageError
                     at = bytes.len();
                 }
                 Ok((kind, body, len)) if kind == KIND_FLUSH && format == Format::Flushed => {
-                    let mut r = Fields(body);
-                    let fields = (|| Ok::<_, String>((r.u64()?, r.u64()?, r.u64()?)))();
-                    let (flush, extent, synced) = fields.map_err(|d| {
+                    let (flush, extent, synced) = flush_fields(body).map_err(|d| {
                         corrupt(format!("chunk {}: byte {at}: {d}", path.display()))
                     })?;
                     if flush <= writes.last_seq || synced > flush || (extent as usize) < len {
@@ -943,9 +941,7 @@ fn torn_write(bytes: &[u8], at: usize, writes: &Writes) -> Result<(), String> {
         if kind != KIND_FLUSH {
             continue;
         }
-        let mut r = Fields(body);
-        let fields = (|| Ok::<_, String>((r.u64()?, r.u64()?, r.u64()?)))();
-        if let Ok((flush, _, synced)) = fields {
+        if let Ok((flush, _, synced)) = flush_fields(body) {
             if synced >= damaged {
                 return Err(format!(
                     "write {flush} at byte {pos} says write {damaged}, which holds it, was synced"
@@ -1032,6 +1028,16 @@ pub(super) fn legacy_chunk(term: Term, voted_for: &str, entries: &[Entry]) -> Ve
         record(KIND_ENTRY, &fields);
     }
     out
+}
+
+/// The fields of a `Flush` record: its write's sequence number, extent and last write synced.
+fn flush_fields(body: &[u8]) -> Result<(u64, u64, u64), String> {
+    let mut r = Fields(body);
+    let fields = (r.u64()?, r.u64()?, r.u64()?);
+    if !r.0.is_empty() {
+        return Err(format!("{} trailing bytes in a flush record", r.0.len()));
+    }
+    Ok(fields)
 }
 
 fn all_zero(bytes: &[u8]) -> bool {
