@@ -250,6 +250,20 @@ pub fn decode_with(
     decode(body, cluster, local, max_frame_bytes)
 }
 
+/// [`decode_with`] of a frame held as [`Bytes`]: the command payloads of the log entries it carries
+/// are slices of `bytes` (they keep it alive) instead of copies, one allocation fewer per entry.
+pub fn decode_shared(
+    bytes: &Bytes,
+    cluster: &str,
+    local: &PeerId,
+    max_frame_bytes: usize,
+    key: Option<&FrameKey>,
+) -> Result<Frame, DecodeError> {
+    raft::sharing(bytes, || {
+        decode_with(bytes, cluster, local, max_frame_bytes, key)
+    })
+}
+
 /// Decodes a frame and checks it is for `cluster`, this version and (if unicast) `local`.
 /// Never panics, whatever the bytes.
 pub fn decode(
@@ -335,6 +349,40 @@ mod tests {
             decode(&bytes, "c1", &PeerId::from("b"), 1 << 20).unwrap(),
             f
         );
+    }
+
+    /// The payloads of a frame decoded from `Bytes` are slices of it; decoded from a plain slice (or
+    /// after a shared decode ended) they are copies; the values are the same either way.
+    #[test]
+    fn entries_decoded_from_shared_bytes_share_the_frame() {
+        fn payload(f: &Frame) -> Bytes {
+            match &f.body {
+                HamokMessage::Raft(Message {
+                    body: MessageBody::AppendEntries { entries, .. },
+                    ..
+                }) => match &entries[0].payload {
+                    EntryPayload::Command(b) => b.clone(),
+                    other => panic!("not a command: {other:?}"),
+                },
+                other => panic!("not an append: {other:?}"),
+            }
+        }
+        let within = |inner: &Bytes, outer: &Bytes| {
+            let (start, at) = (outer.as_ptr() as usize, inner.as_ptr() as usize);
+            at >= start && at + inner.len() <= start + outer.len()
+        };
+        let f = frame(append());
+        let b = PeerId::from("b");
+        let key = FrameKey::new(b"secret");
+        for signing in [None, Some(&key)] {
+            let bytes = encode_with(&f, signing).unwrap();
+            let shared = decode_shared(&bytes, "c1", &b, 1 << 20, signing).unwrap();
+            assert_eq!(shared, f);
+            assert!(within(&payload(&shared), &bytes));
+            let copied = decode_with(&bytes, "c1", &b, 1 << 20, signing).unwrap();
+            assert_eq!(copied, f);
+            assert!(!within(&payload(&copied), &bytes));
+        }
     }
 
     #[test]

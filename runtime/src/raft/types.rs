@@ -124,13 +124,74 @@ impl fmt::Debug for PeerId {
     }
 }
 
+thread_local! {
+    /// The buffer this thread is decoding, when its owner lent it (see [`sharing`]).
+    static DECODE_SOURCE: std::cell::RefCell<Option<Bytes>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `decode`, a decoding of `source`, with the command payloads of the log entries it decodes
+/// sharing `source`'s memory instead of each copied out of it: a follower's entries then cost no
+/// allocation of their own (they keep the frame alive, which holds little else than them, until the
+/// last of them is compacted). Entries decoded otherwise (from a store's files) are copied, as before;
+/// either way the values are the same.
+pub(crate) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
+    /// Puts back what was lent before, even if `decode` unwinds.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            DECODE_SOURCE.with(|s| *s.borrow_mut() = before);
+        }
+    }
+    let _restore = Restore(DECODE_SOURCE.with(|s| s.borrow_mut().replace(source.clone())));
+    decode()
+}
+
+/// A command payload: a slice of the buffer lent by [`sharing`] when it comes from there, else a copy.
+/// Accepts what `Bytes` itself accepts (MessagePack `bin`, and a sequence of bytes).
+fn command_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Bytes;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a command (bytes)")
+        }
+        fn visit_borrowed_bytes<E: serde::de::Error>(self, b: &'de [u8]) -> Result<Bytes, E> {
+            let shared = DECODE_SOURCE.with(|s| {
+                let source = s.borrow();
+                let source = source.as_ref()?;
+                let start = source.as_ptr() as usize;
+                let at = b.as_ptr() as usize;
+                (at >= start && at + b.len() <= start + source.len()).then(|| source.slice_ref(b))
+            });
+            Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(b)))
+        }
+        fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(b))
+        }
+        fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(b))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            // The hint is the sender's claim: capped, so a forged length cannot reserve memory.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element::<u8>()? {
+                out.push(byte);
+            }
+            Ok(Bytes::from(out))
+        }
+    }
+    deserializer.deserialize_bytes(Visitor)
+}
+
 /// What a log entry carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryPayload {
     /// Appended by every new leader so it can commit an entry of its own term at once.
     Noop,
     /// An opaque command for the state machines above the engine.
-    Command(Bytes),
+    Command(#[serde(deserialize_with = "command_bytes")] Bytes),
     /// A new cluster configuration (the whole membership, not a delta). Takes effect once committed.
     /// Boxed: it is rare, and inline it would make every entry of the log 16 bytes larger.
     Membership(Box<Membership>),

@@ -103,12 +103,12 @@ impl Codec {
     /// operator (anything but another cluster's traffic on a shared bus) is reported as an event.
     pub(super) fn decode(
         &self,
-        bytes: &[u8],
+        bytes: &Bytes,
         counters: &Arc<Counters>,
         out: &mut Output,
     ) -> Option<Frame> {
         Counters::bump(&counters.frames_in);
-        match wire::decode_with(
+        match wire::decode_shared(
             bytes,
             &self.cluster,
             &self.id,

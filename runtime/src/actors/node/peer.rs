@@ -240,7 +240,7 @@ impl Peer {
     // Inputs
 
     /// A frame from the bus.
-    pub(crate) fn on_frame(&mut self, now_ms: u64, bytes: &[u8]) {
+    pub(crate) fn on_frame(&mut self, now_ms: u64, bytes: &Bytes) {
         let Some(frame) = self.codec.decode(bytes, &self.counters, &mut self.out) else {
             return;
         };
