@@ -46,6 +46,7 @@ async fn one_runner_at_a_time_with_failover_and_stop() {
     let runs: Runs = Arc::default();
     let mut jobs = Vec::new();
     let mut states = Vec::new();
+    let mut recorders = Vec::new();
     for p in &c.peers {
         let locks = p.get_or_create_lock_table("jobs").await.unwrap();
         let queue = p.get_or_create_queue::<u64>("effects").await.unwrap();
@@ -55,11 +56,11 @@ async fn one_runner_at_a_time_with_failover_and_stop() {
         let seen: Arc<Mutex<Vec<JobState>>> =
             Arc::new(Mutex::new(vec![rx.borrow_and_update().clone()]));
         let rec = seen.clone();
-        tokio::spawn(async move {
+        recorders.push(tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 rec.lock().unwrap().push(rx.borrow_and_update().clone());
             }
-        });
+        }));
         states.push(seen);
         jobs.push(Some(job));
     }
@@ -147,7 +148,14 @@ async fn one_runner_at_a_time_with_failover_and_stop() {
             );
         }
     }
-    // Every peer's job ended stopped.
+    // Every peer's job ended stopped. A recorder ends once it has seen its job's last state (the
+    // job's task, which sends them, ended with `stop`): read the records only then.
+    for recorder in recorders {
+        tokio::time::timeout(WAIT, recorder)
+            .await
+            .expect("a recorder ends once its job stopped")
+            .unwrap();
+    }
     for (i, seen) in states.iter().enumerate() {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.last(), Some(&JobState::Finished), "peer {i}: {seen:?}");
