@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod hamok;
 pub mod raft;
+mod seq_deque;
 pub mod session;
 pub mod state_machine;
 mod stats;

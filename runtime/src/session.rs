@@ -16,12 +16,11 @@
 //! [`HamokError::AppliedResponseLost`](crate::HamokError::AppliedResponseLost). The cache is not part of
 //! the deduplication decision, so peers may trim it differently without diverging.
 
-use std::collections::{BTreeMap, VecDeque};
-
 use bytes::Bytes;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::raft::LogIndex;
+use crate::seq_deque::SeqMap;
 
 /// Most disjoint ranges of applied request numbers kept per client. Every gap between two ranges is a
 /// request the client still waits for (or gave up on while an older one was pending), so a client that
@@ -195,111 +194,6 @@ impl Session {
     }
 }
 
-/// A map from request numbers, kept as a deque sorted by number: what a session holds mostly grows at
-/// the back (requests apply about in order) and shrinks at the front (the floor rises), which a deque
-/// does in place, where a `BTreeMap` splits and merges nodes (an allocation and a free per command,
-/// on every peer). A number out of order is found by binary search and inserted where it belongs (at
-/// worst a shift of the whole deque: [`MAX_SEQ_RANGES_PER_SESSION`] ranges, or the responses of one
-/// client's requests above its floor).
-/// Serialized as a map, exactly as the `BTreeMap` it replaced (snapshots keep their format).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct SeqMap<V>(VecDeque<(u64, V)>);
-
-impl<V> Default for SeqMap<V> {
-    fn default() -> Self {
-        SeqMap(VecDeque::new())
-    }
-}
-
-impl<V> SeqMap<V> {
-    /// Where `key` is, or where it would go.
-    fn search(&self, key: u64) -> Result<usize, usize> {
-        // Most lookups are of the last number: check it before searching.
-        match self.0.back() {
-            Some((last, _)) if *last < key => Err(self.0.len()),
-            Some((last, _)) if *last == key => Ok(self.0.len() - 1),
-            _ => self.0.binary_search_by_key(&key, |(k, _)| *k),
-        }
-    }
-
-    fn get(&self, key: u64) -> Option<&V> {
-        self.search(key).ok().map(|i| &self.0[i].1)
-    }
-
-    /// Inserts or replaces; returns the value replaced.
-    fn insert(&mut self, key: u64, value: V) -> Option<V> {
-        match self.search(key) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
-            Err(i) if i == self.0.len() => {
-                self.0.push_back((key, value));
-                None
-            }
-            Err(i) => {
-                self.0.insert(i, (key, value));
-                None
-            }
-        }
-    }
-
-    fn remove(&mut self, key: u64) -> Option<V> {
-        let i = self.search(key).ok()?;
-        self.0.remove(i).map(|(_, v)| v)
-    }
-
-    /// The entry with the greatest key at or below `key`.
-    fn last_at_or_below(&self, key: u64) -> Option<&(u64, V)> {
-        let i = match self.search(key) {
-            Ok(i) => i,
-            Err(0) => return None,
-            Err(i) => i - 1,
-        };
-        self.0.get(i)
-    }
-
-    fn first(&self) -> Option<&(u64, V)> {
-        self.0.front()
-    }
-
-    fn pop_first(&mut self) -> Option<(u64, V)> {
-        self.0.pop_front()
-    }
-
-    /// Moves the first key up to `key`, which must stay below the second one.
-    fn raise_first_key(&mut self, key: u64) {
-        debug_assert!(self.0.get(1).is_none_or(|(next, _)| key < *next));
-        if let Some(first) = self.0.front_mut() {
-            debug_assert!(key >= first.0);
-            first.0 = key;
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, v)| v)
-    }
-}
-
-impl<V: Serialize> Serialize for SeqMap<V> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-    }
-}
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for SeqMap<V> {
-    /// Read as a `BTreeMap` (sorted, a repeated key keeps its last value), as before.
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<u64, V>::deserialize(deserializer)?;
-        Ok(SeqMap(map.into_iter().collect()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,67 +274,5 @@ mod tests {
         assert_eq!(s.status(4), SeqStatus::Applied);
         assert!(s.insert(3));
         assert_eq!(s.status(3), SeqStatus::Applied);
-    }
-
-    /// The same operations on a `SeqMap` and on the `BTreeMap` it replaced give the same answers and
-    /// the same contents, keys in and out of order.
-    #[test]
-    fn a_seq_map_behaves_as_the_btree_map_it_replaced() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
-        let mut seq_map = SeqMap::default();
-        let mut model = BTreeMap::new();
-        let mut back = 0;
-        for step in 0..20_000u64 {
-            // Mostly at the back, as requests apply; sometimes anywhere below it.
-            let key = if next(4) == 0 {
-                next(back + 1)
-            } else {
-                back + next(3)
-            };
-            back = back.max(key);
-            match next(6) {
-                0..=2 => assert_eq!(seq_map.insert(key, step), model.insert(key, step)),
-                3 => assert_eq!(seq_map.remove(key), model.remove(&key)),
-                4 => assert_eq!(seq_map.pop_first(), model.pop_first()),
-                _ => {
-                    let second = model.keys().nth(1).copied().unwrap_or(u64::MAX);
-                    if let Some((&first, &v)) = model.first_key_value() {
-                        let raised = first + next((second - first).min(4));
-                        seq_map.raise_first_key(raised);
-                        model.remove(&first);
-                        model.insert(raised, v);
-                    }
-                }
-            }
-            assert_eq!(seq_map.get(key), model.get(&key));
-            assert_eq!(
-                seq_map.last_at_or_below(key).copied(),
-                model.range(..=key).next_back().map(|(k, v)| (*k, *v))
-            );
-            assert_eq!(seq_map.len(), model.len());
-        }
-        let contents: Vec<(u64, u64)> = seq_map.0.iter().copied().collect();
-        assert_eq!(contents, model.into_iter().collect::<Vec<_>>());
-    }
-
-    /// Snapshots keep their format: a `SeqMap` is written as the `BTreeMap` was, and read back.
-    #[test]
-    fn a_seq_map_is_serialized_as_a_btree_map() {
-        let model: BTreeMap<u64, Bytes> = [(3, Bytes::from_static(b"c")), (7, Bytes::new())]
-            .into_iter()
-            .collect();
-        let mut seq_map = SeqMap::default();
-        seq_map.insert(7, Bytes::new());
-        seq_map.insert(3, Bytes::from_static(b"c"));
-        let written = rmp_serde::to_vec(&seq_map).unwrap();
-        assert_eq!(written, rmp_serde::to_vec(&model).unwrap());
-        let read: SeqMap<Bytes> = rmp_serde::from_slice(&written).unwrap();
-        assert_eq!(read, seq_map);
     }
 }

@@ -5,7 +5,6 @@
 //! The rule this concern keeps: every request is answered exactly once, by the apply of its command on
 //! this peer, by an error that says it was refused, or by its deadline.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,6 +13,7 @@ use tokio::sync::oneshot;
 use super::frames::Output;
 use crate::error::HamokError;
 use crate::raft::{PeerId, RaftError, RaftNode, Role};
+use crate::seq_deque::SeqSlots;
 use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, StateMachines};
 use crate::stats::metric_names::PROPOSAL_COMMIT_SECONDS;
 use crate::stats::Counters;
@@ -315,93 +315,6 @@ impl Requests {
     }
 }
 
-/// The requests waiting on this peer, by number: a deque sorted by number, where a request answered
-/// out of order leaves an empty slot. Numbers are handed out in increasing order, so a new request
-/// goes at the back, and answers come mostly in order, from the front: both in place, where a
-/// `BTreeMap` split and merged nodes (of more than a KiB each) as requests came and went. Empty slots
-/// at the front are dropped at once, and all of them whenever they outnumber the waiting requests
-/// (plus [`SLACK_SLOTS`]), so the deque holds at most twice the waiting requests plus that slack.
-struct SeqSlots<V> {
-    slots: VecDeque<(u64, Option<V>)>,
-    /// Slots holding a value.
-    live: usize,
-}
-
-/// Empty slots tolerated before they are swept, on top of one per waiting request.
-const SLACK_SLOTS: usize = 64;
-
-impl<V> Default for SeqSlots<V> {
-    fn default() -> Self {
-        SeqSlots {
-            slots: VecDeque::new(),
-            live: 0,
-        }
-    }
-}
-
-impl<V> SeqSlots<V> {
-    fn len(&self) -> usize {
-        self.live
-    }
-
-    /// The lowest number waiting (the front slot is never empty).
-    fn first_key(&self) -> Option<u64> {
-        self.slots.front().map(|(seq, _)| *seq)
-    }
-
-    /// Adds `seq`, which must be above every number held.
-    fn push(&mut self, seq: u64, value: V) {
-        assert!(
-            self.slots.back().is_none_or(|(last, _)| *last < seq),
-            "request numbers are handed out in increasing order"
-        );
-        self.slots.push_back((seq, Some(value)));
-        self.live += 1;
-    }
-
-    fn index(&self, seq: u64) -> Option<usize> {
-        self.slots.binary_search_by_key(&seq, |(k, _)| *k).ok()
-    }
-
-    fn get(&self, seq: u64) -> Option<&V> {
-        self.slots[self.index(seq)?].1.as_ref()
-    }
-
-    fn get_mut(&mut self, seq: u64) -> Option<&mut V> {
-        let i = self.index(seq)?;
-        self.slots[i].1.as_mut()
-    }
-
-    fn remove(&mut self, seq: u64) -> Option<V> {
-        let i = self.index(seq)?;
-        let value = self.slots[i].1.take()?;
-        self.live -= 1;
-        while self.slots.front().is_some_and(|(_, v)| v.is_none()) {
-            self.slots.pop_front();
-        }
-        if self.slots.len() > 2 * self.live + SLACK_SLOTS {
-            self.slots.retain(|(_, v)| v.is_some());
-        }
-        Some(value)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
-        self.slots
-            .iter()
-            .filter_map(|(seq, v)| v.as_ref().map(|v| (seq, v)))
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &u64> {
-        self.iter().map(|(seq, _)| seq)
-    }
-
-    fn into_values(self) -> impl Iterator<Item = (u64, V)> {
-        self.slots
-            .into_iter()
-            .filter_map(|(seq, v)| v.map(|v| (seq, v)))
-    }
-}
-
 /// On the leader: a request forwarded by `from` enters the log only if it decodes and names its sender
 /// as the client, so no peer can spoof another's session (and with it, the dedup of its requests). A
 /// peer that does not lead redirects it.
@@ -453,56 +366,6 @@ mod tests {
             .filter(|(_, m)| matches!(m, HamokMessage::Submit { .. }))
             .map(|(to, _)| to.map(|p| p.to_string()).unwrap_or_default())
             .collect()
-    }
-
-    /// Requests come and go in any order: the slots answer as a `BTreeMap` would, and empty slots
-    /// stay within their bound.
-    #[test]
-    fn seq_slots_behave_as_a_btree_map_within_their_bound() {
-        use std::collections::BTreeMap;
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
-        let mut slots = SeqSlots::default();
-        let mut model = BTreeMap::new();
-        let mut seq = 0;
-        for step in 0..50_000u64 {
-            match next(5) {
-                // Up to a few hundred waiting, as a loaded peer has.
-                0 | 1 if model.len() < 300 => {
-                    seq += 1;
-                    slots.push(seq, step);
-                    model.insert(seq, step);
-                }
-                2 => {
-                    // In the first half one old request is stuck and the rest answered in any
-                    // order (empty slots pile up behind it); then mostly the oldest.
-                    let key = match model.keys().next() {
-                        Some(first) if step >= 25_000 && next(3) > 0 => *first,
-                        _ => seq.saturating_sub(next(400)),
-                    };
-                    assert_eq!(slots.remove(key), model.remove(&key));
-                }
-                _ => {
-                    let key = seq.saturating_sub(next(400));
-                    if let Some(v) = slots.get_mut(key) {
-                        *v += 1;
-                    }
-                    if let Some(v) = model.get_mut(&key) {
-                        *v += 1;
-                    }
-                }
-            }
-            assert_eq!(slots.len(), model.len());
-            assert_eq!(slots.first_key(), model.keys().next().copied());
-            assert!(slots.slots.len() <= 2 * slots.len() + SLACK_SLOTS);
-        }
-        assert!(slots.iter().map(|(k, v)| (*k, *v)).eq(model.clone()));
-        assert!(slots.into_values().eq(model));
     }
 
     /// Two peers that each name the other as leader must not bounce a request without pause: a
