@@ -222,18 +222,19 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::raft::SeededRng;
+
+    /// Seeded numbers below a bound.
+    fn random_below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = SeededRng::new(seed);
+        move |bound| rng.range(0, bound)
+    }
 
     /// The same operations on a `SeqMap` and on the `BTreeMap` it replaced give the same answers and
     /// the same contents, keys in and out of order.
     #[test]
     fn a_seq_map_behaves_as_the_btree_map_it_replaced() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = random_below(0x9e37_79b9_7f4a_7c15_u64);
         let mut seq_map = SeqMap::default();
         let mut model = BTreeMap::new();
         let mut back = 0;
@@ -289,14 +290,7 @@ mod tests {
     /// stay within their bound.
     #[test]
     fn seq_slots_behave_as_a_btree_map_within_their_bound() {
-        use std::collections::BTreeMap;
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = random_below(0x2545_f491_4f6c_dd1d_u64);
         let mut slots = SeqSlots::default();
         let mut model = BTreeMap::new();
         let mut seq = 0;
