@@ -87,6 +87,15 @@ pub trait LogStore: Send + 'static {
         self.may_block()
     }
 
+    /// Whether writing `count` entries of `bytes` bytes in all, and the [`sync`](LogStore::sync)
+    /// after them, may wait on the disk. When it may not (the policy syncs them later), the node
+    /// makes those calls on the runtime's thread, as for a commit mark: the writes only reach the
+    /// kernel's page cache. Default: [`may_block`](LogStore::may_block).
+    fn entries_may_block(&self, count: usize, bytes: usize) -> bool {
+        let _ = (count, bytes);
+        self.may_block()
+    }
+
     /// The peer id this store was written by, if it keeps one (a durable store does, so a restarted
     /// peer keeps its identity without configuring it).
     fn peer_id(&self) -> Option<PeerId> {

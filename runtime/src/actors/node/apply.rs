@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::HamokConfig;
 use crate::error::HamokError;
-use crate::raft::{LogIndex, Membership, PersistedState, RaftNode, Ready, Snapshot, Term};
+use crate::raft::{Entry, LogIndex, Membership, PersistedState, RaftNode, Ready, Snapshot, Term};
 use crate::state_machine::{
     Applied, ClientId, LogCommand, Op, StateMachine, StateMachineFactory, StateMachines,
 };
@@ -114,9 +114,17 @@ impl Apply {
         background: Option<SyncDone>,
     ) -> Result<bool, HamokError> {
         // A Ready that only moves the commit mark writes a few bytes and, unless the store's policy
-        // says a sync is due, syncs nothing: made here, without a thread hand-off.
+        // says a sync is due, syncs nothing; entries, under a policy that syncs them later, only
+        // reach the page cache: both made here, without a thread hand-off.
+        let entries_block = ready.entries_from.is_some() && {
+            let bytes = ready.entries.iter().map(Entry::size_bytes).sum();
+            self.store.entries_may_block(ready.entries.len(), bytes)
+        };
         let blocks = self.store.may_block()
-            && (writes_more_than_commit(ready) || self.store.sync_may_block());
+            && (ready.snapshot.is_some()
+                || ready.hard_state.is_some()
+                || entries_block
+                || self.store.sync_may_block());
         if let Some(done) = background {
             // Nothing here waits on the disk (the writes only reach the kernel, the sync runs on
             // the store's thread): no hand-off of the worker's tasks, which costs more than a write.

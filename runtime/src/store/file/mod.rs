@@ -528,6 +528,16 @@ impl LogStore for FileLogStore {
         self.sync_due() || self.wal.next_write_rolls()
     }
 
+    fn entries_may_block(&self, count: usize, bytes: usize) -> bool {
+        let sync_comes = match self.options.sync {
+            SyncPolicy::Batch => true,
+            // Due once the interval has passed, with these entries to sync whatever was before.
+            SyncPolicy::Interval => self.last_sync.elapsed() >= self.options.sync_interval,
+            SyncPolicy::Never => false,
+        };
+        sync_comes || self.wal.write_rolls(count, bytes)
+    }
+
     fn syncs_in_background(&self) -> bool {
         self.options.sync == SyncPolicy::Batch && self.options.background_sync
     }

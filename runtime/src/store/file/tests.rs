@@ -1011,3 +1011,44 @@ fn a_sync_may_block_only_when_it_would_wait_on_the_disk() {
     s.write_entries(1, &entries(1, 3, 1)).unwrap();
     assert!(!s.sync_may_block(), "never syncs");
 }
+
+/// Entries are written on the runtime's thread only under a policy that syncs them later, and not
+/// when they would close a full chunk (which syncs).
+#[test]
+fn entries_may_block_only_when_a_sync_comes_with_them() {
+    let open = |sync, sync_interval| {
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileLogStoreOptions {
+            sync,
+            sync_interval,
+            ..small_chunks_options()
+        };
+        let s = FileLogStore::open(dir.path(), options).unwrap();
+        (dir, s)
+    };
+    let hour = Duration::from_secs(3600);
+    let (_dir, batch) = open(SyncPolicy::Batch, hour);
+    assert!(batch.entries_may_block(1, 10), "batch syncs every write");
+    let (_dir, interval) = open(SyncPolicy::Interval, hour);
+    assert!(!interval.entries_may_block(1, 10), "an hour has not passed");
+    let (_dir, due) = open(SyncPolicy::Interval, Duration::ZERO);
+    assert!(due.entries_may_block(1, 10), "the interval has passed");
+    let (_dir, mut never) = open(SyncPolicy::Never, hour);
+    assert!(!never.entries_may_block(1, 10), "never syncs");
+    assert!(
+        never.entries_may_block(1, 4 << 10),
+        "these fill the chunk, which is closed with syncs"
+    );
+    assert!(
+        never.entries_may_block(100, 10),
+        "nor do their envelopes fit"
+    );
+    // Close to the end of the chunk, the estimate errs toward a hand-off.
+    let mut last = 0;
+    while !never.entries_may_block(1, 10) {
+        last += 1;
+        never.write_entries(last, &entries(last, last, 1)).unwrap();
+        never.sync().unwrap();
+    }
+    assert!(!never.sync_may_block(), "the chunk is not full yet");
+}

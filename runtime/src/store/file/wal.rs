@@ -81,6 +81,9 @@ const CHUNK_SUFFIX: &str = ".log";
 /// The name of a chunk written by builds before 2026-12-03 (appended, no `Flush` records).
 const LEGACY_SUFFIX: &str = ".wal";
 const HEAD_BYTES: usize = 12;
+/// More than an entry record's body holds besides the payload's bytes (its kind, index and term, the
+/// payload's variant and length): for estimates that must not fall short.
+const ENTRY_ENVELOPE_BYTES: usize = 64;
 /// The largest record body written or accepted: entries are bounded far below this by the largest
 /// frame; a corrupt length must not make recovery allocate without bound.
 const MAX_BODY_BYTES: usize = 256 << 20;
@@ -408,6 +411,17 @@ impl Wal {
     /// Whether writing what is pending, or the next record, closes a full chunk (which syncs).
     pub(super) fn next_write_rolls(&self) -> bool {
         !self.rolls.is_empty() || self.chunk_bytes >= self.chunk_max_bytes
+    }
+
+    /// Whether writing what is pending and then `count` entries of `bytes` bytes in all may close a
+    /// full chunk (which syncs): over-estimated, with a record's largest envelope per entry and a
+    /// `Flush` record.
+    pub(super) fn write_rolls(&self, count: usize, bytes: usize) -> bool {
+        let envelope = (HEAD_BYTES + ENTRY_ENVELOPE_BYTES) as u64;
+        let written = (bytes as u64)
+            .saturating_add((count as u64).saturating_mul(envelope))
+            .saturating_add(FLUSH_BYTES as u64);
+        self.next_write_rolls() || self.chunk_bytes.saturating_add(written) >= self.chunk_max_bytes
     }
 
     /// The last entry index after every record appended so far.
