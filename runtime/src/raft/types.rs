@@ -124,31 +124,45 @@ impl fmt::Debug for PeerId {
     }
 }
 
+/// A buffer lent for decoding (see [`sharing`]), and the copy of it the entries share, made at the
+/// first entry.
+struct Lent {
+    source: Bytes,
+    copy: Option<Bytes>,
+}
+
 thread_local! {
     /// The buffer this thread is decoding, when its owner lent it (see [`sharing`]).
-    static DECODE_SOURCE: std::cell::RefCell<Option<Bytes>> =
+    static DECODE_SOURCE: std::cell::RefCell<Option<Lent>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `decode`, a decoding of `source`, with the command payloads of the log entries it decodes
-/// sharing `source`'s memory instead of each copied out of it: a follower's entries then cost no
-/// allocation of their own (they keep the frame alive, which holds little else than them, until the
-/// last of them is compacted). Entries decoded otherwise (from a store's files) are copied, as before;
-/// either way the values are the same.
+/// sharing one copy of `source` instead of each copied out of it: one allocation per frame instead
+/// of one per entry, and compaction frees a frame's entries at once. The copy (made at the first
+/// entry, so a frame without entries costs nothing) is the frame alone: `source` itself may be a
+/// slice of a transport's receive buffer (async-nats reads many messages into one), which entries
+/// kept in the log until the next compaction must not hold. Entries decoded otherwise (from a
+/// store's files) are copied each, as before; either way the values are the same.
 pub(crate) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
     /// Puts back what was lent before, even if `decode` unwinds.
-    struct Restore(Option<Bytes>);
+    struct Restore(Option<Lent>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let before = self.0.take();
             DECODE_SOURCE.with(|s| *s.borrow_mut() = before);
         }
     }
-    let _restore = Restore(DECODE_SOURCE.with(|s| s.borrow_mut().replace(source.clone())));
+    let lent = Lent {
+        source: source.clone(),
+        copy: None,
+    };
+    let _restore = Restore(DECODE_SOURCE.with(|s| s.borrow_mut().replace(lent)));
     decode()
 }
 
-/// A command payload: a slice of the buffer lent by [`sharing`] when it comes from there, else a copy.
+/// A command payload: a slice of the copy of the buffer lent by [`sharing`] when it comes from there,
+/// else a copy of its own.
 /// Accepts what `Bytes` itself accepts (MessagePack `bin`, and a sequence of bytes).
 fn command_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
     struct Visitor;
@@ -159,11 +173,17 @@ fn command_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<By
         }
         fn visit_borrowed_bytes<E: serde::de::Error>(self, b: &'de [u8]) -> Result<Bytes, E> {
             let shared = DECODE_SOURCE.with(|s| {
-                let source = s.borrow();
-                let source = source.as_ref()?;
-                let start = source.as_ptr() as usize;
-                let at = b.as_ptr() as usize;
-                (at >= start && at + b.len() <= start + source.len()).then(|| source.slice_ref(b))
+                let mut lent = s.try_borrow_mut().ok()?;
+                let lent = lent.as_mut()?;
+                let start = lent.source.as_ptr() as usize;
+                let at = (b.as_ptr() as usize).checked_sub(start)?;
+                if at + b.len() > lent.source.len() {
+                    return None;
+                }
+                let copy = lent
+                    .copy
+                    .get_or_insert_with(|| Bytes::copy_from_slice(&lent.source));
+                Some(copy.slice(at..at + b.len()))
             });
             Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(b)))
         }
