@@ -325,6 +325,19 @@ mod tests {
     }
 
     fn append() -> HamokMessage {
+        append_of(&[Bytes::from_static(b"hello")])
+    }
+
+    /// An append of one entry per payload, from index 2 on.
+    fn append_of(payloads: &[Bytes]) -> HamokMessage {
+        let entries: Vec<Entry> = (2..)
+            .zip(payloads)
+            .map(|(index, p)| Entry {
+                term: 3,
+                index,
+                payload: EntryPayload::Command(p.clone()),
+            })
+            .collect();
         HamokMessage::Raft(Message {
             from: PeerId::from("a"),
             to: PeerId::from("b"),
@@ -332,13 +345,9 @@ mod tests {
             body: MessageBody::AppendEntries {
                 prev_log_index: 1,
                 prev_log_term: 1,
-                entries: vec![Entry {
-                    term: 3,
-                    index: 2,
-                    payload: EntryPayload::Command(Bytes::from_static(b"hello")),
-                }],
+                committed_once_held: entries.last().map_or(0, |e| e.index),
+                entries,
                 leader_commit: 1,
-                committed_once_held: 2,
             },
         })
     }
@@ -375,29 +384,7 @@ mod tests {
             }
         }
         let (first, second) = (Bytes::from(vec![1u8; 40]), Bytes::from(vec![2u8; 40]));
-        let f = frame(HamokMessage::Raft(Message {
-            from: PeerId::from("a"),
-            to: PeerId::from("b"),
-            term: 3,
-            body: MessageBody::AppendEntries {
-                prev_log_index: 1,
-                prev_log_term: 1,
-                entries: vec![
-                    Entry {
-                        term: 3,
-                        index: 2,
-                        payload: EntryPayload::Command(first.clone()),
-                    },
-                    Entry {
-                        term: 3,
-                        index: 3,
-                        payload: EntryPayload::Command(second.clone()),
-                    },
-                ],
-                leader_commit: 1,
-                committed_once_held: 3,
-            },
-        }));
+        let f = frame(append_of(&[first.clone(), second.clone()]));
         let b = PeerId::from("b");
         let key = FrameKey::new(b"secret");
         for signing in [None, Some(&key)] {
