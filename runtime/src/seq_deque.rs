@@ -11,8 +11,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Least capacity a deque keeps when it shrinks (no reallocation churn for the usual handful).
 const MIN_KEPT_CAPACITY: usize = 64;
 
-/// Gives back memory a burst left: a deque holding under a quarter of its capacity halves it to twice
-/// its length (amortized: the length fell by at least half the capacity since the last change).
+/// Gives back memory a burst left: a deque holding under a quarter of its capacity shrinks to twice
+/// its length, at least [`MIN_KEPT_CAPACITY`] (amortized: since the last change of capacity, the
+/// length fell by at least half of what it is copying now).
 fn shrink_when_sparse<T>(deque: &mut VecDeque<T>) {
     if deque.capacity() > MIN_KEPT_CAPACITY && deque.len() < deque.capacity() / 4 {
         deque.shrink_to((deque.len() * 2).max(MIN_KEPT_CAPACITY));
@@ -22,10 +23,11 @@ fn shrink_when_sparse<T>(deque: &mut VecDeque<T>) {
 /// A map from request numbers, kept as a deque sorted by number: what a session holds mostly grows at
 /// the back (requests apply about in order) and shrinks at the front (the floor rises), which a deque
 /// does in place, where a `BTreeMap` splits and merges nodes (an allocation and a free per command,
-/// on every peer). A number out of order is found by binary search and inserted where it belongs (at
-/// worst a shift of the whole deque: [`MAX_SEQ_RANGES_PER_SESSION`](crate::session::MAX_SEQ_RANGES_PER_SESSION) ranges, or the responses of one
-/// client's requests above its floor).
-/// Serialized as a map, exactly as the `BTreeMap` it replaced (snapshots keep their format).
+/// on every peer). A number out of order is found by binary search and inserted where it belongs: at
+/// worst a shift of the whole deque, which holds at most
+/// [`MAX_SEQ_RANGES_PER_SESSION`](crate::session::MAX_SEQ_RANGES_PER_SESSION) ranges, or the
+/// responses of one client's requests above its floor. Serialized as a map, exactly as the `BTreeMap`
+/// it replaced (snapshots keep their format).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SeqMap<V>(VecDeque<(u64, V)>);
 
@@ -132,9 +134,9 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for SeqMap<V> {
 /// where a request answered out of order leaves an empty slot. Numbers are handed out in increasing
 /// order, so a new request goes at the back, and answers come mostly in order, from the front: both in
 /// place, where a `BTreeMap` split and merged nodes (of more than a KiB each) as requests came and
-/// went. Empty slots
-/// at the front are dropped at once, and all of them whenever they outnumber the waiting requests
-/// (plus [`SLACK_SLOTS`]), so the deque holds at most twice the waiting requests plus that slack.
+/// went. Empty slots at the front are dropped at once, and all of them whenever they outnumber the
+/// waiting requests (plus [`SLACK_SLOTS`]), so the deque holds at most twice the waiting requests
+/// plus that slack.
 pub(crate) struct SeqSlots<V> {
     slots: VecDeque<(u64, Option<V>)>,
     /// Slots holding a value.
