@@ -107,8 +107,9 @@ impl<V> SeqMap<V> {
         self.0.len()
     }
 
+    /// Empties the map and gives its memory back (a session's responses are dropped to free memory).
     pub(crate) fn clear(&mut self) {
-        self.0.clear();
+        self.0 = VecDeque::new();
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
@@ -354,5 +355,11 @@ mod tests {
             "{}",
             slots.slots.capacity()
         );
+        // Cleared (a session's responses dropped under memory pressure): nothing kept.
+        for seq in 10_000..20_000 {
+            seq_map.insert(seq, seq);
+        }
+        seq_map.clear();
+        assert_eq!(seq_map.0.capacity(), 0);
     }
 }

@@ -116,14 +116,15 @@ impl Apply {
         // A Ready that only moves the commit mark writes a few bytes and, unless the store's policy
         // says a sync is due, syncs nothing; entries, under a policy that syncs them later, only
         // reach the page cache: both made here, without a thread hand-off.
-        let entries_block = ready.entries_from.is_some() && {
+        // (Asked in this order: a store that never blocks, the in-memory default, costs one call.)
+        let entries_block = || {
             let bytes = ready.entries.iter().map(Entry::size_bytes).sum();
             self.store.entries_may_block(ready.entries.len(), bytes)
         };
         let blocks = self.store.may_block()
             && (ready.snapshot.is_some()
                 || ready.hard_state.is_some()
-                || entries_block
+                || (ready.entries_from.is_some() && entries_block())
                 || self.store.sync_may_block());
         if let Some(done) = background {
             // Nothing here waits on the disk (the writes only reach the kernel, the sync runs on
