@@ -911,9 +911,10 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
                 PROTOCOL_VERSION,
                 Some(target.clone()),
                 HamokMessage::Submit {
-                    seq: round + 1,
-                    floor: 1,
-                    command: rng.bytes(32),
+                    requests: vec![wire::Forward {
+                        seq: round + 1,
+                        command: Bytes::from(rng.bytes(32)),
+                    }],
                 },
             ))
             .unwrap();

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hamok::collections::HamokCollections;
+use hamok::runtime::Hamok;
 
 use crate::cluster::{
     key, proc_status_mib, reset_peak_rss, run_load, value, Cluster, LoadResult, Map, Net,
@@ -417,7 +418,14 @@ impl Ctx {
             }
             let before = self.records.len();
             let rows = self
-                .map_rows(&sources, scenario, peers, latency, throughput)
+                .map_rows(
+                    &sources,
+                    &cluster.peers,
+                    scenario,
+                    peers,
+                    latency,
+                    throughput,
+                )
                 .await;
             if self.records[before..].iter().any(|r| r.errors > 0) {
                 dump_stats(&cluster);
@@ -485,7 +493,7 @@ impl Ctx {
                     }
                     self.placement = crate::multi_server::placement(self, &id).await;
                     let rows = self
-                        .map_rows(&[(map, from)], scenario, peers, latency, throughput)
+                        .map_rows(&[(map, from)], &[], scenario, peers, latency, throughput)
                         .await;
                     self.placement = None;
                     rows
@@ -503,10 +511,12 @@ impl Ctx {
         Ok(())
     }
 
-    /// The rows of [`Ctx::map_suite`] for each `(map, from)` source.
+    /// The rows of [`Ctx::map_suite`] for each `(map, from)` source. With every peer of the cluster in
+    /// `counted` (all in this process), a throughput row notes the frames the peers sent per write.
     async fn map_rows(
         &mut self,
         sources: &[(Map, &str)],
+        counted: &[Hamok],
         scenario: &str,
         peers: usize,
         latency: bool,
@@ -556,12 +566,17 @@ impl Ctx {
                         n,
                         &format!("{scenario}: {peers} peers, from {from}, {c} in flight"),
                     );
+                    let frames_before = frames_out(counted);
                     let load = set_load(map, n, c, keys, &val, &progress).await?;
                     progress.finish();
-                    let r = self
+                    let mut r = self
                         .load_record(scenario, peers, from, "map.set", c, &load)
                         .config("keys", keys)
                         .config("placement", placement);
+                    if counted.len() == peers {
+                        let frames = frames_out(counted) - frames_before;
+                        r = r.extra("frames_per_write", frames as f64 / n as f64);
+                    }
                     self.emit(self.placed(r, peers));
                 }
             }
@@ -1050,6 +1065,11 @@ async fn set_load(
 }
 
 /// Prints every peer's counters to stderr (after failed operations: drops, retries, duplicates).
+/// The frames `peers` sent, in total.
+fn frames_out(peers: &[Hamok]) -> u64 {
+    peers.iter().map(|p| p.stats().counters.frames_out).sum()
+}
+
 fn dump_stats(cluster: &Cluster) {
     for p in &cluster.peers {
         let s = p.stats();

@@ -124,7 +124,8 @@ counters! {
     frames_in,
     /// Frames sent.
     frames_out,
-    /// Frames dropped: not decodable (garbage, truncated, wrong types, too large).
+    /// Frames dropped: not decodable (garbage, truncated, wrong types, too large). A leader also counts
+    /// here each forwarded request it refused (its command does not decode or names another client).
     dropped_malformed,
     /// Frames dropped: addressed to another peer (a transport that delivered a unicast frame to the
     /// wrong peer; counted apart from `dropped_malformed`, since the frame itself was sound).

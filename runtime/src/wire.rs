@@ -11,7 +11,12 @@ use sha2::Sha256;
 use crate::raft::{self, PeerId, Term};
 
 /// The version of the wire protocol this build speaks. Frames of any other version are dropped.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// (4: `Submit` carries a batch of forwarded requests.)
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// Most bytes one [`Forward`] adds to its frame beside its command: its array header, sequence number
+/// and the command's `bin` header.
+pub const FORWARD_ENVELOPE_BYTES: usize = 16;
 
 /// One frame on the bus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,20 +57,17 @@ pub enum HamokMessage {
     /// From the leader to a peer that asked to leave: it is in neither the committed nor the latest
     /// configuration any more.
     Removed,
-    /// A write forwarded by the peer that received it to the leader. The sender is the client.
+    /// Writes forwarded by the peer that received them to the leader; the sender is their client.
+    /// A peer gathers the forwards it made while handling a burst of input and sends them in one
+    /// frame, in the order it made them.
     Submit {
-        /// The client's sequence number of this request.
-        seq: u64,
-        /// Every request of this client below `floor` is answered: its dedup state can be dropped.
-        floor: u64,
-        /// The encoded command.
-        #[serde(with = "serde_bytes")]
-        command: Vec<u8>,
+        /// The forwarded requests (at least one).
+        requests: Vec<Forward>,
     },
     /// The receiver of a `Submit` is not the leader; retry at `leader`.
     SubmitRedirect {
-        /// The refused request.
-        seq: u64,
+        /// The refused requests.
+        seqs: Vec<u64>,
         /// The leader, if known.
         leader: Option<PeerId>,
     },
@@ -77,6 +79,17 @@ pub enum HamokMessage {
         /// Its payload.
         payload: Bytes,
     },
+}
+
+/// One write of a [`HamokMessage::Submit`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    /// The client's sequence number of this request.
+    pub seq: u64,
+    /// The encoded command (decoded by a peer as a slice of one copy of its frame, as log entries
+    /// are: see `raft::sharing`).
+    #[serde(deserialize_with = "raft::command_bytes")]
+    pub command: Bytes,
 }
 
 /// A discovery announcement.
@@ -182,7 +195,11 @@ impl HamokMessage {
     pub fn size_hint(&self) -> usize {
         match self {
             HamokMessage::Raft(m) => m.size_bytes(),
-            HamokMessage::Submit { command, .. } => command.len() + 32,
+            HamokMessage::Submit { requests } => requests
+                .iter()
+                .map(|r| r.command.len() + FORWARD_ENVELOPE_BYTES)
+                .sum::<usize>()
+                .saturating_add(16),
             HamokMessage::Direct { channel, payload } => channel.len() + payload.len() + 16,
             _ => 64,
         }
@@ -354,22 +371,44 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let f = frame(append());
-        let bytes = encode(&f).unwrap();
-        assert_eq!(
-            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20).unwrap(),
-            f
-        );
+        let forwards = HamokMessage::Submit {
+            requests: vec![
+                Forward {
+                    seq: 7,
+                    command: Bytes::from_static(b"one"),
+                },
+                Forward {
+                    seq: u64::MAX,
+                    command: Bytes::from(vec![9u8; 300]),
+                },
+            ],
+        };
+        let redirect = HamokMessage::SubmitRedirect {
+            seqs: vec![7, u64::MAX],
+            leader: Some(PeerId::from("c")),
+        };
+        for body in [append(), forwards, redirect] {
+            let f = frame(body);
+            let bytes = encode(&f).unwrap();
+            assert!(bytes.len() <= f.size_hint() + 64, "the size hint is close");
+            assert_eq!(
+                decode(&bytes, "c1", &PeerId::from("b"), 1 << 20).unwrap(),
+                f
+            );
+        }
     }
 
-    /// The payloads of the entries of a frame decoded from `Bytes` are slices of one copy of the frame:
-    /// laid out as in the frame, but not in it, so the buffer the frame came in (a transport's receive
-    /// buffer, here a larger one the frame is a slice of) is not held by them. The values are those
-    /// of a plain decode.
+    /// The command payloads of a frame decoded from `Bytes` (of an append's entries, of the requests a
+    /// `Submit` forwards) are slices of one copy of the frame: laid out as in the frame, but not in
+    /// it, so the buffer the frame came in (a transport's receive buffer, here a larger one the frame
+    /// is a slice of) is not held by them. The values are those of a plain decode.
     #[test]
-    fn entries_decoded_from_shared_bytes_share_one_copy_of_the_frame() {
+    fn commands_decoded_from_shared_bytes_share_one_copy_of_the_frame() {
         fn payloads(f: &Frame) -> Vec<Bytes> {
             match &f.body {
+                HamokMessage::Submit { requests } => {
+                    requests.iter().map(|r| r.command.clone()).collect()
+                }
                 HamokMessage::Raft(Message {
                     body: MessageBody::AppendEntries { entries, .. },
                     ..
@@ -384,11 +423,26 @@ mod tests {
             }
         }
         let (first, second) = (Bytes::from(vec![1u8; 40]), Bytes::from(vec![2u8; 40]));
-        let f = frame(append_of(&[first.clone(), second.clone()]));
+        let forwards = HamokMessage::Submit {
+            requests: vec![
+                Forward {
+                    seq: 1,
+                    command: first.clone(),
+                },
+                Forward {
+                    seq: 2,
+                    command: second.clone(),
+                },
+            ],
+        };
         let b = PeerId::from("b");
         let key = FrameKey::new(b"secret");
-        for signing in [None, Some(&key)] {
-            let encoded = encode_with(&f, signing).unwrap();
+        let frames = [
+            frame(append_of(&[first.clone(), second.clone()])),
+            frame(forwards),
+        ];
+        for (f, signing) in frames.iter().flat_map(|f| [(f, None), (f, Some(&key))]) {
+            let encoded = encode_with(f, signing).unwrap();
             let find = |p: &Bytes| encoded.windows(p.len()).position(|w| w == &p[..]).unwrap();
             let gap_in_frame = find(&second) - find(&first);
             // The frame as a transport hands it over: a slice of a larger receive buffer.
@@ -402,7 +456,7 @@ mod tests {
                 shared,
                 decode_with(&bytes, "c1", &b, 1 << 20, signing).unwrap()
             );
-            assert_eq!(shared, f);
+            assert_eq!(&shared, f);
             let p = payloads(&shared);
             let (start, end) = (
                 buffer.as_ptr() as usize,

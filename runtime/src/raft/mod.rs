@@ -50,7 +50,7 @@ pub use message::{Message, MessageBody};
 pub use node::{RaftNode, Status};
 pub use ready::{ReadState, Ready, SoftState};
 pub use rng::SeededRng;
-pub(crate) use types::sharing;
+pub(crate) use types::{command_bytes, sharing};
 pub use types::{
     Entry, EntryPayload, HardState, LogIndex, PeerId, PersistedState, Role, Snapshot, SnapshotMeta,
     Term,

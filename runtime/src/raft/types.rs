@@ -137,9 +137,10 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `decode`, a decoding of `source`, with the command payloads of the log entries it decodes
-/// sharing one copy of `source` instead of each copied out of it: one allocation per frame instead
-/// of one per entry, and compaction frees a frame's entries at once. The copy (made at the first
+/// Runs `decode`, a decoding of `source`, with the command payloads it decodes (of log entries, and of
+/// the requests a `Submit` forwards, which the leader puts in its log as they are) sharing one copy
+/// of `source` instead of each copied out of it: one allocation per frame instead of one per entry,
+/// and compaction frees a frame's entries at once. The copy (made at the first
 /// entry, so a frame without entries costs nothing) is the frame alone: `source` itself may be a
 /// slice of a transport's receive buffer (async-nats reads many messages into one), which entries
 /// kept in the log until the next compaction must not hold. Entries decoded otherwise (from a
@@ -164,7 +165,9 @@ pub(crate) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
 /// A command payload: a slice of the copy of the buffer lent by [`sharing`] when it comes from there,
 /// else a copy of its own.
 /// Accepts what `Bytes` itself accepts (MessagePack `bin`, and a sequence of bytes).
-fn command_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+pub(crate) fn command_bytes<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Bytes, D::Error> {
     struct Visitor;
     impl<'de> serde::de::Visitor<'de> for Visitor {
         type Value = Bytes;

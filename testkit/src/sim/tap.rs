@@ -66,7 +66,10 @@ fn describe(bytes: &[u8]) -> String {
                     s.truncate(160);
                     format!("raft term {} {s}", m.term)
                 }
-                HamokMessage::Submit { seq, .. } => format!("Submit seq {seq}"),
+                HamokMessage::Submit { requests } => {
+                    let seqs: Vec<u64> = requests.iter().map(|r| r.seq).collect();
+                    format!("Submit seqs {seqs:?}")
+                }
                 HamokMessage::Direct { channel, .. } => format!("Direct {channel}"),
                 other => format!("{other:?}"),
             };

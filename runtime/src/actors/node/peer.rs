@@ -156,6 +156,7 @@ impl Peer {
                 client,
                 config.max_pending_requests,
                 config.raft_config().limits.max_command_bytes,
+                config.raft_config().limits.max_bytes_per_append,
                 config.election_timeout_ms,
             ),
             reads: Reads::new(seed, config.election_timeout_ms),
@@ -215,9 +216,10 @@ impl Peer {
         self.raft.replication()
     }
 
-    /// Whether the engine has output to process (the shell then posts itself a flush).
+    /// Whether the engine has output to process or forwards wait to be sent (the shell then posts
+    /// itself a flush, so a burst of input is handled before either).
     pub(crate) fn has_ready(&self) -> bool {
-        self.raft.has_ready()
+        self.raft.has_ready() || self.requests.has_forwards()
     }
 
     /// Takes what the peer wants done since the last drain, with frames encoded.
@@ -283,31 +285,27 @@ impl Peer {
                 }
             }
             HamokMessage::Goodbye => self.discovery.forget(&from),
-            HamokMessage::Submit {
-                seq,
-                floor: _,
-                command,
-            } => requests::admit_forwarded(
+            HamokMessage::Submit { requests } => requests::admit_forwarded(
                 now_ms,
                 from,
-                seq,
-                Bytes::from(command),
+                requests,
                 &mut self.raft,
                 &self.counters,
                 &mut self.out,
             ),
-            HamokMessage::SubmitRedirect { seq, leader } => {
-                // Our forward reached a peer that does not lead: send again to whom it names, or wait
-                // for a leader.
+            HamokMessage::SubmitRedirect { seqs, leader } => {
+                // Our forwards reached a peer that does not lead: send again to whom it names, or
+                // wait for a leader.
                 if leader.is_some() && leader.as_ref() != self.raft.leader_id() {
                     self.leader_hint = leader;
                 }
-                let route = Route {
-                    raft: &mut self.raft,
-                    leader_hint: self.leader_hint.clone(),
-                };
-                self.requests
-                    .on_redirect(now_ms, seq, &from, route, &mut self.out);
+                for seq in seqs {
+                    let route = Route {
+                        raft: &mut self.raft,
+                        leader_hint: self.leader_hint.clone(),
+                    };
+                    self.requests.on_redirect(now_ms, seq, &from, route);
+                }
             }
             HamokMessage::Direct { channel, payload } => {
                 if let Some(handler) = self.direct_handlers.get(&channel) {
@@ -447,12 +445,20 @@ impl Peer {
         );
     }
 
-    /// Processes the engine's output: at most [`MAX_READY_ROUNDS_PER_FLUSH`] rounds. A Ready that
+    /// Sends the forwards gathered since the last flush (one frame for the burst), then processes the
+    /// engine's output: at most [`MAX_READY_ROUNDS_PER_FLUSH`] rounds. A Ready that
     /// cannot be persisted or applied (a store that failed, a snapshot that does not restore) stops the
     /// peer: none of its messages leave, and the shell stops gracefully, so every waiting request is
     /// answered (`Interrupted`) and the handle reports the peer closed.
     /// `time_apply` runs (and times) the apply of each output's committed entries.
     pub(crate) fn flush(&mut self, now_ms: u64, time_apply: TimeApply<'_>, send_now: SendNow<'_>) {
+        if self.requests.has_forwards() {
+            let route = Route {
+                raft: &mut self.raft,
+                leader_hint: self.leader_hint.clone(),
+            };
+            self.requests.flush(now_ms, route, &mut self.out);
+        }
         for _ in 0..MAX_READY_ROUNDS_PER_FLUSH {
             if !self.raft.has_ready() {
                 break;
@@ -562,8 +568,7 @@ impl Peer {
             raft: &mut self.raft,
             leader_hint: self.leader_hint.clone(),
         };
-        self.requests
-            .submit(now_ms, op, timeout_ms, reply, route, &mut self.out);
+        self.requests.submit(now_ms, op, timeout_ms, reply, route);
     }
 
     /// Runs `f` on `collection`: now on the local state, or after a ReadIndex round if `linearizable`.
@@ -898,8 +903,7 @@ impl Peer {
             raft: &mut self.raft,
             leader_hint: self.leader_hint.clone(),
         };
-        self.requests
-            .retry(now_ms, all, route, &self.counters, &mut self.out);
+        self.requests.retry(now_ms, all, route, &self.counters);
     }
 
     /// One step of the search for the cluster: announce, ask the leader for a membership read, judge,

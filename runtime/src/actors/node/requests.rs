@@ -1,6 +1,6 @@
-//! Client requests submitted on this peer: numbering, proposing (on the leader) or forwarding (to it),
-//! retries across leader changes, answers and deadlines; and, on the leader, the admission of the
-//! requests other peers forward.
+//! Client requests submitted on this peer: numbering, proposing (on the leader) or forwarding (to it,
+//! gathered into one frame per flush), retries across leader changes, answers and deadlines; and, on
+//! the leader, the admission of the requests other peers forward.
 //!
 //! The rule this concern keeps: every request is answered exactly once, by the apply of its command on
 //! this peer, by an error that says it was refused, or by its deadline.
@@ -17,7 +17,7 @@ use crate::seq_deque::SeqSlots;
 use crate::state_machine::{ClientId, LogCommand, Op, SeqStatus, StateMachines};
 use crate::stats::metric_names::PROPOSAL_COMMIT_SECONDS;
 use crate::stats::Counters;
-use crate::wire::HamokMessage;
+use crate::wire::{Forward, HamokMessage, FORWARD_ENVELOPE_BYTES};
 
 /// Where the answer of one request goes.
 pub(crate) type Reply = oneshot::Sender<Result<Bytes, HamokError>>;
@@ -32,6 +32,8 @@ struct Pending {
     submitted_ms: u64,
     /// When it was last proposed or forwarded (`None`: not yet).
     last_sent_ms: Option<u64>,
+    /// It is in the outbox, to be forwarded at the next flush.
+    queued: bool,
     /// It was sent again at once on a redirect since its last timed send: the next redirect waits
     /// for the timer or a leader change (two peers that each name the other as leader must not
     /// bounce a request between them without pause).
@@ -48,6 +50,13 @@ pub(super) struct Requests {
     /// A request unanswered for this long is sent again (a lost forward, or a proposal lost with a
     /// deposed leader).
     resend_after_ms: u64,
+    /// The requests to forward at the next flush, in the order they were sent ([`Requests::flush`]):
+    /// a burst of submissions travels in one frame instead of one frame each. A request is here at
+    /// most once (`Pending::queued`), so it holds at most `max_pending` numbers.
+    outbox: Vec<u64>,
+    /// Most command bytes in one `Submit` frame (a larger command travels alone): the engine's
+    /// `max_bytes_per_append`, which keeps a frame within a broker's message limit.
+    max_forward_bytes: usize,
 }
 
 /// Who the requests go to when this peer does not lead.
@@ -68,6 +77,7 @@ impl Requests {
         client: ClientId,
         max_pending: usize,
         max_command_bytes: usize,
+        max_forward_bytes: usize,
         resend_after_ms: u64,
     ) -> Self {
         Requests {
@@ -77,6 +87,8 @@ impl Requests {
             max_pending,
             max_command_bytes,
             resend_after_ms,
+            outbox: Vec::new(),
+            max_forward_bytes,
         }
     }
 
@@ -90,6 +102,11 @@ impl Requests {
 
     pub(super) fn is_pending(&self, seq: u64) -> bool {
         self.pending.get(seq).is_some()
+    }
+
+    /// Whether forwards wait for [`Requests::flush`].
+    pub(super) fn has_forwards(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
     /// The lowest request number not answered yet: everything below it is answered.
@@ -106,7 +123,6 @@ impl Requests {
         timeout_ms: u64,
         reply: Reply,
         route: Route<'_>,
-        out: &mut Output,
     ) {
         if self.pending.len() >= self.max_pending {
             let _ = reply.send(Err(HamokError::Busy("too many pending requests")));
@@ -143,19 +159,20 @@ impl Requests {
                 deadline_ms: now_ms.saturating_add(timeout_ms),
                 submitted_ms: now_ms,
                 last_sent_ms: None,
+                queued: false,
                 followed_redirect: false,
             },
         );
-        self.send(now_ms, seq, route, out);
+        self.send(now_ms, seq, route);
     }
 
-    /// Proposes (on the leader) or forwards (to the leader) one pending request.
-    fn send(&mut self, now_ms: u64, seq: u64, route: Route<'_>, out: &mut Output) {
-        let floor = self.floor();
+    /// Proposes (on the leader) or queues for forwarding (to the leader, at the next flush) one
+    /// pending request.
+    fn send(&mut self, now_ms: u64, seq: u64, route: Route<'_>) {
         let Some(p) = self.pending.get_mut(seq) else {
             return;
         };
-        let sent = if route.raft.role() == Role::Leader {
+        let proposed = if route.raft.role() == Role::Leader {
             match route.raft.propose(now_ms, p.command.clone()) {
                 Ok(_) => true,
                 Err(RaftError::CommandTooLarge { size, limit }) => {
@@ -167,35 +184,75 @@ impl Requests {
                 // Busy, transfer in progress: the retry timer tries again.
                 Err(_) => false,
             }
-        } else if let Some(leader) = route.leader() {
-            out.send(
-                leader,
-                HamokMessage::Submit {
-                    seq,
-                    floor,
-                    command: p.command.to_vec(),
-                },
-            );
-            true
         } else {
+            // Sent only if a leader is known at the flush: `last_sent_ms` is set then.
+            if route.leader().is_some() && !p.queued {
+                p.queued = true;
+                self.outbox.push(seq);
+            }
             false
         };
-        if sent {
+        if proposed {
             p.last_sent_ms = Some(now_ms);
         }
+    }
+
+    /// Forwards the requests queued since the last flush, in order, to the leader as known now: in
+    /// frames of at most `max_forward_bytes` of commands (a larger one alone). If this peer leads by
+    /// now, it proposes them instead; with no leader known, they stay unsent (the next tick's retry
+    /// sends them once one is known). Requests answered meanwhile are skipped.
+    pub(super) fn flush(&mut self, now_ms: u64, route: Route<'_>, out: &mut Output) {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        let Route { raft, leader_hint } = route;
+        let leading = raft.role() == Role::Leader;
+        let leader = if leading {
+            None
+        } else {
+            raft.leader_id().cloned().or(leader_hint.clone())
+        };
+        let mut batch: Vec<Forward> = Vec::new();
+        let mut batch_bytes = 0usize;
+        for &seq in &outbox {
+            let Some(p) = self.pending.get_mut(seq) else {
+                continue;
+            };
+            p.queued = false;
+            if leading {
+                let route = Route {
+                    raft: &mut *raft,
+                    leader_hint: leader_hint.clone(),
+                };
+                self.send(now_ms, seq, route);
+                continue;
+            }
+            let Some(leader) = &leader else {
+                continue;
+            };
+            p.last_sent_ms = Some(now_ms);
+            let bytes = p.command.len() + FORWARD_ENVELOPE_BYTES;
+            if !batch.is_empty() && batch_bytes + bytes > self.max_forward_bytes {
+                let requests = std::mem::take(&mut batch);
+                out.send(leader.clone(), HamokMessage::Submit { requests });
+                batch_bytes = 0;
+            }
+            batch.push(Forward {
+                seq,
+                command: p.command.clone(),
+            });
+            batch_bytes += bytes;
+        }
+        if let (Some(leader), false) = (leader, batch.is_empty()) {
+            out.send(leader, HamokMessage::Submit { requests: batch });
+        }
+        // Keep the allocation for the next burst (at most `max_pending` numbers).
+        outbox.clear();
+        self.outbox = outbox;
     }
 
     /// A forward of request `seq` reached `from`, which does not lead. It is sent again at once if the
     /// route now names another peer (once per timed send); otherwise the retry timer or the next leader
     /// change sends it.
-    pub(super) fn on_redirect(
-        &mut self,
-        now_ms: u64,
-        seq: u64,
-        from: &PeerId,
-        route: Route<'_>,
-        out: &mut Output,
-    ) {
+    pub(super) fn on_redirect(&mut self, now_ms: u64, seq: u64, from: &PeerId, route: Route<'_>) {
         let Some(p) = self.pending.get_mut(seq) else {
             return;
         };
@@ -205,19 +262,12 @@ impl Requests {
             return;
         }
         p.followed_redirect = true;
-        self.send(now_ms, seq, route, out);
+        self.send(now_ms, seq, route);
     }
 
     /// Resends requests not yet applied: all of them when `all` (a new leader), else those never sent
     /// (no leader was known) or unanswered for `resend_after_ms`.
-    pub(super) fn retry(
-        &mut self,
-        now_ms: u64,
-        all: bool,
-        route: Route<'_>,
-        counters: &Counters,
-        out: &mut Output,
-    ) {
+    pub(super) fn retry(&mut self, now_ms: u64, all: bool, route: Route<'_>, counters: &Counters) {
         let resend_after = self.resend_after_ms;
         let due: Vec<(u64, bool)> = self
             .pending
@@ -244,7 +294,6 @@ impl Requests {
                     raft: &mut *raft,
                     leader_hint: leader_hint.clone(),
                 },
-                out,
             );
         }
     }
@@ -309,36 +358,40 @@ impl Requests {
 
     /// Fails every waiting request with `error`.
     pub(super) fn fail_all(&mut self, error: HamokError) {
+        self.outbox.clear();
         for (_, p) in std::mem::take(&mut self.pending).into_values() {
             let _ = p.reply.send(Err(error.clone()));
         }
     }
 }
 
-/// On the leader: a request forwarded by `from` enters the log only if it decodes and names its sender
-/// as the client, so no peer can spoof another's session (and with it, the dedup of its requests). A
-/// peer that does not lead redirects it.
+/// On the leader: each request forwarded by `from` enters the log only if it decodes and names its
+/// sender as the client, so no peer can spoof another's session (and with it, the dedup of its
+/// requests); each refused one is counted as malformed. A peer that does not lead redirects them all.
 pub(super) fn admit_forwarded(
     now_ms: u64,
     from: PeerId,
-    seq: u64,
-    command: Bytes,
+    requests: Vec<Forward>,
     raft: &mut RaftNode,
     counters: &Arc<Counters>,
     out: &mut Output,
 ) {
     if raft.role() != Role::Leader {
         let leader = raft.leader_id().cloned();
-        out.send(from, HamokMessage::SubmitRedirect { seq, leader });
+        let seqs = requests.iter().map(|r| r.seq).collect();
+        out.send(from, HamokMessage::SubmitRedirect { seqs, leader });
         return;
     }
-    let valid = LogCommand::decode(&command).is_ok_and(|c| c.client.peer == from && c.seq == seq);
-    if !valid {
-        Counters::bump(&counters.dropped_malformed);
-        return;
+    for Forward { seq, command } in requests {
+        let valid =
+            LogCommand::decode(&command).is_ok_and(|c| c.client.peer == from && c.seq == seq);
+        if !valid {
+            Counters::bump(&counters.dropped_malformed);
+            continue;
+        }
+        // Busy or transferring: the client retries after its timer.
+        let _ = raft.propose(now_ms, command);
     }
-    // Busy or transferring: the client retries after its timer.
-    let _ = raft.propose(now_ms, command);
 }
 
 #[cfg(test)]
@@ -360,12 +413,50 @@ mod tests {
         }
     }
 
-    fn submits_to(out: &mut Output) -> Vec<String> {
+    /// Flushes the forwards and returns the `Submit` frames sent: to whom, and the numbers each
+    /// carried.
+    fn flushed(
+        requests: &mut Requests,
+        now_ms: u64,
+        route: Route<'_>,
+        out: &mut Output,
+    ) -> Vec<(String, Vec<u64>)> {
+        requests.flush(now_ms, route, out);
         out.frames
             .drain(..)
-            .filter(|(_, m)| matches!(m, HamokMessage::Submit { .. }))
-            .map(|(to, _)| to.map(|p| p.to_string()).unwrap_or_default())
+            .filter_map(|(to, m)| match m {
+                HamokMessage::Submit { requests } => Some((
+                    to.map(|p| p.to_string()).unwrap_or_default(),
+                    requests.iter().map(|r| r.seq).collect(),
+                )),
+                _ => None,
+            })
             .collect()
+    }
+
+    fn submits_to(
+        requests: &mut Requests,
+        now_ms: u64,
+        route: Route<'_>,
+        out: &mut Output,
+    ) -> Vec<String> {
+        flushed(requests, now_ms, route, out)
+            .into_iter()
+            .map(|(to, _)| to)
+            .collect()
+    }
+
+    fn requests_of(peer: &str, max_forward_bytes: usize) -> Requests {
+        let client = ClientId {
+            peer: PeerId::from(peer),
+            nonce: 1,
+        };
+        Requests::new(client, 10, 1 << 20, max_forward_bytes, 300)
+    }
+
+    fn output() -> Output {
+        let (events, _) = tokio::sync::broadcast::channel(64);
+        Output::new(events)
     }
 
     /// Two peers that each name the other as leader must not bounce a request without pause: a
@@ -374,32 +465,149 @@ mod tests {
     #[test]
     fn redirects_are_followed_at_most_once_per_timed_send() {
         let mut raft = follower();
-        let (events, _received) = tokio::sync::broadcast::channel(64);
-        let mut out = Output::new(events);
-        let client = ClientId {
-            peer: PeerId::from("b"),
-            nonce: 1,
-        };
-        let mut requests = Requests::new(client, 10, 1 << 20, 300);
+        let mut out = output();
+        let mut requests = requests_of("b", 1 << 20);
         let (reply, _rx) = oneshot::channel();
-        requests.submit(0, Op::Noop, 5_000, reply, route(&mut raft, "a"), &mut out);
-        assert_eq!(submits_to(&mut out), ["a"]);
+        requests.submit(0, Op::Noop, 5_000, reply, route(&mut raft, "a"));
+        assert_eq!(
+            submits_to(&mut requests, 0, route(&mut raft, "a"), &mut out),
+            ["a"]
+        );
         // a redirects without naming anyone else: wait for the timer.
-        requests.on_redirect(1, 1, &PeerId::from("a"), route(&mut raft, "a"), &mut out);
-        assert!(submits_to(&mut out).is_empty());
+        requests.on_redirect(1, 1, &PeerId::from("a"), route(&mut raft, "a"));
+        assert!(submits_to(&mut requests, 1, route(&mut raft, "a"), &mut out).is_empty());
         // a names c: follow at once.
-        requests.on_redirect(2, 1, &PeerId::from("a"), route(&mut raft, "c"), &mut out);
-        assert_eq!(submits_to(&mut out), ["c"]);
+        requests.on_redirect(2, 1, &PeerId::from("a"), route(&mut raft, "c"));
+        assert_eq!(
+            submits_to(&mut requests, 2, route(&mut raft, "c"), &mut out),
+            ["c"]
+        );
         // c names a back: not again before the timer.
-        requests.on_redirect(3, 1, &PeerId::from("c"), route(&mut raft, "a"), &mut out);
-        assert!(submits_to(&mut out).is_empty());
+        requests.on_redirect(3, 1, &PeerId::from("c"), route(&mut raft, "a"));
+        assert!(submits_to(&mut requests, 3, route(&mut raft, "a"), &mut out).is_empty());
         let counters = Counters::default();
-        requests.retry(100, false, route(&mut raft, "a"), &counters, &mut out);
-        assert!(submits_to(&mut out).is_empty(), "not due yet");
-        requests.retry(302, false, route(&mut raft, "a"), &counters, &mut out);
-        assert_eq!(submits_to(&mut out), ["a"]);
+        requests.retry(100, false, route(&mut raft, "a"), &counters);
+        assert!(
+            submits_to(&mut requests, 100, route(&mut raft, "a"), &mut out).is_empty(),
+            "not due yet"
+        );
+        requests.retry(302, false, route(&mut raft, "a"), &counters);
+        assert_eq!(
+            submits_to(&mut requests, 302, route(&mut raft, "a"), &mut out),
+            ["a"]
+        );
         // After a timed send, one redirect may be followed again.
-        requests.on_redirect(303, 1, &PeerId::from("a"), route(&mut raft, "c"), &mut out);
-        assert_eq!(submits_to(&mut out), ["c"]);
+        requests.on_redirect(303, 1, &PeerId::from("a"), route(&mut raft, "c"));
+        assert_eq!(
+            submits_to(&mut requests, 303, route(&mut raft, "c"), &mut out),
+            ["c"]
+        );
+    }
+
+    fn submit_apply(requests: &mut Requests, raft: &mut RaftNode, payload: usize) {
+        let (reply, _rx) = oneshot::channel();
+        let op = Op::Apply {
+            collection: "m".into(),
+            payload: vec![7u8; payload].into(),
+            fence: None,
+        };
+        // The answer is never awaited here: a dropped receiver is fine.
+        requests.submit(0, op, 5_000, reply, route(raft, "a"));
+    }
+
+    /// The forwards of a burst leave together at the flush, in the order they were made, each once
+    /// however often it was sent meanwhile; a frame holds at most `max_forward_bytes` of commands (a
+    /// larger command alone); a request answered before the flush is not sent.
+    #[test]
+    fn a_burst_of_forwards_leaves_in_frames_in_order() {
+        let mut raft = follower();
+        let mut out = output();
+        let mut requests = requests_of("b", 1 << 20);
+        for _ in 0..5 {
+            submit_apply(&mut requests, &mut raft, 10);
+        }
+        assert!(out.frames.is_empty(), "nothing leaves before the flush");
+        assert!(requests.has_forwards());
+        // A retry of every request (a leader change) before the flush queues none twice.
+        requests.retry(1, true, route(&mut raft, "a"), &Counters::default());
+        requests.answer(3, Ok(Bytes::new()), &mut out);
+        assert_eq!(
+            flushed(&mut requests, 1, route(&mut raft, "a"), &mut out),
+            [("a".to_string(), vec![1, 2, 4, 5])]
+        );
+        assert!(!requests.has_forwards());
+        assert!(flushed(&mut requests, 2, route(&mut raft, "a"), &mut out).is_empty());
+
+        // Bounded frames: room for two of these commands per frame.
+        let command_bytes = requests.pending.get(1).expect("pending").command.len();
+        let mut requests = requests_of("b", 2 * (command_bytes + FORWARD_ENVELOPE_BYTES));
+        for _ in 0..3 {
+            submit_apply(&mut requests, &mut raft, 10);
+        }
+        submit_apply(&mut requests, &mut raft, 4 * command_bytes);
+        submit_apply(&mut requests, &mut raft, 10);
+        assert_eq!(
+            flushed(&mut requests, 1, route(&mut raft, "a"), &mut out),
+            [
+                ("a".to_string(), vec![1, 2]),
+                ("a".to_string(), vec![3]),
+                ("a".to_string(), vec![4]),
+                ("a".to_string(), vec![5]),
+            ]
+        );
+
+        // Failing every request (the peer left or closed) leaves nothing to forward.
+        submit_apply(&mut requests, &mut raft, 10);
+        assert!(requests.has_forwards());
+        requests.fail_all(HamokError::Closed);
+        assert!(!requests.has_forwards());
+    }
+
+    /// A peer that leads by the flush proposes what it had queued for forwarding instead of sending
+    /// it anywhere.
+    #[test]
+    fn forwards_queued_before_leading_are_proposed_at_the_flush() {
+        let genesis = PersistedState::genesis(Membership::with_voters([PeerId::from("b")]));
+        let mut raft =
+            RaftNode::new(PeerId::from("b"), RaftConfig::default(), 1, 0, genesis).unwrap();
+        let mut out = output();
+        let mut requests = requests_of("b", 1 << 20);
+        submit_apply(&mut requests, &mut raft, 10);
+        submit_apply(&mut requests, &mut raft, 10);
+        assert!(requests.has_forwards());
+        raft.campaign_now(1);
+        assert_eq!(raft.role(), Role::Leader, "a lone voter leads at once");
+        let before = raft.last_index();
+        assert!(flushed(&mut requests, 2, route(&mut raft, "a"), &mut out).is_empty());
+        assert_eq!(raft.last_index(), before + 2, "both proposed");
+        assert!(!requests.has_forwards());
+    }
+
+    /// The destination is the leader as known at the flush; with none known, nothing is sent and a
+    /// request that expires so was certainly never applied (`NoQuorum`, not `Timeout`).
+    #[test]
+    fn forwards_go_to_the_leader_known_at_the_flush() {
+        let mut raft = follower();
+        let mut out = output();
+        let mut requests = requests_of("b", 1 << 20);
+        submit_apply(&mut requests, &mut raft, 10);
+        assert_eq!(
+            flushed(&mut requests, 1, route(&mut raft, "c"), &mut out),
+            [("c".to_string(), vec![1])]
+        );
+
+        let mut requests = requests_of("b", 1 << 20);
+        let (reply, mut rx) = oneshot::channel();
+        requests.submit(0, Op::Noop, 100, reply, route(&mut raft, "a"));
+        let nobody = Route {
+            raft: &mut raft,
+            leader_hint: None,
+        };
+        assert!(flushed(&mut requests, 1, nobody, &mut out).is_empty());
+        requests.expire(100);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(HamokError::NoQuorum { .. }))
+        ));
     }
 }
