@@ -3,7 +3,7 @@
 //!
 //! The run has three phases. **Chaos**: the initial peers start (together, or staggered), clients
 //! write, compare-and-set, read linearizably, push to a queue, and push to and take from the queue
-//! [`JOBS`] under leases (see [`jobs`](super::jobs)) through the public API, and faults
+//! [`JOBS`] under leases (see [`jobs`]) through the public API, and faults
 //! are injected: partitions (one peer, a pair, a random split; shorter or longer than
 //! `peer_max_idle_ms`), loss, duplication and delay, crashes and restarts (the log store survives, as
 //! a durable peer's would), graceful leaves and rejoins, and new peers joining. **Heal**: every fault
@@ -453,6 +453,9 @@ pub struct World {
     plan: Plan,
     bugs: PlantedBugs,
     consumer: Consumer,
+    paused_holders: bool,
+    /// Crashes and power cuts make four times their usual share of the faults.
+    crash_heavy: bool,
     hub: InProcessHub,
     tap: Tap,
     slots: BTreeMap<String, Slot>,
@@ -474,6 +477,8 @@ impl World {
         plan: Plan,
         bugs: PlantedBugs,
         consumer: Consumer,
+        paused_holders: bool,
+        crash_heavy: bool,
         trace: Trace,
     ) -> World {
         let shared = Shared {
@@ -500,6 +505,8 @@ impl World {
             seed,
             bugs,
             consumer,
+            paused_holders,
+            crash_heavy,
             tap: Tap::new(hub.clone()),
             hub,
             slots: BTreeMap::new(),
@@ -821,6 +828,7 @@ impl World {
                 peer,
                 Rng::stream(self.seed, &format!("client {c}")),
                 self.consumer,
+                self.paused_holders,
             ));
             self.clients.push(task);
         }
@@ -940,7 +948,8 @@ impl World {
         let up = self.up_ids();
         let all: Vec<String> = self.slots.keys().cloned().collect();
         let now = self.now_ms();
-        match self.rng.weighted(&[30, 15, 14, 8, 8, 25]) {
+        let crashes = if self.crash_heavy { 56 } else { 14 };
+        match self.rng.weighted(&[30, 15, crashes, 8, 8, 25]) {
             0 if all.len() >= 2 => {
                 // A partition: one peer, a pair, or a random split; shorter or longer than the time
                 // after which the leader removes a silent member.
@@ -1502,7 +1511,14 @@ async fn collect_events(shared: SharedRef, hamok: Hamok, id: String) {
 /// One client: bound to one peer id (whichever incarnation is up), it writes, compare-and-sets,
 /// reads linearizably, pushes, takes the fenced lock, and produces and consumes [`JOBS`], through the
 /// public API, until told to stop.
-async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng, consumer: Consumer) {
+async fn client(
+    shared: SharedRef,
+    c: usize,
+    peer: String,
+    mut rng: Rng,
+    consumer: Consumer,
+    paused_holders: bool,
+) {
     let mut open: Option<Opened> = None;
     let mut seen: BTreeMap<u8, u64> = BTreeMap::new();
     // Deliveries being worked on in the background (see `consume`); awaited before the client ends.
@@ -1560,7 +1576,14 @@ async fn client(shared: SharedRef, c: usize, peer: String, mut rng: Rng, consume
                 }
             }
             3 => push(&shared, c, &peer, queue).await,
-            4 => locked(&shared, c, &peer, locks, fenced, &mut rng).await,
+            4 => {
+                let holder = Holder {
+                    locks,
+                    fenced,
+                    paused: paused_holders,
+                };
+                locked(&shared, c, &peer, holder, &mut rng).await
+            }
             5 => push_jobs(&shared, c, &peer, jobs, &mut rng).await,
             _ => match consumer {
                 Consumer::Take => consume(&shared, c, &peer, jobs, &mut rng, &mut workers).await,
@@ -1598,19 +1621,27 @@ impl Opened {
 /// The lock the fenced writers take.
 const FENCED_LOCK: &str = "L";
 
-/// A sloppy lock holder: takes the lock, pushes its token under the fence, and then pushes again at the
+/// What a lock holder of [`locked`] works with.
+struct Holder<'a> {
+    locks: &'a HamokLock,
+    fenced: &'a HamokQueue<u64>,
+    /// After its unlock, it pauses and pushes once more under the released fence.
+    paused: bool,
+}
+
+/// A sloppy lock holder: takes the lock, pushes its token under the fence, then pushes again at the
 /// same time as it unlocks (so the second push may be ordered after the release, or retried after the
 /// lock moved on), ignoring `lost()`. Fencing must keep every item of the queue in token order anyway.
-async fn locked(
-    shared: &SharedRef,
-    c: usize,
-    peer: &str,
-    locks: &HamokLock,
-    fenced: &HamokQueue<u64>,
-    rng: &mut Rng,
-) {
+///
+/// A `paused` holder then pauses and pushes once more under the released fence (a holder paused past
+/// its release, the case fencing is for). Fencing must refuse that push once the unlock was
+/// acknowledged: it was submitted after the unlock's answer, so it is ordered after the release. (The
+/// second push alone rarely lands after the next holder's since a peer forwards the requests of a
+/// burst in one frame: the push and the unlock travel, and are lost or retried, together.)
+async fn locked(shared: &SharedRef, c: usize, peer: &str, holder: Holder<'_>, rng: &mut Rng) {
     let wait = Duration::from_millis(lock(shared).answer_bound_ms);
-    let guard = match locks
+    let guard = match holder
+        .locks
         .lock_with(FENCED_LOCK, LockOptions::wait_timeout(wait))
         .await
     {
@@ -1621,15 +1652,29 @@ async fn locked(
         }
     };
     let token = guard.token();
-    let writer = fenced.fenced(guard.fence());
+    let writer = holder.fenced.fenced(guard.fence());
     let first = writer.push_one(token).await;
     sleep(Duration::from_millis(rng.between(0, 40))).await;
     let (second, unlocked) = tokio::join!(writer.push_one(token), guard.unlock());
+    let late = if holder.paused {
+        sleep(Duration::from_millis(rng.between(0, 40))).await;
+        Some(writer.push_one(token).await)
+    } else {
+        None
+    };
     let mut s = lock(shared);
     s.note(format!(
-        "client {c} on {peer}: locked token {token}: push {first:?}, push {second:?}, unlock {unlocked:?}"
+        "client {c} on {peer}: locked token {token}: push {first:?}, push {second:?}, unlock {unlocked:?}, late push {late:?}"
     ));
-    s.counts.fenced_writes += usize::from(first.is_ok()) + usize::from(second.is_ok());
+    if unlocked.is_ok() && late.as_ref().is_some_and(Result::is_ok) {
+        s.violation(
+            "fences",
+            format!("client {c} on {peer}: a push under token {token} was accepted after its unlock was acknowledged"),
+        );
+    }
+    s.counts.fenced_writes += usize::from(first.is_ok())
+        + usize::from(second.is_ok())
+        + usize::from(late.is_some_and(|r| r.is_ok()));
 }
 
 /// Starts recording an operation: its id and call stamp.
