@@ -32,7 +32,8 @@ pub const APPLIED_INDEX_FIELD: &str = "__hamok_applied_index";
 /// How many log indices back outcomes are kept for executors that find a mutation already executed.
 pub const OUTCOME_WINDOW: u64 = 100_000;
 
-/// Common head of every mutation script: KEYS[1] = hash, KEYS[2] = outcomes, ARGV[1] = log index.
+/// Common head of every mutation script: `KEYS[1]` = hash, `KEYS[2]` = outcomes, `ARGV[1]` = log
+/// index.
 const PRELUDE: &str = r#"
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'hash' and t ~= 'none' then
@@ -67,7 +68,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', index
 return out
 "#;
 
-/// ARGV[2..] = k1, v1, k2, v2, ...
+/// `ARGV[2..]` = k1, v1, k2, v2, ...
 const SET_ALL: &str = r#"
 local out = {1}
 for i = 2, #ARGV, 2 do
@@ -77,7 +78,7 @@ end
 local outcome = values_outcome(out)
 "#;
 
-/// ARGV[2..] = k1, v1, k2, v2, ...
+/// `ARGV[2..]` = k1, v1, k2, v2, ...
 const INSERT_ALL: &str = r#"
 local out = {1}
 for i = 2, #ARGV, 2 do
@@ -88,7 +89,7 @@ end
 local outcome = values_outcome(out)
 "#;
 
-/// ARGV[2..] = k1, k2, ...
+/// `ARGV[2..]` = k1, k2, ...
 const REMOVE_ALL: &str = r#"
 local out = {1}
 for i = 2, #ARGV do
@@ -99,7 +100,7 @@ end
 local outcome = values_outcome(out)
 "#;
 
-/// ARGV[2] = key, ARGV[3] = new, ARGV[4] = expected
+/// `ARGV[2]` = key, `ARGV[3]` = new, `ARGV[4]` = expected
 const UPDATE_IF: &str = r#"
 local out = {1, 0}
 if redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[4] then

@@ -38,8 +38,9 @@ pub(crate) enum RemoteCmd {
     Executed(LogIndex),
 }
 
-/// What is particular to a remote map's state machine ([`Machine`]`<RemoteMapLogic>`): its kind (one per
-/// map) and the store it executes against (given at registration).
+/// What is particular to a remote map's state machine
+/// ([`Machine`](crate::machine::Machine)`<RemoteMapLogic>`): its kind (one per map) and the store it
+/// executes against (given at registration).
 pub(crate) struct RemoteMapLogic {
     kind: String,
     pub(crate) store: Arc<dyn RemoteMap>,

@@ -83,8 +83,8 @@ impl SupervisorState {
 }
 
 /// Why the transport actor did not start, with every cause: its `connect` error ("transport: NATS
-/// connect: ...: Connection refused"). ractor's own text for any failed start is "Actor panicked during
-/// startup '<error>'", which names no panic here and drops the error's causes.
+/// connect: ...: Connection refused"). ractor's own text for any failed start is `Actor panicked
+/// during startup '<error>'`, which names no panic here and drops the error's causes.
 fn startup_error(e: &SpawnErr) -> String {
     match e {
         SpawnErr::StartupFailed(inner) => {

@@ -281,7 +281,7 @@ pub struct StorageConfig {
     /// is safe (it rejoins and catches up); durability matters when a whole cluster may stop at once.
     pub dir: Option<PathBuf>,
     /// When the log is `fdatasync`ed: `batch`, `interval` or `never` (see
-    /// [`SyncPolicy`](crate::store::SyncPolicy) for what each can lose).
+    /// [`SyncPolicy`] for what each can lose).
     ///
     /// Why `batch`: it is the only policy under which an acknowledged write survives a power cut of a
     /// majority, and one sync per Ready is shared by every write of the batch.
