@@ -18,7 +18,7 @@ use common::*;
 use hamok::runtime::raft::{PeerId, Role};
 use hamok::runtime::transport::{Inbound, Transport};
 use hamok::runtime::wire::{self, Frame, HamokMessage, Hello, PROTOCOL_VERSION};
-use hamok::runtime::{Hamok, HamokError, HamokEvent};
+use hamok::runtime::{Hamok, HamokError, HamokEvent, JoinState};
 
 fn ids(peers: &[Hamok]) -> Vec<PeerId> {
     peers.iter().map(|p| p.local_peer_id().clone()).collect()
@@ -979,6 +979,100 @@ async fn garbage_and_foreign_frames_are_dropped_and_counted() {
     }
     link.close();
     close_all(&peers).await;
+}
+
+/// A rolling upgrade across protocol versions: a pristine peer that hears its cluster speaking another
+/// protocol version founds no cluster of its own while it does (the old build's peers may hold the
+/// service's state, and two clusters under one id would grant one lock twice). It says why once, and
+/// founds a cluster when the old build has been silent for a discovery window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_founds_no_cluster_while_another_protocol_version_speaks() {
+    const WINDOW_MS: u64 = 500;
+    let cluster = TestCluster::new("old-build", Opts::default());
+    let old = PeerId::from("old-build");
+    let sink = Inbound::new(1024, |_frame: Bytes| {});
+    let link = cluster
+        .hub
+        .connect(&cluster.cluster_id, old.clone(), sink)
+        .await
+        .expect("the old build connects");
+    let old_hello = wire::encode(&Frame {
+        version: PROTOCOL_VERSION - 1,
+        cluster: cluster.cluster_id.clone(),
+        incarnation: 7,
+        from: old,
+        to: None,
+        body: HamokMessage::Hello(Hello {
+            member: true,
+            leader: None,
+            term: 5,
+            joining: false,
+            reply: true,
+            can_lead: true,
+        }),
+    })
+    .unwrap();
+    // The old build announces itself every 20 ms until told to stop.
+    let speaking = Arc::new(AtomicBool::new(true));
+    let speaker = {
+        let speaking = speaking.clone();
+        tokio::spawn(async move {
+            while speaking.load(Ordering::SeqCst) {
+                link.broadcast(old_hello.clone()).unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            link.close();
+        })
+    };
+
+    let peer = Hamok::builder()
+        .peer_id("p00")
+        .cluster_id(cluster.cluster_id.clone())
+        .transport(cluster.hub.clone())
+        .set("discovery_window_ms", WINDOW_MS)
+        .register_kind(KIND, || Box::new(TestSm::default()))
+        .build()
+        .await
+        .expect("build p00");
+    let events = EventLog::collect(&peer);
+    let joining = {
+        let peer = peer.clone();
+        tokio::spawn(async move { peer.join().await })
+    };
+    // Six discovery windows of the old build speaking: without the rule the peer founds a cluster
+    // after the first.
+    for _ in 0..(6 * WINDOW_MS / 50) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let status = peer.stats().status;
+        assert_ne!(
+            status.join_state,
+            JoinState::Joined,
+            "founded a cluster while another protocol version spoke: {status:?}"
+        );
+        assert!(!peer.is_leader());
+    }
+    assert!(peer.stats().counters.dropped_version > 0);
+    speaking.store(false, Ordering::SeqCst);
+    speaker.await.expect("the old build stops");
+    joining
+        .await
+        .expect("join task")
+        .expect("joins once the old build is silent");
+    assert!(peer.is_leader(), "a cluster of one, founded by p00");
+    let mismatches: Vec<HamokEvent> = events
+        .all()
+        .into_iter()
+        .filter(|e| matches!(e, HamokEvent::ProtocolVersionMismatch { .. }))
+        .collect();
+    assert_eq!(
+        mismatches,
+        [HamokEvent::ProtocolVersionMismatch {
+            theirs: PROTOCOL_VERSION - 1,
+            ours: PROTOCOL_VERSION
+        }],
+        "one event for the whole run of the old build's frames"
+    );
+    peer.close().await;
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -47,6 +47,18 @@ pub enum HamokEvent {
     Error(String),
     /// The leader has not heard from this member for `peer_max_idle_ms` and removes it.
     NoHeartbeatFrom(PeerId),
+    /// Peers of this cluster speak protocol version `theirs`, which this build (speaking `ours`)
+    /// cannot read, nor they its frames: another build of hamok is on the bus, as during a rolling
+    /// upgrade across protocol versions. While such frames come, a peer that has not joined a cluster
+    /// founds none (the service's state is never split between two clusters of one id); it joins
+    /// when a cluster of its own version answers. Reported once per version heard in a row;
+    /// `Counters::dropped_version` counts the frames.
+    ProtocolVersionMismatch {
+        /// The version the other peers speak.
+        theirs: u16,
+        /// The version this peer speaks ([`PROTOCOL_VERSION`](crate::wire::PROTOCOL_VERSION)).
+        ours: u16,
+    },
     /// The peer closed.
     Close,
 }

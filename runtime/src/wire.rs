@@ -160,10 +160,12 @@ pub enum DecodeError {
     /// Larger than the configured limit.
     #[error("frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
-    /// A frame of another protocol version.
+    /// A frame of this cluster in another protocol version: a peer of another build of hamok, whose
+    /// frames this one cannot read (nor it this one's). A peer that hears one does not found a
+    /// cluster (see `discovery.rs`, the bootstrap rule).
     #[error("protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
     Version(u16),
-    /// A frame of another cluster.
+    /// A frame of another cluster (of any protocol version).
     #[error("frame of cluster `{0}`")]
     ForeignCluster(String),
     /// A unicast frame for another peer (a misrouting transport).
@@ -298,18 +300,20 @@ pub fn decode(
         Ok(frame) => frame,
         Err(e) => {
             // Tell a frame of another version or cluster (whose body we may not understand) from garbage.
+            // Another cluster's first, whatever its version: only this cluster's peers speaking
+            // another version are news (see `DecodeError::Version`).
             return Err(match rmp_serde::from_slice::<FrameHeader>(bytes) {
-                Ok(h) if h.version != PROTOCOL_VERSION => DecodeError::Version(h.version),
                 Ok(h) if h.cluster != cluster => DecodeError::ForeignCluster(h.cluster),
+                Ok(h) if h.version != PROTOCOL_VERSION => DecodeError::Version(h.version),
                 _ => DecodeError::Malformed(e.to_string()),
             });
         }
     };
-    if frame.version != PROTOCOL_VERSION {
-        return Err(DecodeError::Version(frame.version));
-    }
     if frame.cluster != cluster {
         return Err(DecodeError::ForeignCluster(frame.cluster));
+    }
+    if frame.version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(frame.version));
     }
     if frame.to.as_ref().is_some_and(|to| to != local) {
         return Err(DecodeError::NotForUs);
@@ -507,6 +511,13 @@ mod tests {
             decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
             Err(DecodeError::Version(99))
         );
+        // Another cluster on another version is another cluster's traffic (a shared bus), not news.
+        f.cluster = "other".into();
+        let bytes = encode(&f).unwrap();
+        assert_eq!(
+            decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
+            Err(DecodeError::ForeignCluster("other".into()))
+        );
     }
 
     #[test]
@@ -536,6 +547,11 @@ mod tests {
         assert_eq!(
             decode(&bytes, "c1", &PeerId::from("b"), 1 << 20),
             Err(DecodeError::Version(PROTOCOL_VERSION + 1))
+        );
+        // Read from the header alone, another cluster's future frame is still another cluster's.
+        assert_eq!(
+            decode(&bytes, "c2", &PeerId::from("b"), 1 << 20),
+            Err(DecodeError::ForeignCluster("c1".into()))
         );
     }
 

@@ -21,7 +21,7 @@ use crate::config::HamokConfig;
 use crate::events::HamokEvent;
 use crate::raft::{LogIndex, Membership, PeerId, RaftNode, ReadState, Role};
 use crate::stats::JoinState;
-use crate::wire::{HamokMessage, Hello};
+use crate::wire::{HamokMessage, Hello, PROTOCOL_VERSION};
 
 /// A change of join state the peer must act on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,12 @@ pub(super) struct Discovery {
     /// cluster exists, even if it is out of reach right now; two clusters under one id would split the
     /// service's state).
     member_heard: bool,
+    /// When a frame of this cluster in another protocol version last came: a peer of another build
+    /// is on the bus, possibly a member of the cluster that holds the service's state, which this
+    /// peer cannot hear. It founds no cluster until a whole discovery window passed without one.
+    other_version_heard_ms: Option<u64>,
+    /// The other protocol version last reported (one event per version change, not one per frame).
+    reported_version: Option<u16>,
     last_hello_ms: Option<u64>,
     /// The last message from a leader of the current term.
     last_leader_contact_ms: u64,
@@ -73,6 +79,8 @@ impl Discovery {
             started_ms: 0,
             discovered: BTreeMap::new(),
             member_heard: false,
+            other_version_heard_ms: None,
+            reported_version: None,
             last_hello_ms: None,
             last_leader_contact_ms: 0,
             membership_read: None,
@@ -290,13 +298,19 @@ impl Discovery {
 
     /// The bootstrap rule: this peer has heard no member of a cluster since it started (for at least a
     /// whole discovery window), has never been part of one (no configuration in its log: a peer that
-    /// left keeps its log), may lead, and has the lowest id among the peers it heard looking (that may
-    /// lead): it founds a cluster of one. Everyone else waits for it.
+    /// left keeps its log), may lead, has heard no peer of its cluster speaking another protocol
+    /// version for a whole discovery window (see [`Discovery::heard_other_version`]), and has the
+    /// lowest id among the peers it heard looking (that may lead): it founds a cluster of one.
+    /// Everyone else waits for it.
     pub(super) fn should_bootstrap(&self, now_ms: u64, raft: &RaftNode, bugs: PlantedBugs) -> bool {
         let pristine =
             raft.last_index() == 0 && raft.term() == 0 && raft.membership().voters.is_empty();
+        let other_version_heard = self
+            .other_version_heard_ms
+            .is_some_and(|t| now_ms < t.saturating_add(self.discovery_window_ms));
         if self.state != JoinState::Discovering
             || self.member_heard
+            || other_version_heard
             || !pristine
             || self.only_follower
             || now_ms < self.started_ms.saturating_add(self.discovery_window_ms)
@@ -314,6 +328,31 @@ impl Discovery {
             .chain(std::iter::once(&self.id))
             .min();
         lowest == Some(&self.id)
+    }
+
+    /// A frame of this cluster in protocol `version`, which this build cannot read: a peer of another
+    /// build of hamok is on the bus (a rolling upgrade across protocol versions, a stale replica).
+    /// It may belong to the cluster that holds the service's state, out of this peer's hearing, so
+    /// this peer founds no cluster while such frames come (two clusters under one id would split
+    /// the state, and grant one lock twice). Reported once per version change, as an event and a
+    /// warning; `dropped_version` counts the frames.
+    pub(super) fn heard_other_version(&mut self, now_ms: u64, version: u16, out: &mut Output) {
+        self.other_version_heard_ms = Some(now_ms);
+        if self.reported_version == Some(version) {
+            return;
+        }
+        self.reported_version = Some(version);
+        tracing::warn!(
+            peer = %self.id,
+            theirs = version,
+            ours = PROTOCOL_VERSION,
+            "peers of this cluster speak another protocol version: neither side reads the other's \
+             frames, and this peer founds no cluster while it hears them"
+        );
+        out.emit(HamokEvent::ProtocolVersionMismatch {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
     }
 
     /// A hello from `from`. Members answer hellos that ask for it; a discovering peer learns who leads
@@ -406,6 +445,55 @@ mod tests {
         discovery.start(10_000);
         let later = 10_000 + 10 * config.discovery_window_ms;
         assert!(!discovery.should_bootstrap(later, &raft, PlantedBugs::default()));
+    }
+
+    /// A peer that hears its cluster speaking another protocol version founds no cluster until a
+    /// whole discovery window passed without such a frame, and reports the mismatch once per version.
+    #[test]
+    #[allow(clippy::default_constructed_unit_structs)]
+    fn a_peer_that_hears_another_protocol_version_waits_to_bootstrap() {
+        let config = HamokConfig::default();
+        let window = config.discovery_window_ms;
+        let raft = RaftNode::new(
+            PeerId::from("a"),
+            RaftConfig::default(),
+            1,
+            0,
+            PersistedState::default(),
+        )
+        .unwrap();
+        let (events, mut received) = tokio::sync::broadcast::channel(64);
+        let mut out = Output::new(events);
+        let mut discovery = Discovery::new(PeerId::from("a"), &config);
+        discovery.start(0);
+        // The old build speaks every 100 ms for three windows.
+        let mut now = 0;
+        while now < 3 * window {
+            discovery.heard_other_version(now, PROTOCOL_VERSION - 1, &mut out);
+            assert!(
+                !discovery.should_bootstrap(now, &raft, PlantedBugs::default()),
+                "founded a cluster at {now} ms while another version spoke"
+            );
+            now += 100;
+        }
+        let last = now - 100;
+        assert!(!discovery.should_bootstrap(last + window - 1, &raft, PlantedBugs::default()));
+        assert!(discovery.should_bootstrap(last + window, &raft, PlantedBugs::default()));
+        // One event for the whole run of frames of one version, one more for another version.
+        discovery.heard_other_version(now, PROTOCOL_VERSION + 1, &mut out);
+        let mut mismatches = Vec::new();
+        while let Ok(event) = received.try_recv() {
+            if let HamokEvent::ProtocolVersionMismatch { theirs, ours } = event {
+                mismatches.push((theirs, ours));
+            }
+        }
+        assert_eq!(
+            mismatches,
+            [
+                (PROTOCOL_VERSION - 1, PROTOCOL_VERSION),
+                (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
+            ]
+        );
     }
 
     /// A peer that caught up with its leader joins only if the latest configuration in its log keeps

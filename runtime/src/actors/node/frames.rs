@@ -100,13 +100,14 @@ impl Codec {
     }
 
     /// Decodes one incoming frame. A frame that is dropped is counted; one that should alarm the
-    /// operator (anything but another cluster's traffic on a shared bus) is reported as an event.
+    /// operator (garbage, a frame without a valid tag) is reported as an event. A frame of this
+    /// cluster in another protocol version is the caller's to act on ([`Dropped::OtherVersion`]).
     pub(super) fn decode(
         &self,
         bytes: &Bytes,
         counters: &Arc<Counters>,
         out: &mut Output,
-    ) -> Option<Frame> {
+    ) -> Result<Frame, Dropped> {
         Counters::bump(&counters.frames_in);
         match wire::decode_shared(
             bytes,
@@ -115,8 +116,8 @@ impl Codec {
             self.max_frame_bytes,
             self.key.as_ref(),
         ) {
-            Ok(frame) if frame.from == self.id => None, // our own broadcast echoed back by the bus
-            Ok(frame) => Some(frame),
+            Ok(frame) if frame.from == self.id => Err(Dropped::Counted), // our own broadcast, echoed
+            Ok(frame) => Ok(frame),
             Err(e) => {
                 let counter = match &e {
                     DecodeError::ForeignCluster(_) => &counters.dropped_foreign_cluster,
@@ -132,11 +133,24 @@ impl Codec {
                     // Per frame: debug only (the shell sums drops up in a periodic warning).
                     tracing::debug!(peer = %self.id, reason = %e, "frame dropped");
                 }
-                if !matches!(e, DecodeError::ForeignCluster(_) | DecodeError::NotForUs) {
-                    out.emit(HamokEvent::Error(format!("dropped frame: {e}")));
+                match e {
+                    DecodeError::Version(version) => Err(Dropped::OtherVersion(version)),
+                    DecodeError::ForeignCluster(_) | DecodeError::NotForUs => Err(Dropped::Counted),
+                    _ => {
+                        out.emit(HamokEvent::Error(format!("dropped frame: {e}")));
+                        Err(Dropped::Counted)
+                    }
                 }
-                None
             }
         }
     }
+}
+
+/// Why [`Codec::decode`] gave no frame (the frame is counted either way).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Dropped {
+    /// Not for this peer, not readable, or its own broadcast echoed back.
+    Counted,
+    /// A frame of this cluster in protocol version `.0`: a peer of another build speaks on the bus.
+    OtherVersion(u16),
 }

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use super::admission::Admission;
 use super::apply::{Apply, AttachFn, CommandApplied};
 use super::discovery::{Discovery, Transition};
-use super::frames::{Codec, Output};
+use super::frames::{Codec, Dropped, Output};
 use super::leave::{Leave, LeaveReply, LeaveStep};
 use super::planted_bugs::PlantedBugs;
 use super::reads::{QueryFn, Reads, Served};
@@ -243,8 +243,14 @@ impl Peer {
 
     /// A frame from the bus.
     pub(crate) fn on_frame(&mut self, now_ms: u64, bytes: &Bytes) {
-        let Some(frame) = self.codec.decode(bytes, &self.counters, &mut self.out) else {
-            return;
+        let frame = match self.codec.decode(bytes, &self.counters, &mut self.out) {
+            Ok(frame) => frame,
+            Err(Dropped::OtherVersion(version)) => {
+                self.discovery
+                    .heard_other_version(now_ms, version, &mut self.out);
+                return;
+            }
+            Err(Dropped::Counted) => return,
         };
         if !self.accepts_incarnation(frame.incarnation) {
             return;
