@@ -57,9 +57,10 @@ fn peer_simulation_regression_seeds() {
     );
 }
 
-/// Seeds with crashes and power cuts four times as frequent (the fault mix the durable planted bug
-/// `report_unsynced_writes` is caught with), and paused lock holders: without a planted bug, every
-/// check holds.
+/// Seeds with crashes and power cuts four times as frequent (the fault mix the durable planted bugs
+/// are caught with; in the even seeds every crash a power cut in the middle of the leader's write,
+/// as for `counts_unwritten_copy`), and paused lock holders: without a planted bug, every check
+/// holds.
 #[test]
 fn peer_simulation_crash_heavy_seeds() {
     let seeds: Vec<u64> = (1..=CRASH_HEAVY_SEEDS).collect();
@@ -67,6 +68,7 @@ fn peer_simulation_crash_heavy_seeds() {
         &seeds,
         &|seed| SimOptions {
             crash_heavy: true,
+            leader_write_cuts: seed % 2 == 0,
             paused_holders: true,
             ..SimOptions::new(seed)
         },
@@ -258,14 +260,21 @@ fn planted_report_of_unsynced_writes_is_caught() {
 /// A durable leader that counts its own log copy before writing it: its append, sent before its own
 /// write, promises a follower a commit of entries that a power cut in the middle of that write takes
 /// from the leader (and from the follower that had not written them yet), after the follower that
-/// had answered a client.
+/// had answered a client. Under the usual fault mix 2 seeds of the first 1,000 fail (39, 385); with
+/// every crash such a power cut (`leader_write_cuts`) and crashes four times as frequent, 27 of
+/// 1,000, the first at seed 42. The same mix without the bug passed 1,000 seeds (2026-12-03).
 #[test]
 fn planted_count_of_an_unwritten_copy_is_caught() {
-    assert_caught(
+    assert_caught_with(
         "counts_unwritten_copy",
-        PlantedBugs {
-            counts_unwritten_copy: true,
-            ..PlantedBugs::default()
+        &|seed| SimOptions {
+            bugs: PlantedBugs {
+                counts_unwritten_copy: true,
+                ..PlantedBugs::default()
+            },
+            crash_heavy: true,
+            leader_write_cuts: true,
+            ..SimOptions::new(seed)
         },
         &[
             "linearizability",

@@ -35,7 +35,7 @@ use super::netlog::{NetLog, NetState};
 use super::plan::{mix64, Plan, Rng};
 use super::tap::Tap;
 use super::trace::Trace;
-use super::{Counts, Violation};
+use super::{Counts, SimOptions, Violation};
 
 /// Keys of the map the clients use.
 pub const KEYS: u8 = 4;
@@ -456,6 +456,8 @@ pub struct World {
     paused_holders: bool,
     /// Crashes and power cuts make four times their usual share of the faults.
     crash_heavy: bool,
+    /// Every crash fault is a power cut in the middle of the leader's next log write, with a follower.
+    leader_write_cuts: bool,
     hub: InProcessHub,
     tap: Tap,
     slots: BTreeMap<String, Slot>,
@@ -472,15 +474,9 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(
-        seed: u64,
-        plan: Plan,
-        bugs: PlantedBugs,
-        consumer: Consumer,
-        paused_holders: bool,
-        crash_heavy: bool,
-        trace: Trace,
-    ) -> World {
+    /// The world of one seed: its options, the plan drawn from its seed, and where its trace goes.
+    pub fn new(opts: &SimOptions, plan: Plan, trace: Trace) -> World {
+        let seed = opts.seed;
         let shared = Shared {
             t0: Instant::now(),
             clock: 0,
@@ -503,10 +499,11 @@ impl World {
         let hub = InProcessHub::with_seed(mix64(seed ^ 0x0068_7562));
         World {
             seed,
-            bugs,
-            consumer,
-            paused_holders,
-            crash_heavy,
+            bugs: opts.bugs,
+            consumer: opts.consumer,
+            paused_holders: opts.paused_holders,
+            crash_heavy: opts.crash_heavy,
+            leader_write_cuts: opts.leader_write_cuts,
             tap: Tap::new(hub.clone()),
             hub,
             slots: BTreeMap::new(),
@@ -1012,7 +1009,9 @@ impl World {
             2 if !up.is_empty() => {
                 // Now and then the power fails in the middle of the first peer's next log write,
                 // which for a leader may come after its replication left (see `SharedStore`).
-                let during_write = self.rng.chance(0.3);
+                // (With `leader_write_cuts`, always: see `SimOptions::leader_write_cuts`.)
+                let targeted = self.leader_write_cuts;
+                let during_write = targeted || self.rng.chance(0.3);
                 let losing = self.background_syncs || during_write;
                 // Where writes can be lost, often the leader: only a leader's copy can be counted
                 // (and promised) before it is durable.
@@ -1021,12 +1020,12 @@ impl World {
                     .find(|id| self.handle(id).is_some_and(|h| h.is_leader()))
                     .cloned();
                 let mut down = match leader {
-                    Some(leader) if losing && self.rng.chance(0.5) => vec![leader],
+                    Some(leader) if losing && (targeted || self.rng.chance(0.5)) => vec![leader],
                     _ => vec![up[self.rng.index(up.len())].clone()],
                 };
                 // Now and then a power cut takes a follower down with the leader: the leader's
                 // unsynced entries are then held by fewer peers than the cluster may have counted.
-                if losing && up.len() >= 3 && self.rng.chance(0.3) {
+                if losing && up.len() >= 3 && (targeted || self.rng.chance(0.3)) {
                     let other = up
                         .iter()
                         .filter(|id| **id != down[0])
