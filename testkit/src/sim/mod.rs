@@ -96,11 +96,9 @@ pub struct SimOptions {
     /// in a few seeds out of hundreds.
     pub crash_heavy: bool,
     /// Every crash fault is a power cut that comes in the middle of the leader's next log write (after
-    /// its replication left) and takes one follower with it (in the usual mix, one in twenty-two
-    /// crash faults, 0.3 × 0.5 × 0.3): the one instant
-    /// at which it matters whether a durable leader counts its own copy before writing it (the
-    /// planted bug `counts_unwritten_copy`), which the usual mix reaches in a few seeds out of
-    /// hundreds.
+    /// its replication left) and takes one follower with it; in the usual mix, one crash fault in
+    /// twenty-two (0.3 × 0.5 × 0.3). That is the one instant at which it matters whether a durable
+    /// leader counts its own copy before writing it (the planted bug `counts_unwritten_copy`).
     pub leader_write_cuts: bool,
 }
 
